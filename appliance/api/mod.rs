@@ -1,0 +1,367 @@
+//! API subsystem: HTTPS (TLS 1.3, HTTP/1.1 and h2) and the local Unix
+//! socket. It parses requests into commands, authenticates callers, and
+//! turns replies and errors into JSON. State lives behind the core.
+
+mod error;
+mod ratelimit;
+pub mod routes;
+pub mod tls;
+
+pub use error::ApiError;
+
+use crate::core::{required_role, Caller, Core, CoreError, Reply};
+use crate::types::Role;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use routes::Route;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+
+/// Largest JSON request body.
+pub const MAX_BODY: usize = 1024 * 1024;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The OpenAPI document, kept in `docs/` and served at `/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// Where a connection came from.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    /// Local socket; the kernel vouches for the uid (SO_PEERCRED).
+    Unix {
+        uid: u32,
+    },
+}
+
+pub struct Api {
+    core: Arc<Core>,
+    limiter: ratelimit::RateLimiter,
+    /// Serialized VM list for the core's list generation.
+    list_json: Mutex<Option<(u64, Bytes)>>,
+    next_request: AtomicU64,
+    header_timeout: Duration,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Resp {
+    let body = serde_json::to_vec(value).expect("API types serialize");
+    bytes_response(status, Bytes::from(body), "application/json")
+}
+
+fn bytes_response(status: StatusCode, body: Bytes, content_type: &'static str) -> Resp {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn error_response(e: &ApiError) -> Resp {
+    let status = e.status();
+    if status.is_server_error() {
+        tracing::error!(error = %e, code = e.code(), "request failed");
+    }
+    json_response(status, &e.body())
+}
+
+fn method_label(m: &hyper::Method) -> &'static str {
+    match *m {
+        hyper::Method::GET => "GET",
+        hyper::Method::POST => "POST",
+        hyper::Method::PUT => "PUT",
+        hyper::Method::PATCH => "PATCH",
+        hyper::Method::DELETE => "DELETE",
+        hyper::Method::HEAD => "HEAD",
+        _ => "OTHER",
+    }
+}
+
+impl Api {
+    pub fn new(core: Arc<Core>) -> Arc<Api> {
+        let cfg = &core.cfg.api;
+        Arc::new(Api {
+            limiter: ratelimit::RateLimiter::new(cfg.rate_limit_per_sec, cfg.rate_limit_burst),
+            header_timeout: Duration::from_secs(cfg.header_timeout_secs.max(1)),
+            core,
+            list_json: Mutex::new(None),
+            next_request: AtomicU64::new(1),
+        })
+    }
+
+    async fn handle(self: Arc<Self>, peer: Peer, req: Request<Incoming>) -> Result<Resp, Infallible> {
+        let started = Instant::now();
+        let method = method_label(req.method());
+        let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (template, mut resp) = match self.dispatch(peer, req).await {
+            Ok(ok) => ok,
+            Err((template, e)) => (template, error_response(&e)),
+        };
+        let status = resp.status().as_u16();
+        self.core.metrics.observe_request(template, method, status, started.elapsed());
+        tracing::debug!(REQUEST_ID = request_id, route = template, method, status, "request");
+        resp.headers_mut().insert("x-request-id", HeaderValue::from(request_id));
+        Ok(resp)
+    }
+
+    /// Resolves the caller of a request that needs authentication.
+    fn caller(&self, peer: Peer, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+        if let Peer::Unix { uid } = peer {
+            // Root, or the daemon's own user (which owns the database anyway).
+            if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+                return Ok(Core::local_admin(uid));
+            }
+        }
+        let header = req.headers().get(hyper::header::AUTHORIZATION).ok_or(ApiError::Unauthorized)?;
+        let token =
+            header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or(ApiError::Unauthorized)?;
+        self.core.authenticate(token.trim()).ok_or(ApiError::Unauthorized)
+    }
+
+    async fn dispatch(
+        &self,
+        peer: Peer,
+        req: Request<Incoming>,
+    ) -> Result<(&'static str, Resp), (&'static str, ApiError)> {
+        let matched =
+            routes::route(req.method(), req.uri().path(), req.uri().query()).map_err(|e| ("unmatched", e))?;
+        let template = matched.template;
+        let fail = |e: ApiError| (template, e);
+        if matched.route == Route::OpenApi {
+            return Ok((
+                template,
+                bytes_response(StatusCode::OK, Bytes::from_static(OPENAPI.as_bytes()), "application/json"),
+            ));
+        }
+        let caller = match required_role(matched.action) {
+            None => Caller::anonymous(),
+            Some(need) => {
+                let caller = self.caller(peer, &req).map_err(fail)?;
+                if let Some(id) = &caller.token_id {
+                    if !self.limiter.allow(id) {
+                        self.core.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        return Err(fail(ApiError::RateLimited));
+                    }
+                }
+                // Checked before the body is read, so a weak token learns
+                // nothing about what its body would have done.
+                if caller.role < need {
+                    return Err(fail(ApiError::Core(self.core.deny(&caller, matched.action, need).await)));
+                }
+                caller
+            }
+        };
+        let body = if matched.needs_body() { read_json_body(req).await.map_err(fail)? } else { Bytes::new() };
+        let cmd = matched.into_command(&body).map_err(fail)?;
+        let reply = self.core.execute(&caller, cmd).await.map_err(|e| fail(ApiError::Core(e)))?;
+        Ok((template, self.render(reply)))
+    }
+
+    fn render(&self, reply: Reply) -> Resp {
+        match reply {
+            Reply::Health(h) => json_response(StatusCode::OK, &h),
+            Reply::Ready => json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})),
+            Reply::Host(h) => json_response(StatusCode::OK, &h),
+            Reply::Metrics(text) => {
+                bytes_response(StatusCode::OK, Bytes::from(text), "text/plain; version=0.0.4")
+            }
+            Reply::Vms { generation, vms } => {
+                let mut cache = self.list_json.lock().unwrap();
+                let body = match cache.as_ref() {
+                    Some((g, b)) if *g == generation => b.clone(),
+                    _ => {
+                        let b = Bytes::from(
+                            serde_json::to_vec(&serde_json::json!({ "vms": &*vms }))
+                                .expect("VM list serializes"),
+                        );
+                        *cache = Some((generation, b.clone()));
+                        b
+                    }
+                };
+                bytes_response(StatusCode::OK, body, "application/json")
+            }
+            Reply::Vm(vm) => json_response(StatusCode::OK, &vm),
+            Reply::Created(vm) => json_response(StatusCode::CREATED, &vm),
+            Reply::Accepted(vm) => json_response(StatusCode::ACCEPTED, &vm),
+            Reply::Deleted => {
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::NO_CONTENT;
+                r
+            }
+            Reply::Tokens(t) => json_response(StatusCode::OK, &t),
+            Reply::TokenCreated(t) => json_response(StatusCode::CREATED, &t),
+            Reply::Audit(a) => json_response(StatusCode::OK, &a),
+        }
+    }
+}
+
+async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    if let Some(len) = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+        if len > MAX_BODY as u64 {
+            return Err(ApiError::TooLarge(MAX_BODY));
+        }
+    }
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            Err(ApiError::TooLarge(MAX_BODY))
+        }
+        Err(e) => Err(ApiError::Body(e.to_string())),
+    }
+}
+
+impl Core {
+    /// Refuses an action for a role too weak, recording the attempt.
+    pub async fn deny(&self, caller: &Caller, action: &'static str, need: Role) -> CoreError {
+        let err = CoreError::Forbidden { action, have: caller.role.as_str(), need: need.as_str() };
+        if need > Role::Viewer {
+            let store = self.store().clone();
+            let actor = caller.name.clone();
+            tracing::warn!(OP = action, ACTOR = %actor, "refused: role too weak");
+            let _ = tokio::task::spawn_blocking(move || store.record_audit(&actor, action, "", "forbidden"))
+                .await;
+        }
+        err
+    }
+}
+
+/// The running listeners.
+pub struct Server {
+    pub tcp: Vec<SocketAddr>,
+    pub socket: PathBuf,
+}
+
+fn builder(api: &Api) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(TokioTimer::new()).header_read_timeout(api.header_timeout).keep_alive(true);
+    b.http2().timer(TokioTimer::new()).max_concurrent_streams(128);
+    b
+}
+
+/// Binds every listener and serves until `shutdown` turns true.
+pub async fn serve(
+    api: Arc<Api>,
+    tls: Arc<rustls::ServerConfig>,
+    listen: &[SocketAddr],
+    socket: &Path,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Server, ApiError> {
+    let limit = Arc::new(Semaphore::new(api.core.cfg.api.max_connections));
+    let mut bound = Vec::new();
+    for addr in listen {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ApiError::Listen { addr: addr.to_string(), source })?;
+        bound.push(l.local_addr().map_err(|source| ApiError::Listen { addr: addr.to_string(), source })?);
+        tokio::spawn(accept_tcp(l, api.clone(), tls.clone(), limit.clone(), shutdown.clone()));
+    }
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| ApiError::Listen { addr: socket.display().to_string(), source })?;
+    }
+    let _ = std::fs::remove_file(socket);
+    let ul = UnixListener::bind(socket)
+        .map_err(|source| ApiError::Listen { addr: socket.display().to_string(), source })?;
+    // Group members may connect; only root (or the daemon's user) gets admin
+    // without a token.
+    let _ = std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660));
+    tokio::spawn(accept_unix(ul, api.clone(), limit, shutdown));
+    Ok(Server { tcp: bound, socket: socket.into() })
+}
+
+async fn accept_tcp(
+    l: TcpListener,
+    api: Arc<Api>,
+    tls: Arc<rustls::ServerConfig>,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (stream, addr) = tokio::select! {
+            r = l.accept() => match r {
+                Ok(ok) => ok,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            api.core.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let api = api.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %addr, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let peer = Peer::Tcp(addr);
+            let b = builder(&api);
+            let svc = hyper::service::service_fn(move |req| api.clone().handle(peer, req));
+            if let Err(e) = b.serve_connection(TokioIo::new(tls), svc).await {
+                tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn accept_unix(
+    l: UnixListener,
+    api: Arc<Api>,
+    limit: Arc<Semaphore>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let stream = tokio::select! {
+            r = l.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "local accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            api.core.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let Ok(cred) = stream.peer_cred() else { continue };
+        let peer = Peer::Unix { uid: cred.uid() };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let b = builder(&api);
+            let svc = hyper::service::service_fn(move |req| api.clone().handle(peer, req));
+            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
+}

@@ -1,0 +1,110 @@
+//! The API's TLS identity: a configured certificate, or one generated on
+//! first start and kept under the data dir.
+
+use super::ApiError;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct Identity {
+    pub config: Arc<rustls::ServerConfig>,
+    /// SHA-256 of the leaf certificate, `AB:CD:...`.
+    pub fingerprint: String,
+    /// Expiry of a generated certificate (unix seconds); unknown for a
+    /// configured one.
+    pub not_after: Option<i64>,
+}
+
+/// Colon-separated upper-case hex SHA-256 of a DER certificate, the form
+/// `openssl x509 -fingerprint -sha256` prints.
+pub fn fingerprint(der: &[u8]) -> String {
+    let digest = Sha256::digest(der);
+    digest.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+const VALID_YEARS: i64 = 10;
+
+/// Writes a self-signed certificate for `names` (host names and IPs).
+fn generate(cert: &Path, key: &Path, names: Vec<String>) -> Result<i64, ApiError> {
+    let tls_err = |e: rcgen::Error| ApiError::Tls(e.to_string());
+    let key_pair = rcgen::KeyPair::generate().map_err(tls_err)?;
+    let mut params = rcgen::CertificateParams::new(names).map_err(tls_err)?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, crate::host::hostname());
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, "NovaCron Edge");
+    let (y, m, d) = crate::util::civil_date(-1);
+    params.not_before = rcgen::date_time_ymd(y as i32, m as u8, d.min(28) as u8);
+    let (y, m, d) = crate::util::civil_date(0);
+    let (ey, em, ed) = (y + VALID_YEARS, m, d.min(28));
+    params.not_after = rcgen::date_time_ymd(ey as i32, em as u8, ed as u8);
+    let certificate = params.self_signed(&key_pair).map_err(tls_err)?;
+    write_private(key, key_pair.serialize_pem().as_bytes())?;
+    write_private(cert, certificate.pem().as_bytes())?;
+    Ok(crate::util::days_from_civil(ey, em, ed) * 86_400)
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), ApiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| ApiError::Tls(format!("{}: {e}", tmp.display())))?;
+    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| ApiError::Tls(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| ApiError::Tls(e.to_string()))
+}
+
+fn load(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ApiError> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| ApiError::Tls(format!("{}: {e}", p.display())));
+    let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ApiError::Tls(format!("{}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(ApiError::Tls(format!("{}: no certificate found", cert.display())));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(key)?[..])
+        .map_err(|e| ApiError::Tls(format!("{}: {e}", key.display())))?
+        .ok_or_else(|| ApiError::Tls(format!("{}: no private key found", key.display())))?;
+    Ok((certs, key))
+}
+
+/// Loads the configured certificate, or the generated one (creating it on
+/// first start), and builds a TLS 1.3-only server config.
+pub fn identity(
+    configured: Option<(PathBuf, PathBuf)>,
+    tls_dir: &Path,
+    listen: &[std::net::SocketAddr],
+) -> Result<Identity, ApiError> {
+    let (cert, key, generated) = match configured {
+        Some((c, k)) => (c, k, false),
+        None => (tls_dir.join("cert.pem"), tls_dir.join("key.pem"), true),
+    };
+    let mut not_after = None;
+    if generated && !(cert.exists() && key.exists()) {
+        let mut names = vec![crate::host::hostname(), "localhost".to_string()];
+        for addr in listen {
+            if !addr.ip().is_unspecified() {
+                names.push(addr.ip().to_string());
+            }
+        }
+        names.push("127.0.0.1".into());
+        names.dedup();
+        not_after = Some(generate(&cert, &key, names)?);
+        tracing::info!(cert = %cert.display(), "generated a self-signed API certificate");
+    }
+    let (certs, key) = load(&cert, &key)?;
+    let fingerprint = fingerprint(&certs[0]);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ApiError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| ApiError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Identity { config: Arc::new(config), fingerprint, not_after })
+}

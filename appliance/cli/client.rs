@@ -1,0 +1,238 @@
+//! The API client used by the CLI (and by the integration tests): the
+//! local Unix socket, or HTTPS with the server certificate pinned by its
+//! SHA-256 fingerprint or checked against a CA file.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {target}: {reason}")]
+    Connect { target: String, reason: String },
+    #[error("invalid URL {0:?}: use https://HOST:PORT")]
+    Url(String),
+    #[error("remote use needs --fingerprint (SHA-256 of the server certificate) or --ca")]
+    NoTrust,
+    #[error("{0}")]
+    Tls(String),
+    #[error("request failed: {0}")]
+    Http(String),
+}
+
+#[derive(Debug, Clone)]
+pub enum Target {
+    Socket(PathBuf),
+    Https { host: String, port: u16, token: Option<String>, tls: Arc<rustls::ClientConfig> },
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    target: Target,
+}
+
+/// Accepts exactly the certificate with the pinned fingerprint, and still
+/// checks the handshake signatures made with its key.
+#[derive(Debug)]
+struct Pinned {
+    fingerprint: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if crate::api::tls::fingerprint(end_entity) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General("server certificate does not match the pinned fingerprint".into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Normalizes a fingerprint to `AB:CD:..` whatever separators were used.
+pub fn normalize_fingerprint(fp: &str) -> String {
+    let hexdigits: String = fp.chars().filter(|c| c.is_ascii_hexdigit()).collect::<String>().to_uppercase();
+    hexdigits
+        .as_bytes()
+        .chunks(2)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Client {
+    pub fn socket(path: impl Into<PathBuf>) -> Client {
+        Client { target: Target::Socket(path.into()) }
+    }
+
+    /// An HTTPS client for `url` (`https://host:port`).
+    pub fn https(
+        url: &str,
+        token: Option<String>,
+        fingerprint: Option<&str>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client, ClientError> {
+        let rest = url.strip_prefix("https://").ok_or_else(|| ClientError::Url(url.into()))?;
+        let hostport = rest.trim_end_matches('/');
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                p.parse().map_err(|_| ClientError::Url(url.into()))?,
+            ),
+            _ => (hostport.to_string(), crate::config::DEFAULT_PORT),
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let mut tls = match (fingerprint, ca) {
+            (Some(fp), _) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Pinned {
+                    fingerprint: normalize_fingerprint(fp),
+                    provider,
+                }))
+                .with_no_client_auth(),
+            (None, Some(ca)) => {
+                let pem =
+                    std::fs::read(ca).map_err(|e| ClientError::Tls(format!("{}: {e}", ca.display())))?;
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in rustls_pemfile::certs(&mut &pem[..]) {
+                    roots
+                        .add(cert.map_err(|e| ClientError::Tls(e.to_string()))?)
+                        .map_err(|e| ClientError::Tls(e.to_string()))?;
+                }
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            (None, None) => return Err(ClientError::NoTrust),
+        };
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Client { target: Target::Https { host, port, token, tls: Arc::new(tls) } })
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.target {
+            Target::Socket(p) => p.display().to_string(),
+            Target::Https { host, port, .. } => format!("https://{host}:{port}"),
+        }
+    }
+
+    /// Sends one request; returns status and body. `body` is sent as JSON.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        self.request_with(method, path, body, "application/json").await
+    }
+
+    pub async fn request_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        content_type: &str,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut req = Request::builder().method(method).uri(path);
+        let host = match &self.target {
+            Target::Socket(_) => "localhost".to_string(),
+            Target::Https { host, port, token, .. } => {
+                if let Some(t) = token {
+                    req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+                }
+                format!("{host}:{port}")
+            }
+        };
+        req = req.header(hyper::header::HOST, host);
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, content_type);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        match &self.target {
+            Target::Socket(path) => {
+                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
+                    ClientError::Connect { target: path.display().to_string(), reason: e.to_string() }
+                })?;
+                send(TokioIo::new(stream), req).await
+            }
+            Target::Https { host, port, tls, .. } => {
+                let target = format!("{host}:{port}");
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|e| ClientError::Connect { target: target.clone(), reason: e.to_string() })?;
+                let _ = tcp.set_nodelay(true);
+                let name = ServerName::try_from(host.clone()).map_err(|e| ClientError::Tls(e.to_string()))?;
+                let stream = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| ClientError::Connect { target, reason: e.to_string() })?;
+                send(TokioIo::new(stream), req).await
+            }
+        }
+    }
+}
+
+async fn send<S>(io: TokioIo<S>, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(io).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fingerprints_normalize() {
+        assert_eq!(super::normalize_fingerprint("ab:cd ef"), "AB:CD:EF");
+        assert_eq!(super::normalize_fingerprint("ABCDEF"), "AB:CD:EF");
+    }
+}

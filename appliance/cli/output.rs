@@ -1,0 +1,181 @@
+//! Human output (tables) and `--json` output for the CLI.
+
+use super::exit_code_for;
+use crate::types::{AuditList, ErrorBody, HostInfo, TokenCreated, TokenList, Vm, VmList};
+use hyper::StatusCode;
+
+pub enum Kind {
+    Vm,
+    VmList,
+    TokenList,
+    TokenCreated,
+    Audit,
+    Host,
+    Deleted(String),
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn show_vm(vm: &Vm) {
+    println!("id:          {}", vm.id);
+    println!("name:        {}", vm.name);
+    println!("state:       {}", vm.state.as_str());
+    println!("vcpus:       {}", vm.vcpus);
+    println!("memory:      {} MiB", vm.memory_mib);
+    println!("managed:     {}", vm.managed);
+    println!("autostart:   {}", vm.autostart);
+    if let Some(n) = &vm.network {
+        println!("network:     {n}");
+    }
+    if let Some(b) = &vm.boot {
+        println!("kernel:      {}", b.kernel);
+        if let Some(i) = &b.initrd {
+            println!("initrd:      {i}");
+        }
+        if let Some(c) = &b.cmdline {
+            println!("cmdline:     {c}");
+        }
+    }
+    for d in &vm.disks {
+        let gib = d.size_bytes as f64 / (1u64 << 30) as f64;
+        let base = d.image.as_deref().map(|i| format!(" (overlay on {i})")).unwrap_or_default();
+        println!("disk {}:    {gib:.1} GiB {}{base}", d.device, d.path);
+    }
+    println!("created:     {}", vm.created_at);
+}
+
+/// Prints a response; returns the exit code.
+pub fn print(status: StatusCode, body: &[u8], kind: Kind, json: bool) -> i32 {
+    if !status.is_success() {
+        match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(e) if json => println!("{}", serde_json::to_string(&e).unwrap_or_default()),
+            Ok(e) => eprintln!("novacron: {} ({})", e.error.message, e.error.code),
+            Err(_) => eprintln!("novacron: HTTP {status}: {}", String::from_utf8_lossy(body)),
+        }
+        return exit_code_for(status);
+    }
+    if json {
+        if !body.is_empty() {
+            println!("{}", String::from_utf8_lossy(body));
+        }
+        return 0;
+    }
+    let parsed = match kind {
+        Kind::Deleted(what) => {
+            println!("deleted {what}");
+            Ok(())
+        }
+        Kind::Vm => serde_json::from_slice::<Vm>(body).map(|vm| {
+            show_vm(&vm);
+            if status == StatusCode::ACCEPTED {
+                println!("(the guest was asked to shut down and is still running)");
+            }
+        }),
+        Kind::VmList => serde_json::from_slice::<VmList>(body).map(|l| {
+            let rows = l
+                .vms
+                .iter()
+                .map(|v| {
+                    vec![
+                        v.name.clone(),
+                        v.state.as_str().to_string(),
+                        v.vcpus.to_string(),
+                        format!("{} MiB", v.memory_mib),
+                        v.disks.len().to_string(),
+                        if v.managed { "yes".into() } else { "no (read-only)".into() },
+                        v.id.to_string(),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "STATE", "VCPUS", "MEMORY", "DISKS", "MANAGED", "ID"], rows);
+        }),
+        Kind::TokenList => serde_json::from_slice::<TokenList>(body).map(|l| {
+            let rows = l
+                .tokens
+                .iter()
+                .map(|t| {
+                    vec![t.name.clone(), t.role.as_str().to_string(), t.id.clone(), t.created_at.clone()]
+                })
+                .collect();
+            table(&["NAME", "ROLE", "ID", "CREATED"], rows);
+        }),
+        Kind::TokenCreated => serde_json::from_slice::<TokenCreated>(body).map(|t| {
+            println!(
+                "token {} ({}) created; its secret is shown only now:",
+                t.token.name,
+                t.token.role.as_str()
+            );
+            println!("{}", t.secret);
+        }),
+        Kind::Audit => serde_json::from_slice::<AuditList>(body).map(|a| {
+            let rows = a
+                .entries
+                .iter()
+                .map(|e| {
+                    vec![e.at.clone(), e.actor.clone(), e.action.clone(), e.target.clone(), e.result.clone()]
+                })
+                .collect();
+            table(&["TIME", "ACTOR", "ACTION", "TARGET", "RESULT"], rows);
+        }),
+        Kind::Host => serde_json::from_slice::<HostInfo>(body).map(|h| println!("{h:#?}")),
+    };
+    match parsed {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("novacron: unexpected answer from the daemon: {e}");
+            1
+        }
+    }
+}
+
+pub fn status(host: &[u8], ready: bool, vms: Option<&[u8]>, json: bool, target: &str) -> i32 {
+    let Ok(h) = serde_json::from_slice::<HostInfo>(host) else {
+        eprintln!("novacron: unexpected answer from the daemon");
+        return 1;
+    };
+    let vms: Vec<Vm> =
+        vms.and_then(|b| serde_json::from_slice::<VmList>(b).ok()).map(|l| l.vms).unwrap_or_default();
+    if json {
+        let v = serde_json::json!({ "host": h, "ready": ready, "vms": vms.len() });
+        println!("{v}");
+        return if ready { 0 } else { 1 };
+    }
+    let running = vms.iter().filter(|v| v.state.is_active()).count();
+    println!("daemon:       {target} (version {})", h.version);
+    println!("node:         {} ({})", h.node_name, h.node_id);
+    println!("ready:        {}", if ready { "yes" } else { "NO" });
+    println!(
+        "libvirt:      {} {} (QEMU {}), domain type {}",
+        h.libvirt_uri,
+        h.libvirt_version.as_deref().unwrap_or("unreachable"),
+        h.qemu_version.as_deref().unwrap_or("?"),
+        h.domain_type
+    );
+    println!(
+        "host:         {} CPUs, {} of {} MiB available, load {:.2}",
+        h.cpus, h.memory_available_mib, h.memory_total_mib, h.load[0]
+    );
+    println!("kvm:          {}", if h.kvm_usable { "usable" } else { "not usable" });
+    println!("vms:          {} ({} running)", vms.len(), running);
+    println!("tls sha256:   {}", h.tls_fingerprint);
+    if ready {
+        0
+    } else {
+        1
+    }
+}

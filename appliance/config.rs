@@ -1,0 +1,205 @@
+//! Daemon configuration: `/etc/novacron/novacron.toml`, strict like every
+//! request type. Every field has a default, so an empty file (or none, with
+//! `--dev`) is a working configuration.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/novacron/novacron.toml";
+pub const DEFAULT_SOCKET: &str = "/run/novacron/novacron.sock";
+pub const DEFAULT_PORT: u16 = 8443;
+
+/// The embedded default configuration, shown by `novacron config default`.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../docs/novacron.toml.example");
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the store, disks, keys and logs live.
+    pub data_dir: PathBuf,
+    pub node: NodeConfig,
+    pub api: ApiConfig,
+    pub hypervisor: HypervisorConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Node name; the host name when unset.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// HTTPS listen addresses (TLS 1.3 only; there is no plaintext listener).
+    pub listen: Vec<SocketAddr>,
+    /// Local Unix socket for the CLI; `<data_dir>/novacron.sock` when unset
+    /// in dev mode.
+    pub socket: Option<PathBuf>,
+    /// PEM certificate chain and key; generated under the data dir if unset.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub max_connections: usize,
+    pub header_timeout_secs: u64,
+    /// Requests per second allowed per token (token bucket); 0 disables.
+    pub rate_limit_per_sec: u32,
+    pub rate_limit_burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HypervisorConfig {
+    /// libvirt connection URI.
+    pub uri: String,
+    /// libvirt domain type: `kvm` on real hosts, `qemu` (TCG) where KVM
+    /// cannot run guests.
+    pub domain_type: String,
+    /// Memory kept free for the host; starting a VM that would eat into it
+    /// is refused.
+    pub memory_reserve_mib: u64,
+    /// Default wait for an ACPI shutdown before `--timeout` forces it off.
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter, e.g. `info` or `novacron=debug`.
+    pub level: String,
+    /// `auto` (journald when under systemd, else stderr), `journald`, `stderr`.
+    pub target: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/novacron"),
+            node: NodeConfig::default(),
+            api: ApiConfig::default(),
+            hypervisor: HypervisorConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))],
+            socket: None,
+            tls_cert: None,
+            tls_key: None,
+            max_connections: 1024,
+            header_timeout_secs: 10,
+            rate_limit_per_sec: 200,
+            rate_limit_burst: 400,
+        }
+    }
+}
+
+impl Default for HypervisorConfig {
+    fn default() -> Self {
+        HypervisorConfig {
+            uri: "qemu:///system".into(),
+            domain_type: "kvm".into(),
+            memory_reserve_mib: 1024,
+            shutdown_timeout_secs: 120,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into(), target: "auto".into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads `path`; a missing file at the default path means "defaults".
+    pub fn load(path: &Path, must_exist: bool) -> Result<Config, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => Ok(Config::default()),
+            Err(source) => Err(ConfigError::Read { path: path.into(), source }),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.into(), message: e.message().to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The dev profile: everything under `./novacron-dev`, TCG guests, API on
+    /// loopback only.
+    pub fn dev() -> Config {
+        let mut cfg = Config { data_dir: PathBuf::from("novacron-dev"), ..Config::default() };
+        cfg.api.listen = vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))];
+        cfg.hypervisor.domain_type = "qemu".into();
+        cfg.hypervisor.memory_reserve_mib = 256;
+        cfg
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !matches!(self.hypervisor.domain_type.as_str(), "kvm" | "qemu") {
+            return Err(ConfigError::Invalid(format!(
+                "hypervisor.domain_type must be \"kvm\" or \"qemu\", not {:?}",
+                self.hypervisor.domain_type
+            )));
+        }
+        if !matches!(self.log.target.as_str(), "auto" | "journald" | "stderr") {
+            return Err(ConfigError::Invalid(
+                "log.target must be \"auto\", \"journald\" or \"stderr\"".into(),
+            ));
+        }
+        if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
+            return Err(ConfigError::Invalid("api.tls_cert and api.tls_key go together".into()));
+        }
+        if self.api.max_connections == 0 {
+            return Err(ConfigError::Invalid("api.max_connections must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The Unix socket path in effect.
+    pub fn socket_path(&self) -> PathBuf {
+        self.api.socket.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_matches_defaults() {
+        let cfg = Config::parse(EMBEDDED_DEFAULT, Path::new("embedded")).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = Config::parse("[api]\nlisten_on = []\n", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("listen_on"), "{e}");
+    }
+
+    #[test]
+    fn bad_domain_type_is_refused() {
+        let e = Config::parse("[hypervisor]\ndomain_type = \"xen\"\n", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("domain_type"), "{e}");
+    }
+}

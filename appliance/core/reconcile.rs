@@ -1,0 +1,121 @@
+//! Reconciliation: the store follows what libvirt reports.
+//!
+//! Runs at start-up, on every libvirt lifecycle event, and on a slow timer
+//! (which also notices libvirtd coming back after a restart).
+
+use super::vm::vm_state;
+use super::{Core, Result};
+use crate::hypervisor::LifecycleEvent;
+use crate::store::{now_ms, Change};
+use crate::types::VmState;
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+const PERIOD: Duration = Duration::from_secs(10);
+
+impl Core {
+    /// Brings every managed VM in line with libvirt and refreshes the list
+    /// of unmanaged domains.
+    pub async fn reconcile_all(self: &Arc<Self>) -> Result<()> {
+        let domains = self.hv_call(|hv| hv.list()).await?;
+        self.metrics.libvirt_connected.store(true, Ordering::Relaxed);
+        let managed: Vec<_> = self.vms.read().unwrap().values().cloned().collect();
+        let managed_ids: HashSet<_> = managed.iter().map(|v| v.id).collect();
+        for vm in &managed {
+            match domains.iter().find(|d| d.uuid == vm.id) {
+                Some(d) => {
+                    let state = vm_state(d.state);
+                    if !state.is_active() {
+                        self.shutting_down.lock().unwrap().remove(&vm.id);
+                    }
+                    if state != vm.state {
+                        tracing::info!(VM_ID = %vm.id, VM_NAME = %vm.name, from = vm.state.as_str(), to = state.as_str(), "state follows libvirt");
+                        self.commit(Change::VmState { id: vm.id, state, at: now_ms() }).await?;
+                    }
+                }
+                None => self.redefine(vm.id).await,
+            }
+        }
+        let unmanaged: Vec<_> = domains.into_iter().filter(|d| !managed_ids.contains(&d.uuid)).collect();
+        let changed = {
+            let mut current = self.unmanaged.write().unwrap();
+            let changed = *current != unmanaged;
+            *current = unmanaged;
+            changed
+        };
+        if changed {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Defines a VM that is in the store but missing from libvirt (an
+    /// interrupted create, or someone ran `virsh undefine`). Skips VMs with
+    /// an operation in flight: that operation owns them.
+    async fn redefine(self: &Arc<Self>, id: uuid::Uuid) {
+        let m = self.vm_locks.lock().unwrap().entry(id).or_default().clone();
+        let Ok(_guard) = m.try_lock_owned() else { return };
+        let Some(vm) = self.vms.read().unwrap().get(&id).cloned() else { return };
+        let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));
+        let record = vm.clone();
+        let result = self
+            .hv_call(move |hv| {
+                Core::ensure_disks(&record)?;
+                hv.define(&xml)
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                tracing::warn!(VM_ID = %id, VM_NAME = %vm.name, "VM was missing from libvirt; redefined it");
+                if vm.state != VmState::Stopped {
+                    let _ = self.commit(Change::VmState { id, state: VmState::Stopped, at: now_ms() }).await;
+                }
+            }
+            Err(e) => {
+                tracing::error!(VM_ID = %id, VM_NAME = %vm.name, error = %e, "cannot redefine missing VM");
+                if vm.state != VmState::Missing {
+                    let _ = self.commit(Change::VmState { id, state: VmState::Missing, at: now_ms() }).await;
+                }
+            }
+        }
+    }
+
+    /// Starts event following and periodic reconciliation.
+    pub fn spawn_reconciler(self: &Arc<Self>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<LifecycleEvent>();
+        let core = self.clone();
+        tokio::spawn(async move {
+            let mut subscribed = false;
+            let mut tick = tokio::time::interval(PERIOD);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if !subscribed {
+                            let tx = tx.clone();
+                            subscribed = core.hv_call(move |hv| hv.subscribe(tx)).await.is_ok();
+                        }
+                        if let Err(e) = core.reconcile_all().await {
+                            core.metrics.libvirt_connected.store(false, Ordering::Relaxed);
+                            tracing::warn!(error = %e, "reconciliation failed");
+                        }
+                    }
+                    Some(ev) = rx.recv() => {
+                        core.metrics.lifecycle_events.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(VM_ID = %ev.uuid, VM_NAME = %ev.name, "libvirt lifecycle event");
+                        let known = core.vms.read().unwrap().contains_key(&ev.uuid);
+                        let result = if known {
+                            core.refresh_state(ev.uuid).await.map(|_| ())
+                        } else {
+                            core.reconcile_all().await
+                        };
+                        if let Err(e) = result {
+                            tracing::warn!(VM_ID = %ev.uuid, error = %e, "cannot follow lifecycle event");
+                        }
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,557 @@
+//! VM commands: create, update, delete and lifecycle actions.
+
+use super::{Core, CoreError, Reply, Result, VmAction};
+use crate::hypervisor::{disks, xml::DomainSpec, DomainState};
+use crate::store::{now_ms, Change, VmRecord};
+use crate::types::{valid_name, Disk, Vm, VmCreate, VmPatch, VmState};
+use crate::util::rfc3339;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use uuid::Uuid;
+
+const MAX_VCPUS: u32 = 256;
+const MIN_MEMORY_MIB: u64 = 16;
+const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
+const MAX_DISK_GIB: u64 = 64 * 1024;
+const MAX_DISKS: usize = 16;
+const MAX_CMDLINE: usize = 4096;
+const GIB: u64 = 1024 * 1024 * 1024;
+
+pub(super) fn vm_state(s: DomainState) -> VmState {
+    match s {
+        DomainState::Running => VmState::Running,
+        DomainState::Paused => VmState::Paused,
+        DomainState::ShuttingDown => VmState::ShuttingDown,
+        DomainState::Stopped => VmState::Stopped,
+        DomainState::Crashed => VmState::Crashed,
+        DomainState::Suspended => VmState::Suspended,
+        DomainState::Unknown => VmState::Unknown,
+    }
+}
+
+fn device_name(idx: usize) -> String {
+    format!("vd{}", (b'a' + idx as u8) as char)
+}
+
+impl Core {
+    /// The state to show: a running VM with an ACPI shutdown in flight is
+    /// shutting down.
+    pub(super) fn shown_state(&self, vm: &VmRecord) -> VmState {
+        if vm.state == VmState::Running && self.shutting_down.lock().unwrap().contains_key(&vm.id) {
+            VmState::ShuttingDown
+        } else {
+            vm.state
+        }
+    }
+
+    pub(super) fn view(&self, vm: &VmRecord) -> Vm {
+        Vm {
+            id: vm.id,
+            name: vm.name.clone(),
+            state: self.shown_state(vm),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disks: vm.disks.clone(),
+            boot: vm.boot.clone(),
+            network: vm.network.clone(),
+            autostart: vm.autostart,
+            managed: true,
+            owner_node: Some(vm.owner_node),
+            epoch: vm.epoch,
+            created_at: rfc3339(vm.created_at),
+            updated_at: rfc3339(vm.updated_at),
+        }
+    }
+
+    fn unmanaged_view(d: &crate::hypervisor::DomainInfo) -> Vm {
+        Vm {
+            id: d.uuid,
+            name: d.name.clone(),
+            state: vm_state(d.state),
+            vcpus: d.vcpus,
+            memory_mib: d.memory_mib,
+            disks: Vec::new(),
+            boot: None,
+            network: None,
+            autostart: false,
+            managed: false,
+            owner_node: None,
+            epoch: 0,
+            created_at: rfc3339(0),
+            updated_at: rfc3339(0),
+        }
+    }
+
+    /// All VMs, managed first, sorted by name; rebuilt only when the
+    /// generation moved.
+    pub(super) fn vm_list(&self) -> (u64, Arc<Vec<Vm>>) {
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some((g, list)) = self.list_cache.lock().unwrap().as_ref() {
+            if *g == generation {
+                return (*g, list.clone());
+            }
+        }
+        let mut vms: Vec<Vm> = self.vms.read().unwrap().values().map(|v| self.view(v)).collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut unmanaged: Vec<Vm> =
+            self.unmanaged.read().unwrap().iter().map(Self::unmanaged_view).collect();
+        unmanaged.sort_by(|a, b| a.name.cmp(&b.name));
+        vms.extend(unmanaged);
+        let list = Arc::new(vms);
+        *self.list_cache.lock().unwrap() = Some((generation, list.clone()));
+        (generation, list)
+    }
+
+    /// Finds a managed VM by UUID or name.
+    pub(super) fn find_record(&self, r: &str) -> Result<VmRecord> {
+        let vms = self.vms.read().unwrap();
+        let found = match Uuid::parse_str(r) {
+            Ok(id) => vms.get(&id).cloned(),
+            Err(_) => vms.values().find(|v| v.name == r).cloned(),
+        };
+        match found {
+            Some(vm) => Ok(vm),
+            None if self.find_unmanaged(r).is_some() => Err(CoreError::Unmanaged(r.to_string())),
+            None => Err(CoreError::NotFound(format!("VM {r:?}"))),
+        }
+    }
+
+    fn find_unmanaged(&self, r: &str) -> Option<crate::hypervisor::DomainInfo> {
+        let id = Uuid::parse_str(r).ok();
+        self.unmanaged.read().unwrap().iter().find(|d| Some(d.uuid) == id || d.name == r).cloned()
+    }
+
+    pub(super) fn find_vm(&self, r: &str) -> Result<Vm> {
+        match self.find_record(r) {
+            Ok(vm) => Ok(self.view(&vm)),
+            Err(CoreError::Unmanaged(_)) => {
+                Ok(Self::unmanaged_view(&self.find_unmanaged(r).expect("just found")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resolves a host path from a VM spec. It must name a regular file
+    /// that, after following links, lies inside one of `allowed`: libvirt
+    /// relabels what it hands to QEMU, so an arbitrary path would let any
+    /// operator take over host files.
+    fn resolve_host_file(&self, field: &str, value: &str, allowed: &[&Path]) -> Result<PathBuf> {
+        if value.is_empty() || value.contains('\0') {
+            return Err(CoreError::invalid(field, "must be a file path"));
+        }
+        let p = Path::new(value);
+        let p = if p.is_absolute() { p.to_path_buf() } else { allowed[0].join(p) };
+        let real = std::fs::canonicalize(&p)
+            .map_err(|_| CoreError::invalid(field, format!("{value:?} does not exist")))?;
+        let inside =
+            allowed.iter().filter_map(|dir| std::fs::canonicalize(dir).ok()).any(|dir| real.starts_with(dir));
+        if !inside {
+            let dirs: Vec<String> = allowed.iter().map(|d| d.display().to_string()).collect();
+            return Err(CoreError::invalid(field, format!("must be a file inside {}", dirs.join(" or "))));
+        }
+        if !real.is_file() {
+            return Err(CoreError::invalid(field, format!("{value:?} is not a regular file")));
+        }
+        Ok(real)
+    }
+
+    /// Checks a create request completely before anything is changed.
+    fn validate_create(
+        &self,
+        spec: &VmCreate,
+    ) -> Result<(Vec<(u64, Option<PathBuf>)>, Option<crate::types::BootSpec>)> {
+        valid_name(&spec.name).map_err(|m| CoreError::invalid("name", m))?;
+        if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+            return Err(CoreError::invalid("vcpus", format!("must be between 1 and {MAX_VCPUS}")));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&spec.memory_mib) {
+            return Err(CoreError::invalid(
+                "memory_mib",
+                format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"),
+            ));
+        }
+        if spec.disks.len() > MAX_DISKS {
+            return Err(CoreError::invalid("disks", format!("at most {MAX_DISKS} disks")));
+        }
+        let mut disks = Vec::new();
+        for (i, d) in spec.disks.iter().enumerate() {
+            match (d.size_gib, &d.image) {
+                (Some(size), None) => {
+                    if size == 0 || size > MAX_DISK_GIB {
+                        return Err(CoreError::invalid(
+                            format!("disks[{i}].size_gib"),
+                            format!("must be between 1 and {MAX_DISK_GIB}"),
+                        ));
+                    }
+                    disks.push((size * GIB, None));
+                }
+                (None, Some(image)) => {
+                    let field = format!("disks[{i}].image");
+                    let path = self.resolve_host_file(&field, image, &[&self.paths.images])?;
+                    let info = disks::info(&path).map_err(|e| CoreError::invalid(&field, e.to_string()))?;
+                    disks.push((info.virtual_size, Some(path)));
+                }
+                _ => {
+                    return Err(CoreError::invalid(
+                        format!("disks[{i}]"),
+                        "give exactly one of size_gib or image",
+                    ))
+                }
+            }
+        }
+        let boot = match &spec.boot {
+            None => None,
+            Some(b) => {
+                let dirs: [&Path; 2] = [&self.paths.boot, &self.paths.images];
+                let kernel = self.resolve_host_file("boot.kernel", &b.kernel, &dirs)?;
+                let initrd = match &b.initrd {
+                    Some(i) => Some(self.resolve_host_file("boot.initrd", i, &dirs)?),
+                    None => None,
+                };
+                if let Some(c) = &b.cmdline {
+                    if c.len() > MAX_CMDLINE || c.chars().any(|ch| ch.is_control()) {
+                        return Err(CoreError::invalid(
+                            "boot.cmdline",
+                            format!("must be at most {MAX_CMDLINE} printable characters"),
+                        ));
+                    }
+                }
+                Some(crate::types::BootSpec {
+                    kernel: kernel.display().to_string(),
+                    initrd: initrd.map(|p| p.display().to_string()),
+                    cmdline: b.cmdline.clone(),
+                })
+            }
+        };
+        if let Some(n) = &spec.network {
+            valid_name(n).map_err(|m| CoreError::invalid("network", m))?;
+        }
+        Ok((disks, boot))
+    }
+
+    pub(super) fn domain_spec(&self, vm: &VmRecord) -> DomainSpec {
+        DomainSpec {
+            uuid: vm.id,
+            name: vm.name.clone(),
+            domain_type: self.cfg.hypervisor.domain_type.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            disks: vm.disks.iter().map(|d| PathBuf::from(&d.path)).collect(),
+            network: vm.network.clone(),
+            kernel: vm.boot.as_ref().map(|b| PathBuf::from(&b.kernel)),
+            initrd: vm.boot.as_ref().and_then(|b| b.initrd.as_ref().map(PathBuf::from)),
+            cmdline: vm.boot.as_ref().and_then(|b| b.cmdline.clone()),
+            serial_log: self.console_log(vm.id),
+            node_id: self.node.id,
+        }
+    }
+
+    pub fn console_log(&self, id: Uuid) -> PathBuf {
+        self.paths.logs.join(format!("{id}.console.log"))
+    }
+
+    /// Creates any disk file of `vm` that does not exist yet.
+    pub(super) fn ensure_disks(vm: &VmRecord) -> crate::hypervisor::Result<()> {
+        for d in &vm.disks {
+            let path = Path::new(&d.path);
+            if path.exists() {
+                continue;
+            }
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
+            }
+            match &d.image {
+                Some(base) => disks::create_overlay(path, Path::new(base))?,
+                None => disks::create_blank(path, d.size_bytes)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_disks(dir: &Path) {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %dir.display(), error = %e, "cannot remove VM disks");
+            }
+        }
+    }
+
+    pub(super) async fn create_vm(self: &Arc<Self>, spec: VmCreate) -> Result<Vm> {
+        let core = self.clone();
+        let spec2 = spec.clone();
+        let (disk_plan, boot) = tokio::task::spawn_blocking(move || core.validate_create(&spec2))
+            .await
+            .map_err(|e| CoreError::Internal(e.to_string()))??;
+        let _create = self.create_lock.lock().await;
+        let taken = self.vms.read().unwrap().values().any(|v| v.name == spec.name)
+            || self.unmanaged.read().unwrap().iter().any(|d| d.name == spec.name);
+        if taken {
+            return Err(CoreError::NameTaken(spec.name));
+        }
+        let id = Uuid::new_v4();
+        let _guard = self.lock_vm(id, &spec.name).await?;
+        let dir = self.paths.disks.join(id.to_string());
+        let now = now_ms();
+        let mut vm = VmRecord {
+            id,
+            name: spec.name.clone(),
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disks: disk_plan
+                .into_iter()
+                .enumerate()
+                .map(|(i, (size, image))| Disk {
+                    device: device_name(i),
+                    path: dir.join(format!("{}.qcow2", device_name(i))).display().to_string(),
+                    size_bytes: size,
+                    image: image.map(|p| p.display().to_string()),
+                })
+                .collect(),
+            boot,
+            network: spec.network.clone(),
+            autostart: spec.autostart,
+            owner_node: self.node.id,
+            epoch: 1,
+            // Recorded first as an intent: if the daemon dies before libvirt
+            // has the domain, reconciliation finishes the job.
+            state: VmState::Missing,
+            created_at: now,
+            updated_at: now,
+        };
+        self.commit(Change::VmPut(vm.clone())).await?;
+        let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));
+        let record = vm.clone();
+        let made = self
+            .hv_call(move |hv| {
+                Core::ensure_disks(&record)?;
+                hv.define(&xml)
+            })
+            .await;
+        if let Err(e) = made {
+            Self::remove_disks(&dir);
+            let _ = self.commit(Change::VmDelete { id }).await;
+            return Err(e);
+        }
+        vm.state = VmState::Stopped;
+        vm.updated_at = now_ms();
+        self.commit(Change::VmState { id, state: vm.state, at: vm.updated_at }).await?;
+        tracing::info!(VM_ID = %id, VM_NAME = %vm.name, "VM created");
+        Ok(self.view(&vm))
+    }
+
+    pub(super) async fn update_vm(self: &Arc<Self>, r: &str, patch: VmPatch) -> Result<Vm> {
+        if let Some(v) = patch.vcpus {
+            if v == 0 || v > MAX_VCPUS {
+                return Err(CoreError::invalid("vcpus", format!("must be between 1 and {MAX_VCPUS}")));
+            }
+        }
+        if let Some(m) = patch.memory_mib {
+            if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m) {
+                return Err(CoreError::invalid(
+                    "memory_mib",
+                    format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"),
+                ));
+            }
+        }
+        let found = self.find_record(r)?;
+        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let mut vm = self.find_record(&found.id.to_string())?;
+        let resizes = patch.vcpus.is_some_and(|v| v != vm.vcpus)
+            || patch.memory_mib.is_some_and(|m| m != vm.memory_mib);
+        if resizes && vm.state.is_active() {
+            return Err(CoreError::WrongState {
+                vm: vm.name,
+                state: vm.state.as_str(),
+                action: "change vcpus or memory",
+            });
+        }
+        vm.vcpus = patch.vcpus.unwrap_or(vm.vcpus);
+        vm.memory_mib = patch.memory_mib.unwrap_or(vm.memory_mib);
+        vm.autostart = patch.autostart.unwrap_or(vm.autostart);
+        vm.updated_at = now_ms();
+        if resizes {
+            let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));
+            self.hv_call(move |hv| hv.define(&xml)).await?;
+        }
+        self.commit(Change::VmPut(vm.clone())).await?;
+        Ok(self.view(&vm))
+    }
+
+    pub(super) async fn delete_vm(self: &Arc<Self>, r: &str, force: bool) -> Result<()> {
+        let found = self.find_record(r)?;
+        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let vm = self.find_record(&found.id.to_string())?;
+        let id = vm.id;
+        let live = self.hv_call(move |hv| hv.state(id)).await?;
+        let active = live.map(vm_state).is_some_and(VmState::is_active);
+        if active && !force {
+            return Err(CoreError::WrongState {
+                vm: vm.name,
+                state: vm_state(live.unwrap()).as_str(),
+                action: "delete (stop it first or use force)",
+            });
+        }
+        self.hv_call(move |hv| {
+            if active {
+                match hv.destroy(id) {
+                    Ok(()) | Err(crate::hypervisor::HypervisorError::WrongState(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            match hv.undefine(id) {
+                Ok(()) | Err(crate::hypervisor::HypervisorError::NoDomain(_)) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+        self.commit(Change::VmDelete { id }).await?;
+        Self::remove_disks(&self.paths.disks.join(id.to_string()));
+        let _ = std::fs::remove_file(self.console_log(id));
+        self.vm_locks.lock().unwrap().remove(&id);
+        self.shutting_down.lock().unwrap().remove(&id);
+        tracing::info!(VM_ID = %id, VM_NAME = %vm.name, "VM deleted");
+        Ok(())
+    }
+
+    /// Reads the domain's state from libvirt and records it if it changed.
+    pub(super) async fn refresh_state(&self, id: Uuid) -> Result<VmState> {
+        let live = self.hv_call(move |hv| hv.state(id)).await?;
+        let state = live.map(vm_state).unwrap_or(VmState::Missing);
+        if !state.is_active() {
+            self.shutting_down.lock().unwrap().remove(&id);
+        }
+        let current = self.vms.read().unwrap().get(&id).map(|v| v.state);
+        if current.is_some() && current != Some(state) {
+            self.commit(Change::VmState { id, state, at: now_ms() }).await?;
+        }
+        Ok(state)
+    }
+
+    pub(super) async fn vm_action(self: &Arc<Self>, r: &str, action: VmAction) -> Result<Reply> {
+        let found = self.find_record(r)?;
+        let guard = self.lock_vm(found.id, &found.name).await?;
+        let id = found.id;
+        let name = found.name.clone();
+        let state = self.refresh_state(id).await?;
+        let wrong = |state: VmState| CoreError::WrongState {
+            vm: name.clone(),
+            state: state.as_str(),
+            action: action.name().trim_start_matches("vm."),
+        };
+        match action {
+            VmAction::Start => {
+                if state.is_active() {
+                    return Err(wrong(state));
+                }
+                if state == VmState::Missing {
+                    return Err(CoreError::NotReady(format!("VM {name} is not defined in libvirt yet")));
+                }
+                crate::host::admit(found.memory_mib, self.cfg.hypervisor.memory_reserve_mib).map_err(
+                    |(available_mib, reserve_mib)| CoreError::InsufficientMemory {
+                        vm: name.clone(),
+                        need_mib: found.memory_mib,
+                        available_mib,
+                        reserve_mib,
+                    },
+                )?;
+                // Redefine first so the domain always matches the spec.
+                let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&found));
+                let record = found.clone();
+                self.hv_call(move |hv| {
+                    Core::ensure_disks(&record)?;
+                    hv.define(&xml)?;
+                    hv.start(id)
+                })
+                .await?;
+            }
+            VmAction::Stop => {
+                if !state.is_active() {
+                    return Err(wrong(state));
+                }
+                self.hv_call(move |hv| hv.destroy(id)).await?;
+            }
+            VmAction::Reboot => {
+                if state != VmState::Running {
+                    return Err(wrong(state));
+                }
+                self.hv_call(move |hv| hv.reboot(id)).await?;
+            }
+            VmAction::Pause => {
+                if state != VmState::Running {
+                    return Err(wrong(state));
+                }
+                self.hv_call(move |hv| hv.suspend(id)).await?;
+            }
+            VmAction::Resume => {
+                if state != VmState::Paused {
+                    return Err(wrong(state));
+                }
+                self.hv_call(move |hv| hv.resume(id)).await?;
+            }
+            VmAction::Shutdown { wait, timeout } => {
+                if !matches!(state, VmState::Running | VmState::ShuttingDown) {
+                    return Err(wrong(state));
+                }
+                self.hv_call(move |hv| hv.shutdown(id)).await?;
+                self.shutting_down.lock().unwrap().insert(id, ());
+                self.generation.fetch_add(1, Ordering::Release);
+                drop(guard);
+                let timeout = timeout.map(Duration::from_secs);
+                let watcher = tokio::spawn(self.clone().watch_shutdown(id, timeout));
+                if let Some(wait) = wait {
+                    let deadline = Instant::now() + Duration::from_secs(wait);
+                    while Instant::now() < deadline {
+                        if !self.refresh_state(id).await?.is_active() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                let vm = self.find_record(&id.to_string())?;
+                drop(watcher);
+                return Ok(if vm.state.is_active() {
+                    Reply::Accepted(Box::new(self.view(&vm)))
+                } else {
+                    Reply::Vm(Box::new(self.view(&vm)))
+                });
+            }
+        }
+        self.refresh_state(id).await?;
+        let vm = self.find_record(&id.to_string())?;
+        drop(guard);
+        Ok(Reply::Vm(Box::new(self.view(&vm))))
+    }
+
+    /// Follows an ACPI shutdown until the guest is off; forces it off after
+    /// `timeout` if one was given. Gives up following after an hour.
+    async fn watch_shutdown(self: Arc<Self>, id: Uuid, timeout: Option<Duration>) {
+        let started = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            match self.refresh_state(id).await {
+                Ok(s) if !s.is_active() => return,
+                Err(CoreError::NotFound(_)) => return,
+                _ => {}
+            }
+            if !self.shutting_down.lock().unwrap().contains_key(&id) {
+                return;
+            }
+            if timeout.is_some_and(|t| started.elapsed() >= t) {
+                let Ok(vm) = self.find_record(&id.to_string()) else { return };
+                let Ok(_guard) = self.lock_vm(id, &vm.name).await else { continue };
+                tracing::warn!(VM_ID = %id, VM_NAME = %vm.name, "guest did not shut down in time; forcing it off");
+                let _ = self.hv_call(move |hv| hv.destroy(id)).await;
+                let _ = self.refresh_state(id).await;
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(3600) {
+                self.shutting_down.lock().unwrap().remove(&id);
+                self.generation.fetch_add(1, Ordering::Release);
+                return;
+            }
+        }
+    }
+}

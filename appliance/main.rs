@@ -1,0 +1,38 @@
+use clap::Parser;
+use novacron::cli::{Cli, Cmd, ConfigCmd};
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Cmd::Config(ConfigCmd::Default) => {
+            print!("{}", novacron::config::EMBEDDED_DEFAULT);
+            0
+        }
+        Cmd::Config(ConfigCmd::Check { ref path }) => match novacron::config::Config::load(path, true) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                0
+            }
+            Err(e) => {
+                eprintln!("novacron: {e}");
+                1
+            }
+        },
+        Cmd::Serve(ref args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            match rt.block_on(novacron::daemon::serve(args.clone())) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("novacron: {e}");
+                    1
+                }
+            }
+        }
+        _ => {
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            rt.block_on(novacron::cli::run_client(cli))
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,435 @@
+//! Store subsystem: NovaCron's own state in SQLite.
+//!
+//! One connection behind a mutex: SQLite serializes writers anyway, and the
+//! daemon serves reads from memory (the core's cache), so the store is on
+//! the write path and the start-up path only. WAL + `synchronous=FULL`
+//! means a transaction that returned is on disk: an acknowledged change
+//! survives `kill -9` and power loss.
+
+pub mod changes;
+mod migrations;
+
+pub use changes::{Change, TokenRecord, VmRecord};
+
+use crate::types::{AuditEntry, Disk, Role, VmState};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open { path: PathBuf, source: rusqlite::Error },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// A uniqueness rule (VM or token name, disk path) would be broken.
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The database was written by a newer NovaCron.
+    #[error("database schema version {found} is newer than this binary supports ({supported})")]
+    TooNew { found: u32, supported: u32 },
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: Uuid,
+    pub name: String,
+}
+
+/// One row of the change stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRow {
+    pub seq: i64,
+    pub at: i64,
+    pub change: Change,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating with mode 0600) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Store> {
+        let open_err = |source| StoreError::Open { path: path.into(), source };
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| open_err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        }
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             PRAGMA foreign_keys=ON;
+             PRAGMA busy_timeout=5000;",
+        )
+        .map_err(open_err)?;
+        // WAL and shm files are created by SQLite with the umask; keep them
+        // as private as the database itself.
+        for suffix in ["-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+        }
+        let store = Store { conn: Mutex::new(conn), path: path.into() };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves SQLite consistent (the
+        // transaction rolls back on drop), so a poisoned lock is usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let mut conn = self.lock();
+        let current: u32 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let latest = migrations::MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+        if current > latest {
+            return Err(StoreError::TooNew { found: current, supported: latest });
+        }
+        for (version, sql) in migrations::MIGRATIONS.iter().filter(|m| m.0 > current) {
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()?;
+            tracing::info!(version, "applied store migration");
+        }
+        Ok(())
+    }
+
+    pub fn schema_version(&self) -> Result<u32> {
+        Ok(self.lock().query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    /// The node identity, created on first call and kept forever after.
+    pub fn node_identity(&self, default_name: &str) -> Result<NodeRecord> {
+        let conn = self.lock();
+        let existing = conn
+            .query_row("SELECT uuid, name FROM node WHERE id = 1", [], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .optional()?;
+        if let Some((uuid, name)) = existing {
+            let id = Uuid::parse_str(&uuid).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            return Ok(NodeRecord { id, name });
+        }
+        let node = NodeRecord { id: Uuid::new_v4(), name: default_name.to_string() };
+        conn.execute(
+            "INSERT INTO node (id, uuid, name, created_at) VALUES (1, ?1, ?2, ?3)",
+            params![node.id.to_string(), node.name, now_ms()],
+        )?;
+        Ok(node)
+    }
+
+    /// Applies `change` and appends it to the change stream, atomically.
+    /// Returns the change's sequence number.
+    pub fn commit(&self, change: &Change) -> Result<i64> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        apply(&tx, change)?;
+        tx.execute("INSERT INTO changes (at, payload) VALUES (?1, ?2)", params![now_ms(), change.encode()])?;
+        let seq = tx.last_insert_rowid();
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// Applies a stream of changes (from a peer or a dump) in one
+    /// transaction, recording them in this store's own stream too.
+    pub fn replay(&self, changes: &[Change]) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        for change in changes {
+            apply(&tx, change)?;
+            tx.execute(
+                "INSERT INTO changes (at, payload) VALUES (?1, ?2)",
+                params![now_ms(), change.encode()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn changes_since(&self, after_seq: i64, limit: usize) -> Result<Vec<ChangeRow>> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT seq, at, payload FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let rows = stmt.query_map(params![after_seq, limit as i64], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, at, payload) = row?;
+            let change = Change::decode(&payload).map_err(StoreError::Corrupt)?;
+            out.push(ChangeRow { seq, at, change });
+        }
+        Ok(out)
+    }
+
+    /// Sequence number of the newest change, 0 for an empty stream.
+    pub fn last_seq(&self) -> Result<i64> {
+        Ok(self.lock().query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?)
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRecord>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, name, vcpus, memory_mib, boot, network, autostart, owner_node, epoch,
+                    state, created_at, updated_at FROM vms ORDER BY name",
+        )?;
+        let mut vms = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<Vec<u8>>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, bool>(6)?,
+                    r.get::<_, String>(7)?,
+                    r.get::<_, i64>(8)?,
+                    r.get::<_, String>(9)?,
+                    r.get::<_, i64>(10)?,
+                    r.get::<_, i64>(11)?,
+                ))
+            })?
+            .map(|row| {
+                let (id, name, vcpus, mem, boot, network, autostart, owner, epoch, state, c, u) = row?;
+                let corrupt = |what: &str| StoreError::Corrupt(format!("vm {id}: bad {what}"));
+                Ok(VmRecord {
+                    id: Uuid::parse_str(&id).map_err(|_| corrupt("id"))?,
+                    name,
+                    vcpus,
+                    memory_mib: mem as u64,
+                    disks: Vec::new(),
+                    boot: match boot {
+                        Some(b) => Some(postcard::from_bytes(&b).map_err(|_| corrupt("boot"))?),
+                        None => None,
+                    },
+                    network,
+                    autostart,
+                    owner_node: Uuid::parse_str(&owner).map_err(|_| corrupt("owner_node"))?,
+                    epoch: epoch as u64,
+                    state: VmState::parse(&state).ok_or_else(|| corrupt("state"))?,
+                    created_at: c,
+                    updated_at: u,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut stmt = conn
+            .prepare_cached("SELECT vm_id, device, path, size_bytes, image FROM disks ORDER BY vm_id, idx")?;
+        let disks = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                Disk {
+                    device: r.get(1)?,
+                    path: r.get(2)?,
+                    size_bytes: r.get::<_, i64>(3)? as u64,
+                    image: r.get(4)?,
+                },
+            ))
+        })?;
+        for d in disks {
+            let (vm_id, disk) = d?;
+            if let Some(vm) = vms.iter_mut().find(|v| v.id.to_string() == vm_id) {
+                vm.disks.push(disk);
+            }
+        }
+        Ok(vms)
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let conn = self.lock();
+        let mut stmt =
+            conn.prepare_cached("SELECT id, name, role, hash, created_at FROM tokens ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (id, name, role, hash, created_at) = row?;
+            Ok(TokenRecord {
+                role: Role::parse(&role)
+                    .ok_or_else(|| StoreError::Corrupt(format!("token {id}: bad role")))?,
+                hash: hash.try_into().map_err(|_| StoreError::Corrupt(format!("token {id}: bad hash")))?,
+                id,
+                name,
+                created_at,
+            })
+        })
+        .collect()
+    }
+
+    pub fn record_audit(&self, actor: &str, action: &str, target: &str, result: &str) -> Result<()> {
+        self.lock().execute(
+            "INSERT INTO audit (at, actor, action, target, result) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![now_ms(), actor, action, target, result],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit entries, newest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, at, actor, action, target, result FROM audit ORDER BY seq DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            Ok(AuditEntry {
+                seq: r.get(0)?,
+                at: crate::util::rfc3339(r.get(1)?),
+                actor: r.get(2)?,
+                action: r.get(3)?,
+                target: r.get(4)?,
+                result: r.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// `PRAGMA integrity_check`: "ok" or SQLite's list of problems.
+    pub fn integrity_check(&self) -> Result<String> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("PRAGMA integrity_check")?;
+        let lines = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(lines.collect::<std::result::Result<Vec<_>, _>>()?.join("; "))
+    }
+
+    /// True when the database answers a trivial query.
+    pub fn ping(&self) -> bool {
+        self.lock().query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok()
+    }
+}
+
+fn unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
+/// Writes one change into the state tables. The single place they change.
+fn apply(tx: &Transaction<'_>, change: &Change) -> Result<()> {
+    match change {
+        Change::VmPut(vm) => {
+            let boot = vm.boot.as_ref().map(|b| postcard::to_allocvec(b).expect("encode boot"));
+            tx.execute(
+                "INSERT INTO vms (id, name, vcpus, memory_mib, boot, network, autostart,
+                                  owner_node, epoch, state, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT(id) DO UPDATE SET name=excluded.name, vcpus=excluded.vcpus,
+                    memory_mib=excluded.memory_mib, boot=excluded.boot,
+                    network=excluded.network, autostart=excluded.autostart,
+                    owner_node=excluded.owner_node, epoch=excluded.epoch,
+                    state=excluded.state, updated_at=excluded.updated_at",
+                params![
+                    vm.id.to_string(),
+                    vm.name,
+                    vm.vcpus,
+                    vm.memory_mib as i64,
+                    boot,
+                    vm.network,
+                    vm.autostart,
+                    vm.owner_node.to_string(),
+                    vm.epoch as i64,
+                    vm.state.as_str(),
+                    vm.created_at,
+                    vm.updated_at
+                ],
+            )
+            .map_err(|e| {
+                if unique_violation(&e) {
+                    StoreError::Conflict(format!("a VM named {:?}", vm.name))
+                } else {
+                    e.into()
+                }
+            })?;
+            tx.execute("DELETE FROM disks WHERE vm_id = ?1", [vm.id.to_string()])?;
+            for (idx, d) in vm.disks.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO disks (vm_id, idx, device, path, size_bytes, image)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![vm.id.to_string(), idx as i64, d.device, d.path, d.size_bytes as i64, d.image],
+                )
+                .map_err(|e| {
+                    if unique_violation(&e) {
+                        StoreError::Conflict(format!("disk {}", d.path))
+                    } else {
+                        e.into()
+                    }
+                })?;
+            }
+        }
+        Change::VmState { id, state, at } => {
+            let n = tx.execute(
+                "UPDATE vms SET state = ?2, updated_at = ?3 WHERE id = ?1",
+                params![id.to_string(), state.as_str(), at],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("VM {id}")));
+            }
+        }
+        Change::VmDelete { id } => {
+            let n = tx.execute("DELETE FROM vms WHERE id = ?1", [id.to_string()])?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("VM {id}")));
+            }
+        }
+        Change::TokenPut(t) => {
+            tx.execute(
+                "INSERT INTO tokens (id, name, role, hash, created_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(id) DO UPDATE SET name=excluded.name, role=excluded.role,
+                    hash=excluded.hash",
+                params![t.id, t.name, t.role.as_str(), t.hash.to_vec(), t.created_at],
+            )
+            .map_err(|e| {
+                if unique_violation(&e) {
+                    StoreError::Conflict(format!("a token named {:?}", t.name))
+                } else {
+                    e.into()
+                }
+            })?;
+        }
+        Change::TokenDelete { id } => {
+            let n = tx.execute("DELETE FROM tokens WHERE id = ?1", [id])?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("token {id}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

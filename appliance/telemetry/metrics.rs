@@ -1,0 +1,234 @@
+//! Prometheus metrics: plain counters and fixed-bucket histograms, rendered
+//! in the text exposition format. Hot-path updates take one short lock.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Latency bucket upper bounds, seconds.
+const BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0];
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.counts[i] += 1;
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    /// (route template, method, status) -> latency histogram.
+    requests: Mutex<BTreeMap<(&'static str, &'static str, u16), Histogram>>,
+    /// (operation, result) -> count.
+    operations: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    pub libvirt_connected: AtomicBool,
+    pub libvirt_reconnects: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub lifecycle_events: AtomicU64,
+}
+
+/// Values sampled at scrape time by the core.
+pub struct Snapshot<'a> {
+    pub vms_by_state: &'a [(&'static str, u64)],
+    pub unmanaged_domains: u64,
+    pub host_memory_total_bytes: u64,
+    pub host_memory_available_bytes: u64,
+    pub host_load1: f64,
+    pub host_cpus: u32,
+    pub change_seq: i64,
+    pub tls_cert_not_after: Option<i64>,
+}
+
+impl Metrics {
+    pub fn observe_request(&self, route: &'static str, method: &'static str, status: u16, took: Duration) {
+        let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry((route, method, status)).or_default().observe(took.as_secs_f64());
+    }
+
+    pub fn count_operation(&self, op: &'static str, ok: bool) {
+        let mut map = self.operations.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry((op, if ok { "ok" } else { "error" })).or_default() += 1;
+    }
+
+    pub fn render(&self, snap: &Snapshot<'_>) -> String {
+        let mut out = String::with_capacity(8192);
+        let version = crate::VERSION;
+        let commit = crate::GIT_COMMIT;
+        let _ = writeln!(out, "# HELP novacron_build_info Build of the running daemon.");
+        let _ = writeln!(out, "# TYPE novacron_build_info gauge");
+        let _ = writeln!(out, "novacron_build_info{{version=\"{version}\",commit=\"{commit}\"}} 1");
+
+        let requests = self.requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let _ = writeln!(out, "# HELP novacron_http_requests_total API requests by route and status.");
+        let _ = writeln!(out, "# TYPE novacron_http_requests_total counter");
+        for ((route, method, status), h) in &requests {
+            let _ = writeln!(
+                out,
+                "novacron_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}",
+                h.count
+            );
+        }
+        let _ = writeln!(out, "# HELP novacron_http_request_duration_seconds API request latency.");
+        let _ = writeln!(out, "# TYPE novacron_http_request_duration_seconds histogram");
+        for ((route, method, status), h) in &requests {
+            let labels = format!("route=\"{route}\",method=\"{method}\",status=\"{status}\"");
+            let mut cumulative = 0;
+            for (i, bound) in BUCKETS.iter().enumerate() {
+                cumulative += h.counts[i];
+                let _ = writeln!(
+                    out,
+                    "novacron_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "novacron_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(out, "novacron_http_request_duration_seconds_sum{{{labels}}} {}", h.sum);
+            let _ = writeln!(out, "novacron_http_request_duration_seconds_count{{{labels}}} {}", h.count);
+        }
+
+        let ops = self.operations.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let _ = writeln!(out, "# HELP novacron_operations_total VM and token operations by result.");
+        let _ = writeln!(out, "# TYPE novacron_operations_total counter");
+        for ((op, result), n) in &ops {
+            let _ = writeln!(out, "novacron_operations_total{{op=\"{op}\",result=\"{result}\"}} {n}");
+        }
+
+        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name} {value}");
+        };
+        let _ = writeln!(out, "# HELP novacron_vms VMs managed by this node, by state.");
+        let _ = writeln!(out, "# TYPE novacron_vms gauge");
+        for (state, n) in snap.vms_by_state {
+            let _ = writeln!(out, "novacron_vms{{state=\"{state}\"}} {n}");
+        }
+        gauge(
+            &mut out,
+            "novacron_unmanaged_domains",
+            "libvirt domains not created by NovaCron.",
+            "gauge",
+            snap.unmanaged_domains.to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_libvirt_connected",
+            "1 when the libvirt connection is usable.",
+            "gauge",
+            u8::from(self.libvirt_connected.load(Ordering::Relaxed)).to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_libvirt_reconnects_total",
+            "Times the libvirt connection was re-established.",
+            "counter",
+            self.libvirt_reconnects.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_libvirt_events_total",
+            "Lifecycle events received from libvirt.",
+            "counter",
+            self.lifecycle_events.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_rate_limited_total",
+            "Requests refused with 429.",
+            "counter",
+            self.rate_limited.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_connections_refused_total",
+            "Connections closed at the connection limit.",
+            "counter",
+            self.connections_refused.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_change_seq",
+            "Sequence number of the newest committed change.",
+            "gauge",
+            snap.change_seq.to_string(),
+        );
+        gauge(&mut out, "novacron_host_cpus", "CPUs on this host.", "gauge", snap.host_cpus.to_string());
+        gauge(
+            &mut out,
+            "novacron_host_memory_total_bytes",
+            "Host memory.",
+            "gauge",
+            snap.host_memory_total_bytes.to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_host_memory_available_bytes",
+            "Host memory available (MemAvailable).",
+            "gauge",
+            snap.host_memory_available_bytes.to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_host_load1",
+            "1-minute load average.",
+            "gauge",
+            snap.host_load1.to_string(),
+        );
+        if let Some(t) = snap.tls_cert_not_after {
+            gauge(
+                &mut out,
+                "novacron_tls_cert_expiry_timestamp_seconds",
+                "When the API certificate expires.",
+                "gauge",
+                t.to_string(),
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let m = Metrics::default();
+        m.observe_request("/v1/vms", "GET", 200, Duration::from_micros(50));
+        m.observe_request("/v1/vms", "GET", 200, Duration::from_millis(3));
+        m.count_operation("vm.start", true);
+        let snap = Snapshot {
+            vms_by_state: &[("running", 2)],
+            unmanaged_domains: 0,
+            host_memory_total_bytes: 1,
+            host_memory_available_bytes: 1,
+            host_load1: 0.5,
+            host_cpus: 2,
+            change_seq: 9,
+            tls_cert_not_after: None,
+        };
+        let text = m.render(&snap);
+        assert!(text.contains(r#"novacron_http_requests_total{route="/v1/vms",method="GET",status="200"} 2"#));
+        assert!(text.contains(r#"status="200",le="0.0001"} 1"#));
+        assert!(text.contains(r#"status="200",le="0.005"} 2"#));
+        assert!(text.contains(r#"novacron_operations_total{op="vm.start",result="ok"} 1"#));
+        assert!(text.contains(r#"novacron_vms{state="running"} 2"#));
+    }
+}

@@ -1,0 +1,51 @@
+//! Telemetry subsystem: logging (journald or stderr), Prometheus metrics and
+//! systemd notifications.
+
+pub mod metrics;
+pub mod notify;
+
+use crate::config::LogConfig;
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("invalid log filter {0:?}")]
+    Filter(String),
+    #[error("cannot connect to journald: {0}")]
+    Journald(std::io::Error),
+}
+
+/// True when stderr is connected to the journal (systemd sets
+/// `JOURNAL_STREAM` to the device and inode of that stream).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(var) = std::env::var("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = var.split_once(':') else { return false };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else { return false };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides the level.
+pub fn init_logging(cfg: &LogConfig) -> Result<(), TelemetryError> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) => EnvFilter::try_new(&f).map_err(|_| TelemetryError::Filter(f))?,
+        Err(_) => EnvFilter::try_new(&cfg.level).map_err(|_| TelemetryError::Filter(cfg.level.clone()))?,
+    };
+    let journald = match cfg.target.as_str() {
+        "journald" => true,
+        "stderr" => false,
+        _ => stderr_is_journal(),
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    if journald {
+        let layer = tracing_journald::layer()
+            .map_err(TelemetryError::Journald)?
+            .with_syslog_identifier("novacron".into());
+        let _ = registry.with(layer).try_init();
+    } else {
+        let _ = registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .try_init();
+    }
+    Ok(())
+}

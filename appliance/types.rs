@@ -1,0 +1,303 @@
+//! Request and response types shared by the API, the CLI and the store.
+//!
+//! Requests are strict (`deny_unknown_fields`): a typo in a field name is a
+//! 400 that names the field, never a silently ignored setting.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Body of `POST /v1/vms`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreate {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    #[serde(default)]
+    pub autostart: bool,
+}
+
+/// One disk of a new VM: either a blank disk of `size_gib`, or an overlay
+/// on `image` (a file under the data dir's `images/`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_gib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// Direct kernel boot. Paths must resolve inside the data dir's `boot/` or
+/// `images/` folders.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootSpec {
+    pub kernel: String,
+    // No skip_serializing_if: this type is also stored with postcard, which
+    // needs every field present.
+    #[serde(default)]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+/// Body of `PATCH /v1/vms/{id}`; only allowed while the VM is stopped.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    Stopped,
+    Running,
+    Paused,
+    ShuttingDown,
+    Crashed,
+    Suspended,
+    /// In the store but not (yet) defined in libvirt.
+    Missing,
+    Unknown,
+}
+
+impl VmState {
+    pub const ALL: [VmState; 8] = [
+        VmState::Stopped,
+        VmState::Running,
+        VmState::Paused,
+        VmState::ShuttingDown,
+        VmState::Crashed,
+        VmState::Suspended,
+        VmState::Missing,
+        VmState::Unknown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::ShuttingDown => "shutting_down",
+            VmState::Crashed => "crashed",
+            VmState::Suspended => "suspended",
+            VmState::Missing => "missing",
+            VmState::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VmState> {
+        VmState::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+
+    /// True when QEMU is running for this VM (it holds memory and disks).
+    pub fn is_active(self) -> bool {
+        matches!(self, VmState::Running | VmState::Paused | VmState::ShuttingDown | VmState::Suspended)
+    }
+}
+
+/// A disk as stored and shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Disk {
+    /// Device name in the guest: vda, vdb, ...
+    pub device: String,
+    pub path: String,
+    pub size_bytes: u64,
+    /// The image this disk is an overlay of, if any.
+    pub image: Option<String>,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Vm {
+    pub id: Uuid,
+    pub name: String,
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disks: Vec<Disk>,
+    pub boot: Option<BootSpec>,
+    pub network: Option<String>,
+    pub autostart: bool,
+    /// False for libvirt domains NovaCron did not create: shown, never touched.
+    pub managed: bool,
+    pub owner_node: Option<Uuid>,
+    pub epoch: u64,
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmList {
+    pub vms: Vec<Vm>,
+}
+
+/// Token roles, weakest first: each role can do everything the ones before
+/// it can.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "operator" => Some(Role::Operator),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Body of `POST /v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Token {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at: String,
+}
+
+/// Answer to `POST /v1/tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenCreated {
+    #[serde(flatten)]
+    pub token: Token,
+    pub secret: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenList {
+    pub tokens: Vec<Token>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub node: Uuid,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HostInfo {
+    pub node_id: Uuid,
+    pub node_name: String,
+    pub hostname: String,
+    pub cpus: u32,
+    pub memory_total_mib: u64,
+    pub memory_available_mib: u64,
+    pub memory_reserve_mib: u64,
+    pub load: [f64; 3],
+    pub kvm_usable: bool,
+    pub libvirt_uri: String,
+    pub libvirt_connected: bool,
+    pub libvirt_version: Option<String>,
+    pub qemu_version: Option<String>,
+    pub domain_type: String,
+    pub version: String,
+    pub tls_fingerprint: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub seq: i64,
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditList {
+    pub entries: Vec<AuditEntry>,
+}
+
+/// The JSON error body every failed request gets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// Names of VMs and tokens: 1-63 characters of `[A-Za-z0-9._-]`, starting
+/// with a letter or digit. They end up in file names and libvirt XML, so
+/// the rule is strict rather than escaped everywhere.
+pub fn valid_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 {
+        return Err("must be 1 to 63 characters long".into());
+    }
+    let first = name.as_bytes()[0];
+    if !first.is_ascii_alphanumeric() {
+        return Err("must start with a letter or digit".into());
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("must not contain {c:?}; use letters, digits, '-', '_' and '.'"));
+    }
+    if name.contains("..") {
+        return Err("must not contain '..'".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_name("web-1.site_a").is_ok());
+        for bad in ["", "-x", ".x", "a/b", "a..b", "a\"b", "a<b", "é", &"x".repeat(64)] {
+            assert!(valid_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = serde_json::from_str::<VmCreate>(r#"{"name":"a","vcpus":1,"memory_mib":64,"colour":1}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("colour"));
+    }
+
+    #[test]
+    fn roles_order() {
+        assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
+    }
+}

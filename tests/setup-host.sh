@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian 12 host (as root) for running NovaCron Edge and its
+# test suite: libvirt + QEMU from bookworm-backports, a tiny test guest, and
+# running virtlogd/libvirtd when there is no systemd as PID 1.
+set -euo pipefail
+
+need_pkgs=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
+           qemu-system-x86 qemu-utils)
+base_pkgs=(pkg-config busybox-static linux-image-amd64 cpio gzip iproute2 curl ca-certificates)
+
+# The mirror comes from the machine's own Debian source, never from this repo.
+debian_mirror() {
+    local f
+    for f in /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        awk '/^URIs:/ {u=$2} /^Suites:/ && u && $0 ~ /bookworm/ && u !~ /security/ {print u; exit}' "$f" && return 0
+    done
+    awk '$1=="deb" && $3 ~ /^bookworm/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null
+}
+
+install_packages() {
+    local missing=()
+    for p in "${need_pkgs[@]}" "${base_pkgs[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        local mirror
+        mirror="$(debian_mirror | head -n1)"
+        [ -n "$mirror" ] || { echo "setup: cannot find the Debian mirror in the apt sources" >&2; exit 1; }
+        cat > /etc/apt/sources.list.d/novacron-backports.sources <<SRC
+Types: deb
+URIs: $mirror
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${base_pkgs[@]}" >/dev/null
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports "${need_pkgs[@]}" >/dev/null
+}
+
+start_libvirt() {
+    mkdir -p /run/libvirt
+    # Without systemd as PID 1 nothing starts these for us.
+    pgrep -x virtlogd >/dev/null || virtlogd -d
+    if ! pgrep -x libvirtd >/dev/null; then
+        libvirtd -d
+    fi
+    for _ in $(seq 1 50); do
+        virsh -c qemu:///system version >/dev/null 2>&1 && return 0
+        sleep 0.2
+    done
+    echo "setup: libvirtd did not come up" >&2
+    exit 1
+}
+
+install_packages
+start_libvirt
+echo "setup: host ready ($(virsh -c qemu:///system version 2>/dev/null | awk '/Running hypervisor/ {print $3,$4}'))"
