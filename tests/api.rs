@@ -1,1 +1,339 @@
+//! Black-box API tests against the real binary with libvirt's test driver.
 
+mod common;
+
+use common::{call, error_code, Daemon, Opts};
+use hyper::{Method, StatusCode};
+use novacron::cli::client::Client;
+use serde_json::{json, Value};
+
+fn vm_spec(name: &str) -> Value {
+    json!({"name": name, "vcpus": 1, "memory_mib": 64, "disks": [{"size_gib": 1}]})
+}
+
+async fn snapshot(c: &Client) -> (Value, Value) {
+    let (s1, vms) = call(c, Method::GET, "/v1/vms", None).await;
+    let (s2, tokens) = call(c, Method::GET, "/v1/tokens", None).await;
+    assert_eq!((s1, s2), (StatusCode::OK, StatusCode::OK));
+    (vms, tokens)
+}
+
+async fn new_token(admin: &Client, name: &str, role: &str) -> String {
+    let (s, v) = call(admin, Method::POST, "/v1/tokens", Some(json!({"name": name, "role": role}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(v["secret"].as_str().unwrap().len() >= 64 + 4, "secret too short");
+    v["secret"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lifecycle_over_https() {
+    let d = Daemon::start("lifecycle", Opts::test_driver(11));
+    let c = d.admin();
+
+    let (s, health) = call(&d.https(None), Method::GET, "/v1/health", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(health["status"], "ok");
+    assert!(health["node"].is_string() && health["version"].is_string());
+
+    let (s, host) = call(&c, Method::GET, "/v1/host", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(host["domain_type"], "qemu");
+    assert_eq!(host["tls_fingerprint"], d.fingerprint.as_str());
+    assert!(host["memory_total_mib"].as_u64().unwrap() > 0);
+
+    let (s, vm) = call(&c, Method::POST, "/v1/vms", Some(vm_spec("web-1"))).await;
+    assert_eq!(s, StatusCode::CREATED, "{vm}");
+    assert_eq!(vm["state"], "stopped");
+    let id = vm["id"].as_str().unwrap().to_string();
+    let disk = vm["disks"][0]["path"].as_str().unwrap().to_string();
+    assert!(std::path::Path::new(&disk).exists());
+
+    // By id and by name.
+    assert_eq!(call(&c, Method::GET, &format!("/v1/vms/{id}"), None).await.1["name"], "web-1");
+    assert_eq!(call(&c, Method::GET, "/v1/vms/web-1", None).await.1["id"], id.as_str());
+
+    let (s, v) = call(&c, Method::POST, "/v1/vms", Some(vm_spec("web-1"))).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "name_taken"));
+
+    let step = |action: &'static str, expect: &'static str| {
+        let c = c.clone();
+        let id = id.clone();
+        async move {
+            let (s, v) = call(&c, Method::POST, &format!("/v1/vms/{id}/{action}"), None).await;
+            assert_eq!(s, StatusCode::OK, "{action}: {v}");
+            assert_eq!(v["state"], expect, "{action}");
+        }
+    };
+    step("start", "running").await;
+    let (s, v) = call(&c, Method::POST, "/v1/vms/web-1/start", None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "wrong_state"));
+    let (s, v) = call(&c, Method::PATCH, "/v1/vms/web-1", Some(json!({"vcpus": 2}))).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "wrong_state"));
+    step("pause", "paused").await;
+    step("resume", "running").await;
+    step("reboot", "running").await;
+    step("stop", "stopped").await;
+    step("start", "running").await;
+    // The test driver powers off at once on ACPI shutdown.
+    let (s, v) = call(&c, Method::POST, "/v1/vms/web-1/shutdown?wait=10", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "stopped");
+
+    let (s, v) = call(&c, Method::PATCH, "/v1/vms/web-1", Some(json!({"vcpus": 2, "memory_mib": 128}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!((v["vcpus"].as_u64(), v["memory_mib"].as_u64()), (Some(2), Some(128)));
+
+    step("start", "running").await;
+    let (s, v) = call(&c, Method::DELETE, "/v1/vms/web-1", None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "wrong_state"));
+    let (s, _) = call(&c, Method::DELETE, "/v1/vms/web-1?force=true", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(!std::path::Path::new(&disk).exists(), "disk left behind");
+    let (s, v) = call(&c, Method::GET, "/v1/vms/web-1", None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+
+    // The test driver's own domain "test" is listed read-only and refused.
+    let (_, list) = call(&c, Method::GET, "/v1/vms", None).await;
+    let test = list["vms"].as_array().unwrap().iter().find(|v| v["name"] == "test").expect("unmanaged domain listed");
+    assert_eq!(test["managed"], false);
+    let (s, v) = call(&c, Method::POST, "/v1/vms/test/stop", None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "unmanaged"));
+    let (s, v) = call(&c, Method::DELETE, "/v1/vms/test?force=true", None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "unmanaged"));
+
+    // Every mutation is in the audit log with the token's name.
+    let (_, audit) = call(&c, Method::GET, "/v1/audit?limit=100", None).await;
+    let entries = audit["entries"].as_array().unwrap();
+    assert!(entries.iter().any(|e| e["action"] == "vm.delete" && e["result"] == "ok" && e["actor"] == "admin"));
+    assert!(entries.iter().any(|e| e["action"] == "vm.create" && e["result"] == "name_taken"));
+
+    let (s, metrics) = c.request(Method::GET, "/metrics", None).await.unwrap();
+    assert_eq!(s, StatusCode::OK);
+    let text = String::from_utf8_lossy(&metrics);
+    assert!(text.contains("novacron_http_requests_total{route=\"/v1/vms/{id}/start\",method=\"POST\",status=\"200\"}"));
+    assert!(text.contains("novacron_operations_total{op=\"vm.start\",result=\"ok\"}"));
+    assert!(text.contains("novacron_libvirt_connected 1"));
+}
+
+/// Every route × every kind of caller.
+#[tokio::test(flavor = "multi_thread")]
+async fn role_matrix() {
+    let d = Daemon::start("roles", Opts::test_driver(12));
+    let admin = d.admin();
+    let viewer = d.https(Some(&new_token(&admin, "v", "viewer").await));
+    let operator = d.https(Some(&new_token(&admin, "o", "operator").await));
+    let revoked_secret = new_token(&admin, "gone", "admin").await;
+    let (s, _) = call(&admin, Method::DELETE, "/v1/tokens/gone", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let revoked = d.https(Some(&revoked_secret));
+    let anonymous = d.https(None);
+    let forged = d.https(Some(&format!("{}0", &d.admin[..d.admin.len() - 1])));
+
+    let (s, _) = call(&admin, Method::POST, "/v1/vms", Some(vm_spec("m"))).await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    // (method, path, body, weakest role: 0 public, 1 viewer, 2 operator, 3 admin)
+    let routes: Vec<(Method, &str, Option<Value>, u8)> = vec![
+        (Method::GET, "/v1/health", None, 0),
+        (Method::GET, "/v1/openapi.json", None, 0),
+        (Method::GET, "/v1/ready", None, 1),
+        (Method::GET, "/v1/host", None, 1),
+        (Method::GET, "/metrics", None, 1),
+        (Method::GET, "/v1/vms", None, 1),
+        (Method::GET, "/v1/vms/m", None, 1),
+        (Method::POST, "/v1/vms", Some(vm_spec("x")), 2),
+        (Method::PATCH, "/v1/vms/m", Some(json!({"autostart": true})), 2),
+        (Method::POST, "/v1/vms/m/start", None, 2),
+        (Method::POST, "/v1/vms/m/pause", None, 2),
+        (Method::POST, "/v1/vms/m/resume", None, 2),
+        (Method::POST, "/v1/vms/m/reboot", None, 2),
+        (Method::POST, "/v1/vms/m/shutdown", None, 2),
+        (Method::POST, "/v1/vms/m/stop", None, 2),
+        (Method::DELETE, "/v1/vms/x?force=true", None, 2),
+        (Method::GET, "/v1/tokens", None, 3),
+        (Method::POST, "/v1/tokens", Some(json!({"name": "t", "role": "viewer"})), 3),
+        (Method::DELETE, "/v1/tokens/t", None, 3),
+        (Method::GET, "/v1/audit", None, 3),
+    ];
+    let callers: [(&str, &Client, Option<u8>); 6] = [
+        ("anonymous", &anonymous, None),
+        ("revoked", &revoked, None),
+        ("forged", &forged, None),
+        ("viewer", &viewer, Some(1)),
+        ("operator", &operator, Some(2)),
+        ("admin", &admin, Some(3)),
+    ];
+    for (method, path, body, need) in &routes {
+        for (who, client, level) in &callers {
+            let before = snapshot(&admin).await;
+            let (s, v) = call(client, method.clone(), path, body.clone()).await;
+            let allowed = *need == 0 || level.is_some_and(|l| l >= *need);
+            if allowed {
+                assert!(
+                    s.is_success() || s == StatusCode::CONFLICT || s == StatusCode::NOT_FOUND,
+                    "{who} {method} {path}: {s} {v}"
+                );
+            } else {
+                let expect = if level.is_none() { StatusCode::UNAUTHORIZED } else { StatusCode::FORBIDDEN };
+                assert_eq!(s, expect, "{who} {method} {path}: {v}");
+                assert_eq!(error_code(&v), if level.is_none() { "unauthorized" } else { "forbidden" });
+                assert_eq!(snapshot(&admin).await, before, "{who} {method} {path} changed state");
+            }
+        }
+    }
+    // Root on the local socket is admin without a token.
+    let (s, _) = call(&d.local(), Method::GET, "/v1/tokens", None).await;
+    assert_eq!(s, StatusCode::OK);
+}
+
+/// Hostile and malformed requests: each gets a clear 4xx and changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_requests_change_nothing() {
+    let d = Daemon::start("hostile", Opts::test_driver(13));
+    let c = d.admin();
+    let (s, _) = call(&c, Method::POST, "/v1/vms", Some(vm_spec("keep"))).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let boot = d.data().join("boot");
+    std::fs::write(boot.join("vmlinuz"), b"kernel").unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", boot.join("shadow-link")).unwrap();
+
+    let spec = |extra: Value| {
+        let mut v = vm_spec("evil");
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        v
+    };
+    let big = "x".repeat(2 * 1024 * 1024);
+    // (what, method, path, raw body, content type, status, code)
+    let cases: Vec<(&str, Method, String, Vec<u8>, Option<&str>, u16, &str)> = vec![
+        ("bad json", Method::POST, "/v1/vms".into(), b"{\"name\":".to_vec(), Some("application/json"), 400, "malformed_json"),
+        ("not json", Method::POST, "/v1/vms".into(), b"hello".to_vec(), Some("application/json"), 400, "malformed_json"),
+        ("empty body", Method::POST, "/v1/vms".into(), vec![], Some("application/json"), 400, "malformed_json"),
+        ("json array", Method::POST, "/v1/vms".into(), b"[]".to_vec(), Some("application/json"), 400, "invalid_value"),
+        ("unknown field", Method::POST, "/v1/vms".into(), spec(json!({"colour": "red"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("wrong type", Method::POST, "/v1/vms".into(), spec(json!({"vcpus": "two"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("negative memory", Method::POST, "/v1/vms".into(), spec(json!({"memory_mib": -1})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("huge memory", Method::POST, "/v1/vms".into(), spec(json!({"memory_mib": 1u64 << 40})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("zero vcpus", Method::POST, "/v1/vms".into(), spec(json!({"vcpus": 0})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("huge vcpus", Method::POST, "/v1/vms".into(), spec(json!({"vcpus": 100000})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("huge disk", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"size_gib": 1u64 << 50}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("zero disk", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"size_gib": 0}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("disk both", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"size_gib": 1, "image": "a"}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("name with slash", Method::POST, "/v1/vms".into(), spec(json!({"name": "a/b"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("name dotdot", Method::POST, "/v1/vms".into(), spec(json!({"name": ".."})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("name quote", Method::POST, "/v1/vms".into(), spec(json!({"name": "a\"b"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("name xml", Method::POST, "/v1/vms".into(), spec(json!({"name": "<x>&y"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("name empty", Method::POST, "/v1/vms".into(), spec(json!({"name": ""})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("name too long", Method::POST, "/v1/vms".into(), spec(json!({"name": "a".repeat(64)})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("network xml", Method::POST, "/v1/vms".into(), spec(json!({"network": "n'><x"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("kernel outside data dir", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": "/etc/shadow"}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("kernel traversal", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": "boot/../../../../etc/passwd"}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("kernel symlink escape", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": boot.join("shadow-link")}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("initrd missing", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": boot.join("vmlinuz"), "initrd": "boot/none"}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("cmdline newline", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": boot.join("vmlinuz"), "cmdline": "a\nb"}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("image outside images", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"image": "/etc/passwd"}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("image traversal", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"image": "../state.db"}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("2 MiB body", Method::POST, "/v1/vms".into(), big.clone().into_bytes(), Some("application/json"), 413, "payload_too_large"),
+        ("wrong content type", Method::POST, "/v1/vms".into(), vm_spec("evil").to_string().into(), Some("text/plain"), 415, "unsupported_media_type"),
+        ("no content type", Method::POST, "/v1/vms".into(), vm_spec("evil").to_string().into(), None, 415, "unsupported_media_type"),
+        ("unknown vm", Method::POST, "/v1/vms/nope/start".into(), vec![], None, 404, "not_found"),
+        ("unknown vm delete", Method::DELETE, "/v1/vms/nope".into(), vec![], None, 404, "not_found"),
+        ("unknown action", Method::POST, "/v1/vms/keep/explode".into(), vec![], None, 404, "not_found"),
+        ("unknown route", Method::GET, "/v1/../etc/passwd".into(), vec![], None, 404, "not_found"),
+        ("wrong method", Method::PUT, "/v1/vms".into(), vec![], None, 405, "method_not_allowed"),
+        ("bad query", Method::DELETE, "/v1/vms/keep?force=yes".into(), vec![], None, 400, "invalid_query"),
+        ("unknown query", Method::GET, "/v1/vms?debug=1".into(), vec![], None, 400, "invalid_query"),
+        ("patch unknown field", Method::PATCH, "/v1/vms/keep".into(), json!({"name": "renamed"}).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("patch zero memory", Method::PATCH, "/v1/vms/keep".into(), json!({"memory_mib": 0}).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("token bad role", Method::POST, "/v1/tokens".into(), json!({"name": "t", "role": "root"}).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("token bad name", Method::POST, "/v1/tokens".into(), json!({"name": "../t", "role": "admin"}).to_string().into(), Some("application/json"), 400, "invalid_value"),
+        ("token name taken", Method::POST, "/v1/tokens".into(), json!({"name": "admin", "role": "admin"}).to_string().into(), Some("application/json"), 409, "name_taken"),
+        ("revoke unknown token", Method::DELETE, "/v1/tokens/nope".into(), vec![], None, 404, "not_found"),
+    ];
+    assert!(cases.len() >= 25);
+    let before = snapshot(&c).await;
+    for (what, method, path, body, ct, status, code) in cases {
+        let body = if body.is_empty() && ct.is_none() { None } else { Some(body) };
+        let (s, bytes) = c.request_with(method, &path, body, ct).await.unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("{what}: not JSON: {bytes:?}"));
+        assert_eq!(s.as_u16(), status, "{what}: {v}");
+        assert_eq!(error_code(&v), code, "{what}: {v}");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty(), "{what}: no message");
+        assert_eq!(snapshot(&c).await, before, "{what} changed state");
+    }
+    // Error messages name the offending field.
+    let (_, v) = call(&c, Method::POST, "/v1/vms", Some(spec(json!({"vcpus": 0})))).await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("vcpus"), "{v}");
+    let (_, v) = call(&c, Method::POST, "/v1/vms", Some(spec(json!({"colour": 1})))).await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("colour"), "{v}");
+    // No disk file was left behind by any refused create.
+    let disks: Vec<_> = std::fs::read_dir(d.data().join("disks")).unwrap().collect();
+    assert_eq!(disks.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revocation_and_rate_limit() {
+    let mut opts = Opts::test_driver(14);
+    opts.rate_limit = 20;
+    let d = Daemon::start("ratelimit", opts);
+    let admin = d.admin();
+    let secret = new_token(&admin, "burst", "viewer").await;
+    let v = d.https(Some(&secret));
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(call(&v, Method::GET, "/v1/vms", None).await.0);
+    }
+    assert!(statuses[..10].iter().all(|s| *s == StatusCode::OK));
+    let limited = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert!(limited >= 10, "only {limited} of 40 were limited");
+    let (s, body) = call(&v, Method::GET, "/v1/host", None).await;
+    if s == StatusCode::TOO_MANY_REQUESTS {
+        assert_eq!(error_code(&body), "rate_limited");
+    }
+    // Revocation takes effect on the very next request.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(call(&v, Method::GET, "/v1/vms", None).await.0, StatusCode::OK);
+    let (s, _) = call(&admin, Method::DELETE, "/v1/tokens/burst", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(call(&v, Method::GET, "/v1/vms", None).await.0, StatusCode::UNAUTHORIZED);
+    // Secrets are stored only as hashes.
+    let db = std::fs::read(d.data().join("state.db")).unwrap();
+    let wal = std::fs::read(d.data().join("state.db-wal")).unwrap_or_default();
+    let raw = secret.rsplit('_').next().unwrap().as_bytes();
+    assert!(!db.windows(raw.len()).any(|w| w == raw) && !wal.windows(raw.len()).any(|w| w == raw));
+    assert!(!d.log().contains(&secret[10..]), "a secret reached the log");
+}
+
+/// Conflicting operations on one VM never interleave; different VMs run
+/// concurrently.
+#[tokio::test(flavor = "multi_thread")]
+async fn per_vm_operations_are_serialized() {
+    let d = Daemon::start("serial", Opts::test_driver(15));
+    let c = d.admin();
+    for n in ["a", "b"] {
+        assert_eq!(call(&c, Method::POST, "/v1/vms", Some(vm_spec(n))).await.0, StatusCode::CREATED);
+    }
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let c = c.clone();
+        let (vm, action) = match i % 4 {
+            0 => ("a", "start"),
+            1 => ("a", "stop"),
+            2 => ("b", "start"),
+            _ => ("b", "stop"),
+        };
+        tasks.push(tokio::spawn(async move { call(&c, Method::POST, &format!("/v1/vms/{vm}/{action}"), None).await }));
+    }
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        assert!(s == StatusCode::OK || (s == StatusCode::CONFLICT && error_code(&v) == "wrong_state"), "{s} {v}");
+    }
+    // The store agrees with libvirt after the storm.
+    for n in ["a", "b"] {
+        let (_, v) = call(&c, Method::GET, &format!("/v1/vms/{n}"), None).await;
+        let state = v["state"].as_str().unwrap().to_string();
+        let (s, _) = call(&c, Method::POST, &format!("/v1/vms/{n}/start"), None).await;
+        assert_eq!(s == StatusCode::OK, state == "stopped", "{n} was reported {state}");
+    }
+}

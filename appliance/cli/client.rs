@@ -164,15 +164,17 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        self.request_with(method, path, body, "application/json").await
+        let ct = body.as_ref().map(|_| "application/json");
+        self.request_with(method, path, body, ct).await
     }
 
+    /// Like [`Client::request`] with an explicit content type (or none).
     pub async fn request_with(
         &self,
         method: Method,
         path: &str,
         body: Option<Vec<u8>>,
-        content_type: &str,
+        content_type: Option<&str>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let mut req = Request::builder().method(method).uri(path);
         let host = match &self.target {
@@ -185,8 +187,8 @@ impl Client {
             }
         };
         req = req.header(hyper::header::HOST, host);
-        if body.is_some() {
-            req = req.header(hyper::header::CONTENT_TYPE, content_type);
+        if let Some(ct) = content_type {
+            req = req.header(hyper::header::CONTENT_TYPE, ct);
         }
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))

@@ -1,0 +1,242 @@
+//! Test driver: starts the real `novacron` binary (execve) with its own
+//! data dir and loopback address, and talks to it over HTTPS or the socket.
+
+#![allow(dead_code)]
+
+use hyper::{Method, StatusCode};
+use novacron::cli::client::Client;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_novacron");
+
+pub struct Opts {
+    /// Last octet of 127.0.0.X: each test gets its own address.
+    pub ip_octet: u8,
+    pub uri: String,
+    pub rate_limit: u32,
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Opts {
+    pub fn test_driver(ip_octet: u8) -> Opts {
+        Opts { ip_octet, uri: "test:///default".into(), rate_limit: 0, data_dir: None }
+    }
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub url: String,
+    pub admin: String,
+    pub fingerprint: String,
+    pub socket: PathBuf,
+}
+
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    // Under /var/tmp rather than /tmp: QEMU (as libvirt-qemu) must reach the
+    // disks, and some CI hosts mount /tmp privately.
+    let base = std::env::var_os("NOVACRON_TEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let dir = base.join(format!("novacron-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+impl Daemon {
+    pub fn start(tag: &str, opts: Opts) -> Daemon {
+        let dir = opts.data_dir.clone().unwrap_or_else(|| scratch_dir(tag));
+        let data = dir.join("data");
+        let socket = data.join("novacron.sock");
+        let addr = format!("127.0.0.{}:18443", opts.ip_octet);
+        let config = dir.join("novacron.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {data:?}\n[api]\nlisten = [\"{addr}\"]\nsocket = {socket:?}\nrate_limit_per_sec = {rl}\nrate_limit_burst = {rl}\n\
+                 [hypervisor]\nuri = {uri:?}\ndomain_type = \"qemu\"\nmemory_reserve_mib = 256\n[log]\nlevel = \"info,novacron=debug\"\ntarget = \"stderr\"\n",
+                rl = opts.rate_limit,
+                uri = opts.uri,
+            ),
+        )
+        .unwrap();
+        let mut d = Daemon {
+            child: None,
+            dir,
+            config,
+            url: format!("https://{addr}"),
+            admin: String::new(),
+            fingerprint: String::new(),
+            socket,
+        };
+        d.spawn(true);
+        d
+    }
+
+    fn spawn(&mut self, first: bool) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("NOVACRON_PRINT_TOKEN", "1")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start novacron");
+        let stdout = child.stdout.take().unwrap();
+        self.child = Some(child);
+        if first {
+            // The first start prints the fingerprint and a one-time admin token.
+            let mut lines = BufReader::new(stdout).lines();
+            while self.admin.is_empty() {
+                let line = lines.next().expect("daemon exited before printing its token").unwrap();
+                if let Some(fp) = line.trim().strip_prefix("fingerprint:") {
+                    self.fingerprint = fp.trim().to_string();
+                }
+                if let Some(t) = line.trim().strip_prefix("admin token:") {
+                    self.admin = t.trim().to_string();
+                }
+            }
+            std::thread::spawn(move || for _ in lines {});
+        }
+        self.wait_ready();
+    }
+
+    /// Waits until `/v1/ready` answers 200 over the socket.
+    pub fn wait_ready(&self) {
+        // Own thread and runtime, so this works from sync and async tests.
+        let socket = self.socket.clone();
+        let ready = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let c = Client::socket(&socket);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok((StatusCode::OK, _)) = rt.block_on(c.request(Method::GET, "/v1/ready", None)) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        })
+        .join()
+        .unwrap();
+        assert!(ready, "daemon not ready; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn(false);
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn https(&self, token: Option<&str>) -> Client {
+        Client::https(&self.url, token.map(String::from), Some(&self.fingerprint), None).unwrap()
+    }
+
+    pub fn admin(&self) -> Client {
+        self.https(Some(&self.admin.clone()))
+    }
+
+    pub fn local(&self) -> Client {
+        Client::socket(&self.socket)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("kept {} for inspection", self.dir.display());
+        }
+    }
+}
+
+/// Sends a request and parses the JSON answer (Null for an empty body).
+pub async fn call(c: &Client, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+    let (status, bytes) = c
+        .request(method, path, body.map(|b| serde_json::to_vec(&b).unwrap()))
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    (status, v)
+}
+
+pub fn error_code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+pub fn which(cmd: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+pub fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh").arg("-c").arg("qemu:///system").args(args).output().expect("virsh");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+/// Builds (or reuses) the tiny guest and copies it into `boot_dir`.
+pub fn install_guest(boot_dir: &Path) -> (PathBuf, PathBuf) {
+    let out = PathBuf::from(std::env::var("NOVACRON_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/novacron-guest".into()));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");
+    let st = Command::new("bash").arg(&script).arg(&out).status().expect("build guest");
+    assert!(st.success(), "building the test guest failed");
+    std::fs::create_dir_all(boot_dir).unwrap();
+    let k = boot_dir.join("vmlinuz");
+    let i = boot_dir.join("initramfs.gz");
+    std::fs::copy(out.join("vmlinuz"), &k).unwrap();
+    std::fs::copy(out.join("initramfs.gz"), &i).unwrap();
+    (k, i)
+}
+
+pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {secs}s waiting for {what}");
+}
