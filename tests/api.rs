@@ -94,7 +94,12 @@ async fn lifecycle_over_https() {
 
     // The test driver's own domain "test" is listed read-only and refused.
     let (_, list) = call(&c, Method::GET, "/v1/vms", None).await;
-    let test = list["vms"].as_array().unwrap().iter().find(|v| v["name"] == "test").expect("unmanaged domain listed");
+    let test = list["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "test")
+        .expect("unmanaged domain listed");
     assert_eq!(test["managed"], false);
     let (s, v) = call(&c, Method::POST, "/v1/vms/test/stop", None).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "unmanaged"));
@@ -104,13 +109,17 @@ async fn lifecycle_over_https() {
     // Every mutation is in the audit log with the token's name.
     let (_, audit) = call(&c, Method::GET, "/v1/audit?limit=100", None).await;
     let entries = audit["entries"].as_array().unwrap();
-    assert!(entries.iter().any(|e| e["action"] == "vm.delete" && e["result"] == "ok" && e["actor"] == "admin"));
+    assert!(entries
+        .iter()
+        .any(|e| e["action"] == "vm.delete" && e["result"] == "ok" && e["actor"] == "admin"));
     assert!(entries.iter().any(|e| e["action"] == "vm.create" && e["result"] == "name_taken"));
 
     let (s, metrics) = c.request(Method::GET, "/metrics", None).await.unwrap();
     assert_eq!(s, StatusCode::OK);
     let text = String::from_utf8_lossy(&metrics);
-    assert!(text.contains("novacron_http_requests_total{route=\"/v1/vms/{id}/start\",method=\"POST\",status=\"200\"}"));
+    assert!(text.contains(
+        "novacron_http_requests_total{route=\"/v1/vms/{id}/start\",method=\"POST\",status=\"200\"}"
+    ));
     assert!(text.contains("novacron_operations_total{op=\"vm.start\",result=\"ok\"}"));
     assert!(text.contains("novacron_libvirt_connected 1"));
 }
@@ -207,36 +216,276 @@ async fn hostile_requests_change_nothing() {
     let big = "x".repeat(2 * 1024 * 1024);
     // (what, method, path, raw body, content type, status, code)
     let cases: Vec<(&str, Method, String, Vec<u8>, Option<&str>, u16, &str)> = vec![
-        ("bad json", Method::POST, "/v1/vms".into(), b"{\"name\":".to_vec(), Some("application/json"), 400, "malformed_json"),
-        ("not json", Method::POST, "/v1/vms".into(), b"hello".to_vec(), Some("application/json"), 400, "malformed_json"),
-        ("empty body", Method::POST, "/v1/vms".into(), vec![], Some("application/json"), 400, "malformed_json"),
-        ("json array", Method::POST, "/v1/vms".into(), b"[]".to_vec(), Some("application/json"), 400, "invalid_value"),
-        ("unknown field", Method::POST, "/v1/vms".into(), spec(json!({"colour": "red"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("wrong type", Method::POST, "/v1/vms".into(), spec(json!({"vcpus": "two"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("negative memory", Method::POST, "/v1/vms".into(), spec(json!({"memory_mib": -1})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("huge memory", Method::POST, "/v1/vms".into(), spec(json!({"memory_mib": 1u64 << 40})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("zero vcpus", Method::POST, "/v1/vms".into(), spec(json!({"vcpus": 0})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("huge vcpus", Method::POST, "/v1/vms".into(), spec(json!({"vcpus": 100000})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("huge disk", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"size_gib": 1u64 << 50}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("zero disk", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"size_gib": 0}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("disk both", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"size_gib": 1, "image": "a"}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("name with slash", Method::POST, "/v1/vms".into(), spec(json!({"name": "a/b"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("name dotdot", Method::POST, "/v1/vms".into(), spec(json!({"name": ".."})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("name quote", Method::POST, "/v1/vms".into(), spec(json!({"name": "a\"b"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("name xml", Method::POST, "/v1/vms".into(), spec(json!({"name": "<x>&y"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("name empty", Method::POST, "/v1/vms".into(), spec(json!({"name": ""})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("name too long", Method::POST, "/v1/vms".into(), spec(json!({"name": "a".repeat(64)})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("network xml", Method::POST, "/v1/vms".into(), spec(json!({"network": "n'><x"})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("kernel outside data dir", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": "/etc/shadow"}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("kernel traversal", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": "boot/../../../../etc/passwd"}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("kernel symlink escape", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": boot.join("shadow-link")}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("initrd missing", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": boot.join("vmlinuz"), "initrd": "boot/none"}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("cmdline newline", Method::POST, "/v1/vms".into(), spec(json!({"boot": {"kernel": boot.join("vmlinuz"), "cmdline": "a\nb"}})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("image outside images", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"image": "/etc/passwd"}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("image traversal", Method::POST, "/v1/vms".into(), spec(json!({"disks": [{"image": "../state.db"}]})).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("2 MiB body", Method::POST, "/v1/vms".into(), big.clone().into_bytes(), Some("application/json"), 413, "payload_too_large"),
-        ("wrong content type", Method::POST, "/v1/vms".into(), vm_spec("evil").to_string().into(), Some("text/plain"), 415, "unsupported_media_type"),
-        ("no content type", Method::POST, "/v1/vms".into(), vm_spec("evil").to_string().into(), None, 415, "unsupported_media_type"),
+        (
+            "bad json",
+            Method::POST,
+            "/v1/vms".into(),
+            b"{\"name\":".to_vec(),
+            Some("application/json"),
+            400,
+            "malformed_json",
+        ),
+        (
+            "not json",
+            Method::POST,
+            "/v1/vms".into(),
+            b"hello".to_vec(),
+            Some("application/json"),
+            400,
+            "malformed_json",
+        ),
+        (
+            "empty body",
+            Method::POST,
+            "/v1/vms".into(),
+            vec![],
+            Some("application/json"),
+            400,
+            "malformed_json",
+        ),
+        (
+            "json array",
+            Method::POST,
+            "/v1/vms".into(),
+            b"[]".to_vec(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "unknown field",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"colour": "red"})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "wrong type",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"vcpus": "two"})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "negative memory",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"memory_mib": -1})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "huge memory",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"memory_mib": 1u64 << 40})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "zero vcpus",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"vcpus": 0})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "huge vcpus",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"vcpus": 100000})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "huge disk",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"disks": [{"size_gib": 1u64 << 50}]})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "zero disk",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"disks": [{"size_gib": 0}]})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "disk both",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"disks": [{"size_gib": 1, "image": "a"}]})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "name with slash",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"name": "a/b"})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "name dotdot",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"name": ".."})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "name quote",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"name": "a\"b"})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "name xml",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"name": "<x>&y"})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "name empty",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"name": ""})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "name too long",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"name": "a".repeat(64)})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "network xml",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"network": "n'><x"})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "kernel outside data dir",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"boot": {"kernel": "/etc/shadow"}})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "kernel traversal",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"boot": {"kernel": "boot/../../../../etc/passwd"}})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "kernel symlink escape",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"boot": {"kernel": boot.join("shadow-link")}})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "initrd missing",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"boot": {"kernel": boot.join("vmlinuz"), "initrd": "boot/none"}})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "cmdline newline",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"boot": {"kernel": boot.join("vmlinuz"), "cmdline": "a\nb"}})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "image outside images",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"disks": [{"image": "/etc/passwd"}]})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "image traversal",
+            Method::POST,
+            "/v1/vms".into(),
+            spec(json!({"disks": [{"image": "../state.db"}]})).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "2 MiB body",
+            Method::POST,
+            "/v1/vms".into(),
+            big.clone().into_bytes(),
+            Some("application/json"),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "wrong content type",
+            Method::POST,
+            "/v1/vms".into(),
+            vm_spec("evil").to_string().into(),
+            Some("text/plain"),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "no content type",
+            Method::POST,
+            "/v1/vms".into(),
+            vm_spec("evil").to_string().into(),
+            None,
+            415,
+            "unsupported_media_type",
+        ),
         ("unknown vm", Method::POST, "/v1/vms/nope/start".into(), vec![], None, 404, "not_found"),
         ("unknown vm delete", Method::DELETE, "/v1/vms/nope".into(), vec![], None, 404, "not_found"),
         ("unknown action", Method::POST, "/v1/vms/keep/explode".into(), vec![], None, 404, "not_found"),
@@ -244,11 +493,51 @@ async fn hostile_requests_change_nothing() {
         ("wrong method", Method::PUT, "/v1/vms".into(), vec![], None, 405, "method_not_allowed"),
         ("bad query", Method::DELETE, "/v1/vms/keep?force=yes".into(), vec![], None, 400, "invalid_query"),
         ("unknown query", Method::GET, "/v1/vms?debug=1".into(), vec![], None, 400, "invalid_query"),
-        ("patch unknown field", Method::PATCH, "/v1/vms/keep".into(), json!({"name": "renamed"}).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("patch zero memory", Method::PATCH, "/v1/vms/keep".into(), json!({"memory_mib": 0}).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("token bad role", Method::POST, "/v1/tokens".into(), json!({"name": "t", "role": "root"}).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("token bad name", Method::POST, "/v1/tokens".into(), json!({"name": "../t", "role": "admin"}).to_string().into(), Some("application/json"), 400, "invalid_value"),
-        ("token name taken", Method::POST, "/v1/tokens".into(), json!({"name": "admin", "role": "admin"}).to_string().into(), Some("application/json"), 409, "name_taken"),
+        (
+            "patch unknown field",
+            Method::PATCH,
+            "/v1/vms/keep".into(),
+            json!({"name": "renamed"}).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "patch zero memory",
+            Method::PATCH,
+            "/v1/vms/keep".into(),
+            json!({"memory_mib": 0}).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "token bad role",
+            Method::POST,
+            "/v1/tokens".into(),
+            json!({"name": "t", "role": "root"}).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "token bad name",
+            Method::POST,
+            "/v1/tokens".into(),
+            json!({"name": "../t", "role": "admin"}).to_string().into(),
+            Some("application/json"),
+            400,
+            "invalid_value",
+        ),
+        (
+            "token name taken",
+            Method::POST,
+            "/v1/tokens".into(),
+            json!({"name": "admin", "role": "admin"}).to_string().into(),
+            Some("application/json"),
+            409,
+            "name_taken",
+        ),
         ("revoke unknown token", Method::DELETE, "/v1/tokens/nope".into(), vec![], None, 404, "not_found"),
     ];
     assert!(cases.len() >= 25);
@@ -256,7 +545,8 @@ async fn hostile_requests_change_nothing() {
     for (what, method, path, body, ct, status, code) in cases {
         let body = if body.is_empty() && ct.is_none() { None } else { Some(body) };
         let (s, bytes) = c.request_with(method, &path, body, ct).await.unwrap();
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("{what}: not JSON: {bytes:?}"));
+        let v: Value =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("{what}: not JSON: {bytes:?}"));
         assert_eq!(s.as_u16(), status, "{what}: {v}");
         assert_eq!(error_code(&v), code, "{what}: {v}");
         assert!(!v["error"]["message"].as_str().unwrap().is_empty(), "{what}: no message");
@@ -323,11 +613,16 @@ async fn per_vm_operations_are_serialized() {
             2 => ("b", "start"),
             _ => ("b", "stop"),
         };
-        tasks.push(tokio::spawn(async move { call(&c, Method::POST, &format!("/v1/vms/{vm}/{action}"), None).await }));
+        tasks.push(tokio::spawn(async move {
+            call(&c, Method::POST, &format!("/v1/vms/{vm}/{action}"), None).await
+        }));
     }
     for t in tasks {
         let (s, v) = t.await.unwrap();
-        assert!(s == StatusCode::OK || (s == StatusCode::CONFLICT && error_code(&v) == "wrong_state"), "{s} {v}");
+        assert!(
+            s == StatusCode::OK || (s == StatusCode::CONFLICT && error_code(&v) == "wrong_state"),
+            "{s} {v}"
+        );
     }
     // The store agrees with libvirt after the storm.
     for n in ["a", "b"] {

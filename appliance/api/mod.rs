@@ -3,6 +3,8 @@
 //! turns replies and errors into JSON. State lives behind the core.
 
 mod error;
+#[cfg(test)]
+mod openapi_test;
 mod ratelimit;
 pub mod routes;
 pub mod tls;

@@ -40,7 +40,8 @@ pub struct Daemon {
 pub fn scratch_dir(tag: &str) -> PathBuf {
     // Under /var/tmp rather than /tmp: QEMU (as libvirt-qemu) must reach the
     // disks, and some CI hosts mount /tmp privately.
-    let base = std::env::var_os("NOVACRON_TEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let base =
+        std::env::var_os("NOVACRON_TEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp"));
     let dir = base.join(format!("novacron-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -80,7 +81,8 @@ impl Daemon {
     }
 
     fn spawn(&mut self, first: bool) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&self.config)
@@ -198,7 +200,8 @@ pub async fn call(c: &Client, method: Method, path: &str, body: Option<Value>) -
     let v = if bytes.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
     };
     (status, v)
 }
@@ -208,7 +211,11 @@ pub fn error_code(v: &Value) -> &str {
 }
 
 pub fn which(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 pub fn virsh(args: &[&str]) -> String {
@@ -218,7 +225,9 @@ pub fn virsh(args: &[&str]) -> String {
 
 /// Builds (or reuses) the tiny guest and copies it into `boot_dir`.
 pub fn install_guest(boot_dir: &Path) -> (PathBuf, PathBuf) {
-    let out = PathBuf::from(std::env::var("NOVACRON_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/novacron-guest".into()));
+    let out = PathBuf::from(
+        std::env::var("NOVACRON_GUEST_DIR").unwrap_or_else(|_| "/var/tmp/novacron-guest".into()),
+    );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");
     let st = Command::new("bash").arg(&script).arg(&out).status().expect("build guest");
     assert!(st.success(), "building the test guest failed");

@@ -1,0 +1,446 @@
+//! Keeps `docs/openapi.json` honest: every route of the router is in the
+//! document with the right action and role, every operation in the document
+//! routes, and the request/response schemas have the fields the Rust types
+//! serialize.
+
+use super::routes::route;
+use super::ApiError;
+use crate::core::{required_role, CoreError};
+use crate::types::*;
+use hyper::Method;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeSet;
+
+const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+
+/// Query parameters any route might take; each operation must document
+/// exactly the ones its route accepts.
+const QUERY_PARAMS: [(&str, &str); 4] = [("force", "true"), ("wait", "1"), ("timeout", "1"), ("limit", "1")];
+
+/// Every route: (method, concrete path, expected template).
+const ROUTES: &[(&str, &str, &str)] = &[
+    ("GET", "/metrics", "/metrics"),
+    ("GET", "/v1/health", "/v1/health"),
+    ("GET", "/v1/ready", "/v1/ready"),
+    ("GET", "/v1/host", "/v1/host"),
+    ("GET", "/v1/openapi.json", "/v1/openapi.json"),
+    ("GET", "/v1/vms", "/v1/vms"),
+    ("POST", "/v1/vms", "/v1/vms"),
+    ("GET", "/v1/vms/web-1", "/v1/vms/{id}"),
+    ("PATCH", "/v1/vms/web-1", "/v1/vms/{id}"),
+    ("DELETE", "/v1/vms/web-1", "/v1/vms/{id}"),
+    ("POST", "/v1/vms/web-1/start", "/v1/vms/{id}/start"),
+    ("POST", "/v1/vms/web-1/stop", "/v1/vms/{id}/stop"),
+    ("POST", "/v1/vms/web-1/reboot", "/v1/vms/{id}/reboot"),
+    ("POST", "/v1/vms/web-1/pause", "/v1/vms/{id}/pause"),
+    ("POST", "/v1/vms/web-1/resume", "/v1/vms/{id}/resume"),
+    ("POST", "/v1/vms/web-1/shutdown", "/v1/vms/{id}/shutdown"),
+    ("GET", "/v1/tokens", "/v1/tokens"),
+    ("POST", "/v1/tokens", "/v1/tokens"),
+    ("DELETE", "/v1/tokens/0123abcd", "/v1/tokens/{id}"),
+    ("GET", "/v1/audit", "/v1/audit"),
+];
+
+fn doc() -> Value {
+    serde_json::from_str(super::OPENAPI).expect("docs/openapi.json is valid JSON")
+}
+
+fn method(m: &str) -> Method {
+    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).unwrap()
+}
+
+/// Follows a local `$ref` (`#/components/...`).
+fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let p = r.strip_prefix('#').expect("local $ref");
+            resolve(doc, doc.pointer(p).unwrap_or_else(|| panic!("dangling $ref {r}")))
+        }
+        None => v,
+    }
+}
+
+fn operation<'a>(doc: &'a Value, template: &str, m: &str) -> &'a Value {
+    let path =
+        doc["paths"].get(template).unwrap_or_else(|| panic!("{template} is missing from the document"));
+    path.get(m.to_ascii_lowercase()).unwrap_or_else(|| panic!("{m} {template} is missing from the document"))
+}
+
+fn role_name(action: &str) -> &'static str {
+    required_role(action).map(Role::as_str).unwrap_or("none")
+}
+
+fn query_params(doc: &Value, op: &Value) -> BTreeSet<String> {
+    let params = op["parameters"].as_array().cloned().unwrap_or_default();
+    params
+        .iter()
+        .map(|p| resolve(doc, p))
+        .filter(|p| p["in"] == "query")
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Checks one operation of the document against what the router says.
+fn check_operation(doc: &Value, m: &str, concrete: &str, template: &str, op: &Value) {
+    let what = format!("{m} {template}");
+    let matched = route(&method(m), concrete, None).unwrap_or_else(|e| panic!("{what}: router refuses: {e}"));
+    assert_eq!(matched.template, template, "{what}: router template");
+    let action = matched.action;
+    assert_eq!(op["x-action"].as_str(), Some(action), "{what}: x-action");
+    let role = role_name(action);
+    match op.get("x-required-role").and_then(Value::as_str) {
+        None => assert_eq!(role, "none", "{what}: x-required-role missing but {action} needs {role}"),
+        Some(r) => assert_eq!(r, role, "{what}: x-required-role"),
+    }
+    let desc = op["description"].as_str().unwrap_or("");
+    assert!(
+        desc.contains(&format!("`{role}`")) || role == "none",
+        "{what}: description must name role {role}"
+    );
+
+    // Security: public operations opt out; the others inherit the bearer
+    // requirement and can answer 401.
+    let responses = op["responses"].as_object().unwrap_or_else(|| panic!("{what}: no responses"));
+    if role == "none" {
+        assert_eq!(op.get("security"), Some(&json!([])), "{what}: public operations need `security: []`");
+        assert!(!responses.contains_key("401"), "{what}: public operation documents 401");
+    } else {
+        assert_ne!(op.get("security"), Some(&json!([])), "{what}: must not be public");
+        for code in ["401", "429"] {
+            assert!(responses.contains_key(code), "{what}: missing {code}");
+        }
+        assert_eq!(
+            responses.contains_key("403"),
+            role != "viewer",
+            "{what}: 403 iff the role is above viewer"
+        );
+    }
+    assert!(responses.contains_key("400"), "{what}: unknown query parameters are a 400");
+    assert!(responses.keys().any(|k| k.starts_with('2')), "{what}: no success response");
+
+    // Bodies: documented exactly when the route reads one.
+    assert_eq!(op.get("requestBody").is_some(), matched.needs_body(), "{what}: requestBody");
+    if matched.needs_body() {
+        for code in ["413", "415"] {
+            assert!(responses.contains_key(code), "{what}: missing {code}");
+        }
+    }
+
+    // Path parameter.
+    if template.contains("{id}") {
+        let params = op["parameters"].as_array().unwrap_or_else(|| panic!("{what}: no parameters"));
+        assert!(
+            params
+                .iter()
+                .map(|p| resolve(doc, p))
+                .any(|p| p["in"] == "path" && p["name"] == "id" && p["required"] == true),
+            "{what}: path parameter id"
+        );
+    }
+
+    // Query parameters: documented exactly when the router accepts them.
+    let documented = query_params(doc, op);
+    for (name, value) in QUERY_PARAMS {
+        let accepted = route(&method(m), concrete, Some(&format!("{name}={value}"))).is_ok();
+        assert_eq!(documented.contains(name), accepted, "{what}: query parameter {name}");
+    }
+    for name in &documented {
+        assert!(QUERY_PARAMS.iter().any(|(n, _)| n == name), "{what}: add {name} to QUERY_PARAMS");
+    }
+}
+
+#[test]
+fn document_is_openapi_3() {
+    let doc = doc();
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "openapi version");
+    assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
+    let scheme = &doc["components"]["securitySchemes"]["bearerAuth"];
+    assert_eq!(scheme["type"], "http");
+    assert_eq!(scheme["scheme"], "bearer");
+    assert_eq!(doc["security"], json!([{"bearerAuth": []}]));
+}
+
+#[test]
+fn every_route_is_documented() {
+    let doc = doc();
+    for (m, concrete, template) in ROUTES {
+        let matched = route(&method(m), concrete, None).unwrap_or_else(|e| panic!("{m} {concrete}: {e}"));
+        assert_eq!(matched.template, *template, "{m} {concrete}: router template");
+        let op = operation(&doc, template, m);
+        check_operation(&doc, m, concrete, template, op);
+    }
+}
+
+#[test]
+fn every_documented_operation_routes() {
+    let doc = doc();
+    let mut seen = BTreeSet::new();
+    for (template, item) in doc["paths"].as_object().expect("paths") {
+        let concrete = template.replace("{id}", "x");
+        for (key, op) in item.as_object().unwrap() {
+            if !METHODS.contains(&key.as_str()) {
+                continue;
+            }
+            check_operation(&doc, key, &concrete, template, op);
+            seen.insert((key.to_ascii_uppercase(), template.clone()));
+        }
+    }
+    let table: BTreeSet<_> = ROUTES.iter().map(|(m, _, t)| (m.to_string(), t.to_string())).collect();
+    assert_eq!(seen, table, "the document and the route table differ");
+}
+
+/// Field names a value serializes to.
+fn keys<T: serde::Serialize>(v: &T) -> BTreeSet<String> {
+    match serde_json::to_value(v).unwrap() {
+        Value::Object(m) => m.keys().cloned().collect(),
+        other => panic!("not an object: {other}"),
+    }
+}
+
+fn schema<'a>(doc: &'a Value, name: &str) -> &'a Map<String, Value> {
+    doc["components"]["schemas"]
+        .get(name)
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("components.schemas.{name} is missing"))
+}
+
+fn schema_keys(doc: &Value, name: &str) -> BTreeSet<String> {
+    schema(doc, name)["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{name} has no properties"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn boot() -> BootSpec {
+    BootSpec {
+        kernel: "vmlinuz".into(),
+        initrd: Some("initrd.img".into()),
+        cmdline: Some("console=ttyS0".into()),
+    }
+}
+
+/// Fully populated samples of the request types, serialized.
+fn request_samples() -> Vec<(&'static str, Value)> {
+    let disk = DiskSpec { size_gib: Some(10), image: Some("base.qcow2".into()) };
+    let create = VmCreate {
+        name: "web".into(),
+        vcpus: 2,
+        memory_mib: 1024,
+        disks: vec![disk.clone()],
+        boot: Some(boot()),
+        network: Some("default".into()),
+        autostart: true,
+    };
+    let patch = VmPatch { vcpus: Some(2), memory_mib: Some(512), autostart: Some(false) };
+    let token = TokenCreate { name: "ci".into(), role: Role::Operator };
+    vec![
+        ("VmCreate", serde_json::to_value(create).unwrap()),
+        ("DiskSpec", serde_json::to_value(disk).unwrap()),
+        ("BootSpec", serde_json::to_value(boot()).unwrap()),
+        ("VmPatch", serde_json::to_value(patch).unwrap()),
+        ("TokenCreate", serde_json::to_value(token).unwrap()),
+    ]
+}
+
+/// Deserializes `v` as the request type named `name`.
+fn parse_request(name: &str, v: &Value) -> Result<(), serde_json::Error> {
+    let v = v.clone();
+    match name {
+        "VmCreate" => serde_json::from_value::<VmCreate>(v).map(drop),
+        "DiskSpec" => serde_json::from_value::<DiskSpec>(v).map(drop),
+        "BootSpec" => serde_json::from_value::<BootSpec>(v).map(drop),
+        "VmPatch" => serde_json::from_value::<VmPatch>(v).map(drop),
+        "TokenCreate" => serde_json::from_value::<TokenCreate>(v).map(drop),
+        _ => panic!("no parser for {name}"),
+    }
+}
+
+#[test]
+fn request_schemas_match_the_types() {
+    let doc = doc();
+    let samples = request_samples();
+    // Every strict schema in the document is a request type with a sample.
+    let strict: BTreeSet<&str> = doc["components"]["schemas"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, s)| s["additionalProperties"] == false)
+        .map(|(n, _)| n.as_str())
+        .filter(|n| !["Error", "ErrorDetail"].contains(n))
+        .collect();
+    let sampled: BTreeSet<&str> = samples.iter().map(|(n, _)| *n).collect();
+    assert_eq!(strict, sampled, "schemas with additionalProperties: false vs request types");
+
+    for (name, value) in &samples {
+        let obj = value.as_object().unwrap();
+        let fields: BTreeSet<String> = obj.keys().cloned().collect();
+        assert_eq!(schema_keys(&doc, name), fields, "{name}: schema properties vs serialized fields");
+        // `required` lists exactly the fields serde cannot do without.
+        let required: BTreeSet<String> = schema(&doc, name)
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default();
+        let minimal: Map<String, Value> =
+            obj.iter().filter(|(k, _)| required.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        parse_request(name, &Value::Object(minimal.clone()))
+            .unwrap_or_else(|e| panic!("{name}: a field outside `required` is needed: {e}"));
+        for field in &required {
+            let mut less = minimal.clone();
+            less.remove(field);
+            assert!(
+                parse_request(name, &Value::Object(less)).is_err(),
+                "{name}: {field} is listed as required but serde does not need it"
+            );
+        }
+        // Strictness is real on both sides.
+        let mut extra = obj.clone();
+        extra.insert("no_such_field".into(), json!(1));
+        assert!(parse_request(name, &Value::Object(extra)).is_err(), "{name}: unknown field accepted");
+    }
+}
+
+#[test]
+fn response_schemas_match_the_types() {
+    let doc = doc();
+    let uuid = uuid::Uuid::nil();
+    let vm = Vm {
+        id: uuid,
+        name: "web".into(),
+        state: VmState::Running,
+        vcpus: 1,
+        memory_mib: 64,
+        disks: vec![Disk { device: "vda".into(), path: "/d".into(), size_bytes: 1, image: Some("i".into()) }],
+        boot: Some(boot()),
+        network: Some("default".into()),
+        autostart: false,
+        managed: true,
+        owner_node: Some(uuid),
+        epoch: 1,
+        created_at: "2024-01-01T00:00:00Z".into(),
+        updated_at: "2024-01-01T00:00:00Z".into(),
+    };
+    let token =
+        Token { id: "0123456789abcdef".into(), name: "ci".into(), role: Role::Admin, created_at: "t".into() };
+    let host = HostInfo {
+        node_id: uuid,
+        node_name: "n".into(),
+        hostname: "h".into(),
+        cpus: 1,
+        memory_total_mib: 1,
+        memory_available_mib: 1,
+        memory_reserve_mib: 1,
+        load: [0.0; 3],
+        kvm_usable: true,
+        libvirt_uri: "qemu:///system".into(),
+        libvirt_connected: true,
+        libvirt_version: Some("1".into()),
+        qemu_version: Some("1".into()),
+        domain_type: "kvm".into(),
+        version: "1".into(),
+        tls_fingerprint: "f".into(),
+    };
+    let entry = AuditEntry {
+        seq: 1,
+        at: "t".into(),
+        actor: "a".into(),
+        action: "vm.create".into(),
+        target: "web".into(),
+        result: "ok".into(),
+    };
+    let cases: Vec<(&str, BTreeSet<String>)> = vec![
+        ("Vm", keys(&vm)),
+        ("Disk", keys(&vm.disks[0])),
+        ("VmList", keys(&VmList { vms: vec![vm.clone()] })),
+        ("Token", keys(&token)),
+        ("TokenCreated", keys(&TokenCreated { token: token.clone(), secret: "nct_x_y".into() })),
+        ("TokenList", keys(&TokenList { tokens: vec![token] })),
+        ("Health", keys(&Health { status: "ok".into(), version: "1".into(), node: uuid })),
+        ("HostInfo", keys(&host)),
+        ("AuditEntry", keys(&entry)),
+        ("AuditList", keys(&AuditList { entries: vec![entry] })),
+        ("Error", keys(&ErrorBody { error: ErrorDetail { code: "internal".into(), message: "m".into() } })),
+        ("ErrorDetail", keys(&ErrorDetail { code: "internal".into(), message: "m".into() })),
+    ];
+    for (name, fields) in cases {
+        assert_eq!(schema_keys(&doc, name), fields, "{name}: schema properties vs serialized fields");
+    }
+    // Response types always serialize every field, so all are required.
+    for name in ["Vm", "Disk", "Token", "TokenCreated", "HostInfo", "AuditEntry", "Health"] {
+        let required: BTreeSet<String> = schema(&doc, name)["required"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name}: no required"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(required, schema_keys(&doc, name), "{name}: required");
+    }
+
+    let states: Vec<Value> = VmState::ALL.iter().map(|s| json!(s.as_str())).collect();
+    assert_eq!(schema(&doc, "VmState")["enum"], json!(states), "VmState enum");
+    let roles: Vec<Value> = [Role::Viewer, Role::Operator, Role::Admin].iter().map(|r| json!(r)).collect();
+    assert_eq!(schema(&doc, "Role")["enum"], json!(roles), "Role enum");
+}
+
+#[test]
+fn error_codes_are_documented() {
+    use crate::hypervisor::HypervisorError;
+    use crate::store::StoreError;
+    let doc = doc();
+    let codes = doc["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["enum"]
+        .as_array()
+        .expect("ErrorDetail.code enum")
+        .clone();
+    let s = || "x".to_string();
+    let core = vec![
+        CoreError::invalid("f", "m"),
+        CoreError::NotFound(s()),
+        CoreError::Forbidden { action: "a", have: "viewer", need: "admin" },
+        CoreError::NameTaken(s()),
+        CoreError::WrongState { vm: s(), state: "running", action: "a" },
+        CoreError::Busy(s()),
+        CoreError::Unmanaged(s()),
+        CoreError::InsufficientMemory { vm: s(), need_mib: 1, available_mib: 0, reserve_mib: 0 },
+        CoreError::NotReady(s()),
+        CoreError::Store(StoreError::Conflict(s())),
+        CoreError::Store(StoreError::NotFound(s())),
+        CoreError::Store(StoreError::Corrupt(s())),
+        CoreError::Hypervisor(HypervisorError::Unavailable { uri: s(), reason: s() }),
+        CoreError::Hypervisor(HypervisorError::WrongState(s())),
+        CoreError::Hypervisor(HypervisorError::NoDomain(uuid::Uuid::nil())),
+        CoreError::Hypervisor(HypervisorError::Disk(s())),
+        CoreError::Hypervisor(HypervisorError::Libvirt(s())),
+        CoreError::Internal(s()),
+    ];
+    let mut errors: Vec<ApiError> = vec![
+        ApiError::NoRoute(s()),
+        ApiError::MethodNotAllowed { method: s(), path: s() },
+        ApiError::Unauthorized,
+        ApiError::RateLimited,
+        ApiError::TooLarge(1),
+        ApiError::UnsupportedMediaType,
+        ApiError::MalformedJson(s()),
+        ApiError::InvalidBody(s()),
+        ApiError::InvalidQuery { name: s(), message: s() },
+        ApiError::Body(s()),
+        ApiError::Tls(s()),
+    ];
+    errors.extend(core.into_iter().map(ApiError::Core));
+    let responses = doc["components"]["responses"].as_object().unwrap();
+    for e in &errors {
+        assert!(codes.contains(&json!(e.code())), "error code {} is not in ErrorDetail.code", e.code());
+        // Some shared response for the status names the code.
+        let status = e.status().as_u16();
+        let described = responses.values().any(|r| {
+            let d = r["description"].as_str().unwrap_or("");
+            let ex = &r["content"]["application/json"]["example"]["error"]["code"];
+            d.contains(&format!("`{}`", e.code()))
+                && ex
+                    .as_str()
+                    .is_some_and(|c| errors.iter().any(|o| o.code() == c && o.status().as_u16() == status))
+        });
+        assert!(described, "no components.responses entry for {status} lists `{}`", e.code());
+    }
+}
