@@ -195,6 +195,9 @@ async fn role_matrix() {
     assert_eq!(s, StatusCode::OK);
 }
 
+/// (what, method, path, raw body, content type, expected status, expected code)
+type Case<'a> = (&'a str, Method, String, Vec<u8>, Option<&'a str>, u16, &'a str);
+
 /// Hostile and malformed requests: each gets a clear 4xx and changes nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_requests_change_nothing() {
@@ -215,7 +218,7 @@ async fn hostile_requests_change_nothing() {
     };
     let big = "x".repeat(2 * 1024 * 1024);
     // (what, method, path, raw body, content type, status, code)
-    let cases: Vec<(&str, Method, String, Vec<u8>, Option<&str>, u16, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "bad json",
             Method::POST,

@@ -374,8 +374,4 @@ impl Core {
     pub fn local_admin(uid: u32) -> Caller {
         Caller { name: format!("local:uid={uid}"), token_id: None, role: crate::types::Role::Admin }
     }
-
-    pub fn list_cache(&self) -> &Mutex<Option<(u64, Arc<Vec<Vm>>)>> {
-        &self.list_cache
-    }
 }

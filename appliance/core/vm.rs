@@ -19,6 +19,10 @@ const MAX_DISKS: usize = 16;
 const MAX_CMDLINE: usize = 4096;
 const GIB: u64 = 1024 * 1024 * 1024;
 
+/// A validated create request: each disk's size and optional base image,
+/// and the boot spec with its paths resolved.
+type CreatePlan = (Vec<(u64, Option<PathBuf>)>, Option<crate::types::BootSpec>);
+
 pub(super) fn vm_state(s: DomainState) -> VmState {
     match s {
         DomainState::Running => VmState::Running,
@@ -158,10 +162,7 @@ impl Core {
     }
 
     /// Checks a create request completely before anything is changed.
-    fn validate_create(
-        &self,
-        spec: &VmCreate,
-    ) -> Result<(Vec<(u64, Option<PathBuf>)>, Option<crate::types::BootSpec>)> {
+    fn validate_create(&self, spec: &VmCreate) -> Result<CreatePlan> {
         valid_name(&spec.name).map_err(|m| CoreError::invalid("name", m))?;
         if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
             return Err(CoreError::invalid("vcpus", format!("must be between 1 and {MAX_VCPUS}")));

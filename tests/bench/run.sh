@@ -1,0 +1,453 @@
+#!/usr/bin/env bash
+# NovaCron Edge benchmark: API throughput/latency, idle footprint, startup
+# time and VM start latency, compared with Incus on the same machine.
+#
+#   tests/bench/run.sh            # everything (takes ~3-5 minutes)
+#
+# Environment knobs:
+#   NOVACRON_BIN=PATH   daemon binary (default: target/release/novacron, else
+#                       /tmp/novacron-bench/novacron)
+#   DURATION=10         seconds per load run
+#   NVMS=100            VMs created for the API and footprint runs
+#   SKIP_INCUS=1        skip the Incus comparison
+#   SKIP_QEMU=1         skip the real-guest VM start comparison
+#   RESULTS=DIR         where raw results go (default /tmp/ncbench-results)
+#
+# Needs (as root): oha (cargo install oha --locked) or wrk, curl, jq, openssl,
+# python3, virsh + a running libvirtd (tests/setup-host.sh), qemu-img, and for
+# the comparison the Debian package incus from bookworm-backports.
+#
+# All load goes to loopback addresses only: 127.0.0.2 (our daemon, test
+# driver), 127.0.0.4 (our daemon, qemu:///system) and 127.0.0.3 inside a
+# private network namespace that holds incusd (so incusd has no route off the
+# machine either). Every load run is bounded by time or request count.
+set -euo pipefail
+
+here="$(cd "$(dirname "$0")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+
+DURATION="${DURATION:-10}"
+NVMS="${NVMS:-100}"
+RESULTS="${RESULTS:-/tmp/ncbench-results}"
+SKIP_INCUS="${SKIP_INCUS:-0}"
+SKIP_QEMU="${SKIP_QEMU:-0}"
+
+# Our daemon, test driver.
+T_DIR=/tmp/ncbench
+T_ADDR=127.0.0.2:8443
+T_CONF=/tmp/ncbench.toml
+T_SOCK="$T_DIR/novacron.sock"
+# Our daemon, qemu:///system (must be readable by libvirt-qemu: not /root, not /tmp private).
+Q_DIR=/var/tmp/ncbench-qemu
+Q_ADDR=127.0.0.4:8443
+Q_CONF=/var/tmp/ncbench-qemu.toml
+Q_SOCK="$Q_DIR/novacron.sock"
+Q_VM=ncbench-guest
+GUEST_SRC=/tmp/ncguest
+# Incus, inside its own network namespace.
+I_NS=ncbench-incus
+I_ADDR=127.0.0.3:8443
+I_CERTS=/var/tmp/ncbench-incus-client
+I_PREFIX=ncb
+
+BIN="${NOVACRON_BIN:-}"
+if [ -z "$BIN" ]; then
+    if [ -x "$repo/target/release/novacron" ]; then BIN="$repo/target/release/novacron"
+    elif [ -x /tmp/novacron-bench/novacron ]; then BIN=/tmp/novacron-bench/novacron
+    else echo "bench: build first: cargo build --release" >&2; exit 1; fi
+fi
+# Work on a private copy so a concurrent rebuild cannot swap the binary mid-run.
+mkdir -p "$RESULTS"
+cp -f "$BIN" "$RESULTS/novacron"
+NC="$RESULTS/novacron"
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+need() { command -v "$1" >/dev/null 2>&1 || die "missing tool: $1 ($2)"; }
+need curl "apt-get install curl"
+need jq "apt-get install jq"
+need openssl "apt-get install openssl"
+need python3 "apt-get install python3"
+OHA="$(command -v oha || true)"
+[ -n "$OHA" ] || { [ -x "$HOME/.cargo/bin/oha" ] && OHA="$HOME/.cargo/bin/oha"; } || true
+[ -n "$OHA" ] || die "missing oha: cargo install oha --locked"
+PY=/usr/bin/python3; [ -x "$PY" ] || PY="$(command -v python3)"
+
+# ---------------------------------------------------------------- cleanup
+T_PID=""; Q_PID=""; I_PID=""
+stop_pid() {
+    local pid="$1" i
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for i in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+cleanup() {
+    local rc=$?
+    set +e
+    if [ -n "$Q_PID" ] && kill -0 "$Q_PID" 2>/dev/null; then
+        "$NC" --socket "$Q_SOCK" vm delete "$Q_VM" --force >/dev/null 2>&1
+    fi
+    virsh -c qemu:///system destroy "$Q_VM" >/dev/null 2>&1
+    virsh -c qemu:///system undefine "$Q_VM" >/dev/null 2>&1
+    stop_pid "$T_PID"; stop_pid "$Q_PID"; stop_pid "$I_PID"
+    ip netns del "$I_NS" 2>/dev/null
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- helpers
+ms() { awk -v s="$1" -v e="$2" 'BEGIN { printf "%.1f", (e - s) * 1000 }'; }
+median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.1f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
+rss() { echo "VmRSS=$(status_kb "$1" VmRSS)kB RssAnon=$(status_kb "$1" RssAnon)kB"; }
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+OHA_PRE=()   # command prefix for oha (ip netns exec NS for Incus)
+# oha LABEL ARGS... -> $RESULTS/LABEL.json; prints "rps p50_ms p99_ms ok_ratio"
+run_oha() {
+    local label="$1"; shift
+    "${OHA_PRE[@]}" "$OHA" --no-tui --output-format json --http-version 1.1 --insecure "$@" > "$RESULTS/$label.json" \
+        2> "$RESULTS/$label.err" || die "oha failed ($label): $(tail -3 "$RESULTS/$label.err")"
+    jq -r '[.summary.requestsPerSec, (.latencyPercentiles.p50 * 1000), (.latencyPercentiles.p99 * 1000),
+            .summary.successRate, ((.statusCodeDistribution // {}) | tostring)] |
+           "\(.[0]|floor) \(.[1]*1000|round/1000) \(.[2]*1000|round/1000) \(.[3]) \(.[4])"' "$RESULTS/$label.json"
+}
+
+# Starts our daemon: start_daemon CONF LISTEN SOCKET OUTFILE -> sets $started_pid
+start_daemon() {
+    local conf="$1" listen="$2" sock="$3" out="$4"
+    NOVACRON_PRINT_TOKEN=1 "$NC" serve --config "$conf" --listen "$listen" --socket-path "$sock" \
+        > "$out" 2>&1 &
+    started_pid=$!
+    local i
+    for i in $(seq 1 300); do
+        if curl -s -o /dev/null -w '%{http_code}' --unix-socket "$sock" http://x/v1/ready 2>/dev/null | grep -q 200; then
+            return 0
+        fi
+        kill -0 "$started_pid" 2>/dev/null || die "daemon exited: $(tail -5 "$out")"
+        sleep 0.1
+    done
+    die "daemon not ready after 30 s: $(tail -5 "$out")"
+}
+
+declare -A R=()   # results
+
+log "binary: $BIN ($(stat -c %s "$BIN") bytes); oha: $("$OHA" --version); load avg before: $(loadavg)"
+R[bin_bytes]="$(stat -c %s "$BIN")"
+R[date]="$(date -u +%Y-%m-%dT%H:%MZ)"
+R[cpu]="$(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
+
+# ======================================================= 1. our API, test driver
+log "phase 1: our daemon on test:///default with $NVMS VMs"
+rm -rf "$T_DIR" "$T_CONF"
+mkdir -p "$T_DIR"
+cat > "$T_CONF" <<EOF
+data_dir = "$T_DIR"
+
+[api]
+rate_limit_per_sec = 0
+
+[hypervisor]
+uri = "test:///default"
+domain_type = "qemu"
+
+[log]
+level = "info"
+target = "stderr"
+EOF
+start_daemon "$T_CONF" "$T_ADDR" "$T_SOCK" "$T_DIR/first.out"
+T_PID=$started_pid
+TOKEN="$(awk '/admin token:/ { print $3 }' "$T_DIR/first.out")"
+[ -n "$TOKEN" ] || die "no admin token in $T_DIR/first.out"
+t0=$EPOCHREALTIME
+for i in $(seq 1 "$NVMS"); do
+    "$NC" --socket "$T_SOCK" vm create --name "vm-$i" --memory 64 --disk 1 >/dev/null
+done
+R[create_each_ms]="$(awk -v s="$t0" -v e="$EPOCHREALTIME" -v n="$NVMS" 'BEGIN { printf "%.1f", (e - s) * 1000 / n }')"
+n="$(curl -sf --unix-socket "$T_SOCK" http://x/v1/vms | jq '.vms | length')"
+[ "$n" = "$NVMS" ] || die "expected $NVMS VMs, the API lists $n"
+R[list_bytes]="$(curl -sf -k -H "Authorization: Bearer $TOKEN" "https://$T_ADDR/v1/vms" | wc -c)"
+
+# Fresh process with the VMs already in the store: the idle footprint.
+stop_pid "$T_PID"
+start_daemon "$T_CONF" "$T_ADDR" "$T_SOCK" "$T_DIR/serve.out"
+T_PID=$started_pid
+sleep 2
+R[rss_start]="$(rss "$T_PID")"
+log "idle after start: ${R[rss_start]}"
+
+AUTH=(-H "Authorization: Bearer $TOKEN")
+URL="https://$T_ADDR/v1/vms"
+# Short warm-up (also checks the token works: 100% 200s expected).
+run_oha ours_warmup -n 2000 -c 8 "${AUTH[@]}" "$URL" >/dev/null
+jq -e '.statusCodeDistribution == {"200": 2000}' "$RESULTS/ours_warmup.json" >/dev/null \
+    || die "warm-up got non-200 answers: $(jq -c .statusCodeDistribution "$RESULTS/ours_warmup.json")"
+log "load: 64 connections, ${DURATION}s (load avg $(loadavg))"
+read -r R[o64_rps] R[o64_p50] R[o64_p99] R[o64_ok] R[o64_codes] < <(run_oha ours_c64 -z "${DURATION}s" -c 64 "${AUTH[@]}" "$URL")
+log "load: 1 connection, ${DURATION}s"
+read -r R[o1_rps] R[o1_p50] R[o1_p99] R[o1_ok] R[o1_codes] < <(run_oha ours_c1 -z "${DURATION}s" -c 1 "${AUTH[@]}" "$URL")
+R[rss_after_load]="$(rss "$T_PID")"
+log "load: exactly 100000 requests, 16 connections"
+read -r R[o100k_rps] _ _ R[o100k_ok] _ < <(run_oha ours_100k -n 100000 -c 16 "${AUTH[@]}" "$URL")
+sleep 2
+R[rss_after_100k]="$(rss "$T_PID")"
+read -r _ _ _ _ _ < <(run_oha ours_100k_b -n 100000 -c 16 "${AUTH[@]}" "$URL")
+sleep 2
+R[rss_after_200k]="$(rss "$T_PID")"
+log "footprint: start ${R[rss_start]} / after ${DURATION}s runs ${R[rss_after_load]} / +100k ${R[rss_after_100k]} / +200k ${R[rss_after_200k]}"
+# Same cost over the local socket (no TLS), for the breakdown in the doc.
+R[sock_each_us]="$("$PY" - "$T_SOCK" <<'PY'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+req = b"GET /v1/vms HTTP/1.1\r\nHost: x\r\n\r\n"
+def one():
+    s.sendall(req); buf = b""
+    while b"\r\n\r\n" not in buf: buf += s.recv(65536)
+    head, _, body = buf.partition(b"\r\n\r\n")
+    n = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0].split(b":")[1])
+    while len(body) < n: body += s.recv(65536)
+for _ in range(200): one()
+lat = []
+for _ in range(3000):
+    t = time.perf_counter(); one(); lat.append(time.perf_counter() - t)
+lat.sort(); print("%.0f %.0f" % (lat[len(lat)//2] * 1e6, lat[int(len(lat)*0.99)] * 1e6))
+PY
+)"
+stop_pid "$T_PID"; T_PID=""
+
+# ------------------------------------------------ startup time (exec -> ready)
+log "startup: exec -> /v1/ready 200 over the local socket, 5 starts"
+startups=()
+for run in 1 2 3 4 5; do
+    v="$("$PY" - "$NC" "$T_CONF" "$T_ADDR" "$T_SOCK" "$T_DIR/start-$run.out" <<'PY'
+import os, socket, subprocess, sys, time
+nc, conf, addr, sock, out = sys.argv[1:]
+try: os.unlink(sock)
+except FileNotFoundError: pass
+req = b"GET /v1/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+with open(out, "wb") as f:
+    t0 = time.perf_counter()
+    p = subprocess.Popen([nc, "serve", "--config", conf, "--listen", addr, "--socket-path", sock],
+                         stdout=f, stderr=subprocess.STDOUT)
+    deadline = t0 + 30
+    while time.perf_counter() < deadline:
+        try:
+            s = socket.socket(socket.AF_UNIX); s.connect(sock); s.sendall(req)
+            head = s.recv(64); s.close()
+            if head.startswith(b"HTTP/1.1 200"):
+                break
+        except OSError:
+            pass
+        time.sleep(0.0005)
+    dt = (time.perf_counter() - t0) * 1000
+    p.terminate(); p.wait(30)
+print("%.1f" % dt)
+PY
+)"
+    startups+=("$v")
+done
+R[startup_runs]="${startups[*]}"
+R[startup_med]="$(printf '%s\n' "${startups[@]}" | median)"
+R[startup_log_ms]="$(grep -ho 'startup_ms=[0-9]*' "$T_DIR"/start-*.out | cut -d= -f2 | tr '\n' ' ')"
+log "startup ms: ${R[startup_runs]} (median ${R[startup_med]}); daemon's own startup_ms: ${R[startup_log_ms]}"
+
+# ======================================================= 2. Incus
+if [ "$SKIP_INCUS" != 1 ]; then
+    log "phase 2: incusd in network namespace $I_NS"
+    [ -x /usr/libexec/incus/incusd ] || die "incus is not installed: apt-get install -y -t bookworm-backports incus (or SKIP_INCUS=1)"
+    pgrep -x incusd >/dev/null && die "an incusd is already running; stop it first (or SKIP_INCUS=1)"
+    getent group incus-admin >/dev/null || groupadd --system incus-admin
+    mkdir -p /var/log/incus
+    ip netns del "$I_NS" 2>/dev/null || true
+    ip netns add "$I_NS"
+    ip netns exec "$I_NS" ip link set lo up
+    ip netns exec "$I_NS" /usr/libexec/incus/incusd --group incus-admin > "$RESULTS/incusd.log" 2>&1 &
+    I_PID=$!
+    timeout 120 incus admin waitready --timeout=110 || die "incusd did not get ready: $(tail -5 "$RESULTS/incusd.log")"
+    # A dir storage pool for the root disks; no network (there is none to use).
+    if ! incus storage show default >/dev/null 2>&1; then
+        incus storage create default dir >/dev/null
+    fi
+    incus profile device show default 2>/dev/null | grep -q '^root:' \
+        || incus profile device add default root disk path=/ pool=default >/dev/null
+    existing="$(incus list --format csv --columns n 2>/dev/null | grep -c "^$I_PREFIX-" || true)"
+    log "incus: $existing/$NVMS empty instances exist; creating the rest"
+    t0=$EPOCHREALTIME; made=0
+    for i in $(seq 1 "$NVMS"); do
+        incus info "$I_PREFIX-$i" >/dev/null 2>&1 && continue
+        incus create --empty "$I_PREFIX-$i" >/dev/null
+        made=$((made + 1))
+    done
+    [ "$made" -gt 0 ] && R[incus_create_each_ms]="$(awk -v s="$t0" -v e="$EPOCHREALTIME" -v n="$made" 'BEGIN { printf "%.1f", (e - s) * 1000 / n }')"
+    incus config set core.https_address "$I_ADDR"
+    mkdir -p "$I_CERTS"
+    if [ ! -s "$I_CERTS/client.crt" ]; then
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+            -subj /CN=ncbench -keyout "$I_CERTS/client.key" -out "$I_CERTS/client.crt" 2>/dev/null
+    fi
+    fp="$(openssl x509 -in "$I_CERTS/client.crt" -noout -fingerprint -sha256 | cut -d= -f2 | tr -d : | tr A-F a-f)"
+    incus config trust list --format csv --columns f 2>/dev/null | grep -q "^${fp:0:12}" \
+        || incus config trust add-certificate "$I_CERTS/client.crt" >/dev/null
+    sleep 2
+    R[incus_rss_start]="$(rss "$I_PID")"
+    ICERT=(--cert "$I_CERTS/client.crt" --key "$I_CERTS/client.key")
+    IURL="https://$I_ADDR/1.0/instances"
+    code="$(ip netns exec "$I_NS" curl -sk -o "$RESULTS/incus_list.json" -w '%{http_code}' \
+        --cert "$I_CERTS/client.crt" --key "$I_CERTS/client.key" "$IURL?recursion=1")"
+    [ "$code" = 200 ] || die "incus answered $code (client certificate not trusted?)"
+    R[incus_n]="$(jq '.metadata | length' "$RESULTS/incus_list.json")"
+    R[incus_list_bytes]="$(wc -c < "$RESULTS/incus_list.json")"
+    R[incus_urls_bytes]="$(ip netns exec "$I_NS" curl -sk "${ICERT[@]}" "$IURL" | wc -c)"
+    # A few requests first, to warm Incus up like ours was.
+    OHA_PRE=(ip netns exec "$I_NS")
+    run_oha incus_warmup -n 500 -c 4 "${ICERT[@]}" "$IURL" >/dev/null
+    log "incus load: /1.0/instances (URL list), 64 connections, ${DURATION}s (load avg $(loadavg))"
+    read -r R[i64_rps] R[i64_p50] R[i64_p99] R[i64_ok] R[i64_codes] < <(run_oha incus_c64 -z "${DURATION}s" -c 64 "${ICERT[@]}" "$IURL")
+    log "incus load: /1.0/instances, 1 connection, ${DURATION}s"
+    read -r R[i1_rps] R[i1_p50] R[i1_p99] R[i1_ok] R[i1_codes] < <(run_oha incus_c1 -z "${DURATION}s" -c 1 "${ICERT[@]}" "$IURL")
+    log "incus load: /1.0/instances?recursion=1 (full objects, like ours), 64 connections, ${DURATION}s"
+    read -r R[ir64_rps] R[ir64_p50] R[ir64_p99] R[ir64_ok] R[ir64_codes] < <(run_oha incus_rec_c64 -z "${DURATION}s" -c 64 "${ICERT[@]}" "$IURL?recursion=1")
+    log "incus load: /1.0/instances?recursion=1, 1 connection, ${DURATION}s"
+    read -r R[ir1_rps] R[ir1_p50] R[ir1_p99] R[ir1_ok] R[ir1_codes] < <(run_oha incus_rec_c1 -z "${DURATION}s" -c 1 "${ICERT[@]}" "$IURL?recursion=1")
+    sleep 2
+    R[incus_rss_after]="$(rss "$I_PID")"
+    OHA_PRE=()
+    incus config unset core.https_address || true
+    log "stopping incusd"
+    stop_pid "$I_PID"; I_PID=""
+    ip netns del "$I_NS" 2>/dev/null || true
+fi
+
+# ======================================================= 3. VM start, real TCG guest
+if [ "$SKIP_QEMU" != 1 ]; then
+    log "phase 3: VM start on qemu:///system, real TCG guest"
+    need virsh "tests/setup-host.sh"
+    virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd is not answering on qemu:///system (tests/setup-host.sh)"
+    bash "$repo/tests/guest/build-guest.sh" "$GUEST_SRC" >&2
+    # Leftovers of an interrupted run.
+    virsh -c qemu:///system destroy "$Q_VM" >/dev/null 2>&1 || true
+    virsh -c qemu:///system undefine "$Q_VM" >/dev/null 2>&1 || true
+    rm -rf "$Q_DIR" "$Q_CONF"
+    mkdir -p "$Q_DIR/boot"
+    chmod 0755 "$Q_DIR"
+    cp "$GUEST_SRC/vmlinuz" "$GUEST_SRC/initramfs.gz" "$Q_DIR/boot/"
+    cat > "$Q_CONF" <<EOF
+data_dir = "$Q_DIR"
+
+[api]
+rate_limit_per_sec = 0
+
+[hypervisor]
+uri = "qemu:///system"
+domain_type = "qemu"
+
+[log]
+level = "info"
+target = "stderr"
+EOF
+    start_daemon "$Q_CONF" "$Q_ADDR" "$Q_SOCK" "$Q_DIR/serve.out"
+    Q_PID=$started_pid
+    "$NC" --socket "$Q_SOCK" vm create --name "$Q_VM" --memory 128 \
+        --kernel "$Q_DIR/boot/vmlinuz" --initrd "$Q_DIR/boot/initramfs.gz" \
+        --cmdline "console=ttyS0 panic=-1 quiet" >/dev/null
+    for i in $(seq 1 100); do
+        virsh -c qemu:///system domstate "$Q_VM" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+    wait_state() {  # wait_state STATE
+        local i
+        for i in $(seq 1 100); do
+            [ "$(virsh -c qemu:///system domstate "$Q_VM" 2>/dev/null | head -n1)" = "$1" ] && return 0
+            sleep 0.1
+        done
+        die "$Q_VM did not reach state $1"
+    }
+    api_cli=(); api_curl=(); virsh_t=()
+    for run in 1 2 3 4 5; do
+        t0=$EPOCHREALTIME
+        "$NC" --socket "$Q_SOCK" vm start "$Q_VM" >/dev/null
+        api_cli+=("$(ms "$t0" "$EPOCHREALTIME")")
+        wait_state running; sleep 0.5
+        "$NC" --socket "$Q_SOCK" vm stop "$Q_VM" >/dev/null; wait_state "shut off"; sleep 0.3
+
+        t0=$EPOCHREALTIME
+        code="$(curl -s -o /dev/null -w '%{http_code}' --unix-socket "$Q_SOCK" -X POST "http://x/v1/vms/$Q_VM/start")"
+        api_curl+=("$(ms "$t0" "$EPOCHREALTIME")")
+        [ "$code" = 200 ] || die "POST start answered $code"
+        wait_state running; sleep 0.5
+        "$NC" --socket "$Q_SOCK" vm stop "$Q_VM" >/dev/null; wait_state "shut off"; sleep 0.3
+
+        t0=$EPOCHREALTIME
+        virsh -c qemu:///system start "$Q_VM" >/dev/null
+        virsh_t+=("$(ms "$t0" "$EPOCHREALTIME")")
+        wait_state running; sleep 0.5
+        virsh -c qemu:///system destroy "$Q_VM" >/dev/null; wait_state "shut off"; sleep 0.3
+    done
+    R[start_cli_runs]="${api_cli[*]}"; R[start_cli]="$(printf '%s\n' "${api_cli[@]}" | median)"
+    R[start_curl_runs]="${api_curl[*]}"; R[start_curl]="$(printf '%s\n' "${api_curl[@]}" | median)"
+    R[start_virsh_runs]="${virsh_t[*]}"; R[start_virsh]="$(printf '%s\n' "${virsh_t[@]}" | median)"
+    # The guest really booted: its console log shows the marker line.
+    R[guest_up]="$(grep -rls NOVACRON-GUEST-UP "$Q_DIR" /var/log/libvirt/qemu/"$Q_VM".log 2>/dev/null | head -n1 || true)"
+    "$NC" --socket "$Q_SOCK" vm delete "$Q_VM" --force >/dev/null
+    stop_pid "$Q_PID"; Q_PID=""
+fi
+
+# ======================================================= results
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+ok() { if awk -v v="$1" -v t="$3" -v op="$2" 'BEGIN { exit !((op == "ge" && v >= t) || (op == "le" && v <= t)) }'; then echo "met"; else echo "MISSED"; fi; }
+anon_mb() { echo "$1" | sed -n 's/.*RssAnon=\([0-9]*\)kB.*/\1/p' | awk '{ printf "%.1f", $1 / 1024 }'; }
+
+{
+echo "NovaCron Edge benchmark, ${R[date]}, ${R[cpu]}"
+echo "binary $BIN: ${R[bin_bytes]} bytes (stripped); GET /v1/vms body ${R[list_bytes]} bytes ($NVMS VMs)"
+echo
+printf '%-52s %-28s %-12s %s\n' "metric" "value" "target" "status"
+printf '%-52s %-28s %-12s %s\n' "ours GET /v1/vms, 64 conns: req/s" "${R[o64_rps]}" ">= 20000" "$(ok "${R[o64_rps]}" ge 20000)"
+printf '%-52s %-28s %-12s %s\n' "ours 64 conns: p50 / p99 ms" "${R[o64_p50]} / ${R[o64_p99]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "ours 1 conn: req/s" "${R[o1_rps]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "ours 1 conn: p50 / p99 ms" "${R[o1_p50]} / ${R[o1_p99]}" "p99 <= 0.5" "$(ok "${R[o1_p99]}" le 0.5)"
+printf '%-52s %-28s %-12s %s\n' "ours over local socket (no TLS), 1 conn: p50/p99 us" "${R[sock_each_us]/ / / }" "" ""
+printf '%-52s %-28s %-12s %s\n' "ours 100k requests, 16 conns: req/s" "${R[o100k_rps]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "non-200 answers (64c / 1c)" "${R[o64_codes]} / ${R[o1_codes]}" "" ""
+if [ "$SKIP_INCUS" != 1 ]; then
+printf '%-52s %-28s %-12s %s\n' "incus GET /1.0/instances ($NVMS, URLs), 64c req/s" "${R[i64_rps]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "incus /1.0/instances 64c: p50 / p99 ms" "${R[i64_p50]} / ${R[i64_p99]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "incus /1.0/instances 1c: p50 / p99 ms" "${R[i1_p50]} / ${R[i1_p99]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "incus ?recursion=1 (full objects), 64c req/s" "${R[ir64_rps]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "incus ?recursion=1 64c: p50 / p99 ms" "${R[ir64_p50]} / ${R[ir64_p99]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "incus ?recursion=1 1c: p50 / p99 ms" "${R[ir1_p50]} / ${R[ir1_p99]}" "" ""
+r1="$(ratio "${R[o64_rps]}" "${R[i64_rps]}")"; r2="$(ratio "${R[o64_rps]}" "${R[ir64_rps]}")"
+printf '%-52s %-28s %-12s %s\n' "throughput ratio ours / incus (URL list)" "${r1}x" ">= 5x" "$(ok "$r1" ge 5)"
+printf '%-52s %-28s %-12s %s\n' "throughput ratio ours / incus (recursion=1)" "${r2}x" "" ""
+printf '%-52s %-28s %-12s %s\n' "incus body bytes: URLs / recursion=1" "${R[incus_urls_bytes]} / ${R[incus_list_bytes]} (${R[incus_n]} inst.)" "" ""
+fi
+printf '%-52s %-28s %-12s %s\n' "ours idle after start ($NVMS VMs)" "${R[rss_start]}" "anon<=12MB" "$(ok "$(anon_mb "${R[rss_start]}")" le 12)"
+printf '%-52s %-28s %-12s %s\n' "ours after the ${DURATION}s load runs" "${R[rss_after_load]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "ours after +100k requests" "${R[rss_after_100k]}" "anon<=12MB" "$(ok "$(anon_mb "${R[rss_after_100k]}")" le 12)"
+printf '%-52s %-28s %-12s %s\n' "ours after +200k requests (growth check)" "${R[rss_after_200k]}" "no growth" ""
+if [ "$SKIP_INCUS" != 1 ]; then
+printf '%-52s %-28s %-12s %s\n' "incusd idle ($NVMS instances)" "${R[incus_rss_start]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "incusd after its load runs" "${R[incus_rss_after]}" "" ""
+fi
+printf '%-52s %-28s %-12s %s\n' "ours exec -> /v1/ready 200, median of 5 (ms)" "${R[startup_med]}" "<= 100" "$(ok "${R[startup_med]}" le 100)"
+printf '%-52s %-28s %-12s %s\n' "  runs (ms)" "${R[startup_runs]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  daemon-reported startup_ms" "${R[startup_log_ms]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "ours VM create via CLI, each (ms, test driver)" "${R[create_each_ms]}" "" ""
+if [ "$SKIP_QEMU" != 1 ]; then
+printf '%-52s %-28s %-12s %s\n' "VM start: novacron vm start (CLI), median ms" "${R[start_cli]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  runs" "${R[start_cli_runs]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "VM start: curl POST over the socket, median ms" "${R[start_curl]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  runs" "${R[start_curl_runs]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "VM start: virsh start, median ms" "${R[start_virsh]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  runs" "${R[start_virsh_runs]}" "" ""
+r3="$(ratio "${R[start_cli]}" "${R[start_virsh]}")"; r4="$(ratio "${R[start_curl]}" "${R[start_virsh]}")"
+printf '%-52s %-28s %-12s %s\n' "VM start ratio CLI / virsh" "$r3" "<= 1.1" "$(ok "$r3" le 1.1)"
+printf '%-52s %-28s %-12s %s\n' "VM start ratio curl / virsh" "$r4" "<= 1.1" "$(ok "$r4" le 1.1)"
+printf '%-52s %-28s %-12s %s\n' "guest console shows NOVACRON-GUEST-UP" "${R[guest_up]:-not found}" "" ""
+fi
+echo
+echo "load average at the end: $(loadavg)"
+} | tee "$RESULTS/results.txt"
