@@ -72,8 +72,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
 
     let first_token = core.bootstrap_admin_token().await?;
 
-    if let Err(e) = core.reconcile_all().await {
-        tracing::warn!(error = %e, "libvirt is not usable yet; will keep trying");
+    match core.reconcile_all().await {
+        Ok(()) => core.autostart_after_boot().await,
+        Err(e) => tracing::warn!(error = %e, "libvirt is not usable yet; will keep trying"),
     }
     core.spawn_reconciler();
 

@@ -83,6 +83,14 @@ async fn lifecycle_over_https() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!((v["vcpus"].as_u64(), v["memory_mib"].as_u64()), (Some(2), Some(128)));
 
+    // Admission: a guest bigger than the host's free memory is refused.
+    let (s, v) = call(&c, Method::PATCH, "/v1/vms/web-1", Some(json!({"memory_mib": 4 * 1024 * 1024}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = call(&c, Method::POST, "/v1/vms/web-1/start", None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "insufficient_memory"), "{v}");
+    assert_eq!(call(&c, Method::GET, "/v1/vms/web-1", None).await.1["state"], "stopped");
+    call(&c, Method::PATCH, "/v1/vms/web-1", Some(json!({"memory_mib": 128}))).await;
+
     step("start", "running").await;
     let (s, v) = call(&c, Method::DELETE, "/v1/vms/web-1", None).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "wrong_state"));
@@ -634,4 +642,34 @@ async fn per_vm_operations_are_serialized() {
         let (s, _) = call(&c, Method::POST, &format!("/v1/vms/{n}/start"), None).await;
         assert_eq!(s == StatusCode::OK, state == "stopped", "{n} was reported {state}");
     }
+}
+
+/// TLS 1.3 only, HTTP/1.1 and h2, and no plaintext listener.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_policy() {
+    let d = Daemon::start("tls", Opts::test_driver(16));
+    let url = format!("{}/v1/health", d.url);
+    let curl = |args: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_version} %{http_code}"])
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(curl(&["--http2"]), "2 200");
+    assert_eq!(curl(&["--http1.1"]), "1.1 200");
+    assert_eq!(curl(&["--tls-max", "1.2"]), "0 000", "TLS 1.2 must be refused");
+    let plain = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5"])
+        .arg(url.replace("https://", "http://"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&plain.stdout), "000", "plaintext HTTP must not be served");
+    // The fingerprint the daemon printed is the certificate it serves.
+    let (s, _) = call(&d.https(None), Method::GET, "/v1/health", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let wrong = novacron::cli::client::Client::https(&d.url, None, Some(&"AB:".repeat(32)), None).unwrap();
+    assert!(wrong.request(Method::GET, "/v1/health", None).await.is_err(), "a wrong pin must fail");
 }
