@@ -527,7 +527,8 @@ impl Core {
     }
 
     /// Follows an ACPI shutdown until the guest is off; forces it off after
-    /// `timeout` if one was given. Gives up following after an hour.
+    /// `timeout` if one was given, else gives up following after
+    /// `hypervisor.shutdown_timeout_secs`.
     async fn watch_shutdown(self: Arc<Self>, id: Uuid, timeout: Option<Duration>) {
         let started = Instant::now();
         loop {
@@ -548,7 +549,9 @@ impl Core {
                 let _ = self.refresh_state(id).await;
                 return;
             }
-            if started.elapsed() > Duration::from_secs(3600) {
+            // Without a timeout the guest may ignore the request; stop
+            // showing it as shutting down after the configured wait.
+            if started.elapsed() > Duration::from_secs(self.cfg.hypervisor.shutdown_timeout_secs) {
                 self.shutting_down.lock().unwrap().remove(&id);
                 self.generation.fetch_add(1, Ordering::Release);
                 return;
