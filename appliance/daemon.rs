@@ -94,7 +94,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     if let Some(t) = first_token {
         announce_first_token(&core, &urls, &identity.fingerprint, &t.secret)?;
     }
-    notify::notify(&format!("READY=1\nSTATUS=serving {} VMs", 0));
+    notify::notify(&format!("READY=1\nSTATUS=serving, {} VMs managed", core.vm_count()));
     if let Some(interval) = notify::watchdog_interval() {
         let core = core.clone();
         tokio::spawn(async move {

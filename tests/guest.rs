@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{call, virsh, wait_for, Daemon, Opts};
+use common::{call, error_code, virsh, wait_for, Daemon, Opts};
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -66,6 +66,25 @@ async fn real_guest_lifecycle_survives_kill9() {
     assert_eq!(mine.len(), 1, "VM duplicated or lost: {list}");
     assert_eq!(mine[0]["state"], "running");
     assert_eq!(mine[0]["managed"], true);
+
+    // libvirtd restarts under the daemon: readiness drops, then the daemon
+    // reconnects by itself and still sees the guest running.
+    std::process::Command::new("pkill").args(["-x", "libvirtd"]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while call(&c, Method::GET, "/v1/ready", None).await.0 == StatusCode::OK {
+        assert!(Instant::now() < deadline, "/v1/ready stayed 200 with libvirtd down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (s, v) = call(&c, Method::GET, "/v1/ready", None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "not_ready"), "{v}");
+    assert!(std::process::Command::new("libvirtd").arg("-d").status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while call(&c, Method::GET, "/v1/ready", None).await.0 != StatusCode::OK {
+        assert!(Instant::now() < deadline, "the daemon did not reconnect to libvirtd");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, v) = call(&c, Method::GET, &format!("/v1/vms/{id}"), None).await;
+    assert_eq!(v["state"], "running", "{v}");
 
     let (s, v) = call(&c, Method::POST, &format!("/v1/vms/{id}/pause"), None).await;
     assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("paused")), "{v}");

@@ -366,6 +366,11 @@ impl Core {
             .map_err(|_| CoreError::Busy(name.to_string()))
     }
 
+    /// Number of managed VMs.
+    pub fn vm_count(&self) -> usize {
+        self.vms.read().unwrap().len()
+    }
+
     pub fn store(&self) -> &Arc<Store> {
         &self.store
     }

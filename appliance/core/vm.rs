@@ -1,7 +1,8 @@
 //! VM commands: create, update, delete and lifecycle actions.
 
 use super::{Core, CoreError, Reply, Result, VmAction};
-use crate::hypervisor::{disks, xml::DomainSpec, DomainState};
+use crate::hypervisor::xml::{disk_target, DomainSpec};
+use crate::hypervisor::{disks, DomainState};
 use crate::store::{now_ms, Change, VmRecord};
 use crate::types::{valid_name, Disk, Vm, VmCreate, VmPatch, VmState};
 use crate::util::rfc3339;
@@ -33,10 +34,6 @@ pub(super) fn vm_state(s: DomainState) -> VmState {
         DomainState::Suspended => VmState::Suspended,
         DomainState::Unknown => VmState::Unknown,
     }
-}
-
-fn device_name(idx: usize) -> String {
-    format!("vd{}", (b'a' + idx as u8) as char)
 }
 
 impl Core {
@@ -305,8 +302,8 @@ impl Core {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (size, image))| Disk {
-                    device: device_name(i),
-                    path: dir.join(format!("{}.qcow2", device_name(i))).display().to_string(),
+                    device: disk_target(i),
+                    path: dir.join(format!("{}.qcow2", disk_target(i))).display().to_string(),
                     size_bytes: size,
                     image: image.map(|p| p.display().to_string()),
                 })
