@@ -673,3 +673,47 @@ async fn tls_policy() {
     let wrong = novacron::cli::client::Client::https(&d.url, None, Some(&"AB:".repeat(32)), None).unwrap();
     assert!(wrong.request(Method::GET, "/v1/health", None).await.is_err(), "a wrong pin must fail");
 }
+
+/// Idle connections are closed after the header timeout, and connections
+/// beyond the limit are refused rather than queued.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_limit_and_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let mut opts = Opts::test_driver(17);
+    opts.max_connections = 3;
+    opts.header_timeout_secs = 3;
+    let d = Daemon::start("connlimit", opts);
+    let tls = novacron::cli::client::pinned_tls_config(&d.fingerprint, &[b"http/1.1"]).unwrap();
+    let addr = d.url.trim_start_matches("https://").to_string();
+    let connect = || {
+        let tls = tls.clone();
+        let addr = addr.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let mut conn = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+            // TLS 1.3 finishes the client side before the server has read
+            // its Finished message; a read shows whether the server kept us.
+            let mut buf = [0u8; 1];
+            match tokio::time::timeout(std::time::Duration::from_millis(300), conn.read(&mut buf)).await {
+                Err(_) => Ok(conn),
+                Ok(_) => Err(std::io::Error::other("closed by the server")),
+            }
+        }
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect().await.expect("connection within the limit"));
+    }
+    assert!(connect().await.is_err(), "a fourth connection was accepted over the limit of 3");
+    // Silent clients are cut off by the header timeout, freeing the slots.
+    for mut conn in held {
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("an idle connection outlived the header timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "unexpected data on an idle connection");
+    }
+    let (s, _) = call(&d.https(None), Method::GET, "/v1/health", None).await;
+    assert_eq!(s, StatusCode::OK);
+}

@@ -248,11 +248,33 @@ pub struct Server {
     pub socket: PathBuf,
 }
 
-fn builder(api: &Api) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(TokioTimer::new()).header_read_timeout(api.header_timeout).keep_alive(true);
-    b.http2().timer(TokioTimer::new()).max_concurrent_streams(128);
-    b
+/// Serves one connection. The protocol comes from ALPN (h2 only when the
+/// client negotiated it), never from sniffing the first bytes: a client that
+/// connects and sends nothing must still run into the header timeout.
+async fn serve_conn<IO>(api: Arc<Api>, peer: Peer, io: IO, h2: bool) -> Result<(), hyper::Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = api.header_timeout;
+    let svc = hyper::service::service_fn(move |req| api.clone().handle(peer, req));
+    if h2 {
+        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(128)
+            // Dead peers are detected by pings; the connection limit bounds
+            // live but idle ones.
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(io), svc)
+            .await
+    } else {
+        hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(io), svc)
+            .await
+    }
 }
 
 /// Binds every listener and serves until `shutdown` turns true.
@@ -324,10 +346,8 @@ async fn accept_tcp(
                 }
                 Err(_) => return,
             };
-            let peer = Peer::Tcp(addr);
-            let b = builder(&api);
-            let svc = hyper::service::service_fn(move |req| api.clone().handle(peer, req));
-            if let Err(e) = b.serve_connection(TokioIo::new(tls), svc).await {
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            if let Err(e) = serve_conn(api, Peer::Tcp(addr), tls, h2).await {
                 tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
             }
         });
@@ -361,9 +381,7 @@ async fn accept_unix(
         let api = api.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let b = builder(&api);
-            let svc = hyper::service::service_fn(move |req| api.clone().handle(peer, req));
-            let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+            let _ = serve_conn(api, peer, stream, false).await;
         });
     }
 }

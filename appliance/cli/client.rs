@@ -100,6 +100,26 @@ pub fn normalize_fingerprint(fp: &str) -> String {
         .join(":")
 }
 
+/// A TLS 1.3 client config that trusts exactly the certificate with SHA-256
+/// `fingerprint`, offering the `alpn` protocols.
+pub fn pinned_tls_config(
+    fingerprint: &str,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Pinned {
+            fingerprint: normalize_fingerprint(fingerprint),
+            provider,
+        }))
+        .with_no_client_auth();
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(tls))
+}
+
 impl Client {
     pub fn socket(path: impl Into<PathBuf>) -> Client {
         Client { target: Target::Socket(path.into()) }
@@ -126,13 +146,10 @@ impl Client {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let mut tls = match (fingerprint, ca) {
-            (Some(fp), _) => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Pinned {
-                    fingerprint: normalize_fingerprint(fp),
-                    provider,
-                }))
-                .with_no_client_auth(),
+            (Some(fp), _) => {
+                let tls = pinned_tls_config(fp, &[b"http/1.1"])?;
+                return Ok(Client { target: Target::Https { host, port, token, tls } });
+            }
             (None, Some(ca)) => {
                 let pem =
                     std::fs::read(ca).map_err(|e| ClientError::Tls(format!("{}: {e}", ca.display())))?;

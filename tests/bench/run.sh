@@ -201,6 +201,21 @@ R[rss_after_100k]="$(rss "$T_PID")"
 read -r _ _ _ _ _ < <(run_oha ours_100k_b -n 100000 -c 16 "${AUTH[@]}" "$URL")
 sleep 2
 R[rss_after_200k]="$(rss "$T_PID")"
+# Cost breakdown (shorter runs): the same list without TLS (local socket, root
+# so no token), and a tiny anonymous answer over HTTPS (no auth, 30 bytes).
+BD="${BREAKDOWN_DURATION:-5}"
+log "breakdown: local socket 64c/1c, /v1/health over HTTPS 64c, ${BD}s each"
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+read -r R[s64_rps] R[s64_p50] R[s64_p99] _ _ < <(run_oha ours_sock_c64 -z "${BD}s" -c 64 --unix-socket "$T_SOCK" http://x/v1/vms)
+read -r R[s1_rps] R[s1_p50] R[s1_p99] _ _ < <(run_oha ours_sock_c1 -z "${BD}s" -c 1 --unix-socket "$T_SOCK" http://x/v1/vms)
+read -r R[h64_rps] R[h64_p50] R[h64_p99] _ _ < <(run_oha ours_health_c64 -z "${BD}s" -c 64 "https://$T_ADDR/v1/health")
+read -r R[h1_rps] R[h1_p50] R[h1_p99] _ _ < <(run_oha ours_health_c1 -z "${BD}s" -c 1 "https://$T_ADDR/v1/health")
+# Daemon CPU per request: utime+stime over a fixed 50k-request HTTPS run.
+c0="$(cpu_ticks "$T_PID")"
+run_oha ours_cpu -n 50000 -c 64 "${AUTH[@]}" "$URL" >/dev/null
+c1="$(cpu_ticks "$T_PID")"
+R[cpu_us_per_req]="$(awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", (b - a) / hz * 1e6 / 50000 }')"
+R[oha_cpu_share]="$(jq -r '.summary.total' "$RESULTS/ours_cpu.json" | awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" '{ printf "%.0f%%", (b - a) / hz / ($1 * 2) * 100 }')"
 log "footprint: start ${R[rss_start]} / after ${DURATION}s runs ${R[rss_after_load]} / +100k ${R[rss_after_100k]} / +200k ${R[rss_after_200k]}"
 # Same cost over the local socket (no TLS), for the breakdown in the doc.
 R[sock_each_us]="$("$PY" - "$T_SOCK" <<'PY'
@@ -282,7 +297,8 @@ if [ "$SKIP_INCUS" != 1 ]; then
     t0=$EPOCHREALTIME; made=0
     for i in $(seq 1 "$NVMS"); do
         incus info "$I_PREFIX-$i" >/dev/null 2>&1 && continue
-        incus create --empty "$I_PREFIX-$i" >/dev/null
+        # (It notes on stderr that the instance has no network: there is none.)
+        incus create --empty "$I_PREFIX-$i" >/dev/null 2>>"$RESULTS/incus-create.log"
         made=$((made + 1))
     done
     [ "$made" -gt 0 ] && R[incus_create_each_ms]="$(awk -v s="$t0" -v e="$EPOCHREALTIME" -v n="$made" 'BEGIN { printf "%.1f", (e - s) * 1000 / n }')"
@@ -428,14 +444,19 @@ printf '%-52s %-28s %-12s %s\n' "ours 1 conn: req/s" "${R[o1_rps]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "ours 1 conn: p50 / p99 ms" "${R[o1_p50]} / ${R[o1_p99]}" "p99 <= 0.5" "$(ok "${R[o1_p99]}" le 0.5)"
 printf '%-52s %-28s %-12s %s\n' "ours over local socket (no TLS), 1 conn: p50/p99 us" "${R[sock_each_us]/ / / }" "" ""
 printf '%-52s %-28s %-12s %s\n' "ours 100k requests, 16 conns: req/s" "${R[o100k_rps]}" "" ""
-printf '%-52s %-28s %-12s %s\n' "non-200 answers (64c / 1c)" "${R[o64_codes]} / ${R[o1_codes]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "status codes (64c / 1c)" "${R[o64_codes]} / ${R[o1_codes]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "ours /v1/vms over local socket, no TLS: 64c req/s" "${R[s64_rps]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  local socket 64c p50/p99 ms; 1c p50/p99 ms" "${R[s64_p50]}/${R[s64_p99]}; ${R[s1_p50]}/${R[s1_p99]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "ours /v1/health over HTTPS (no auth): 64c req/s" "${R[h64_rps]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  /v1/health 1c p50/p99 ms" "${R[h1_p50]}/${R[h1_p99]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "ours daemon CPU per HTTPS /v1/vms request (us)" "${R[cpu_us_per_req]} (daemon used ${R[oha_cpu_share]} of 2 cores)" "" ""
 if [ "$SKIP_INCUS" != 1 ]; then
 printf '%-52s %-28s %-12s %s\n' "incus GET /1.0/instances ($NVMS, URLs), 64c req/s" "${R[i64_rps]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "incus /1.0/instances 64c: p50 / p99 ms" "${R[i64_p50]} / ${R[i64_p99]}" "" ""
-printf '%-52s %-28s %-12s %s\n' "incus /1.0/instances 1c: p50 / p99 ms" "${R[i1_p50]} / ${R[i1_p99]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "incus /1.0/instances 1c: req/s; p50 / p99 ms" "${R[i1_rps]}; ${R[i1_p50]} / ${R[i1_p99]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "incus ?recursion=1 (full objects), 64c req/s" "${R[ir64_rps]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "incus ?recursion=1 64c: p50 / p99 ms" "${R[ir64_p50]} / ${R[ir64_p99]}" "" ""
-printf '%-52s %-28s %-12s %s\n' "incus ?recursion=1 1c: p50 / p99 ms" "${R[ir1_p50]} / ${R[ir1_p99]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "incus ?recursion=1 1c: req/s; p50 / p99 ms" "${R[ir1_rps]}; ${R[ir1_p50]} / ${R[ir1_p99]}" "" ""
 r1="$(ratio "${R[o64_rps]}" "${R[i64_rps]}")"; r2="$(ratio "${R[o64_rps]}" "${R[ir64_rps]}")"
 printf '%-52s %-28s %-12s %s\n' "throughput ratio ours / incus (URL list)" "${r1}x" ">= 5x" "$(ok "$r1" ge 5)"
 printf '%-52s %-28s %-12s %s\n' "throughput ratio ours / incus (recursion=1)" "${r2}x" "" ""

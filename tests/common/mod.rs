@@ -18,12 +18,21 @@ pub struct Opts {
     pub ip_octet: u8,
     pub uri: String,
     pub rate_limit: u32,
+    pub max_connections: usize,
+    pub header_timeout_secs: u64,
     pub data_dir: Option<PathBuf>,
 }
 
 impl Opts {
     pub fn test_driver(ip_octet: u8) -> Opts {
-        Opts { ip_octet, uri: "test:///default".into(), rate_limit: 0, data_dir: None }
+        Opts {
+            ip_octet,
+            uri: "test:///default".into(),
+            rate_limit: 0,
+            max_connections: 256,
+            header_timeout_secs: 10,
+            data_dir: None,
+        }
     }
 }
 
@@ -61,8 +70,11 @@ impl Daemon {
             &config,
             format!(
                 "data_dir = {data:?}\n[api]\nlisten = [\"{addr}\"]\nsocket = {socket:?}\nrate_limit_per_sec = {rl}\nrate_limit_burst = {rl}\n\
+                 max_connections = {mc}\nheader_timeout_secs = {ht}\n\
                  [hypervisor]\nuri = {uri:?}\ndomain_type = \"qemu\"\nmemory_reserve_mib = 256\n[log]\nlevel = \"info,novacron=debug\"\ntarget = \"stderr\"\n",
                 rl = opts.rate_limit,
+                mc = opts.max_connections,
+                ht = opts.header_timeout_secs,
                 uri = opts.uri,
             ),
         )
