@@ -12,6 +12,7 @@ pub mod core;
 pub mod daemon;
 pub mod host;
 pub mod hypervisor;
+pub mod images;
 pub mod store;
 pub mod telemetry;
 pub mod types;

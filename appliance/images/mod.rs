@@ -1,0 +1,287 @@
+//! Images subsystem: base images under the data dir's `images/`, received
+//! by streaming upload or imported from a host folder.
+//!
+//! An uploaded file is untrusted. Its format is detected by `qemu-img info`,
+//! never taken from the client, and a qcow2 that names a backing file or an
+//! external data file (either could make QEMU open any host file, including
+//! through the `json:` pseudo-protocol) is refused: only overlays the daemon
+//! itself creates have backing files.
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("the image is larger than the {max} byte upload limit")]
+    TooLarge { max: u64 },
+    #[error("checksum mismatch: the upload has SHA-256 {actual}, the client announced {expected}")]
+    ChecksumMismatch { expected: String, actual: String },
+    #[error("X-Checksum-Sha256 must be 64 hexadecimal digits")]
+    BadChecksum,
+    #[error("unsupported image format {0:?}: upload raw or qcow2")]
+    UnsupportedFormat(String),
+    #[error("the image names a backing file ({0}); only images without one are accepted")]
+    BackingFile(String),
+    #[error("the image uses an external data file ({0}); only self-contained images are accepted")]
+    DataFile(String),
+    #[error("the upload ended early: {0}")]
+    Truncated(String),
+    #[error("cannot inspect the image: {0}")]
+    Inspect(String),
+    #[error("image storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, ImageError>;
+
+/// What the daemon knows about a stored image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// `raw` or `qcow2`.
+    pub format: String,
+    pub virtual_size: u64,
+    /// Bytes of the file itself.
+    pub file_size: u64,
+    /// Lower-case hex SHA-256 of the file.
+    pub sha256: String,
+}
+
+#[derive(Deserialize)]
+struct QemuInfo {
+    format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "backing-filename")]
+    backing_filename: Option<String>,
+    #[serde(rename = "format-specific")]
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Deserialize)]
+struct FormatSpecific {
+    data: Option<serde_json::Value>,
+}
+
+/// Checks an image file and reports its format and size. Refuses anything
+/// that would make QEMU open another file.
+pub fn inspect(path: &Path) -> Result<(String, u64)> {
+    let path = std::path::absolute(path)?;
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(&path)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| ImageError::Inspect(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(ImageError::Inspect(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    let info: QemuInfo =
+        serde_json::from_slice(&out.stdout).map_err(|e| ImageError::Inspect(e.to_string()))?;
+    if let Some(b) = info.backing_filename {
+        return Err(ImageError::BackingFile(b));
+    }
+    if let Some(data) = info.format_specific.and_then(|f| f.data) {
+        if let Some(file) = data.get("data-file").and_then(|v| v.as_str()) {
+            return Err(ImageError::DataFile(file.to_string()));
+        }
+        if data.get("data-file-raw").is_some() {
+            return Err(ImageError::DataFile("(raw external data)".into()));
+        }
+    }
+    match info.format.as_str() {
+        "raw" | "qcow2" => Ok((info.format, info.virtual_size)),
+        other => Err(ImageError::UnsupportedFormat(other.to_string())),
+    }
+}
+
+/// Parses an announced checksum.
+pub fn parse_checksum(s: &str) -> Result<String> {
+    let s = s.trim().to_ascii_lowercase();
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s)
+    } else {
+        Err(ImageError::BadChecksum)
+    }
+}
+
+/// An image being received. Data goes to a hidden temporary file next to
+/// its final place; dropping an unfinished upload removes it, so a failed
+/// or interrupted upload leaves nothing behind.
+pub struct Upload {
+    tmp: PathBuf,
+    file: Option<std::fs::File>,
+    hasher: Sha256,
+    written: u64,
+    max: u64,
+}
+
+impl Upload {
+    pub fn begin(dir: &Path, max: u64) -> Result<Upload> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = dir.join(format!(".upload-{}", uuid::Uuid::new_v4()));
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+        Ok(Upload { tmp, file: Some(file), hasher: Sha256::new(), written: 0, max })
+    }
+
+    /// Appends one chunk (blocking).
+    pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
+        self.written += chunk.len() as u64;
+        if self.written > self.max {
+            return Err(ImageError::TooLarge { max: self.max });
+        }
+        self.hasher.update(chunk);
+        self.file.as_mut().expect("upload is open").write_all(chunk)?;
+        Ok(())
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Verifies and moves the upload to `dest` (which must not exist).
+    pub fn finish(mut self, expected_sha256: Option<&str>, dest: &Path) -> Result<ImageInfo> {
+        let file = self.file.take().expect("upload is open");
+        file.sync_all()?;
+        drop(file);
+        let actual = hex::encode(self.hasher.finalize_reset());
+        if let Some(expected) = expected_sha256 {
+            if expected != actual {
+                return Err(ImageError::ChecksumMismatch { expected: expected.into(), actual });
+            }
+        }
+        let (format, virtual_size) = inspect(&self.tmp)?;
+        // link + unlink instead of rename: never replace an existing image.
+        std::fs::hard_link(&self.tmp, dest)?;
+        let _ = std::fs::remove_file(&self.tmp);
+        if let Some(dir) = dest.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(ImageInfo { format, virtual_size, file_size: self.written, sha256: actual })
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Copies a host file into the image store through the same checks as an
+/// upload.
+pub fn import(src: &Path, images_dir: &Path, dest: &Path, max: u64) -> Result<ImageInfo> {
+    let mut input = std::fs::File::open(src)?;
+    let mut up = Upload::begin(images_dir, max)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut input, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        up.write(&buf[..n])?;
+    }
+    up.finish(None, dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("nc-images-{tag}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn qemu_img(args: &[&str]) {
+        assert!(Command::new("qemu-img").args(args).status().unwrap().success());
+    }
+
+    #[test]
+    fn upload_checks_checksum_and_format() {
+        let d = dir("up");
+        let data = vec![7u8; 3 * 1024 * 1024];
+        let sha = hex::encode(Sha256::digest(&data));
+        let mut up = Upload::begin(&d, 1 << 30).unwrap();
+        for c in data.chunks(65536) {
+            up.write(c).unwrap();
+        }
+        let info = up.finish(Some(&sha), &d.join("disk.raw")).unwrap();
+        assert_eq!(
+            (info.format.as_str(), info.virtual_size, info.sha256.clone()),
+            ("raw", data.len() as u64, sha)
+        );
+
+        let mut up = Upload::begin(&d, 1 << 30).unwrap();
+        up.write(b"abc").unwrap();
+        let wrong = "0".repeat(64);
+        assert!(matches!(up.finish(Some(&wrong), &d.join("x")), Err(ImageError::ChecksumMismatch { .. })));
+        let mut up = Upload::begin(&d, 10).unwrap();
+        assert!(matches!(up.write(&[0u8; 11]), Err(ImageError::TooLarge { .. })));
+        drop(up);
+        // Only the finished image is left.
+        let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("disk.raw")]);
+    }
+
+    #[test]
+    fn qcow2_with_backing_or_data_file_is_refused() {
+        let d = dir("evil");
+        let base = d.join("base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "16M"]);
+        assert_eq!(inspect(&base).unwrap(), ("qcow2".to_string(), 16 << 20));
+        let overlay = d.join("overlay.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            base.to_str().unwrap(),
+            overlay.to_str().unwrap(),
+        ]);
+        assert!(matches!(inspect(&overlay), Err(ImageError::BackingFile(_))));
+        let json = d.join("json.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            "raw",
+            "-b",
+            "json:{\"file.filename\":\"/etc/shadow\"}",
+            json.to_str().unwrap(),
+            "16M",
+        ]);
+        assert!(matches!(inspect(&json), Err(ImageError::BackingFile(_))));
+        let ext = d.join("ext.qcow2");
+        let ext_data = d.join("ext.data");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", ext_data.display()),
+            ext.to_str().unwrap(),
+            "16M",
+        ]);
+        assert!(matches!(inspect(&ext), Err(ImageError::DataFile(_))));
+        let vmdk = d.join("x.vmdk");
+        qemu_img(&["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "16M"]);
+        assert!(matches!(inspect(&vmdk), Err(ImageError::UnsupportedFormat(_))));
+    }
+
+    #[test]
+    fn checksums_parse() {
+        assert!(parse_checksum(&"A".repeat(64)).is_ok());
+        assert!(parse_checksum("abc").is_err());
+        assert!(parse_checksum(&"g".repeat(64)).is_err());
+    }
+}
