@@ -21,7 +21,24 @@ pub struct Config {
     pub node: NodeConfig,
     pub api: ApiConfig,
     pub hypervisor: HypervisorConfig,
+    pub images: ImagesConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Largest accepted image upload or import, GiB.
+    pub max_upload_gib: u64,
+    /// Host folders `POST /v1/images` may import from (the appliance's
+    /// preloaded images); nothing else on the host can be imported.
+    pub import_dirs: Vec<PathBuf>,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        ImagesConfig { max_upload_gib: 256, import_dirs: vec![PathBuf::from("/usr/share/novacron/images")] }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -80,6 +97,7 @@ impl Default for Config {
             node: NodeConfig::default(),
             api: ApiConfig::default(),
             hypervisor: HypervisorConfig::default(),
+            images: ImagesConfig::default(),
             log: LogConfig::default(),
         }
     }

@@ -21,6 +21,42 @@ pub struct VmCreate {
     pub network: Option<String>,
     #[serde(default)]
     pub autostart: bool,
+    /// NoCloud seed attached as a read-only CD-ROM labelled `cidata`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<CloudInit>,
+    /// How long a graceful shutdown may take before it is forced (seconds);
+    /// the daemon's `hypervisor.shutdown_timeout_secs` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_secs: Option<u64>,
+}
+
+/// cloud-init NoCloud data. `meta_data` defaults to an instance-id (the VM's
+/// UUID) and the VM's name as hostname.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInit {
+    pub user_data: String,
+    // Stored with postcard too: every field always present.
+    #[serde(default)]
+    pub meta_data: Option<String>,
+    #[serde(default)]
+    pub network_config: Option<String>,
+}
+
+/// A NIC: one virtio interface on a NovaCron network, with a MAC that stays
+/// the same for the VM's life.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Nic {
+    pub network: String,
+    pub mac: String,
+}
+
+/// A NIC as shown, with the address its DHCP lease gave it (NAT networks).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NicView {
+    pub network: String,
+    pub mac: String,
+    pub ip: Option<String>,
 }
 
 /// One disk of a new VM: either a blank disk of `size_gib`, or an overlay
@@ -32,6 +68,9 @@ pub struct DiskSpec {
     pub size_gib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// With `image`: a full, independent copy instead of an overlay.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copy: bool,
 }
 
 /// Direct kernel boot. Paths must resolve inside the data dir's `boot/` or
@@ -58,6 +97,132 @@ pub struct VmPatch {
     pub memory_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autostart: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_timeout_secs: Option<u64>,
+}
+
+/// Body of `POST /v1/vms/{id}/clone`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmClone {
+    pub name: String,
+    /// Full copies of the disks instead of overlays on them.
+    #[serde(default)]
+    pub copy: bool,
+}
+
+/// Body of `POST /v1/vms/{id}/disks/{dev}/resize`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskResize {
+    pub size_gib: u64,
+}
+
+/// Body of `POST /v1/vms/{id}/snapshots`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Include the guest's memory (running VMs only): revert resumes it.
+    #[serde(default)]
+    pub memory: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub name: String,
+    pub description: String,
+    pub memory: bool,
+    /// The VM's state when the snapshot was taken.
+    pub vm_state: VmState,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+}
+
+/// A base image in the data dir's `images/`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Image {
+    pub name: String,
+    /// `raw` or `qcow2`, detected by `qemu-img`, never taken from the client.
+    pub format: String,
+    pub virtual_size: u64,
+    pub file_size: u64,
+    pub sha256: String,
+    /// Disks layered on this image (it cannot be deleted while any exist).
+    pub used_by: Vec<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageList {
+    pub images: Vec<Image>,
+}
+
+/// Body of `POST /v1/images`: import a file already on the host.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImport {
+    pub name: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkKind {
+    /// A private subnet behind NAT, with DHCP from libvirt's dnsmasq.
+    Nat,
+    /// Guests join an existing host bridge.
+    Bridge,
+}
+
+/// Body of `POST /v1/networks`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkCreate {
+    pub name: String,
+    pub kind: NetworkKind,
+    /// NAT: the subnet, `10.20.0.0/24`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// NAT: the host's address in it; the first usable address by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// NAT: DHCP range; the upper half of the subnet by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_start: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_end: Option<String>,
+    /// Bridge: the existing host bridge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// Bridge: 802.1Q tag for the guests' ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vlan: Option<u16>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Network {
+    pub name: String,
+    pub kind: NetworkKind,
+    pub bridge: String,
+    pub subnet: Option<String>,
+    pub gateway: Option<String>,
+    pub dhcp_start: Option<String>,
+    pub dhcp_end: Option<String>,
+    pub vlan: Option<u16>,
+    pub active: bool,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetworkList {
+    pub networks: Vec<Network>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
@@ -130,8 +295,10 @@ pub struct Vm {
     pub memory_mib: u64,
     pub disks: Vec<Disk>,
     pub boot: Option<BootSpec>,
-    pub network: Option<String>,
+    pub nics: Vec<NicView>,
+    pub cloud_init: bool,
     pub autostart: bool,
+    pub shutdown_timeout_secs: u64,
     /// False for libvirt domains NovaCron did not create: shown, never touched.
     pub managed: bool,
     pub owner_node: Option<Uuid>,

@@ -6,7 +6,7 @@ set -euo pipefail
 
 need_pkgs=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
            qemu-system-x86 qemu-utils)
-base_pkgs=(pkg-config busybox-static linux-image-amd64 cpio gzip iproute2 curl ca-certificates)
+base_pkgs=(pkg-config busybox-static linux-image-amd64 cpio gzip iproute2 curl ca-certificates genisoimage)
 
 # The mirror comes from the machine's own Debian source, never from this repo.
 debian_mirror() {

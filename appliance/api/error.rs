@@ -61,9 +61,18 @@ impl ApiError {
             ApiError::Tls(_) | ApiError::Listen { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Core(e) => match e {
                 CoreError::Invalid { .. } => StatusCode::BAD_REQUEST,
-                CoreError::NotFound(_) | CoreError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
+                CoreError::NotFound(_)
+                | CoreError::Store(StoreError::NotFound(_))
+                | CoreError::Hypervisor(HypervisorError::NoNetwork(_) | HypervisorError::NoSnapshot(_)) => {
+                    StatusCode::NOT_FOUND
+                }
                 CoreError::Forbidden { .. } => StatusCode::FORBIDDEN,
+                CoreError::Image(crate::images::ImageError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+                CoreError::Image(crate::images::ImageError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
+                CoreError::Image(_) => StatusCode::BAD_REQUEST,
                 CoreError::NameTaken(_)
+                | CoreError::InUse { .. }
+                | CoreError::Overlap(_)
                 | CoreError::WrongState { .. }
                 | CoreError::Busy(_)
                 | CoreError::Unmanaged(_)

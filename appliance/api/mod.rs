@@ -7,6 +7,7 @@ mod error;
 mod openapi_test;
 mod ratelimit;
 pub mod routes;
+mod stream;
 pub mod tls;
 
 pub use error::ApiError;
@@ -14,6 +15,7 @@ pub use error::ApiError;
 use crate::core::{required_role, Caller, Core, CoreError, Reply};
 use crate::types::Role;
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
@@ -31,6 +33,8 @@ use tokio::sync::{watch, Semaphore};
 
 /// Largest JSON request body.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Oversized bodies up to this size are read (and dropped) before the 413.
+const DRAIN_LIMIT: u64 = 8 * 1024 * 1024;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The OpenAPI document, kept in `docs/` and served at `/v1/openapi.json`.
@@ -55,7 +59,7 @@ pub struct Api {
     header_timeout: Duration,
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<BoxBody<Bytes, Infallible>>;
 
 fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Resp {
     let body = serde_json::to_vec(value).expect("API types serialize");
@@ -63,7 +67,7 @@ fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Resp {
 }
 
 fn bytes_response(status: StatusCode, body: Bytes, content_type: &'static str) -> Resp {
-    let mut resp = Response::new(Full::new(body));
+    let mut resp = Response::new(Full::new(body).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp
@@ -163,9 +167,33 @@ impl Api {
                 caller
             }
         };
+        let exec = |cmd| async { self.core.execute(&caller, cmd).await.map_err(|e| fail(ApiError::Core(e))) };
+        match matched.route {
+            Route::UploadImage(name) => {
+                let (body, length, checksum) = stream::upload_body(req).map_err(fail)?;
+                let reply = exec(crate::core::Command::UploadImage { name, checksum, length, body }).await?;
+                return Ok((template, self.render(reply)));
+            }
+            Route::Console(vm) => {
+                let mut req = req;
+                let accept = stream::websocket_key(&req).map_err(fail)?;
+                let on_upgrade = hyper::upgrade::on(&mut req);
+                return match exec(crate::core::Command::Console(vm)).await? {
+                    Reply::Console(session) => {
+                        Ok((template, stream::websocket_console(on_upgrade, accept, session)))
+                    }
+                    other => Ok((template, self.render(other))),
+                };
+            }
+            Route::Events => {
+                let after = last_event_id(&req).map_err(fail)?;
+                return Ok((template, self.render(exec(crate::core::Command::Events { after }).await?)));
+            }
+            _ => {}
+        }
         let body = if matched.needs_body() { read_json_body(req).await.map_err(fail)? } else { Bytes::new() };
         let cmd = matched.into_command(&body).map_err(fail)?;
-        let reply = self.core.execute(&caller, cmd).await.map_err(|e| fail(ApiError::Core(e)))?;
+        let reply = exec(cmd).await?;
         Ok((template, self.render(reply)))
     }
 
@@ -196,14 +224,42 @@ impl Api {
             Reply::Created(vm) => json_response(StatusCode::CREATED, &vm),
             Reply::Accepted(vm) => json_response(StatusCode::ACCEPTED, &vm),
             Reply::Deleted => {
-                let mut r = Response::new(Full::new(Bytes::new()));
+                let mut r = Response::new(Full::new(Bytes::new()).boxed());
                 *r.status_mut() = StatusCode::NO_CONTENT;
                 r
             }
             Reply::Tokens(t) => json_response(StatusCode::OK, &t),
             Reply::TokenCreated(t) => json_response(StatusCode::CREATED, &t),
             Reply::Audit(a) => json_response(StatusCode::OK, &a),
+            Reply::Snapshots(l) => json_response(StatusCode::OK, &l),
+            Reply::SnapshotCreated(sn) => json_response(StatusCode::CREATED, &sn),
+            Reply::Images(l) => json_response(StatusCode::OK, &l),
+            Reply::Image(i) => json_response(StatusCode::OK, &i),
+            Reply::ImageCreated(i) => json_response(StatusCode::CREATED, &i),
+            Reply::Networks(l) => json_response(StatusCode::OK, &l),
+            Reply::NetworkCreated(n) => json_response(StatusCode::CREATED, &n),
+            Reply::ConsoleLog(b) => bytes_response(StatusCode::OK, b, "text/plain; charset=utf-8"),
+            Reply::Events(feed) => stream::sse(feed),
+            // Consoles are answered in dispatch, where the upgrade is.
+            Reply::Console(_) => error_response(&ApiError::NoRoute("console".into())),
         }
+    }
+}
+
+/// Where an event stream resumes: `Last-Event-ID` (what browsers send on
+/// reconnect) or `?after=`.
+fn last_event_id(req: &Request<Incoming>) -> Result<u64, ApiError> {
+    let from_query = req.uri().query().and_then(|q| q.split('&').find_map(|p| p.strip_prefix("after=")));
+    let raw = match req.headers().get("last-event-id") {
+        Some(v) => v.to_str().ok(),
+        None => from_query,
+    };
+    match raw {
+        None => Ok(0),
+        Some(v) => v.trim().parse().map_err(|_| ApiError::InvalidQuery {
+            name: "Last-Event-ID".into(),
+            message: "must be an event sequence number".into(),
+        }),
     }
 }
 
@@ -215,6 +271,13 @@ async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
     }
     if let Some(len) = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
         if len > MAX_BODY as u64 {
+            // Read and drop a bounded amount first: a client still sending
+            // when the answer comes often reports a broken pipe instead of
+            // the 413. Anything bigger is cut off.
+            if len <= DRAIN_LIMIT {
+                let mut body = req.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
+            }
             return Err(ApiError::TooLarge(MAX_BODY));
         }
     }
@@ -273,6 +336,7 @@ where
             .header_read_timeout(header_timeout)
             .keep_alive(true)
             .serve_connection(TokioIo::new(io), svc)
+            .with_upgrades()
             .await
     }
 }

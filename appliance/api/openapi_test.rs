@@ -1,9 +1,10 @@
 //! Keeps `docs/openapi.json` honest: every route of the router is in the
 //! document with the right action and role, every operation in the document
 //! routes, and the request/response schemas have the fields the Rust types
-//! serialize.
+//! serialize. The streaming routes (image upload, console WebSocket, event
+//! stream) are checked for their non-JSON bodies and headers.
 
-use super::routes::route;
+use super::routes::{route, Route};
 use super::ApiError;
 use crate::core::{required_role, CoreError};
 use crate::types::*;
@@ -15,7 +16,8 @@ const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "
 
 /// Query parameters any route might take; each operation must document
 /// exactly the ones its route accepts.
-const QUERY_PARAMS: [(&str, &str); 4] = [("force", "true"), ("wait", "1"), ("timeout", "1"), ("limit", "1")];
+const QUERY_PARAMS: [(&str, &str); 6] =
+    [("force", "true"), ("wait", "1"), ("timeout", "1"), ("limit", "1"), ("bytes", "1"), ("after", "1")];
 
 /// Every route: (method, concrete path, expected template).
 const ROUTES: &[(&str, &str, &str)] = &[
@@ -35,11 +37,80 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/v1/vms/web-1/pause", "/v1/vms/{id}/pause"),
     ("POST", "/v1/vms/web-1/resume", "/v1/vms/{id}/resume"),
     ("POST", "/v1/vms/web-1/shutdown", "/v1/vms/{id}/shutdown"),
+    ("POST", "/v1/vms/web-1/clone", "/v1/vms/{id}/clone"),
+    ("GET", "/v1/vms/web-1/console", "/v1/vms/{id}/console"),
+    ("GET", "/v1/vms/web-1/console/log", "/v1/vms/{id}/console/log"),
+    ("GET", "/v1/vms/web-1/snapshots", "/v1/vms/{id}/snapshots"),
+    ("POST", "/v1/vms/web-1/snapshots", "/v1/vms/{id}/snapshots"),
+    ("DELETE", "/v1/vms/web-1/snapshots/before", "/v1/vms/{id}/snapshots/{snapshot}"),
+    ("POST", "/v1/vms/web-1/snapshots/before/revert", "/v1/vms/{id}/snapshots/{snapshot}/revert"),
+    ("POST", "/v1/vms/web-1/disks", "/v1/vms/{id}/disks"),
+    ("DELETE", "/v1/vms/web-1/disks/vdb", "/v1/vms/{id}/disks/{device}"),
+    ("POST", "/v1/vms/web-1/disks/vdb/resize", "/v1/vms/{id}/disks/{device}/resize"),
+    ("GET", "/v1/images", "/v1/images"),
+    ("POST", "/v1/images", "/v1/images"),
+    ("GET", "/v1/images/debian-12", "/v1/images/{name}"),
+    ("PUT", "/v1/images/debian-12", "/v1/images/{name}"),
+    ("DELETE", "/v1/images/debian-12", "/v1/images/{name}"),
+    ("GET", "/v1/networks", "/v1/networks"),
+    ("POST", "/v1/networks", "/v1/networks"),
+    ("DELETE", "/v1/networks/lan", "/v1/networks/{name}"),
+    ("GET", "/v1/events", "/v1/events"),
     ("GET", "/v1/tokens", "/v1/tokens"),
     ("POST", "/v1/tokens", "/v1/tokens"),
     ("DELETE", "/v1/tokens/0123abcd", "/v1/tokens/{id}"),
     ("GET", "/v1/audit", "/v1/audit"),
 ];
+
+/// What an action answers on success, from `Api::render` and the streaming
+/// edges: (status, media type or "" for no body, schema name or "" for an
+/// inline schema).
+fn successes(action: &str) -> &'static [(&'static str, &'static str, &'static str)] {
+    const JSON: &str = "application/json";
+    match action {
+        "metrics" => &[("200", "text/plain", "")],
+        "health" => &[("200", JSON, "Health")],
+        "ready" => &[("200", JSON, "Ready")],
+        "host.info" => &[("200", JSON, "HostInfo")],
+        "openapi" => &[("200", JSON, "")],
+        "vm.list" => &[("200", JSON, "VmList")],
+        "vm.create" | "vm.clone" => &[("201", JSON, "Vm")],
+        "vm.get" | "vm.update" | "vm.start" | "vm.stop" | "vm.reboot" | "vm.pause" | "vm.resume"
+        | "vm.snapshot.revert" | "vm.disk.attach" | "vm.disk.detach" | "vm.disk.resize" => {
+            &[("200", JSON, "Vm")]
+        }
+        "vm.shutdown" => &[("200", JSON, "Vm"), ("202", JSON, "Vm")],
+        "vm.delete" | "vm.snapshot.delete" | "image.delete" | "network.delete" | "token.revoke" => {
+            &[("204", "", "")]
+        }
+        "vm.console" => &[("101", "", "")],
+        "vm.console.log" => &[("200", "text/plain", "")],
+        "vm.snapshot.list" => &[("200", JSON, "SnapshotList")],
+        "vm.snapshot.create" => &[("201", JSON, "Snapshot")],
+        "image.list" => &[("200", JSON, "ImageList")],
+        "image.get" => &[("200", JSON, "Image")],
+        "image.upload" | "image.import" => &[("201", JSON, "Image")],
+        "network.list" => &[("200", JSON, "NetworkList")],
+        "network.create" => &[("201", JSON, "Network")],
+        "event.list" => &[("200", "text/event-stream", "")],
+        "token.list" => &[("200", JSON, "TokenList")],
+        "token.create" => &[("201", JSON, "TokenCreated")],
+        "audit.list" => &[("200", JSON, "AuditList")],
+        other => panic!("add {other} to successes()"),
+    }
+}
+
+/// Request headers an action reads (`stream.rs`, `mod.rs`), lower case;
+/// Authorization and Content-Type are covered by the security scheme and
+/// the request body.
+fn header_params(action: &str) -> &'static [&'static str] {
+    match action {
+        "image.upload" => &["content-length", "x-checksum-sha256"],
+        "vm.console" => &["connection", "sec-websocket-key", "sec-websocket-version", "upgrade"],
+        "event.list" => &["last-event-id"],
+        _ => &[],
+    }
+}
 
 fn doc() -> Value {
     serde_json::from_str(super::OPENAPI).expect("docs/openapi.json is valid JSON")
@@ -60,24 +131,33 @@ fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
     }
 }
 
+/// The schema name a `$ref` points at.
+fn ref_name(v: &Value) -> Option<&str> {
+    v.get("$ref").and_then(Value::as_str).and_then(|r| r.strip_prefix("#/components/schemas/"))
+}
+
 fn operation<'a>(doc: &'a Value, template: &str, m: &str) -> &'a Value {
     let path =
         doc["paths"].get(template).unwrap_or_else(|| panic!("{template} is missing from the document"));
     path.get(m.to_ascii_lowercase()).unwrap_or_else(|| panic!("{m} {template} is missing from the document"))
 }
 
+/// A concrete path for a template: every `{param}` becomes `x`.
+fn fill(template: &str) -> String {
+    template.split('/').map(|s| if s.starts_with('{') { "x" } else { s }).collect::<Vec<_>>().join("/")
+}
+
 fn role_name(action: &str) -> &'static str {
     required_role(action).map(Role::as_str).unwrap_or("none")
 }
 
-fn query_params(doc: &Value, op: &Value) -> BTreeSet<String> {
+fn params_in(doc: &Value, op: &Value, location: &str) -> Vec<Value> {
     let params = op["parameters"].as_array().cloned().unwrap_or_default();
-    params
-        .iter()
-        .map(|p| resolve(doc, p))
-        .filter(|p| p["in"] == "query")
-        .map(|p| p["name"].as_str().unwrap().to_string())
-        .collect()
+    params.iter().map(|p| resolve(doc, p).clone()).filter(|p| p["in"] == location).collect()
+}
+
+fn query_params(doc: &Value, op: &Value) -> BTreeSet<String> {
+    params_in(doc, op, "query").iter().map(|p| p["name"].as_str().unwrap().to_string()).collect()
 }
 
 /// Checks one operation of the document against what the router says.
@@ -116,27 +196,93 @@ fn check_operation(doc: &Value, m: &str, concrete: &str, template: &str, op: &Va
         );
     }
     assert!(responses.contains_key("400"), "{what}: unknown query parameters are a 400");
-    assert!(responses.keys().any(|k| k.starts_with('2')), "{what}: no success response");
 
-    // Bodies: documented exactly when the route reads one.
-    assert_eq!(op.get("requestBody").is_some(), matched.needs_body(), "{what}: requestBody");
-    if matched.needs_body() {
+    // Success answers: the statuses, media types and schemas the API renders.
+    let expected = successes(action);
+    let documented: BTreeSet<&str> =
+        responses.keys().map(String::as_str).filter(|k| k.parse::<u16>().is_ok_and(|s| s < 400)).collect();
+    let wanted: BTreeSet<&str> = expected.iter().map(|(s, _, _)| *s).collect();
+    assert_eq!(documented, wanted, "{what}: success statuses");
+    for (status, media, schema) in expected {
+        let r = resolve(doc, &responses[*status]);
+        let content = r.get("content").and_then(Value::as_object);
+        if media.is_empty() {
+            assert!(content.is_none(), "{what}: {status} has no body");
+            continue;
+        }
+        let content = content.unwrap_or_else(|| panic!("{what}: {status} has no content"));
+        let types: Vec<&str> = content.keys().map(String::as_str).collect();
+        assert_eq!(types, [*media], "{what}: {status} media type");
+        let s = &content[*media]["schema"];
+        if schema.is_empty() {
+            assert!(s.is_object() && ref_name(s).is_none(), "{what}: {status} inline schema");
+        } else {
+            assert_eq!(ref_name(s), Some(*schema), "{what}: {status} schema");
+        }
+        if *media == "text/event-stream" {
+            let data = &content[*media]["x-sse-data"];
+            assert_eq!(ref_name(data), Some("Event"), "{what}: x-sse-data names the event schema");
+        }
+    }
+
+    // Bodies: documented exactly when the route reads one; JSON bodies are
+    // the type the router parses, uploads are octet streams.
+    let upload = matches!(matched.route, Route::UploadImage(_));
+    let body = op.get("requestBody");
+    assert_eq!(body.is_some(), matched.needs_body() || upload, "{what}: requestBody");
+    if let Some(body) = body {
+        let body = resolve(doc, body);
+        assert_eq!(body["required"], true, "{what}: requestBody.required");
+        let content = body["content"].as_object().unwrap_or_else(|| panic!("{what}: requestBody.content"));
+        let types: Vec<&str> = content.keys().map(String::as_str).collect();
+        if upload {
+            assert_eq!(types, ["application/octet-stream"], "{what}: upload media type");
+            assert_eq!(
+                content["application/octet-stream"]["schema"],
+                json!({"type": "string", "format": "binary"}),
+                "{what}: upload schema"
+            );
+        } else {
+            assert_eq!(types, ["application/json"], "{what}: JSON media type");
+            let name = ref_name(&content["application/json"]["schema"])
+                .unwrap_or_else(|| panic!("{what}: request schema must be a $ref"));
+            let sample = request_samples()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("{what}: no request sample for {name}"))
+                .1;
+            let cmd = matched
+                .clone()
+                .into_command(&serde_json::to_vec(&sample).unwrap())
+                .unwrap_or_else(|e| panic!("{what}: the router does not take a {name}: {e}"));
+            assert_eq!(cmd.name(), action, "{what}: command");
+        }
         for code in ["413", "415"] {
             assert!(responses.contains_key(code), "{what}: missing {code}");
         }
     }
 
-    // Path parameter.
-    if template.contains("{id}") {
-        let params = op["parameters"].as_array().unwrap_or_else(|| panic!("{what}: no parameters"));
-        assert!(
-            params
-                .iter()
-                .map(|p| resolve(doc, p))
-                .any(|p| p["in"] == "path" && p["name"] == "id" && p["required"] == true),
-            "{what}: path parameter id"
-        );
+    // Path parameters: exactly the template's, all required.
+    let in_template: BTreeSet<String> = template
+        .split('/')
+        .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .map(String::from)
+        .collect();
+    let path_params = params_in(doc, op, "path");
+    for p in &path_params {
+        assert_eq!(p["required"], true, "{what}: path parameter {} must be required", p["name"]);
     }
+    let documented: BTreeSet<String> =
+        path_params.iter().map(|p| p["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(documented, in_template, "{what}: path parameters");
+
+    // Header parameters: exactly the ones the route reads.
+    let headers: BTreeSet<String> = params_in(doc, op, "header")
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_ascii_lowercase())
+        .collect();
+    let wanted: BTreeSet<String> = header_params(action).iter().map(|h| h.to_string()).collect();
+    assert_eq!(headers, wanted, "{what}: header parameters");
 
     // Query parameters: documented exactly when the router accepts them.
     let documented = query_params(doc, op);
@@ -158,6 +304,18 @@ fn document_is_openapi_3() {
     assert_eq!(scheme["type"], "http");
     assert_eq!(scheme["scheme"], "bearer");
     assert_eq!(doc["security"], json!([{"bearerAuth": []}]));
+    // Every $ref resolves.
+    fn walk(doc: &Value, v: &Value) {
+        match v {
+            Value::Object(m) => {
+                resolve(doc, v);
+                m.values().for_each(|x| walk(doc, x));
+            }
+            Value::Array(a) => a.iter().for_each(|x| walk(doc, x)),
+            _ => {}
+        }
+    }
+    walk(&doc, &doc);
 }
 
 #[test]
@@ -176,7 +334,7 @@ fn every_documented_operation_routes() {
     let doc = doc();
     let mut seen = BTreeSet::new();
     for (template, item) in doc["paths"].as_object().expect("paths") {
-        let concrete = template.replace("{id}", "x");
+        let concrete = fill(template);
         for (key, op) in item.as_object().unwrap() {
             if !METHODS.contains(&key.as_str()) {
                 continue;
@@ -223,7 +381,12 @@ fn boot() -> BootSpec {
 
 /// Fully populated samples of the request types, serialized.
 fn request_samples() -> Vec<(&'static str, Value)> {
-    let disk = DiskSpec { size_gib: Some(10), image: Some("base.qcow2".into()) };
+    let disk = DiskSpec { size_gib: Some(10), image: Some("base.qcow2".into()), copy: true };
+    let cloud_init = CloudInit {
+        user_data: "#cloud-config\n".into(),
+        meta_data: Some("instance-id: web\n".into()),
+        network_config: Some("version: 2\n".into()),
+    };
     let create = VmCreate {
         name: "web".into(),
         vcpus: 2,
@@ -232,27 +395,66 @@ fn request_samples() -> Vec<(&'static str, Value)> {
         boot: Some(boot()),
         network: Some("default".into()),
         autostart: true,
+        cloud_init: Some(cloud_init.clone()),
+        shutdown_timeout_secs: Some(60),
     };
-    let patch = VmPatch { vcpus: Some(2), memory_mib: Some(512), autostart: Some(false) };
+    let patch = VmPatch {
+        vcpus: Some(2),
+        memory_mib: Some(512),
+        autostart: Some(false),
+        shutdown_timeout_secs: Some(30),
+    };
+    let clone = VmClone { name: "web-2".into(), copy: true };
+    let resize = DiskResize { size_gib: 20 };
+    let snapshot = SnapshotCreate { name: "before".into(), description: "d".into(), memory: true };
+    let import =
+        ImageImport { name: "debian-12".into(), path: "/usr/share/novacron/images/debian.qcow2".into() };
+    let network = NetworkCreate {
+        name: "lan".into(),
+        kind: NetworkKind::Nat,
+        subnet: Some("10.20.0.0/24".into()),
+        gateway: Some("10.20.0.1".into()),
+        dhcp_start: Some("10.20.0.128".into()),
+        dhcp_end: Some("10.20.0.254".into()),
+        bridge: Some("br0".into()),
+        vlan: Some(10),
+    };
     let token = TokenCreate { name: "ci".into(), role: Role::Operator };
+    fn v<T: serde::Serialize>(x: &T) -> Value {
+        serde_json::to_value(x).unwrap()
+    }
     vec![
-        ("VmCreate", serde_json::to_value(create).unwrap()),
-        ("DiskSpec", serde_json::to_value(disk).unwrap()),
-        ("BootSpec", serde_json::to_value(boot()).unwrap()),
-        ("VmPatch", serde_json::to_value(patch).unwrap()),
-        ("TokenCreate", serde_json::to_value(token).unwrap()),
+        ("VmCreate", v(&create)),
+        ("DiskSpec", v(&disk)),
+        ("BootSpec", v(&boot())),
+        ("CloudInit", v(&cloud_init)),
+        ("VmPatch", v(&patch)),
+        ("VmClone", v(&clone)),
+        ("DiskResize", v(&resize)),
+        ("SnapshotCreate", v(&snapshot)),
+        ("ImageImport", v(&import)),
+        ("NetworkCreate", v(&network)),
+        ("TokenCreate", v(&token)),
     ]
 }
 
 /// Deserializes `v` as the request type named `name`.
 fn parse_request(name: &str, v: &Value) -> Result<(), serde_json::Error> {
-    let v = v.clone();
+    fn p<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), serde_json::Error> {
+        serde_json::from_value::<T>(v.clone()).map(drop)
+    }
     match name {
-        "VmCreate" => serde_json::from_value::<VmCreate>(v).map(drop),
-        "DiskSpec" => serde_json::from_value::<DiskSpec>(v).map(drop),
-        "BootSpec" => serde_json::from_value::<BootSpec>(v).map(drop),
-        "VmPatch" => serde_json::from_value::<VmPatch>(v).map(drop),
-        "TokenCreate" => serde_json::from_value::<TokenCreate>(v).map(drop),
+        "VmCreate" => p::<VmCreate>(v),
+        "DiskSpec" => p::<DiskSpec>(v),
+        "BootSpec" => p::<BootSpec>(v),
+        "CloudInit" => p::<CloudInit>(v),
+        "VmPatch" => p::<VmPatch>(v),
+        "VmClone" => p::<VmClone>(v),
+        "DiskResize" => p::<DiskResize>(v),
+        "SnapshotCreate" => p::<SnapshotCreate>(v),
+        "ImageImport" => p::<ImageImport>(v),
+        "NetworkCreate" => p::<NetworkCreate>(v),
+        "TokenCreate" => p::<TokenCreate>(v),
         _ => panic!("no parser for {name}"),
     }
 }
@@ -314,8 +516,14 @@ fn response_schemas_match_the_types() {
         memory_mib: 64,
         disks: vec![Disk { device: "vda".into(), path: "/d".into(), size_bytes: 1, image: Some("i".into()) }],
         boot: Some(boot()),
-        network: Some("default".into()),
+        nics: vec![NicView {
+            network: "lan".into(),
+            mac: "52:54:00:12:34:56".into(),
+            ip: Some("10.20.0.130".into()),
+        }],
+        cloud_init: true,
         autostart: false,
+        shutdown_timeout_secs: 120,
         managed: true,
         owner_node: Some(uuid),
         epoch: 1,
@@ -350,10 +558,52 @@ fn response_schemas_match_the_types() {
         target: "web".into(),
         result: "ok".into(),
     };
+    let snapshot = Snapshot {
+        name: "before".into(),
+        description: "d".into(),
+        memory: true,
+        vm_state: VmState::Running,
+        created_at: "t".into(),
+    };
+    let image = Image {
+        name: "debian-12".into(),
+        format: "qcow2".into(),
+        virtual_size: 1,
+        file_size: 1,
+        sha256: "0".repeat(64),
+        used_by: vec!["web".into()],
+        created_at: "t".into(),
+    };
+    let network = Network {
+        name: "lan".into(),
+        kind: NetworkKind::Nat,
+        bridge: "virbr1".into(),
+        subnet: Some("10.20.0.0/24".into()),
+        gateway: Some("10.20.0.1".into()),
+        dhcp_start: Some("10.20.0.128".into()),
+        dhcp_end: Some("10.20.0.254".into()),
+        vlan: Some(10),
+        active: true,
+        created_at: "t".into(),
+    };
+    let event = crate::core::events::Event {
+        seq: 1,
+        kind: "vm.state",
+        at: "t".into(),
+        data: json!({"id": uuid, "name": "web", "state": "running"}),
+    };
     let cases: Vec<(&str, BTreeSet<String>)> = vec![
         ("Vm", keys(&vm)),
         ("Disk", keys(&vm.disks[0])),
+        ("NicView", keys(&vm.nics[0])),
         ("VmList", keys(&VmList { vms: vec![vm.clone()] })),
+        ("Snapshot", keys(&snapshot)),
+        ("SnapshotList", keys(&SnapshotList { snapshots: vec![snapshot.clone()] })),
+        ("Image", keys(&image)),
+        ("ImageList", keys(&ImageList { images: vec![image.clone()] })),
+        ("Network", keys(&network)),
+        ("NetworkList", keys(&NetworkList { networks: vec![network.clone()] })),
+        ("Event", keys(&event)),
         ("Token", keys(&token)),
         ("TokenCreated", keys(&TokenCreated { token: token.clone(), secret: "nct_x_y".into() })),
         ("TokenList", keys(&TokenList { tokens: vec![token] })),
@@ -364,11 +614,11 @@ fn response_schemas_match_the_types() {
         ("Error", keys(&ErrorBody { error: ErrorDetail { code: "internal".into(), message: "m".into() } })),
         ("ErrorDetail", keys(&ErrorDetail { code: "internal".into(), message: "m".into() })),
     ];
-    for (name, fields) in cases {
-        assert_eq!(schema_keys(&doc, name), fields, "{name}: schema properties vs serialized fields");
+    for (name, fields) in &cases {
+        assert_eq!(&schema_keys(&doc, name), fields, "{name}: schema properties vs serialized fields");
     }
     // Response types always serialize every field, so all are required.
-    for name in ["Vm", "Disk", "Token", "TokenCreated", "HostInfo", "AuditEntry", "Health"] {
+    for (name, _) in &cases {
         let required: BTreeSet<String> = schema(&doc, name)["required"]
             .as_array()
             .unwrap_or_else(|| panic!("{name}: no required"))
@@ -382,11 +632,14 @@ fn response_schemas_match_the_types() {
     assert_eq!(schema(&doc, "VmState")["enum"], json!(states), "VmState enum");
     let roles: Vec<Value> = [Role::Viewer, Role::Operator, Role::Admin].iter().map(|r| json!(r)).collect();
     assert_eq!(schema(&doc, "Role")["enum"], json!(roles), "Role enum");
+    let kinds: Vec<Value> = [NetworkKind::Nat, NetworkKind::Bridge].iter().map(|k| json!(k)).collect();
+    assert_eq!(schema(&doc, "NetworkKind")["enum"], json!(kinds), "NetworkKind enum");
 }
 
 #[test]
 fn error_codes_are_documented() {
     use crate::hypervisor::HypervisorError;
+    use crate::images::ImageError;
     use crate::store::StoreError;
     let doc = doc();
     let codes = doc["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["enum"]
@@ -404,12 +657,24 @@ fn error_codes_are_documented() {
         CoreError::Unmanaged(s()),
         CoreError::InsufficientMemory { vm: s(), need_mib: 1, available_mib: 0, reserve_mib: 0 },
         CoreError::NotReady(s()),
+        CoreError::InUse { what: s(), users: s() },
+        CoreError::Image(ImageError::TooLarge { max: 1 }),
+        CoreError::Image(ImageError::ChecksumMismatch { expected: s(), actual: s() }),
+        CoreError::Image(ImageError::BadChecksum),
+        CoreError::Image(ImageError::UnsupportedFormat(s())),
+        CoreError::Image(ImageError::BackingFile(s())),
+        CoreError::Image(ImageError::DataFile(s())),
+        CoreError::Image(ImageError::Truncated(s())),
+        CoreError::Image(ImageError::Inspect(s())),
+        CoreError::Image(ImageError::Io(std::io::Error::other("x"))),
         CoreError::Store(StoreError::Conflict(s())),
         CoreError::Store(StoreError::NotFound(s())),
         CoreError::Store(StoreError::Corrupt(s())),
         CoreError::Hypervisor(HypervisorError::Unavailable { uri: s(), reason: s() }),
         CoreError::Hypervisor(HypervisorError::WrongState(s())),
         CoreError::Hypervisor(HypervisorError::NoDomain(uuid::Uuid::nil())),
+        CoreError::Hypervisor(HypervisorError::NoNetwork(s())),
+        CoreError::Hypervisor(HypervisorError::NoSnapshot(s())),
         CoreError::Hypervisor(HypervisorError::Disk(s())),
         CoreError::Hypervisor(HypervisorError::Libvirt(s())),
         CoreError::Internal(s()),
@@ -429,6 +694,15 @@ fn error_codes_are_documented() {
     ];
     errors.extend(core.into_iter().map(ApiError::Core));
     let responses = doc["components"]["responses"].as_object().unwrap();
+    let listing = doc["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["description"]
+        .as_str()
+        .expect("ErrorDetail.code description");
+    for code in &codes {
+        assert!(
+            errors.iter().any(|e| json!(e.code()) == *code),
+            "ErrorDetail.code lists {code}, which no error produces"
+        );
+    }
     for e in &errors {
         assert!(codes.contains(&json!(e.code())), "error code {} is not in ErrorDetail.code", e.code());
         // Some shared response for the status names the code.
@@ -442,5 +716,10 @@ fn error_codes_are_documented() {
                     .is_some_and(|c| errors.iter().any(|o| o.code() == c && o.status().as_u16() == status))
         });
         assert!(described, "no components.responses entry for {status} lists `{}`", e.code());
+        assert!(
+            listing.contains(&format!("- `{}` ({status})", e.code())),
+            "ErrorDetail.code's description does not list `{}` ({status})",
+            e.code()
+        );
     }
 }

@@ -12,7 +12,19 @@ pub enum Route {
     Ready(Command),
     CreateVm,
     UpdateVm(String),
+    CloneVm(String),
+    AttachDisk(String),
+    ResizeDisk(String, String),
+    CreateSnapshot(String),
+    ImportImage,
+    CreateNetwork,
     CreateToken,
+    /// Streams its body into the core (not bound by the JSON body limit).
+    UploadImage(String),
+    /// Upgrades to a WebSocket.
+    Console(String),
+    /// Server-Sent Events; resumes after `Last-Event-ID`.
+    Events,
     OpenApi,
 }
 
@@ -30,8 +42,20 @@ impl Matched {
         Matched { template, action, route }
     }
 
+    /// Routes whose JSON body is parsed into the command.
     pub fn needs_body(&self) -> bool {
-        matches!(self.route, Route::CreateVm | Route::UpdateVm(_) | Route::CreateToken)
+        matches!(
+            self.route,
+            Route::CreateVm
+                | Route::UpdateVm(_)
+                | Route::CloneVm(_)
+                | Route::AttachDisk(_)
+                | Route::ResizeDisk(..)
+                | Route::CreateSnapshot(_)
+                | Route::ImportImage
+                | Route::CreateNetwork
+                | Route::CreateToken
+        )
     }
 
     /// Builds the command, parsing `body` strictly.
@@ -42,18 +66,23 @@ impl Matched {
             }
             Ok(b)
         }
+        fn json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
+            serde_json::from_slice(parse(b)?).map_err(ApiError::from_json)
+        }
         Ok(match self.route {
             Route::Ready(cmd) => cmd,
-            Route::CreateVm => {
-                Command::CreateVm(serde_json::from_slice(parse(body)?).map_err(ApiError::from_json)?)
+            Route::CreateVm => Command::CreateVm(json(body)?),
+            Route::UpdateVm(vm) => Command::UpdateVm(vm, json(body)?),
+            Route::CloneVm(vm) => Command::CloneVm(vm, json(body)?),
+            Route::AttachDisk(vm) => Command::AttachDisk(vm, json(body)?),
+            Route::ResizeDisk(vm, device) => Command::ResizeDisk { vm, device, req: json(body)? },
+            Route::CreateSnapshot(vm) => Command::CreateSnapshot(vm, json(body)?),
+            Route::ImportImage => Command::ImportImage(json(body)?),
+            Route::CreateNetwork => Command::CreateNetwork(json(body)?),
+            Route::CreateToken => Command::CreateToken(json(body)?),
+            Route::UploadImage(_) | Route::Console(_) | Route::Events | Route::OpenApi => {
+                return Err(ApiError::NoRoute("this route has no JSON body".into()))
             }
-            Route::UpdateVm(vm) => {
-                Command::UpdateVm(vm, serde_json::from_slice(parse(body)?).map_err(ApiError::from_json)?)
-            }
-            Route::CreateToken => {
-                Command::CreateToken(serde_json::from_slice(parse(body)?).map_err(ApiError::from_json)?)
-            }
-            Route::OpenApi => return Err(ApiError::NoRoute("openapi".into())),
         })
     }
 }
@@ -146,13 +175,22 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
                 _ => Err(not_allowed(method, path)),
             }
         }
-        ["v1", "vms", id, action] if !id.is_empty() => {
+        ["v1", "vms", id, action]
+            if !id.is_empty() && !matches!(*action, "snapshots" | "disks" | "console") =>
+        {
             let (template, action) = match *action {
                 "start" => ("/v1/vms/{id}/start", VmAction::Start),
                 "stop" => ("/v1/vms/{id}/stop", VmAction::Stop),
                 "reboot" => ("/v1/vms/{id}/reboot", VmAction::Reboot),
                 "pause" => ("/v1/vms/{id}/pause", VmAction::Pause),
                 "resume" => ("/v1/vms/{id}/resume", VmAction::Resume),
+                "clone" => {
+                    if *method != Method::POST {
+                        return Err(not_allowed(method, path));
+                    }
+                    let m = Matched::new("/v1/vms/{id}/clone", "vm.clone", Route::CloneVm(id.to_string()));
+                    return no_query(m);
+                }
                 "shutdown" => {
                     let q = Query::parse(query, &["wait", "timeout"])?;
                     let act = VmAction::Shutdown {
@@ -172,6 +210,123 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
             }
             let cmd = Command::VmAction { vm: id.to_string(), action };
             no_query(Matched::new(template, action.name(), Route::Ready(cmd)))
+        }
+        ["v1", "vms", id, "console"] if !id.is_empty() => {
+            let m = Matched::new("/v1/vms/{id}/console", "vm.console", Route::Console(id.to_string()));
+            get_only(m)
+        }
+        ["v1", "vms", id, "console", "log"] if !id.is_empty() => {
+            if *method != Method::GET {
+                return Err(not_allowed(method, path));
+            }
+            let q = Query::parse(query, &["bytes"])?;
+            let bytes = q.seconds("bytes", 1 << 20)?.unwrap_or(64 * 1024);
+            let cmd = Command::ConsoleLog { vm: id.to_string(), bytes };
+            Ok(Matched::new("/v1/vms/{id}/console/log", "vm.console.log", Route::Ready(cmd)))
+        }
+        ["v1", "vms", id, "snapshots"] if !id.is_empty() => match *method {
+            Method::GET => no_query(Matched::new(
+                "/v1/vms/{id}/snapshots",
+                "vm.snapshot.list",
+                Route::Ready(Command::ListSnapshots(id.to_string())),
+            )),
+            Method::POST => no_query(Matched::new(
+                "/v1/vms/{id}/snapshots",
+                "vm.snapshot.create",
+                Route::CreateSnapshot(id.to_string()),
+            )),
+            _ => Err(not_allowed(method, path)),
+        },
+        ["v1", "vms", id, "snapshots", snap] if !id.is_empty() && !snap.is_empty() => match *method {
+            Method::DELETE => no_query(Matched::new(
+                "/v1/vms/{id}/snapshots/{snapshot}",
+                "vm.snapshot.delete",
+                Route::Ready(Command::DeleteSnapshot { vm: id.to_string(), name: snap.to_string() }),
+            )),
+            _ => Err(not_allowed(method, path)),
+        },
+        ["v1", "vms", id, "snapshots", snap, "revert"] if !id.is_empty() && !snap.is_empty() => {
+            if *method != Method::POST {
+                return Err(not_allowed(method, path));
+            }
+            no_query(Matched::new(
+                "/v1/vms/{id}/snapshots/{snapshot}/revert",
+                "vm.snapshot.revert",
+                Route::Ready(Command::RevertSnapshot { vm: id.to_string(), name: snap.to_string() }),
+            ))
+        }
+        ["v1", "vms", id, "disks"] if !id.is_empty() => match *method {
+            Method::POST => no_query(Matched::new(
+                "/v1/vms/{id}/disks",
+                "vm.disk.attach",
+                Route::AttachDisk(id.to_string()),
+            )),
+            _ => Err(not_allowed(method, path)),
+        },
+        ["v1", "vms", id, "disks", dev] if !id.is_empty() && !dev.is_empty() => match *method {
+            Method::DELETE => no_query(Matched::new(
+                "/v1/vms/{id}/disks/{device}",
+                "vm.disk.detach",
+                Route::Ready(Command::DetachDisk { vm: id.to_string(), device: dev.to_string() }),
+            )),
+            _ => Err(not_allowed(method, path)),
+        },
+        ["v1", "vms", id, "disks", dev, "resize"] if !id.is_empty() && !dev.is_empty() => {
+            if *method != Method::POST {
+                return Err(not_allowed(method, path));
+            }
+            no_query(Matched::new(
+                "/v1/vms/{id}/disks/{device}/resize",
+                "vm.disk.resize",
+                Route::ResizeDisk(id.to_string(), dev.to_string()),
+            ))
+        }
+        ["v1", "images"] => match *method {
+            Method::GET => {
+                no_query(Matched::new("/v1/images", "image.list", Route::Ready(Command::ListImages)))
+            }
+            Method::POST => no_query(Matched::new("/v1/images", "image.import", Route::ImportImage)),
+            _ => Err(not_allowed(method, path)),
+        },
+        ["v1", "images", name] if !name.is_empty() => match *method {
+            Method::GET => no_query(Matched::new(
+                "/v1/images/{name}",
+                "image.get",
+                Route::Ready(Command::GetImage(name.to_string())),
+            )),
+            Method::PUT => no_query(Matched::new(
+                "/v1/images/{name}",
+                "image.upload",
+                Route::UploadImage(name.to_string()),
+            )),
+            Method::DELETE => no_query(Matched::new(
+                "/v1/images/{name}",
+                "image.delete",
+                Route::Ready(Command::DeleteImage(name.to_string())),
+            )),
+            _ => Err(not_allowed(method, path)),
+        },
+        ["v1", "networks"] => match *method {
+            Method::GET => {
+                no_query(Matched::new("/v1/networks", "network.list", Route::Ready(Command::ListNetworks)))
+            }
+            Method::POST => no_query(Matched::new("/v1/networks", "network.create", Route::CreateNetwork)),
+            _ => Err(not_allowed(method, path)),
+        },
+        ["v1", "networks", name] if !name.is_empty() => match *method {
+            Method::DELETE => no_query(Matched::new(
+                "/v1/networks/{name}",
+                "network.delete",
+                Route::Ready(Command::DeleteNetwork(name.to_string())),
+            )),
+            _ => Err(not_allowed(method, path)),
+        },
+        ["v1", "events"] => {
+            if *method != Method::GET {
+                return Err(not_allowed(method, path));
+            }
+            Query::parse(query, &["after"])?;
+            Ok(Matched::new("/v1/events", "event.list", Route::Events))
         }
         ["v1", "tokens"] => match *method {
             Method::GET => {

@@ -4,7 +4,8 @@
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
+use hyper::body::{Body, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -193,6 +194,19 @@ impl Client {
         body: Option<Vec<u8>>,
         content_type: Option<&str>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut req = self.builder(method, path);
+        if let Some(ct) = content_type {
+            req = req.header(hyper::header::CONTENT_TYPE, ct);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = self.send(req, false).await?;
+        collect(resp).await
+    }
+
+    /// A request builder with the Host and Authorization headers set.
+    pub fn builder(&self, method: Method, path: &str) -> hyper::http::request::Builder {
         let mut req = Request::builder().method(method).uri(path);
         let host = match &self.target {
             Target::Socket(_) => "localhost".to_string(),
@@ -203,19 +217,37 @@ impl Client {
                 format!("{host}:{port}")
             }
         };
-        req = req.header(hyper::header::HOST, host);
-        if let Some(ct) = content_type {
-            req = req.header(hyper::header::CONTENT_TYPE, ct);
+        req.header(hyper::header::HOST, host)
+    }
+
+    /// Sends a request with any body (e.g. a streamed upload) on a new
+    /// connection and returns the response as soon as its head arrives, so
+    /// long-lived bodies (SSE) can be read as they come. With `upgrades`, the
+    /// connection can be taken over after a 101 (`hyper::upgrade::on`).
+    pub async fn send<B>(&self, req: Request<B>, upgrades: bool) -> Result<Response<Incoming>, ClientError>
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let io = TokioIo::new(self.connect().await?);
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(io).await.map_err(|e| ClientError::Http(e.to_string()))?;
+        if upgrades {
+            tokio::spawn(conn.with_upgrades());
+        } else {
+            tokio::spawn(conn);
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ClientError::Http(e.to_string()))?;
+        sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
         match &self.target {
             Target::Socket(path) => {
                 let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
                     ClientError::Connect { target: path.display().to_string(), reason: e.to_string() }
                 })?;
-                send(TokioIo::new(stream), req).await
+                Ok(Box::new(stream))
             }
             Target::Https { host, port, tls, .. } => {
                 let target = format!("{host}:{port}");
@@ -228,20 +260,18 @@ impl Client {
                     .connect(name, tcp)
                     .await
                     .map_err(|e| ClientError::Connect { target, reason: e.to_string() })?;
-                send(TokioIo::new(stream), req).await
+                Ok(Box::new(stream))
             }
         }
     }
 }
 
-async fn send<S>(io: TokioIo<S>, req: Request<Full<Bytes>>) -> Result<(StatusCode, Bytes), ClientError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(io).await.map_err(|e| ClientError::Http(e.to_string()))?;
-    tokio::spawn(conn);
-    let resp = sender.send_request(req).await.map_err(|e| ClientError::Http(e.to_string()))?;
+/// A connection to the daemon: the Unix socket or a TLS stream.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Io for T {}
+
+/// Reads a whole response body.
+pub async fn collect(resp: Response<Incoming>) -> Result<(StatusCode, Bytes), ClientError> {
     let status = resp.status();
     let body = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
     Ok((status, body))

@@ -6,10 +6,16 @@
 //! unreachable.
 
 pub mod client;
+mod console;
+mod events;
 mod output;
+mod upload;
 
-use crate::types::{DiskSpec, Role, TokenCreate, VmCreate, VmPatch};
-use clap::{Args, Parser, Subcommand};
+use crate::types::{
+    CloudInit, DiskResize, DiskSpec, ImageImport, NetworkCreate, NetworkKind, Role, SnapshotCreate,
+    TokenCreate, VmClone, VmCreate, VmPatch,
+};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use client::{Client, ClientError};
 use hyper::{Method, StatusCode};
 use std::path::PathBuf;
@@ -54,6 +60,20 @@ pub enum Cmd {
     /// Manage virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Manage base images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Follow the event feed (VM states, operations, images, networks,
+    /// snapshots) until Ctrl-C.
+    Events {
+        /// Start after this sequence number (default: every event the
+        /// daemon still holds).
+        #[arg(long)]
+        after: Option<u64>,
+    },
     /// Manage API tokens (admin).
     #[command(subcommand)]
     Token(TokenCmd),
@@ -145,7 +165,156 @@ pub enum VmCmd {
         memory_mib: Option<u64>,
         #[arg(long)]
         autostart: Option<bool>,
+        /// Seconds a graceful shutdown may take before it is forced.
+        #[arg(long)]
+        shutdown_timeout: Option<u64>,
     },
+    /// Attach to the serial console (Ctrl-] leaves). With piped stdin: send
+    /// it, show output for one more second, exit.
+    Console {
+        vm: String,
+    },
+    /// Print the newest part of the serial console log.
+    ConsoleLog {
+        vm: String,
+        /// How many bytes from the end (default 64 KiB, at most 1 MiB).
+        #[arg(long)]
+        bytes: Option<u64>,
+    },
+    /// Copy a stopped VM under a new name.
+    Clone {
+        vm: String,
+        new_name: String,
+        /// Full copies of the disks instead of overlays on them.
+        #[arg(long)]
+        copy: bool,
+    },
+    /// Manage a VM's snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Attach, detach or resize disks.
+    #[command(subcommand)]
+    Disk(DiskCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCmd {
+    /// Take a snapshot.
+    Create {
+        vm: String,
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Include the guest's memory (running VMs): revert resumes it.
+        #[arg(long)]
+        memory: bool,
+    },
+    List {
+        vm: String,
+    },
+    /// Return the VM to a snapshot.
+    Revert {
+        vm: String,
+        name: String,
+    },
+    Delete {
+        vm: String,
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// Attach a new disk: blank (--size) or from an image (--image).
+    #[command(group(ArgGroup::new("source").required(true).args(["size", "image"])))]
+    Attach {
+        vm: String,
+        /// A blank disk of this many GiB.
+        #[arg(long)]
+        size: Option<u64>,
+        /// An overlay on this image.
+        #[arg(long)]
+        image: Option<String>,
+        /// With --image: a full, independent copy instead of an overlay.
+        #[arg(long, conflicts_with = "size")]
+        copy: bool,
+    },
+    /// Detach and delete a disk (vdb, ...).
+    Detach { vm: String, device: String },
+    /// Grow a disk.
+    Resize {
+        vm: String,
+        device: String,
+        /// New size in GiB.
+        #[arg(long)]
+        size: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Upload a local file (raw or qcow2) as image NAME.
+    Upload {
+        name: String,
+        file: PathBuf,
+        /// Skip the SHA-256 the daemon checks the upload against.
+        #[arg(long)]
+        no_checksum: bool,
+    },
+    /// Import a file that is already on the daemon's host.
+    Import {
+        name: String,
+        /// Path on the daemon's host.
+        #[arg(long)]
+        path: String,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Delete an image no disk uses.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCmd {
+    List,
+    Create(NetworkArgs),
+    /// Delete a network no VM uses.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(group(ArgGroup::new("kind").required(true).args(["nat", "bridge"])))]
+pub struct NetworkArgs {
+    #[arg(long)]
+    pub name: String,
+    /// A private subnet behind NAT with DHCP.
+    #[arg(long, requires = "subnet")]
+    pub nat: bool,
+    // The NAT options conflict with --bridge rather than require --nat:
+    // a bool flag always counts as present for `requires`.
+    /// NAT: the subnet, e.g. 10.20.0.0/24.
+    #[arg(long, conflicts_with = "bridge")]
+    pub subnet: Option<String>,
+    /// NAT: the host's address in the subnet (default: the first one).
+    #[arg(long, conflicts_with = "bridge")]
+    pub gateway: Option<String>,
+    /// NAT: first DHCP address (default: the upper half of the subnet).
+    #[arg(long, conflicts_with = "bridge", requires = "dhcp_end")]
+    pub dhcp_start: Option<String>,
+    #[arg(long, conflicts_with = "bridge", requires = "dhcp_start")]
+    pub dhcp_end: Option<String>,
+    /// Guests join this existing host bridge.
+    #[arg(long)]
+    pub bridge: Option<String>,
+    /// Bridge: 802.1Q VLAN tag for the guests' ports.
+    #[arg(long, requires = "bridge")]
+    pub vlan: Option<u16>,
 }
 
 #[derive(Args, Debug)]
@@ -157,8 +326,8 @@ pub struct CreateArgs {
     /// Memory in MiB.
     #[arg(long = "memory", default_value_t = 512)]
     pub memory_mib: u64,
-    /// A disk: SIZE_GIB for a blank disk, or image:NAME for an overlay on an
-    /// image in the data dir's images/ (repeatable).
+    /// A disk: SIZE_GIB for a blank disk, image:NAME for an overlay on an
+    /// image, image:NAME:copy for a full copy of it (repeatable).
     #[arg(long = "disk")]
     pub disks: Vec<String>,
     /// Direct kernel boot: kernel file under the data dir's boot/.
@@ -173,6 +342,19 @@ pub struct CreateArgs {
     pub network: Option<String>,
     #[arg(long)]
     pub autostart: bool,
+    /// cloud-init user-data file (NoCloud seed on a CD-ROM).
+    #[arg(long, value_name = "FILE")]
+    pub cloud_init_user_data: Option<PathBuf>,
+    /// cloud-init meta-data file (default: instance-id and hostname).
+    #[arg(long, value_name = "FILE", requires = "cloud_init_user_data")]
+    pub cloud_init_meta_data: Option<PathBuf>,
+    /// cloud-init network-config file.
+    #[arg(long, value_name = "FILE", requires = "cloud_init_user_data")]
+    pub cloud_init_network_config: Option<PathBuf>,
+    /// Seconds a graceful shutdown may take before it is forced (default:
+    /// the daemon's setting).
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_timeout: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -212,15 +394,59 @@ pub fn exit_code_for(status: StatusCode) -> i32 {
     }
 }
 
+/// `--disk`: `SIZE_GIB` (blank), `image:NAME` (overlay) or
+/// `image:NAME:copy` (full copy). Image names cannot contain ':'.
 fn parse_disk(s: &str) -> Result<DiskSpec, String> {
-    if let Some(image) = s.strip_prefix("image:") {
-        return Ok(DiskSpec { size_gib: None, image: Some(image.to_string()) });
+    let usage = || format!("--disk {s:?}: use SIZE_GIB, image:NAME or image:NAME:copy");
+    if let Some(rest) = s.strip_prefix("image:") {
+        let (name, copy) = match rest.split_once(':') {
+            None => (rest, false),
+            Some((name, "copy")) => (name, true),
+            Some(_) => return Err(usage()),
+        };
+        if name.is_empty() {
+            return Err(usage());
+        }
+        return Ok(DiskSpec { size_gib: None, image: Some(name.to_string()), copy });
     }
-    let size = s
-        .trim_end_matches(['G', 'g'])
-        .parse::<u64>()
-        .map_err(|_| format!("--disk {s:?}: use SIZE_GIB or image:NAME"))?;
-    Ok(DiskSpec { size_gib: Some(size), image: None })
+    let size = s.trim_end_matches(['G', 'g']).parse::<u64>().map_err(|_| usage())?;
+    Ok(DiskSpec { size_gib: Some(size), image: None, copy: false })
+}
+
+fn read_text(flag: &str, path: &std::path::Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+}
+
+/// The cloud-init seed from the `--cloud-init-*` files, if any were given.
+fn cloud_init(a: &CreateArgs) -> Result<Option<CloudInit>, String> {
+    let Some(user) = &a.cloud_init_user_data else { return Ok(None) };
+    let opt = |flag, p: &Option<PathBuf>| p.as_deref().map(|p| read_text(flag, p)).transpose();
+    Ok(Some(CloudInit {
+        user_data: read_text("--cloud-init-user-data", user)?,
+        meta_data: opt("--cloud-init-meta-data", &a.cloud_init_meta_data)?,
+        network_config: opt("--cloud-init-network-config", &a.cloud_init_network_config)?,
+    }))
+}
+
+fn network_create(a: NetworkArgs) -> NetworkCreate {
+    NetworkCreate {
+        name: a.name,
+        kind: if a.nat { NetworkKind::Nat } else { NetworkKind::Bridge },
+        subnet: a.subnet,
+        gateway: a.gateway,
+        dhcp_start: a.dhcp_start,
+        dhcp_end: a.dhcp_end,
+        bridge: a.bridge,
+        vlan: a.vlan,
+    }
+}
+
+fn client_error_code(e: &ClientError) -> i32 {
+    if matches!(e, ClientError::Connect { .. }) {
+        6
+    } else {
+        1
+    }
 }
 
 pub fn client(conn: &ConnArgs) -> Result<Client, ClientError> {
@@ -253,8 +479,9 @@ pub async fn run_client(cli: Cli) -> i32 {
             (call(Method::GET, format!("/v1/vms/{vm}"), None).await, output::Kind::Vm)
         }
         Cmd::Vm(VmCmd::Create(a)) => {
-            let disks = match a.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>, _>>() {
-                Ok(d) => d,
+            let parsed = a.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>, _>>();
+            let (disks, cloud_init) = match parsed.and_then(|d| Ok((d, cloud_init(&a)?))) {
+                Ok(v) => v,
                 Err(e) => {
                     eprintln!("novacron: {e}");
                     return 2;
@@ -272,6 +499,8 @@ pub async fn run_client(cli: Cli) -> i32 {
                 }),
                 network: a.network,
                 autostart: a.autostart,
+                cloud_init,
+                shutdown_timeout_secs: a.shutdown_timeout,
             };
             (call(Method::POST, "/v1/vms".into(), enc(&spec)).await, output::Kind::Vm)
         }
@@ -305,10 +534,100 @@ pub async fn run_client(cli: Cli) -> i32 {
             let q = if force { "?force=true" } else { "" };
             (call(Method::DELETE, format!("/v1/vms/{vm}{q}"), None).await, output::Kind::Deleted(vm))
         }
-        Cmd::Vm(VmCmd::Edit { vm, vcpus, memory_mib, autostart }) => {
-            let patch = VmPatch { vcpus, memory_mib, autostart };
+        Cmd::Vm(VmCmd::Edit { vm, vcpus, memory_mib, autostart, shutdown_timeout }) => {
+            let patch = VmPatch { vcpus, memory_mib, autostart, shutdown_timeout_secs: shutdown_timeout };
             (call(Method::PATCH, format!("/v1/vms/{vm}"), enc(&patch)).await, output::Kind::Vm)
         }
+        Cmd::Vm(VmCmd::Console { vm }) => return console::run(&c, &vm, json).await,
+        Cmd::Vm(VmCmd::ConsoleLog { vm, bytes }) => {
+            let q = bytes.map(|b| format!("?bytes={b}")).unwrap_or_default();
+            (call(Method::GET, format!("/v1/vms/{vm}/console/log{q}"), None).await, output::Kind::Raw)
+        }
+        Cmd::Vm(VmCmd::Clone { vm, new_name, copy }) => {
+            let req = VmClone { name: new_name, copy };
+            (call(Method::POST, format!("/v1/vms/{vm}/clone"), enc(&req)).await, output::Kind::Vm)
+        }
+        Cmd::Vm(VmCmd::Snapshot(SnapshotCmd::Create { vm, name, description, memory })) => {
+            let req = SnapshotCreate { name, description, memory };
+            (call(Method::POST, format!("/v1/vms/{vm}/snapshots"), enc(&req)).await, output::Kind::Snapshot)
+        }
+        Cmd::Vm(VmCmd::Snapshot(SnapshotCmd::List { vm })) => {
+            (call(Method::GET, format!("/v1/vms/{vm}/snapshots"), None).await, output::Kind::SnapshotList)
+        }
+        Cmd::Vm(VmCmd::Snapshot(SnapshotCmd::Revert { vm, name })) => (
+            call(Method::POST, format!("/v1/vms/{vm}/snapshots/{name}/revert"), None).await,
+            output::Kind::Vm,
+        ),
+        Cmd::Vm(VmCmd::Snapshot(SnapshotCmd::Delete { vm, name })) => (
+            call(Method::DELETE, format!("/v1/vms/{vm}/snapshots/{name}"), None).await,
+            output::Kind::Deleted(format!("snapshot {name} of {vm}")),
+        ),
+        Cmd::Vm(VmCmd::Disk(DiskCmd::Attach { vm, size, image, copy })) => {
+            let spec = DiskSpec { size_gib: size, image, copy };
+            (call(Method::POST, format!("/v1/vms/{vm}/disks"), enc(&spec)).await, output::Kind::Vm)
+        }
+        Cmd::Vm(VmCmd::Disk(DiskCmd::Detach { vm, device })) => {
+            (call(Method::DELETE, format!("/v1/vms/{vm}/disks/{device}"), None).await, output::Kind::Vm)
+        }
+        Cmd::Vm(VmCmd::Disk(DiskCmd::Resize { vm, device, size })) => {
+            let req = DiskResize { size_gib: size };
+            let path = format!("/v1/vms/{vm}/disks/{device}/resize");
+            (call(Method::POST, path, enc(&req)).await, output::Kind::Vm)
+        }
+        Cmd::Image(ImageCmd::Upload { name, file, no_checksum }) => {
+            match upload::upload(&c, &name, &file, !no_checksum).await {
+                Ok((status, body)) => return output::print(status, &body, output::Kind::Image, json),
+                Err(e @ upload::UploadError::File(..)) => {
+                    eprintln!("novacron: {e}");
+                    return 2;
+                }
+                Err(e @ upload::UploadError::Exists(_)) => {
+                    // Worded like the daemon's own answer to the PUT.
+                    let err = crate::types::ErrorBody {
+                        error: crate::types::ErrorDetail {
+                            code: "name_taken".into(),
+                            message: e.to_string(),
+                        },
+                    };
+                    return output::print(
+                        StatusCode::CONFLICT,
+                        &enc(&err).unwrap_or_default(),
+                        output::Kind::Raw,
+                        json,
+                    );
+                }
+                Err(upload::UploadError::Client(e)) => {
+                    eprintln!("novacron: {e}");
+                    return client_error_code(&e);
+                }
+            }
+        }
+        Cmd::Image(ImageCmd::Import { name, path }) => {
+            let req = ImageImport { name, path };
+            (call(Method::POST, "/v1/images".into(), enc(&req)).await, output::Kind::Image)
+        }
+        Cmd::Image(ImageCmd::List) => {
+            (call(Method::GET, "/v1/images".into(), None).await, output::Kind::ImageList)
+        }
+        Cmd::Image(ImageCmd::Show { name }) => {
+            (call(Method::GET, format!("/v1/images/{name}"), None).await, output::Kind::Image)
+        }
+        Cmd::Image(ImageCmd::Delete { name }) => (
+            call(Method::DELETE, format!("/v1/images/{name}"), None).await,
+            output::Kind::Deleted(format!("image {name}")),
+        ),
+        Cmd::Network(NetworkCmd::List) => {
+            (call(Method::GET, "/v1/networks".into(), None).await, output::Kind::NetworkList)
+        }
+        Cmd::Network(NetworkCmd::Create(a)) => {
+            let req = network_create(a);
+            (call(Method::POST, "/v1/networks".into(), enc(&req)).await, output::Kind::Network)
+        }
+        Cmd::Network(NetworkCmd::Delete { name }) => (
+            call(Method::DELETE, format!("/v1/networks/{name}"), None).await,
+            output::Kind::Deleted(format!("network {name}")),
+        ),
+        Cmd::Events { after } => return events::follow(&c, after, json).await,
         Cmd::Token(TokenCmd::Create { name, role }) => {
             let req = TokenCreate { name, role: Role::parse(&role).expect("clap checked the role") };
             (call(Method::POST, "/v1/tokens".into(), enc(&req)).await, output::Kind::TokenCreated)
@@ -327,11 +646,7 @@ pub async fn run_client(cli: Cli) -> i32 {
         Ok((status, body)) => output::print(status, &body, kind, json),
         Err(e) => {
             eprintln!("novacron: {e}");
-            if matches!(e, ClientError::Connect { .. }) {
-                6
-            } else {
-                1
-            }
+            client_error_code(&e)
         }
     }
 }
@@ -361,6 +676,71 @@ mod erased {
     impl<T: serde::Serialize> Json for T {
         fn to_json(&self) -> Vec<u8> {
             serde_json::to_vec(self).expect("request types serialize")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    #[test]
+    fn disk_flags_parse() {
+        let d = parse_disk("10").unwrap();
+        assert_eq!((d.size_gib, d.image, d.copy), (Some(10), None, false));
+        assert_eq!(parse_disk("20G").unwrap().size_gib, Some(20));
+        let d = parse_disk("image:base.qcow2").unwrap();
+        assert_eq!((d.size_gib, d.image.as_deref(), d.copy), (None, Some("base.qcow2"), false));
+        let d = parse_disk("image:base.qcow2:copy").unwrap();
+        assert_eq!((d.image.as_deref(), d.copy), (Some("base.qcow2"), true));
+        for bad in ["", "x", "image:", "image::copy", "image:a:clone", "-1"] {
+            assert!(parse_disk(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn network_flags_build_the_request() {
+        let cli = Cli::try_parse_from([
+            "novacron",
+            "network",
+            "create",
+            "--name",
+            "lan",
+            "--nat",
+            "--subnet",
+            "10.20.0.0/24",
+        ])
+        .unwrap();
+        let Cmd::Network(NetworkCmd::Create(a)) = cli.command else { panic!("parsed {:?}", cli.command) };
+        let req = network_create(a);
+        assert_eq!(
+            (req.kind, req.subnet.as_deref(), req.bridge),
+            (NetworkKind::Nat, Some("10.20.0.0/24"), None)
+        );
+        let cli = Cli::try_parse_from([
+            "novacron", "network", "create", "--name", "b", "--bridge", "br0", "--vlan", "7",
+        ])
+        .unwrap();
+        let Cmd::Network(NetworkCmd::Create(a)) = cli.command else { panic!("parsed {:?}", cli.command) };
+        assert_eq!(network_create(a).vlan, Some(7));
+        for bad in [
+            &["network", "create", "--name", "x"][..],
+            &["network", "create", "--name", "x", "--nat", "--bridge", "b"],
+            &["network", "create", "--name", "x", "--bridge", "b", "--subnet", "10.0.0.0/24"],
+            &["network", "create", "--name", "x", "--nat", "--subnet", "s", "--dhcp-start", "a"],
+            &["vm", "disk", "attach", "v", "--size", "1", "--image", "i"],
+            &["vm", "disk", "attach", "v", "--size", "1", "--copy"],
+            &["vm", "create", "--name", "v", "--cloud-init-meta-data", "f"],
+        ] {
+            assert!(
+                Cli::try_parse_from(std::iter::once("novacron").chain(bad.iter().copied())).is_err(),
+                "{bad:?}"
+            );
         }
     }
 }

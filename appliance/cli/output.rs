@@ -1,7 +1,11 @@
 //! Human output (tables) and `--json` output for the CLI.
 
 use super::exit_code_for;
-use crate::types::{AuditList, ErrorBody, HostInfo, TokenCreated, TokenList, Vm, VmList};
+use super::upload::human_bytes;
+use crate::types::{
+    AuditList, ErrorBody, HostInfo, Image, ImageList, Network, NetworkKind, NetworkList, Snapshot,
+    SnapshotList, TokenCreated, TokenList, Vm, VmList,
+};
 use hyper::StatusCode;
 
 pub enum Kind {
@@ -12,6 +16,14 @@ pub enum Kind {
     Audit,
     Host,
     Deleted(String),
+    Image,
+    ImageList,
+    Network,
+    NetworkList,
+    Snapshot,
+    SnapshotList,
+    /// Printed as it came (text such as the console log).
+    Raw,
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
@@ -39,8 +51,10 @@ fn show_vm(vm: &Vm) {
     println!("memory:      {} MiB", vm.memory_mib);
     println!("managed:     {}", vm.managed);
     println!("autostart:   {}", vm.autostart);
-    if let Some(n) = &vm.network {
-        println!("network:     {n}");
+    println!("shutdown:    {} s before forcing off", vm.shutdown_timeout_secs);
+    println!("cloud-init:  {}", if vm.cloud_init { "yes" } else { "no" });
+    for n in &vm.nics {
+        println!("nic:         {} on {}, ip {}", n.mac, n.network, n.ip.as_deref().unwrap_or("(no lease)"));
     }
     if let Some(b) = &vm.boot {
         println!("kernel:      {}", b.kernel);
@@ -52,11 +66,67 @@ fn show_vm(vm: &Vm) {
         }
     }
     for d in &vm.disks {
-        let gib = d.size_bytes as f64 / (1u64 << 30) as f64;
         let base = d.image.as_deref().map(|i| format!(" (overlay on {i})")).unwrap_or_default();
-        println!("disk {}:    {gib:.1} GiB {}{base}", d.device, d.path);
+        println!("disk {}:    {} {}{base}", d.device, human_bytes(d.size_bytes), d.path);
     }
     println!("created:     {}", vm.created_at);
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn dash_join(v: &[String]) -> String {
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+fn kind_str(k: NetworkKind) -> &'static str {
+    match k {
+        NetworkKind::Nat => "nat",
+        NetworkKind::Bridge => "bridge",
+    }
+}
+
+fn snapshot_what(s: &Snapshot) -> String {
+    let mem = if s.memory { "disks and memory" } else { "disks only" };
+    format!("{mem}, VM {}", s.vm_state.as_str())
+}
+
+fn show_image(i: &Image) {
+    println!("name:         {}", i.name);
+    println!("format:       {}", i.format);
+    println!("virtual size: {} ({} bytes)", human_bytes(i.virtual_size), i.virtual_size);
+    println!("file size:    {} ({} bytes)", human_bytes(i.file_size), i.file_size);
+    println!("sha256:       {}", i.sha256);
+    println!("used by:      {}", dash_join(&i.used_by));
+    println!("created:      {}", i.created_at);
+}
+
+fn show_network(n: &Network) {
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    println!("name:         {}", n.name);
+    println!("kind:         {}", kind_str(n.kind));
+    println!("bridge:       {}", n.bridge);
+    match n.kind {
+        NetworkKind::Nat => {
+            println!("subnet:       {}", opt(&n.subnet));
+            println!("gateway:      {}", opt(&n.gateway));
+            println!("dhcp:         {} - {}", opt(&n.dhcp_start), opt(&n.dhcp_end));
+        }
+        NetworkKind::Bridge => {
+            println!("vlan:         {}", n.vlan.map(|v| v.to_string()).unwrap_or_else(|| "-".into()))
+        }
+    }
+    println!("active:       {}", yes_no(n.active));
+    println!("created:      {}", n.created_at);
 }
 
 /// Prints a response; returns the exit code.
@@ -69,13 +139,31 @@ pub fn print(status: StatusCode, body: &[u8], kind: Kind, json: bool) -> i32 {
         }
         return exit_code_for(status);
     }
+    if let Kind::Raw = kind {
+        // Console output may end without a newline; keep the bytes as they are.
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        return match out.write_all(body).and_then(|()| out.flush()) {
+            Ok(()) => 0,
+            Err(_) => 1,
+        };
+    }
     if json {
         if !body.is_empty() {
             println!("{}", String::from_utf8_lossy(body));
         }
         return 0;
     }
+    if body.is_empty() {
+        // 204: nothing to show but the fact that it was done.
+        match kind {
+            Kind::Deleted(what) => println!("deleted {what}"),
+            _ => println!("done"),
+        }
+        return 0;
+    }
     let parsed = match kind {
+        Kind::Raw => unreachable!("printed above"),
         Kind::Deleted(what) => {
             println!("deleted {what}");
             Ok(())
@@ -133,6 +221,59 @@ pub fn print(status: StatusCode, body: &[u8], kind: Kind, json: bool) -> i32 {
             table(&["TIME", "ACTOR", "ACTION", "TARGET", "RESULT"], rows);
         }),
         Kind::Host => serde_json::from_slice::<HostInfo>(body).map(|h| println!("{h:#?}")),
+        Kind::Image => serde_json::from_slice::<Image>(body).map(|i| show_image(&i)),
+        Kind::ImageList => serde_json::from_slice::<ImageList>(body).map(|l| {
+            let rows = l
+                .images
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.name.clone(),
+                        i.format.clone(),
+                        human_bytes(i.virtual_size),
+                        human_bytes(i.file_size),
+                        dash_join(&i.used_by),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "FORMAT", "VIRTUAL-SIZE", "FILE-SIZE", "USED-BY"], rows);
+        }),
+        Kind::Network => serde_json::from_slice::<Network>(body).map(|n| show_network(&n)),
+        Kind::NetworkList => serde_json::from_slice::<NetworkList>(body).map(|l| {
+            let rows = l
+                .networks
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.name.clone(),
+                        kind_str(n.kind).to_string(),
+                        n.bridge.clone(),
+                        n.subnet.clone().unwrap_or_else(|| "-".into()),
+                        yes_no(n.active).into(),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "KIND", "BRIDGE", "SUBNET", "ACTIVE"], rows);
+        }),
+        Kind::Snapshot => serde_json::from_slice::<Snapshot>(body).map(|s| {
+            println!("snapshot {} created ({})", s.name, snapshot_what(&s));
+        }),
+        Kind::SnapshotList => serde_json::from_slice::<SnapshotList>(body).map(|l| {
+            let rows = l
+                .snapshots
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.name.clone(),
+                        s.created_at.clone(),
+                        s.vm_state.as_str().to_string(),
+                        yes_no(s.memory).into(),
+                        s.description.clone(),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "CREATED", "VM-STATE", "MEMORY", "DESCRIPTION"], rows);
+        }),
     };
     match parsed {
         Ok(()) => 0,

@@ -3,9 +3,29 @@
 //! per action is used everywhere: route, command, audit entry, metric.
 
 use crate::types::{
-    AuditList, Health, HostInfo, Role, TokenCreate, TokenCreated, TokenList, Vm, VmCreate, VmPatch,
+    AuditList, DiskResize, DiskSpec, Health, HostInfo, Image, ImageImport, ImageList, Network, NetworkCreate,
+    NetworkList, Role, Snapshot, SnapshotCreate, SnapshotList, TokenCreate, TokenCreated, TokenList, Vm,
+    VmClone, VmCreate, VmPatch,
 };
+use bytes::Bytes;
 use std::sync::Arc;
+
+/// A request body streamed into the core (image uploads), chunk by chunk;
+/// an `Err` means the client went away or the transfer broke.
+#[derive(Clone)]
+pub struct BodyStream(pub Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Result<Bytes, String>>>>);
+
+impl std::fmt::Debug for BodyStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BodyStream")
+    }
+}
+
+impl PartialEq for BodyStream {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
@@ -17,12 +37,65 @@ pub enum Command {
     GetVm(String),
     CreateVm(VmCreate),
     UpdateVm(String, VmPatch),
-    DeleteVm { vm: String, force: bool },
-    VmAction { vm: String, action: VmAction },
+    DeleteVm {
+        vm: String,
+        force: bool,
+    },
+    VmAction {
+        vm: String,
+        action: VmAction,
+    },
+    CloneVm(String, VmClone),
+    AttachDisk(String, DiskSpec),
+    DetachDisk {
+        vm: String,
+        device: String,
+    },
+    ResizeDisk {
+        vm: String,
+        device: String,
+        req: DiskResize,
+    },
+    ListSnapshots(String),
+    CreateSnapshot(String, SnapshotCreate),
+    RevertSnapshot {
+        vm: String,
+        name: String,
+    },
+    DeleteSnapshot {
+        vm: String,
+        name: String,
+    },
+    /// The newest `bytes` of the serial console log.
+    ConsoleLog {
+        vm: String,
+        bytes: u64,
+    },
+    /// An interactive serial console session.
+    Console(String),
+    ListImages,
+    GetImage(String),
+    UploadImage {
+        name: String,
+        checksum: Option<String>,
+        length: Option<u64>,
+        body: BodyStream,
+    },
+    ImportImage(ImageImport),
+    DeleteImage(String),
+    ListNetworks,
+    CreateNetwork(NetworkCreate),
+    DeleteNetwork(String),
+    /// Events after sequence number `after`, then live.
+    Events {
+        after: u64,
+    },
     ListTokens,
     CreateToken(TokenCreate),
     RevokeToken(String),
-    ListAudit { limit: usize },
+    ListAudit {
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +141,25 @@ impl Command {
             Command::UpdateVm(..) => "vm.update",
             Command::DeleteVm { .. } => "vm.delete",
             Command::VmAction { action, .. } => action.name(),
+            Command::CloneVm(..) => "vm.clone",
+            Command::AttachDisk(..) => "vm.disk.attach",
+            Command::DetachDisk { .. } => "vm.disk.detach",
+            Command::ResizeDisk { .. } => "vm.disk.resize",
+            Command::ListSnapshots(_) => "vm.snapshot.list",
+            Command::CreateSnapshot(..) => "vm.snapshot.create",
+            Command::RevertSnapshot { .. } => "vm.snapshot.revert",
+            Command::DeleteSnapshot { .. } => "vm.snapshot.delete",
+            Command::ConsoleLog { .. } => "vm.console.log",
+            Command::Console(_) => "vm.console",
+            Command::ListImages => "image.list",
+            Command::GetImage(_) => "image.get",
+            Command::UploadImage { .. } => "image.upload",
+            Command::ImportImage(_) => "image.import",
+            Command::DeleteImage(_) => "image.delete",
+            Command::ListNetworks => "network.list",
+            Command::CreateNetwork(_) => "network.create",
+            Command::DeleteNetwork(_) => "network.delete",
+            Command::Events { .. } => "event.list",
             Command::ListTokens => "token.list",
             Command::CreateToken(_) => "token.create",
             Command::RevokeToken(_) => "token.revoke",
@@ -81,7 +173,7 @@ impl Command {
         required_role(self.name())
     }
 
-    /// Mutations are audited.
+    /// Mutations are audited. The console counts: it can change the guest.
     pub fn is_mutation(&self) -> bool {
         matches!(
             self,
@@ -89,6 +181,19 @@ impl Command {
                 | Command::UpdateVm(..)
                 | Command::DeleteVm { .. }
                 | Command::VmAction { .. }
+                | Command::CloneVm(..)
+                | Command::AttachDisk(..)
+                | Command::DetachDisk { .. }
+                | Command::ResizeDisk { .. }
+                | Command::CreateSnapshot(..)
+                | Command::RevertSnapshot { .. }
+                | Command::DeleteSnapshot { .. }
+                | Command::Console(_)
+                | Command::UploadImage { .. }
+                | Command::ImportImage(_)
+                | Command::DeleteImage(_)
+                | Command::CreateNetwork(_)
+                | Command::DeleteNetwork(_)
                 | Command::CreateToken(_)
                 | Command::RevokeToken(_)
         )
@@ -102,6 +207,22 @@ impl Command {
             | Command::UpdateVm(vm, _)
             | Command::DeleteVm { vm, .. }
             | Command::VmAction { vm, .. } => vm.clone(),
+            Command::CloneVm(vm, c) => format!("{vm} -> {}", c.name),
+            Command::AttachDisk(vm, _)
+            | Command::ListSnapshots(vm)
+            | Command::CreateSnapshot(vm, _)
+            | Command::ConsoleLog { vm, .. }
+            | Command::Console(vm) => vm.clone(),
+            Command::DetachDisk { vm, device } | Command::ResizeDisk { vm, device, .. } => {
+                format!("{vm}/{device}")
+            }
+            Command::RevertSnapshot { vm, name } | Command::DeleteSnapshot { vm, name } => {
+                format!("{vm}@{name}")
+            }
+            Command::GetImage(n) | Command::DeleteImage(n) | Command::DeleteNetwork(n) => n.clone(),
+            Command::UploadImage { name, .. } => name.clone(),
+            Command::ImportImage(i) => i.name.clone(),
+            Command::CreateNetwork(n) => n.name.clone(),
             Command::CreateToken(t) => t.name.clone(),
             Command::RevokeToken(id) => id.clone(),
             _ => String::new(),
@@ -115,14 +236,29 @@ impl Command {
 pub fn required_role(action: &str) -> Option<Role> {
     match action {
         "health" | "openapi" => None,
-        "ready" | "host.info" | "metrics" | "vm.list" | "vm.get" => Some(Role::Viewer),
-        a if a.starts_with("vm.") => Some(Role::Operator),
-        // Tokens, audit and anything new: admin until decided otherwise.
+        "ready" | "host.info" | "metrics" | "vm.list" | "vm.get" | "vm.snapshot.list" | "image.list"
+        | "image.get" | "network.list" | "event.list" => Some(Role::Viewer),
+        // The console (and its log) can show secrets: operator, like lifecycle.
+        a if a.starts_with("vm.") || a.starts_with("image.") => Some(Role::Operator),
+        // Tokens, audit, host networks and anything new: admin until decided
+        // otherwise.
         _ => Some(Role::Admin),
     }
 }
 
-#[derive(Debug, Clone)]
+/// An open serial console: output chunks arrive on `output`; input goes
+/// through `input`. Dropping both ends the session.
+pub struct ConsoleSession {
+    pub output: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    pub input: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+/// A live event feed: what was missed, then what comes.
+pub struct EventFeed {
+    pub backlog: Vec<super::events::Event>,
+    pub live: tokio::sync::broadcast::Receiver<super::events::Event>,
+}
+
 pub enum Reply {
     Health(Health),
     Ready,
@@ -142,6 +278,22 @@ pub enum Reply {
     Tokens(TokenList),
     TokenCreated(TokenCreated),
     Audit(AuditList),
+    Snapshots(SnapshotList),
+    SnapshotCreated(Snapshot),
+    Images(ImageList),
+    Image(Image),
+    ImageCreated(Image),
+    Networks(NetworkList),
+    NetworkCreated(Network),
+    ConsoleLog(Bytes),
+    Console(ConsoleSession),
+    Events(EventFeed),
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reply")
+    }
 }
 
 /// Who is asking: resolved by the API from a token or the socket peer.

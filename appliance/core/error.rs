@@ -22,6 +22,13 @@ pub enum CoreError {
     Unmanaged(String),
     #[error("starting {vm} needs {need_mib} MiB but only {available_mib} MiB is available with {reserve_mib} MiB kept for the host")]
     InsufficientMemory { vm: String, need_mib: u64, available_mib: u64, reserve_mib: u64 },
+    /// A new network's subnet collides with one that exists.
+    #[error("{0}")]
+    Overlap(String),
+    #[error("{what} is in use by {users}")]
+    InUse { what: String, users: String },
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
     #[error("not ready: {0}")]
     NotReady(String),
     #[error(transparent)]
@@ -49,12 +56,25 @@ impl CoreError {
             CoreError::Unmanaged(_) => "unmanaged",
             CoreError::InsufficientMemory { .. } => "insufficient_memory",
             CoreError::NotReady(_) => "not_ready",
+            CoreError::InUse { .. } => "in_use",
+            CoreError::Overlap(_) => "subnet_overlap",
+            CoreError::Image(e) => match e {
+                crate::images::ImageError::TooLarge { .. } => "payload_too_large",
+                crate::images::ImageError::ChecksumMismatch { .. } => "checksum_mismatch",
+                crate::images::ImageError::BadChecksum => "invalid_value",
+                crate::images::ImageError::Truncated(_) => "truncated",
+                crate::images::ImageError::Io(_) => "image_storage",
+                _ => "invalid_image",
+            },
             CoreError::Store(StoreError::Conflict(_)) => "conflict",
             CoreError::Store(StoreError::NotFound(_)) => "not_found",
             CoreError::Store(_) => "store_error",
             CoreError::Hypervisor(HypervisorError::Unavailable { .. }) => "libvirt_unavailable",
             CoreError::Hypervisor(HypervisorError::WrongState(_)) => "wrong_state",
             CoreError::Hypervisor(HypervisorError::Disk(_)) => "disk_error",
+            CoreError::Hypervisor(HypervisorError::NoNetwork(_) | HypervisorError::NoSnapshot(_)) => {
+                "not_found"
+            }
             CoreError::Hypervisor(_) => "libvirt_error",
             CoreError::Internal(_) => "internal",
         }

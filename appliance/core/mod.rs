@@ -5,17 +5,22 @@
 //! serializes operations per VM with one async mutex each.
 
 mod command;
+mod disks;
 mod error;
+pub mod events;
+mod images;
+mod networks;
 mod reconcile;
+mod snapshots;
 mod tokens;
 mod vm;
 
-pub use command::{required_role, Caller, Command, Reply, VmAction};
+pub use command::{required_role, BodyStream, Caller, Command, ConsoleSession, EventFeed, Reply, VmAction};
 pub use error::CoreError;
 
 use crate::config::Config;
 use crate::hypervisor::{DomainInfo, Hypervisor, HypervisorInfo};
-use crate::store::{NodeRecord, Store, TokenRecord, VmRecord};
+use crate::store::{ImageRecord, NetworkRecord, NodeRecord, SnapshotRecord, Store, TokenRecord, VmRecord};
 use crate::telemetry::metrics::Metrics;
 use crate::types::{AuditList, Health, HostInfo, Vm};
 use std::collections::HashMap;
@@ -86,12 +91,19 @@ pub struct Core {
     generation: AtomicU64,
     list_cache: Mutex<Option<(u64, Arc<Vec<Vm>>)>>,
     tokens: RwLock<HashMap<String, TokenRecord>>,
+    images: RwLock<std::collections::BTreeMap<String, ImageRecord>>,
+    networks: RwLock<std::collections::BTreeMap<String, NetworkRecord>>,
+    snapshots: RwLock<Vec<SnapshotRecord>>,
+    pub events: events::EventBus,
     vm_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     /// Serializes VM creation so name checks and inserts cannot interleave.
     create_lock: tokio::sync::Mutex<()>,
     /// VMs with an ACPI shutdown in flight: shown as shutting_down.
     shutting_down: Mutex<HashMap<Uuid, ()>>,
     hv_info: Mutex<Option<HypervisorInfo>>,
+    /// MAC -> address from the DHCP leases of NovaCron's NAT networks,
+    /// refreshed by reconciliation.
+    leases: RwLock<HashMap<String, String>>,
     tls_fingerprint: OnceLock<String>,
     tls_not_after: OnceLock<i64>,
     last_seq: AtomicU64,
@@ -110,6 +122,9 @@ impl Core {
         let node = store.node_identity(&default_name)?;
         let vms = store.vms()?.into_iter().map(|v| (v.id, v)).collect();
         let tokens = store.tokens()?.into_iter().map(|t| (t.id.clone(), t)).collect();
+        let images = store.images()?.into_iter().map(|i| (i.name.clone(), i)).collect();
+        let networks = store.networks()?.into_iter().map(|n| (n.name.clone(), n)).collect();
+        let snapshots = store.snapshots()?;
         let last_seq = store.last_seq()? as u64;
         let core = Core {
             cfg,
@@ -123,10 +138,15 @@ impl Core {
             generation: AtomicU64::new(1),
             list_cache: Mutex::new(None),
             tokens: RwLock::new(tokens),
+            images: RwLock::new(images),
+            networks: RwLock::new(networks),
+            snapshots: RwLock::new(snapshots),
+            events: events::EventBus::default(),
             vm_locks: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             shutting_down: Mutex::new(HashMap::new()),
             hv_info: Mutex::new(None),
+            leases: RwLock::new(HashMap::new()),
             tls_fingerprint: OnceLock::new(),
             tls_not_after: OnceLock::new(),
             last_seq: AtomicU64::new(last_seq),
@@ -164,8 +184,19 @@ impl Core {
             return self.query(cmd).await;
         }
         let audit_cmd = cmd.clone();
+        let op =
+            serde_json::json!({"op": audit_cmd.name(), "target": audit_cmd.target(), "actor": caller.name});
+        self.events.publish("operation.started", op.clone());
         let result = self.mutate(caller, cmd).await;
         self.metrics.count_operation(audit_cmd.name(), result.is_ok());
+        match &result {
+            Ok(_) => self.events.publish("operation.finished", op),
+            Err(e) => {
+                let mut op = op;
+                op["error"] = serde_json::json!({"code": e.code(), "message": e.to_string()});
+                self.events.publish("operation.failed", op);
+            }
+        }
         self.audit(caller, &audit_cmd, &result.as_ref().map(|_| ())).await;
         result
     }
@@ -221,8 +252,23 @@ impl Core {
                 let (generation, vms) = self.vm_list();
                 Ok(Reply::Vms { generation, vms })
             }
-            Command::GetVm(r) => Ok(Reply::Vm(Box::new(self.find_vm(&r)?))),
+            Command::GetVm(r) => {
+                // Fresh leases, so a NIC's address shows as soon as it has one.
+                if self.find_record(&r).is_ok_and(|v| !v.nics.is_empty()) {
+                    self.refresh_leases().await;
+                }
+                Ok(Reply::Vm(Box::new(self.find_vm(&r)?)))
+            }
             Command::ListTokens => Ok(Reply::Tokens(self.list_tokens())),
+            Command::ListImages => Ok(Reply::Images(self.list_images())),
+            Command::ListNetworks => Ok(Reply::Networks(self.list_networks().await?)),
+            Command::ListSnapshots(vm) => Ok(Reply::Snapshots(self.list_snapshots(&vm)?)),
+            Command::GetImage(name) => Ok(Reply::Image(self.get_image(&name)?)),
+            Command::ConsoleLog { vm, bytes } => Ok(Reply::ConsoleLog(self.console_tail(&vm, bytes)?)),
+            Command::Events { after } => {
+                let (backlog, live) = self.events.subscribe(after);
+                Ok(Reply::Events(EventFeed { backlog, live }))
+            }
             Command::ListAudit { limit } => {
                 let store = self.store.clone();
                 let entries = tokio::task::spawn_blocking(move || store.audit(limit))
@@ -241,6 +287,33 @@ impl Core {
             Command::DeleteVm { vm, force } => self.delete_vm(&vm, force).await.map(|_| Reply::Deleted),
             Command::VmAction { vm, action } => self.vm_action(&vm, action).await,
             Command::CreateToken(req) => self.create_token(req).await.map(Reply::TokenCreated),
+            Command::UploadImage { name, checksum, length, body } => {
+                self.upload_image(&name, checksum, length, body).await.map(Reply::ImageCreated)
+            }
+            Command::ImportImage(req) => self.import_image(req).await.map(Reply::ImageCreated),
+            Command::CreateNetwork(req) => self.create_network(req).await.map(Reply::NetworkCreated),
+            Command::DeleteNetwork(name) => self.delete_network(&name).await.map(|_| Reply::Deleted),
+            Command::CreateSnapshot(vm, req) => {
+                self.create_snapshot(&vm, req).await.map(Reply::SnapshotCreated)
+            }
+            Command::RevertSnapshot { vm, name } => {
+                self.revert_snapshot(&vm, &name).await.map(|v| Reply::Vm(Box::new(v)))
+            }
+            Command::DeleteSnapshot { vm, name } => {
+                self.delete_snapshot(&vm, &name).await.map(|_| Reply::Deleted)
+            }
+            Command::Console(vm) => self.open_console(&vm).await.map(Reply::Console),
+            Command::CloneVm(vm, req) => self.clone_vm(&vm, req).await.map(|v| Reply::Created(Box::new(v))),
+            Command::AttachDisk(vm, spec) => {
+                self.attach_disk(&vm, spec).await.map(|v| Reply::Vm(Box::new(v)))
+            }
+            Command::DetachDisk { vm, device } => {
+                self.detach_disk(&vm, &device).await.map(|v| Reply::Vm(Box::new(v)))
+            }
+            Command::ResizeDisk { vm, device, req } => {
+                self.resize_disk(&vm, &device, req).await.map(|v| Reply::Vm(Box::new(v)))
+            }
+            Command::DeleteImage(name) => self.delete_image(&name).await.map(|_| Reply::Deleted),
             Command::RevokeToken(id) => self.revoke_token(caller, &id).await.map(|_| Reply::Deleted),
             other => Err(CoreError::Internal(format!("{} is not a mutation", other.name()))),
         }
@@ -270,20 +343,26 @@ impl Core {
         Ok(())
     }
 
+    /// Applies a committed change to the in-memory view and announces it.
     fn apply_to_cache(&self, change: &crate::store::Change) {
         use crate::store::Change;
+        use serde_json::json;
         match change {
             Change::VmPut(vm) => {
                 self.vms.write().unwrap().insert(vm.id, vm.clone());
             }
             Change::VmState { id, state, at } => {
-                if let Some(vm) = self.vms.write().unwrap().get_mut(id) {
+                let mut vms = self.vms.write().unwrap();
+                if let Some(vm) = vms.get_mut(id) {
                     vm.state = *state;
                     vm.updated_at = *at;
+                    self.events
+                        .publish("vm.state", json!({"id": id, "name": vm.name, "state": state.as_str()}));
                 }
             }
             Change::VmDelete { id } => {
                 self.vms.write().unwrap().remove(id);
+                self.snapshots.write().unwrap().retain(|s| s.vm_id != *id);
             }
             Change::TokenPut(t) => {
                 self.tokens.write().unwrap().insert(t.id.clone(), t.clone());
@@ -291,6 +370,36 @@ impl Core {
             }
             Change::TokenDelete { id } => {
                 self.tokens.write().unwrap().remove(id);
+                return;
+            }
+            Change::ImagePut(i) => {
+                self.images.write().unwrap().insert(i.name.clone(), i.clone());
+                self.events.publish("image.created", json!({"name": i.name, "format": i.format}));
+                return;
+            }
+            Change::ImageDelete { name } => {
+                self.images.write().unwrap().remove(name);
+                self.events.publish("image.deleted", json!({"name": name}));
+                return;
+            }
+            Change::NetworkPut(n) => {
+                self.networks.write().unwrap().insert(n.name.clone(), n.clone());
+                self.events.publish("network.created", json!({"name": n.name}));
+                return;
+            }
+            Change::NetworkDelete { name } => {
+                self.networks.write().unwrap().remove(name);
+                self.events.publish("network.deleted", json!({"name": name}));
+                return;
+            }
+            Change::SnapshotPut(sn) => {
+                self.snapshots.write().unwrap().push(sn.clone());
+                self.events.publish("snapshot.created", json!({"vm": sn.vm_id, "name": sn.name}));
+                return;
+            }
+            Change::SnapshotDelete { vm_id, name } => {
+                self.snapshots.write().unwrap().retain(|s| !(s.vm_id == *vm_id && s.name == *name));
+                self.events.publish("snapshot.deleted", json!({"vm": vm_id, "name": name}));
                 return;
             }
         }
@@ -364,6 +473,10 @@ impl Core {
         tokio::time::timeout(Duration::from_secs(30), m.lock_owned())
             .await
             .map_err(|_| CoreError::Busy(name.to_string()))
+    }
+
+    pub(crate) fn lease_for(&self, mac: &str) -> Option<String> {
+        self.leases.read().unwrap().get(mac).cloned()
     }
 
     /// Number of managed VMs.

@@ -20,6 +20,8 @@ impl Core {
     /// of unmanaged domains.
     pub async fn reconcile_all(self: &Arc<Self>) -> Result<()> {
         let domains = self.hv_call(|hv| hv.list()).await?;
+        self.reconcile_networks().await;
+        self.refresh_leases().await;
         self.metrics.libvirt_connected.store(true, Ordering::Relaxed);
         let managed: Vec<_> = self.vms.read().unwrap().values().cloned().collect();
         let managed_ids: HashSet<_> = managed.iter().map(|v| v.id).collect();
@@ -60,9 +62,10 @@ impl Core {
         let Some(vm) = self.vms.read().unwrap().get(&id).cloned() else { return };
         let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));
         let record = vm.clone();
+        let seed = self.seed_path(id);
         let result = self
             .hv_call(move |hv| {
-                Core::ensure_disks(&record)?;
+                Core::ensure_disks(&record, &seed)?;
                 hv.define(&xml)
             })
             .await;

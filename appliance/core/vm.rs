@@ -4,7 +4,7 @@ use super::{Core, CoreError, Reply, Result, VmAction};
 use crate::hypervisor::xml::{disk_target, DomainSpec};
 use crate::hypervisor::{disks, DomainState};
 use crate::store::{now_ms, Change, VmRecord};
-use crate::types::{valid_name, Disk, Vm, VmCreate, VmPatch, VmState};
+use crate::types::{valid_name, Disk, Nic, NicView, Vm, VmCreate, VmPatch, VmState};
 use crate::util::rfc3339;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -19,10 +19,22 @@ const MAX_DISK_GIB: u64 = 64 * 1024;
 const MAX_DISKS: usize = 16;
 const MAX_CMDLINE: usize = 4096;
 const GIB: u64 = 1024 * 1024 * 1024;
+/// cloud-init user-data, meta-data and network-config together.
+const MAX_CLOUD_INIT: usize = 64 * 1024;
+const MAX_SHUTDOWN_TIMEOUT: u64 = 86_400;
 
 /// A validated create request: each disk's size and optional base image,
 /// and the boot spec with its paths resolved.
-type CreatePlan = (Vec<(u64, Option<PathBuf>)>, Option<crate::types::BootSpec>);
+type CreatePlan = (Vec<PlannedDisk>, Option<crate::types::BootSpec>);
+
+/// One disk to make: blank of `size`, an overlay on `base`, or (`copy`) a
+/// full copy of `base`.
+#[derive(Debug, Clone)]
+pub(super) struct PlannedDisk {
+    pub size: u64,
+    pub base: Option<(PathBuf, String)>,
+    pub copy: bool,
+}
 
 pub(super) fn vm_state(s: DomainState) -> VmState {
     match s {
@@ -47,6 +59,11 @@ impl Core {
         }
     }
 
+    /// The graceful shutdown limit for `vm`.
+    pub(super) fn shutdown_timeout(&self, vm: &VmRecord) -> u64 {
+        vm.shutdown_timeout_secs.unwrap_or(self.cfg.hypervisor.shutdown_timeout_secs)
+    }
+
     pub(super) fn view(&self, vm: &VmRecord) -> Vm {
         Vm {
             id: vm.id,
@@ -56,8 +73,18 @@ impl Core {
             memory_mib: vm.memory_mib,
             disks: vm.disks.clone(),
             boot: vm.boot.clone(),
-            network: vm.network.clone(),
+            nics: vm
+                .nics
+                .iter()
+                .map(|n| NicView {
+                    network: n.network.clone(),
+                    mac: n.mac.clone(),
+                    ip: self.lease_for(&n.mac),
+                })
+                .collect(),
+            cloud_init: vm.cloud_init.is_some(),
             autostart: vm.autostart,
+            shutdown_timeout_secs: self.shutdown_timeout(vm),
             managed: true,
             owner_node: Some(vm.owner_node),
             epoch: vm.epoch,
@@ -75,8 +102,10 @@ impl Core {
             memory_mib: d.memory_mib,
             disks: Vec::new(),
             boot: None,
-            network: None,
+            nics: Vec::new(),
+            cloud_init: false,
             autostart: false,
+            shutdown_timeout_secs: 0,
             managed: false,
             owner_node: None,
             epoch: 0,
@@ -138,7 +167,7 @@ impl Core {
     /// that, after following links, lies inside one of `allowed`: libvirt
     /// relabels what it hands to QEMU, so an arbitrary path would let any
     /// operator take over host files.
-    fn resolve_host_file(&self, field: &str, value: &str, allowed: &[&Path]) -> Result<PathBuf> {
+    pub(super) fn resolve_host_file(&self, field: &str, value: &str, allowed: &[&Path]) -> Result<PathBuf> {
         if value.is_empty() || value.contains('\0') {
             return Err(CoreError::invalid(field, "must be a file path"));
         }
@@ -158,6 +187,61 @@ impl Core {
         Ok(real)
     }
 
+    /// Checks one disk request and works out what to make.
+    pub(super) fn plan_disk(&self, field: &str, d: &crate::types::DiskSpec) -> Result<PlannedDisk> {
+        match (d.size_gib, &d.image) {
+            (Some(size), None) => {
+                if size == 0 || size > MAX_DISK_GIB {
+                    return Err(CoreError::invalid(
+                        format!("{field}.size_gib"),
+                        format!("must be between 1 and {MAX_DISK_GIB}"),
+                    ));
+                }
+                if d.copy {
+                    return Err(CoreError::invalid(format!("{field}.copy"), "only applies to image disks"));
+                }
+                Ok(PlannedDisk { size: size * GIB, base: None, copy: false })
+            }
+            (None, Some(image)) => {
+                let field = format!("{field}.image");
+                let (path, format, size) = match self.image_record(image) {
+                    Some(rec) => (PathBuf::from(&rec.path), rec.format, rec.virtual_size),
+                    None => {
+                        // A file placed under images/ by hand gets the same
+                        // checks as an upload.
+                        let path = self.resolve_host_file(&field, image, &[&self.paths.images])?;
+                        let (format, size) = crate::images::inspect(&path)
+                            .map_err(|e| CoreError::invalid(&field, e.to_string()))?;
+                        (path, format, size)
+                    }
+                };
+                Ok(PlannedDisk { size, base: Some((path, format)), copy: d.copy })
+            }
+            _ => Err(CoreError::invalid(field, "give exactly one of size_gib or image")),
+        }
+    }
+
+    /// Makes the planned disk files of `vm` (copies first; blanks and
+    /// overlays through `ensure_disks`).
+    pub(super) fn make_disks(
+        vm: &VmRecord,
+        plan: &[PlannedDisk],
+        seed: &Path,
+    ) -> crate::hypervisor::Result<()> {
+        for (disk, p) in vm.disks.iter().zip(plan) {
+            if let (true, Some((base, format))) = (p.copy, &p.base) {
+                let path = Path::new(&disk.path);
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
+                }
+                crate::images::copy_to_qcow2(base, format, path)
+                    .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
+            }
+        }
+        Core::ensure_disks(vm, seed)
+    }
+
     /// Checks a create request completely before anything is changed.
     fn validate_create(&self, spec: &VmCreate) -> Result<CreatePlan> {
         valid_name(&spec.name).map_err(|m| CoreError::invalid("name", m))?;
@@ -175,29 +259,7 @@ impl Core {
         }
         let mut disks = Vec::new();
         for (i, d) in spec.disks.iter().enumerate() {
-            match (d.size_gib, &d.image) {
-                (Some(size), None) => {
-                    if size == 0 || size > MAX_DISK_GIB {
-                        return Err(CoreError::invalid(
-                            format!("disks[{i}].size_gib"),
-                            format!("must be between 1 and {MAX_DISK_GIB}"),
-                        ));
-                    }
-                    disks.push((size * GIB, None));
-                }
-                (None, Some(image)) => {
-                    let field = format!("disks[{i}].image");
-                    let path = self.resolve_host_file(&field, image, &[&self.paths.images])?;
-                    let info = disks::info(&path).map_err(|e| CoreError::invalid(&field, e.to_string()))?;
-                    disks.push((info.virtual_size, Some(path)));
-                }
-                _ => {
-                    return Err(CoreError::invalid(
-                        format!("disks[{i}]"),
-                        "give exactly one of size_gib or image",
-                    ))
-                }
-            }
+            disks.push(self.plan_disk(&format!("disks[{i}]"), d)?);
         }
         let boot = match &spec.boot {
             None => None,
@@ -226,6 +288,28 @@ impl Core {
         if let Some(n) = &spec.network {
             valid_name(n).map_err(|m| CoreError::invalid("network", m))?;
         }
+        if let Some(ci) = &spec.cloud_init {
+            let size = ci.user_data.len()
+                + ci.meta_data.as_ref().map_or(0, String::len)
+                + ci.network_config.as_ref().map_or(0, String::len);
+            if size > MAX_CLOUD_INIT {
+                return Err(CoreError::invalid(
+                    "cloud_init",
+                    format!("is {size} bytes; at most {MAX_CLOUD_INIT} bytes in all"),
+                ));
+            }
+            if ci.user_data.contains('\0') {
+                return Err(CoreError::invalid("cloud_init.user_data", "must be text"));
+            }
+        }
+        if let Some(t) = spec.shutdown_timeout_secs {
+            if t == 0 || t > MAX_SHUTDOWN_TIMEOUT {
+                return Err(CoreError::invalid(
+                    "shutdown_timeout_secs",
+                    format!("must be between 1 and {MAX_SHUTDOWN_TIMEOUT}"),
+                ));
+            }
+        }
         Ok((disks, boot))
     }
 
@@ -237,7 +321,12 @@ impl Core {
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
             disks: vm.disks.iter().map(|d| PathBuf::from(&d.path)).collect(),
-            network: vm.network.clone(),
+            nics: vm
+                .nics
+                .iter()
+                .map(|n| crate::hypervisor::xml::Nic { network: n.network.clone(), mac: n.mac.clone() })
+                .collect(),
+            cdrom: vm.cloud_init.as_ref().map(|_| self.seed_path(vm.id)),
             kernel: vm.boot.as_ref().map(|b| PathBuf::from(&b.kernel)),
             initrd: vm.boot.as_ref().and_then(|b| b.initrd.as_ref().map(PathBuf::from)),
             cmdline: vm.boot.as_ref().and_then(|b| b.cmdline.clone()),
@@ -246,12 +335,60 @@ impl Core {
         }
     }
 
+    /// The newest `bytes` of a VM's serial console log.
+    pub(super) fn console_tail(&self, r: &str, bytes: u64) -> Result<bytes::Bytes> {
+        use std::io::{Read, Seek, SeekFrom};
+        let vm = self.find_record(r)?;
+        let mut f = match std::fs::File::open(self.console_log(vm.id)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(bytes::Bytes::new()),
+            Err(e) => return Err(CoreError::Internal(format!("console log: {e}"))),
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = len.saturating_sub(bytes);
+        f.seek(SeekFrom::Start(start)).map_err(|e| CoreError::Internal(e.to_string()))?;
+        let mut buf = Vec::with_capacity((len - start) as usize);
+        f.take(bytes).read_to_end(&mut buf).map_err(|e| CoreError::Internal(e.to_string()))?;
+        Ok(bytes::Bytes::from(buf))
+    }
+
+    /// The cloud-init NoCloud seed ISO of a VM.
+    pub fn seed_path(&self, id: Uuid) -> PathBuf {
+        self.paths.disks.join(id.to_string()).join("cidata.iso")
+    }
+
+    /// Writes the seed ISO for `vm`'s cloud-init data. The default
+    /// meta-data names the VM and uses its UUID as instance-id, so a clone
+    /// (new UUID) runs cloud-init afresh.
+    pub(super) fn build_seed(vm: &VmRecord, dest: &Path) -> crate::hypervisor::Result<()> {
+        let Some(ci) = &vm.cloud_init else { return Ok(()) };
+        let meta = ci
+            .meta_data
+            .clone()
+            .unwrap_or_else(|| format!("instance-id: {}\nlocal-hostname: {}\n", vm.id, vm.name));
+        let mut files: Vec<(&str, &[u8])> =
+            vec![("user-data", ci.user_data.as_bytes()), ("meta-data", meta.as_bytes())];
+        if let Some(n) = &ci.network_config {
+            files.push(("network-config", n.as_bytes()));
+        }
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
+        }
+        crate::images::build_seed(dest, &files)
+            .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))
+    }
+
     pub fn console_log(&self, id: Uuid) -> PathBuf {
         self.paths.logs.join(format!("{id}.console.log"))
     }
 
-    /// Creates any disk file of `vm` that does not exist yet.
-    pub(super) fn ensure_disks(vm: &VmRecord) -> crate::hypervisor::Result<()> {
+    /// Creates any disk file of `vm` that does not exist yet, and its
+    /// cloud-init seed.
+    pub(super) fn ensure_disks(vm: &VmRecord, seed: &Path) -> crate::hypervisor::Result<()> {
+        if vm.cloud_init.is_some() && !seed.exists() {
+            Core::build_seed(vm, seed)?;
+        }
         for d in &vm.disks {
             let path = Path::new(&d.path);
             if path.exists() {
@@ -269,7 +406,7 @@ impl Core {
         Ok(())
     }
 
-    fn remove_disks(dir: &Path) {
+    pub(super) fn remove_disks(dir: &Path) {
         if let Err(e) = std::fs::remove_dir_all(dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(path = %dir.display(), error = %e, "cannot remove VM disks");
@@ -283,6 +420,11 @@ impl Core {
         let (disk_plan, boot) = tokio::task::spawn_blocking(move || core.validate_create(&spec2))
             .await
             .map_err(|e| CoreError::Internal(e.to_string()))??;
+        if let Some(n) = &spec.network {
+            if !self.network_exists(n).await? {
+                return Err(CoreError::invalid("network", format!("there is no network {n:?}")));
+            }
+        }
         let _create = self.create_lock.lock().await;
         let taken = self.vms.read().unwrap().values().any(|v| v.name == spec.name)
             || self.unmanaged.read().unwrap().iter().any(|d| d.name == spec.name);
@@ -299,17 +441,24 @@ impl Core {
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             disks: disk_plan
-                .into_iter()
+                .iter()
                 .enumerate()
-                .map(|(i, (size, image))| Disk {
+                .map(|(i, p)| Disk {
                     device: disk_target(i),
                     path: dir.join(format!("{}.qcow2", disk_target(i))).display().to_string(),
-                    size_bytes: size,
-                    image: image.map(|p| p.display().to_string()),
+                    size_bytes: p.size,
+                    // A copy does not depend on its image afterwards.
+                    image: p.base.as_ref().filter(|_| !p.copy).map(|(b, _)| b.display().to_string()),
                 })
                 .collect(),
             boot,
-            network: spec.network.clone(),
+            nics: spec
+                .network
+                .iter()
+                .map(|n| Nic { network: n.clone(), mac: crate::hypervisor::xml::random_mac() })
+                .collect(),
+            cloud_init: spec.cloud_init.clone(),
+            shutdown_timeout_secs: spec.shutdown_timeout_secs,
             autostart: spec.autostart,
             owner_node: self.node.id,
             epoch: 1,
@@ -322,9 +471,10 @@ impl Core {
         self.commit(Change::VmPut(vm.clone())).await?;
         let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));
         let record = vm.clone();
+        let seed = self.seed_path(id);
         let made = self
             .hv_call(move |hv| {
-                Core::ensure_disks(&record)?;
+                Core::make_disks(&record, &disk_plan, &seed)?;
                 hv.define(&xml)
             })
             .await;
@@ -407,6 +557,7 @@ impl Core {
         .await?;
         self.commit(Change::VmDelete { id }).await?;
         Self::remove_disks(&self.paths.disks.join(id.to_string()));
+        self.collect_bases();
         let _ = std::fs::remove_file(self.console_log(id));
         self.vm_locks.lock().unwrap().remove(&id);
         self.shutting_down.lock().unwrap().remove(&id);
@@ -458,8 +609,9 @@ impl Core {
                 // Redefine first so the domain always matches the spec.
                 let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&found));
                 let record = found.clone();
+                let seed = self.seed_path(id);
                 self.hv_call(move |hv| {
-                    Core::ensure_disks(&record)?;
+                    Core::ensure_disks(&record, &seed)?;
                     hv.define(&xml)?;
                     hv.start(id)
                 })

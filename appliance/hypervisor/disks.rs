@@ -17,6 +17,17 @@ use super::{HypervisorError, Result};
 
 const QEMU_IMG: &str = "qemu-img";
 
+/// Grows a disk of a stopped VM to `bytes`.
+pub fn resize(path: &Path, bytes: u64) -> Result<()> {
+    let path = absolute(path)?;
+    run(
+        "resize",
+        &path,
+        Command::new(QEMU_IMG).args(["resize", "-q", "-f", "qcow2"]).arg(&path).arg(bytes.to_string()),
+    )
+    .map(drop)
+}
+
 /// What `qemu-img info` reports about one image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskInfo {

@@ -9,6 +9,9 @@ pub mod disks;
 pub mod libvirt;
 pub mod xml;
 
+use std::path::Path;
+
+use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 /// What libvirt says a domain is doing, reduced to the states NovaCron shows.
@@ -50,6 +53,49 @@ pub struct LifecycleEvent {
     pub name: String,
 }
 
+/// One libvirt virtual network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub active: bool,
+    /// Host bridge device; `None` for network types without one.
+    pub bridge: Option<String>,
+}
+
+/// A DHCP lease handed out by a libvirt network's dnsmasq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpLease {
+    pub mac: String,
+    pub ip: String,
+}
+
+/// One libvirt snapshot of a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub description: String,
+    /// Creation time, unix seconds.
+    pub created: i64,
+    /// The domain state the snapshot recorded (what a revert returns to).
+    pub state: DomainState,
+    /// True for a full system checkpoint (RAM included).
+    pub has_memory: bool,
+}
+
+/// An open serial console of a running domain.
+///
+/// Guest output is delivered on the channel given to
+/// [`Hypervisor::open_console`]; that channel closes when the session ends
+/// (guest stopped, another session forced this one off, or [`Console::close`]
+/// / drop). Output is driven by libvirt's event loop, never by the caller.
+pub trait Console: Send + Sync {
+    /// Queues bytes for the guest's serial port; never blocks on the guest.
+    /// Fails once the session has ended.
+    fn send(&self, data: &[u8]) -> Result<()>;
+    /// Ends the session; also done on drop.
+    fn close(&self);
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     /// libvirt cannot be reached (daemon down, socket missing).
@@ -58,6 +104,12 @@ pub enum HypervisorError {
     /// The domain does not exist in libvirt.
     #[error("domain {0} is not defined in libvirt")]
     NoDomain(Uuid),
+    /// The libvirt network does not exist.
+    #[error("network {0} is not defined in libvirt")]
+    NoNetwork(String),
+    /// The domain has no snapshot with this name.
+    #[error("snapshot {0} does not exist")]
+    NoSnapshot(String),
     /// The domain is not in a state that allows the operation.
     #[error("domain is in the wrong state for this operation: {0}")]
     WrongState(String),
@@ -94,5 +146,40 @@ pub trait Hypervisor: Send + Sync {
     fn list(&self) -> Result<Vec<DomainInfo>>;
     /// Registers for lifecycle events; each event is sent on `tx`. Survives
     /// reconnects (re-registers on the new connection).
-    fn subscribe(&self, tx: tokio::sync::mpsc::UnboundedSender<LifecycleEvent>) -> Result<()>;
+    fn subscribe(&self, tx: UnboundedSender<LifecycleEvent>) -> Result<()>;
+
+    /// Defines (or redefines) a persistent network, marks it autostart and
+    /// starts it if it is not running.
+    fn network_define(&self, xml: &str) -> Result<()>;
+    /// Stops (if running) and undefines a network.
+    fn network_remove(&self, name: &str) -> Result<()>;
+    fn network_list(&self) -> Result<Vec<NetworkInfo>>;
+    /// Current leases of a libvirt-managed (NAT) network's DHCP server.
+    fn dhcp_leases(&self, network: &str) -> Result<Vec<DhcpLease>>;
+    /// `(mac, ip)` pairs of the domain's NICs, from the same DHCP leases.
+    fn interface_addresses(&self, uuid: Uuid) -> Result<Vec<(String, String)>>;
+
+    /// Takes an internal (qcow2) snapshot. A running domain needs
+    /// `with_memory` (QEMU internal snapshots of a running VM always include
+    /// RAM); a stopped one needs `!with_memory`. Otherwise `WrongState`.
+    fn snapshot_create(&self, uuid: Uuid, name: &str, description: &str, with_memory: bool) -> Result<()>;
+    /// Oldest first.
+    fn snapshot_list(&self, uuid: Uuid) -> Result<Vec<SnapshotInfo>>;
+    /// Returns the domain to the snapshot: running for a memory snapshot,
+    /// stopped (stopping it if needed) for a disk-only one.
+    fn snapshot_revert(&self, uuid: Uuid, name: &str) -> Result<()>;
+    fn snapshot_delete(&self, uuid: Uuid, name: &str) -> Result<()>;
+
+    /// Grows a disk of a running domain to `bytes` (guest-visible size).
+    fn block_resize(&self, uuid: Uuid, target_dev: &str, bytes: u64) -> Result<()>;
+    /// Adds a qcow2 disk to the persistent definition and, with `live`, to
+    /// the running guest.
+    fn attach_disk(&self, uuid: Uuid, path: &Path, target_dev: &str, live: bool) -> Result<()>;
+    /// Removes a disk from the definition and, with `live`, from the running
+    /// guest (the guest finishes the unplug asynchronously).
+    fn detach_disk(&self, uuid: Uuid, target_dev: &str, live: bool) -> Result<()>;
+
+    /// Attaches to the serial console of a running domain, taking it over
+    /// from any earlier session. A stopped domain gives `WrongState`.
+    fn open_console(&self, uuid: Uuid, output: UnboundedSender<Vec<u8>>) -> Result<Box<dyn Console>>;
 }

@@ -1,11 +1,22 @@
 //! Domain XML generation. Every value that comes from a user is escaped.
 
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 /// XML namespace of the `<metadata>` element NovaCron writes into each domain.
 pub const METADATA_NS: &str = "https://novacron.dev/xmlns/vm/1";
+
+/// One virtio NIC on a libvirt network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// libvirt network name.
+    pub network: String,
+    /// Fixed MAC (`52:54:00:xx:xx:xx`), stored by the core so the guest keeps
+    /// its DHCP lease and interface naming across redefines.
+    pub mac: String,
+}
 
 /// Everything needed to render one domain definition.
 #[derive(Debug, Clone)]
@@ -18,16 +29,31 @@ pub struct DomainSpec {
     pub memory_mib: u64,
     /// qcow2 files, attached as virtio disks vda, vdb, ...
     pub disks: Vec<PathBuf>,
-    /// libvirt network name for one virtio NIC.
-    pub network: Option<String>,
+    /// One virtio NIC each, in order.
+    pub nics: Vec<Nic>,
+    /// Read-only CD-ROM, e.g. a cloud-init `cidata` seed ISO.
+    pub cdrom: Option<PathBuf>,
     /// Direct kernel boot.
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub cmdline: Option<String>,
-    /// Serial console output is appended to this file.
+    /// Everything the guest prints on its serial console is appended here.
     pub serial_log: PathBuf,
     /// The owning node, recorded in the domain's metadata.
     pub node_id: Uuid,
+}
+
+/// Target of the CD-ROM: machine 'pc' (i440fx) has IDE but no AHCI, and
+/// hdc (secondary master) keeps hda/hdb free.
+pub const CDROM_TARGET: &str = "hdc";
+
+/// A random locally administered unicast MAC under QEMU's 52:54:00 prefix.
+pub fn random_mac() -> String {
+    let mut b = [0u8; 3];
+    // getrandom only fails when the OS has no entropy source at all, which
+    // the daemon cannot run without anyway.
+    getrandom::getrandom(&mut b).expect("OS random source unavailable");
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
 /// Escapes text for use both in element content and in attribute values
@@ -107,36 +133,141 @@ pub fn domain_xml(spec: &DomainSpec) -> String {
 
     let _ = writeln!(x, "  <devices>");
     for (i, disk) in spec.disks.iter().enumerate() {
-        let _ = writeln!(x, "    <disk type='file' device='disk'>");
-        // cache='none' (O_DIRECT) keeps guest writes out of the host page
-        // cache so a host crash cannot lose acknowledged writes; checked to
-        // work on the appliance's ext4 data dir.
-        let _ = writeln!(x, "      <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>");
-        let _ = writeln!(x, "      <source file='{}'/>", escape_path(disk));
-        let _ = writeln!(x, "      <target dev='{}' bus='virtio'/>", disk_target(i));
+        x.push_str(&disk_xml(disk, &disk_target(i)));
+    }
+    if let Some(iso) = &spec.cdrom {
+        // snapshot='no': internal snapshots skip the read-only raw ISO
+        // (raw images cannot hold internal snapshots).
+        let _ = writeln!(x, "    <disk type='file' device='cdrom' snapshot='no'>");
+        let _ = writeln!(x, "      <driver name='qemu' type='raw'/>");
+        let _ = writeln!(x, "      <source file='{}'/>", escape_path(iso));
+        let _ = writeln!(x, "      <target dev='{CDROM_TARGET}' bus='ide'/>");
+        let _ = writeln!(x, "      <readonly/>");
         let _ = writeln!(x, "    </disk>");
     }
-    if let Some(network) = &spec.network {
+    for nic in &spec.nics {
         let _ = writeln!(x, "    <interface type='network'>");
-        let _ = writeln!(x, "      <source network='{}'/>", escape(network));
+        let _ = writeln!(x, "      <mac address='{}'/>", escape(&nic.mac));
+        let _ = writeln!(x, "      <source network='{}'/>", escape(&nic.network));
         let _ = writeln!(x, "      <model type='virtio'/>");
         let _ = writeln!(x, "    </interface>");
     }
+    // A pty (not a file) so virDomainOpenConsole can attach; the <log>
+    // still appends everything the guest prints to the same file.
     let log = escape_path(&spec.serial_log);
-    let _ = writeln!(x, "    <serial type='file'>");
-    let _ = writeln!(x, "      <source path='{log}' append='on'/>");
+    let _ = writeln!(x, "    <serial type='pty'>");
+    let _ = writeln!(x, "      <log file='{log}' append='on'/>");
     let _ = writeln!(x, "      <target port='0'/>");
     let _ = writeln!(x, "    </serial>");
     // A console whose target is 'serial' is folded by libvirt into the
-    // serial device above; it has to repeat the same source.
-    let _ = writeln!(x, "    <console type='file'>");
-    let _ = writeln!(x, "      <source path='{log}' append='on'/>");
+    // serial device above.
+    let _ = writeln!(x, "    <console type='pty'>");
+    let _ = writeln!(x, "      <log file='{log}' append='on'/>");
     let _ = writeln!(x, "      <target type='serial' port='0'/>");
     let _ = writeln!(x, "    </console>");
     let _ = writeln!(x, "    <memballoon model='virtio'/>");
     let _ = writeln!(x, "  </devices>");
     let _ = writeln!(x, "</domain>");
     x
+}
+
+/// One qcow2 virtio disk, as used both in [`domain_xml`] and for hotplug.
+pub fn disk_xml(path: &Path, target: &str) -> String {
+    let mut x = String::with_capacity(256);
+    let _ = writeln!(x, "    <disk type='file' device='disk'>");
+    // cache='none' (O_DIRECT) keeps guest writes out of the host page
+    // cache so a host crash cannot lose acknowledged writes; checked to
+    // work on the appliance's ext4 data dir.
+    let _ = writeln!(x, "      <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>");
+    let _ = writeln!(x, "      <source file='{}'/>", escape_path(path));
+    let _ = writeln!(x, "      <target dev='{}' bus='virtio'/>", escape(target));
+    let _ = writeln!(x, "    </disk>");
+    x
+}
+
+/// A libvirt virtual network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkSpec {
+    /// A libvirt-managed bridge with dnsmasq DHCP, NATed to the host's uplink.
+    Nat {
+        name: String,
+        bridge: String,
+        gateway: Ipv4Addr,
+        prefix: u8,
+        dhcp_start: Ipv4Addr,
+        dhcp_end: Ipv4Addr,
+    },
+    /// An existing host bridge that libvirt only plugs guests into.
+    ///
+    /// `vlan` tags the guests' ports. With `openvswitch` libvirt sets the
+    /// tag on the OVS port; on a Linux bridge libvirt 11 uses kernel bridge
+    /// VLAN filtering, which needs `CONFIG_BRIDGE_VLAN_FILTERING` and the
+    /// bridge's `vlan_filtering` on (see [`bridge_vlan_filtering`]),
+    /// otherwise guests fail to start or the tag is not enforced.
+    Bridge { name: String, bridge: String, vlan: Option<u16>, openvswitch: bool },
+}
+
+impl NetworkSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            NetworkSpec::Nat { name, .. } | NetworkSpec::Bridge { name, .. } => name,
+        }
+    }
+}
+
+/// Renders a persistent libvirt network definition for `spec`.
+pub fn network_xml(spec: &NetworkSpec) -> String {
+    let mut x = String::with_capacity(512);
+    let _ = writeln!(x, "<network>");
+    let _ = writeln!(x, "  <name>{}</name>", escape(spec.name()));
+    match spec {
+        NetworkSpec::Nat { bridge, gateway, prefix, dhcp_start, dhcp_end, .. } => {
+            let _ = writeln!(x, "  <forward mode='nat'/>");
+            let _ = writeln!(x, "  <bridge name='{}' stp='on' delay='0'/>", escape(bridge));
+            let _ = writeln!(x, "  <ip address='{gateway}' prefix='{prefix}'>");
+            let _ = writeln!(x, "    <dhcp>");
+            let _ = writeln!(x, "      <range start='{dhcp_start}' end='{dhcp_end}'/>");
+            let _ = writeln!(x, "    </dhcp>");
+            let _ = writeln!(x, "  </ip>");
+        }
+        NetworkSpec::Bridge { bridge, vlan, openvswitch, .. } => {
+            let _ = writeln!(x, "  <forward mode='bridge'/>");
+            let _ = writeln!(x, "  <bridge name='{}'/>", escape(bridge));
+            if *openvswitch {
+                let _ = writeln!(x, "  <virtualport type='openvswitch'/>");
+            }
+            if let Some(tag) = vlan {
+                let _ = writeln!(x, "  <vlan>\n    <tag id='{tag}'/>\n  </vlan>");
+            }
+        }
+    }
+    let _ = writeln!(x, "</network>");
+    x
+}
+
+/// Whether the Linux bridge `bridge` enforces VLAN tags: `None` when the
+/// bridge does not exist or the kernel has no bridge VLAN filtering (libvirt
+/// then fails guest start with "error adding vlan filter ... Operation not
+/// supported"), `Some(false)` when it is off (a tag would be set on the port
+/// but not enforced), `Some(true)` when tags isolate guests.
+pub fn bridge_vlan_filtering(bridge: &str) -> Option<bool> {
+    if bridge.is_empty() || bridge.contains('/') || bridge.starts_with('.') {
+        return None;
+    }
+    let v = std::fs::read_to_string(Path::new("/sys/class/net").join(bridge).join("bridge/vlan_filtering"))
+        .ok()?;
+    Some(v.trim() == "1")
+}
+
+/// Snapshot definition for `virDomainSnapshotCreateXML`. Which state is
+/// captured (disks only, or disks plus RAM) is decided by the domain's state
+/// and flags, not here.
+pub fn snapshot_xml(name: &str, description: &str) -> String {
+    format!(
+        "<domainsnapshot>\n  <name>{}</name>\n  <description>{}</description>\n</domainsnapshot>\n",
+        escape(name),
+        escape(description)
+    )
 }
 
 #[cfg(test)]
@@ -151,7 +282,8 @@ mod tests {
             vcpus: 2,
             memory_mib: 256,
             disks: vec!["/var/lib/novacron/disks/a.qcow2".into(), "/var/lib/novacron/disks/b.qcow2".into()],
-            network: Some("default".into()),
+            nics: vec![Nic { network: "default".into(), mac: "52:54:00:12:34:56".into() }],
+            cdrom: Some("/var/lib/novacron/seeds/seed.iso".into()),
             kernel: Some("/var/lib/novacron/images/vmlinuz".into()),
             initrd: Some("/var/lib/novacron/images/initrd.img".into()),
             cmdline: Some("console=ttyS0 root=/dev/vda".into()),
@@ -178,7 +310,8 @@ mod tests {
         s.kernel = Some(format!("/k/{HOSTILE}").into());
         s.initrd = Some(format!("/i/{HOSTILE}").into());
         s.cmdline = Some(HOSTILE.into());
-        s.network = Some(HOSTILE.into());
+        s.nics = vec![Nic { network: HOSTILE.into(), mac: HOSTILE.into() }];
+        s.cdrom = Some(format!("/c/{HOSTILE}.iso").into());
         s.serial_log = format!("/l/{HOSTILE}").into();
         let xml = domain_xml(&s);
         assert!(!xml.contains(HOSTILE), "raw value leaked:\n{xml}");
@@ -187,7 +320,22 @@ mod tests {
         assert!(xml.contains(&format!("<source network='{HOSTILE_ESCAPED}'/>")));
         assert!(xml.contains(&format!("<source file='/d/{HOSTILE_ESCAPED}.qcow2'/>")));
         assert!(xml.contains(&format!("<kernel>/k/{HOSTILE_ESCAPED}</kernel>")));
-        assert!(xml.contains(&format!("<source path='/l/{HOSTILE_ESCAPED}' append='on'/>")));
+        assert!(xml.contains(&format!("<mac address='{HOSTILE_ESCAPED}'/>")));
+        assert!(xml.contains(&format!("<source file='/c/{HOSTILE_ESCAPED}.iso'/>")));
+        assert!(xml.contains(&format!("<log file='/l/{HOSTILE_ESCAPED}' append='on'/>")));
+
+        let net = network_xml(&NetworkSpec::Bridge {
+            name: HOSTILE.into(),
+            bridge: HOSTILE.into(),
+            vlan: None,
+            openvswitch: false,
+        });
+        assert!(!net.contains(HOSTILE), "raw value leaked:\n{net}");
+        assert!(net.contains(&format!("<name>{HOSTILE_ESCAPED}</name>")));
+        assert!(net.contains(&format!("<bridge name='{HOSTILE_ESCAPED}'/>")));
+        let snap = snapshot_xml(HOSTILE, HOSTILE);
+        assert!(!snap.contains(HOSTILE), "raw value leaked:\n{snap}");
+        assert!(snap.contains(&format!("<description>{HOSTILE_ESCAPED}</description>")));
     }
 
     #[test]
@@ -208,14 +356,107 @@ mod tests {
     }
 
     #[test]
-    fn network_present_and_absent() {
-        let xml = domain_xml(&spec());
-        assert!(xml.contains("<interface type='network'>"));
-        assert!(xml.contains("<source network='default'/>"));
-        assert!(xml.contains("<model type='virtio'/>"));
+    fn nics_with_macs() {
+        let mut s = spec();
+        s.nics.push(Nic { network: "lan".into(), mac: "52:54:00:ab:cd:ef".into() });
+        let xml = domain_xml(&s);
+        assert_eq!(xml.matches("<interface type='network'>").count(), 2);
+        assert_eq!(xml.matches("<model type='virtio'/>").count(), 2);
+        // In order, each MAC right before its network.
+        let first =
+            xml.find("<mac address='52:54:00:12:34:56'/>\n      <source network='default'/>").unwrap();
+        let second = xml.find("<mac address='52:54:00:ab:cd:ef'/>\n      <source network='lan'/>").unwrap();
+        assert!(first < second);
 
-        let xml = domain_xml(&DomainSpec { network: None, ..spec() });
+        let xml = domain_xml(&DomainSpec { nics: vec![], ..spec() });
         assert!(!xml.contains("<interface"));
+    }
+
+    #[test]
+    fn random_macs() {
+        let a = random_mac();
+        assert_eq!(a.len(), 17);
+        assert!(a.starts_with("52:54:00:"), "{a}");
+        assert!(a.bytes().all(|c| c == b':' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase()), "{a}");
+        // 24 random bits: eight draws colliding means the source is broken.
+        let many: std::collections::HashSet<String> = (0..8).map(|_| random_mac()).collect();
+        assert!(many.len() > 1);
+    }
+
+    #[test]
+    fn cdrom_present_and_absent() {
+        let xml = domain_xml(&spec());
+        let cd = "    <disk type='file' device='cdrom' snapshot='no'>\n      <driver name='qemu' type='raw'/>\n      \
+                  <source file='/var/lib/novacron/seeds/seed.iso'/>\n      <target dev='hdc' bus='ide'/>\n      \
+                  <readonly/>\n    </disk>\n";
+        assert!(xml.contains(cd), "{xml}");
+        let xml = domain_xml(&DomainSpec { cdrom: None, ..spec() });
+        assert!(!xml.contains("cdrom"));
+    }
+
+    #[test]
+    fn pty_serial_with_log() {
+        let xml = domain_xml(&spec());
+        let log = "<log file='/var/lib/novacron/logs/serial.log' append='on'/>";
+        assert!(xml
+            .contains(&format!("<serial type='pty'>\n      {log}\n      <target port='0'/>\n    </serial>")));
+        assert!(xml.contains(&format!(
+            "<console type='pty'>\n      {log}\n      <target type='serial' port='0'/>\n    </console>"
+        )));
+        assert!(!xml.contains("type='file'>\n      <source path"));
+    }
+
+    #[test]
+    fn shared_disk_xml() {
+        let d = disk_xml(Path::new("/d/x.qcow2"), "vdc");
+        assert_eq!(
+            d,
+            "    <disk type='file' device='disk'>\n      \
+             <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>\n      \
+             <source file='/d/x.qcow2'/>\n      <target dev='vdc' bus='virtio'/>\n    </disk>\n"
+        );
+        assert!(domain_xml(&spec()).contains(&disk_xml(Path::new("/var/lib/novacron/disks/b.qcow2"), "vdb")));
+    }
+
+    #[test]
+    fn nat_network_xml() {
+        let xml = network_xml(&NetworkSpec::Nat {
+            name: "nc-nat".into(),
+            bridge: "ncbr0".into(),
+            gateway: Ipv4Addr::new(10, 213, 7, 1),
+            prefix: 24,
+            dhcp_start: Ipv4Addr::new(10, 213, 7, 100),
+            dhcp_end: Ipv4Addr::new(10, 213, 7, 199),
+        });
+        assert_eq!(
+            xml,
+            "<network>\n  <name>nc-nat</name>\n  <forward mode='nat'/>\n  \
+             <bridge name='ncbr0' stp='on' delay='0'/>\n  <ip address='10.213.7.1' prefix='24'>\n    \
+             <dhcp>\n      <range start='10.213.7.100' end='10.213.7.199'/>\n    </dhcp>\n  </ip>\n</network>\n"
+        );
+    }
+
+    #[test]
+    fn bridge_network_xml() {
+        let plain = |vlan, openvswitch| {
+            network_xml(&NetworkSpec::Bridge { name: "lan".into(), bridge: "br0".into(), vlan, openvswitch })
+        };
+        assert_eq!(
+            plain(None, false),
+            "<network>\n  <name>lan</name>\n  <forward mode='bridge'/>\n  <bridge name='br0'/>\n</network>\n"
+        );
+        let ovs = plain(Some(42), true);
+        assert!(ovs.contains("<virtualport type='openvswitch'/>\n  <vlan>\n    <tag id='42'/>\n  </vlan>\n"));
+        let linux = plain(Some(7), false);
+        assert!(linux.contains("<tag id='7'/>") && !linux.contains("virtualport"));
+        assert!(!plain(None, true).contains("<vlan>"));
+    }
+
+    #[test]
+    fn vlan_filtering_probe() {
+        assert_eq!(bridge_vlan_filtering("../../etc"), None);
+        assert_eq!(bridge_vlan_filtering(""), None);
+        assert_eq!(bridge_vlan_filtering("nc-no-such-bridge"), None);
     }
 
     #[test]
@@ -260,6 +501,8 @@ mod tests {
         assert!(back.contains(&s.node_id.to_string()), "metadata lost:\n{back}");
         assert!(back.contains("<acpi/>"));
         assert!(back.contains("append='on'"));
+        assert!(back.contains("<mac address='52:54:00:12:34:56'/>"), "{back}");
+        assert!(back.contains("device='cdrom'"), "{back}");
         // Redefining with the same UUID updates in place.
         s.memory_mib = 512;
         let dom2 = conn.define_domain_xml(&domain_xml(&s)).expect("redefine");

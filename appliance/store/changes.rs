@@ -4,7 +4,7 @@
 //! the stream on an empty store rebuilds the same state — the property the
 //! peer replication (a later subsystem) relies on.
 
-use crate::types::{BootSpec, Disk, Role, VmState};
+use crate::types::{BootSpec, CloudInit, Disk, NetworkKind, Nic, Role, VmState};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -20,7 +20,10 @@ pub struct VmRecord {
     pub memory_mib: u64,
     pub disks: Vec<Disk>,
     pub boot: Option<BootSpec>,
-    pub network: Option<String>,
+    pub nics: Vec<Nic>,
+    pub cloud_init: Option<CloudInit>,
+    /// Per-VM graceful shutdown limit; the daemon default when `None`.
+    pub shutdown_timeout_secs: Option<u64>,
     pub autostart: bool,
     pub owner_node: Uuid,
     /// Bumped whenever ownership moves; fences a stale owner after failover.
@@ -41,6 +44,43 @@ pub struct TokenRecord {
     pub created_at: i64,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    /// Absolute path under the data dir's `images/`.
+    pub path: String,
+    pub format: String,
+    pub virtual_size: u64,
+    pub file_size: u64,
+    pub sha256: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub name: String,
+    pub kind: NetworkKind,
+    /// Host bridge: created by libvirt for NAT, existing for bridge networks.
+    pub bridge: String,
+    /// NAT only: prefix length and addresses, dotted quads.
+    pub prefix: u8,
+    pub gateway: Option<String>,
+    pub dhcp_start: Option<String>,
+    pub dhcp_end: Option<String>,
+    pub vlan: Option<u16>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub vm_id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub memory: bool,
+    pub vm_state: VmState,
+    pub created_at: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Change {
     /// Insert or replace a VM with all its disks.
@@ -57,6 +97,19 @@ pub enum Change {
     TokenPut(TokenRecord),
     TokenDelete {
         id: String,
+    },
+    ImagePut(ImageRecord),
+    ImageDelete {
+        name: String,
+    },
+    NetworkPut(NetworkRecord),
+    NetworkDelete {
+        name: String,
+    },
+    SnapshotPut(SnapshotRecord),
+    SnapshotDelete {
+        vm_id: Uuid,
+        name: String,
     },
 }
 

@@ -16,7 +16,9 @@ CREATE TABLE vms (
     vcpus       INTEGER NOT NULL,
     memory_mib  INTEGER NOT NULL,
     boot        BLOB,
-    network     TEXT,
+    nics        BLOB NOT NULL,
+    cloud_init  BLOB,
+    shutdown_timeout_secs INTEGER,
     autostart   INTEGER NOT NULL,
     owner_node  TEXT NOT NULL,
     epoch       INTEGER NOT NULL,
@@ -47,6 +49,35 @@ CREATE TABLE audit (
     action      TEXT NOT NULL,
     target      TEXT NOT NULL,
     result      TEXT NOT NULL
+);
+CREATE TABLE images (
+    name        TEXT PRIMARY KEY,
+    path        TEXT NOT NULL UNIQUE,
+    format      TEXT NOT NULL,
+    virtual_size INTEGER NOT NULL,
+    file_size   INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE networks (
+    name        TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,
+    bridge      TEXT NOT NULL UNIQUE,
+    prefix      INTEGER NOT NULL,
+    gateway     TEXT,
+    dhcp_start  TEXT,
+    dhcp_end    TEXT,
+    vlan        INTEGER,
+    created_at  INTEGER NOT NULL
+);
+CREATE TABLE snapshots (
+    vm_id       TEXT NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    description TEXT NOT NULL,
+    memory      INTEGER NOT NULL,
+    vm_state    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (vm_id, name)
 );
 -- The replication stream: one row per committed mutation, written in the
 -- same transaction as the mutation itself.

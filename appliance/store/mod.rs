@@ -9,9 +9,9 @@
 pub mod changes;
 mod migrations;
 
-pub use changes::{Change, TokenRecord, VmRecord};
+pub use changes::{Change, ImageRecord, NetworkRecord, SnapshotRecord, TokenRecord, VmRecord};
 
-use crate::types::{AuditEntry, Disk, Role, VmState};
+use crate::types::{AuditEntry, Disk, NetworkKind, Role, VmState};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -200,8 +200,9 @@ impl Store {
     pub fn vms(&self) -> Result<Vec<VmRecord>> {
         let conn = self.lock();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, name, vcpus, memory_mib, boot, network, autostart, owner_node, epoch,
-                    state, created_at, updated_at FROM vms ORDER BY name",
+            "SELECT id, name, vcpus, memory_mib, boot, nics, autostart, owner_node, epoch,
+                    state, created_at, updated_at, cloud_init, shutdown_timeout_secs
+             FROM vms ORDER BY name",
         )?;
         let mut vms = stmt
             .query_map([], |r| {
@@ -211,17 +212,19 @@ impl Store {
                     r.get::<_, u32>(2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, Option<Vec<u8>>>(4)?,
-                    r.get::<_, Option<String>>(5)?,
+                    r.get::<_, Vec<u8>>(5)?,
                     r.get::<_, bool>(6)?,
                     r.get::<_, String>(7)?,
                     r.get::<_, i64>(8)?,
                     r.get::<_, String>(9)?,
                     r.get::<_, i64>(10)?,
                     r.get::<_, i64>(11)?,
+                    r.get::<_, Option<Vec<u8>>>(12)?,
+                    r.get::<_, Option<i64>>(13)?,
                 ))
             })?
             .map(|row| {
-                let (id, name, vcpus, mem, boot, network, autostart, owner, epoch, state, c, u) = row?;
+                let (id, name, vcpus, mem, boot, nics, autostart, owner, epoch, state, c, u, ci, sto) = row?;
                 let corrupt = |what: &str| StoreError::Corrupt(format!("vm {id}: bad {what}"));
                 Ok(VmRecord {
                     id: Uuid::parse_str(&id).map_err(|_| corrupt("id"))?,
@@ -233,7 +236,12 @@ impl Store {
                         Some(b) => Some(postcard::from_bytes(&b).map_err(|_| corrupt("boot"))?),
                         None => None,
                     },
-                    network,
+                    nics: postcard::from_bytes(&nics).map_err(|_| corrupt("nics"))?,
+                    cloud_init: match ci {
+                        Some(b) => Some(postcard::from_bytes(&b).map_err(|_| corrupt("cloud_init"))?),
+                        None => None,
+                    },
+                    shutdown_timeout_secs: sto.map(|v| v as u64),
                     autostart,
                     owner_node: Uuid::parse_str(&owner).map_err(|_| corrupt("owner_node"))?,
                     epoch: epoch as u64,
@@ -292,6 +300,79 @@ impl Store {
         .collect()
     }
 
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, path, format, virtual_size, file_size, sha256, created_at FROM images ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ImageRecord {
+                name: r.get(0)?,
+                path: r.get(1)?,
+                format: r.get(2)?,
+                virtual_size: r.get::<_, i64>(3)? as u64,
+                file_size: r.get::<_, i64>(4)? as u64,
+                sha256: r.get(5)?,
+                created_at: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub fn networks(&self) -> Result<Vec<NetworkRecord>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, kind, bridge, prefix, gateway, dhcp_start, dhcp_end, vlan, created_at
+             FROM networks ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let kind: String = r.get(1)?;
+            Ok(NetworkRecord {
+                name: r.get(0)?,
+                kind: if kind == "bridge" { NetworkKind::Bridge } else { NetworkKind::Nat },
+                bridge: r.get(2)?,
+                prefix: r.get(3)?,
+                gateway: r.get(4)?,
+                dhcp_start: r.get(5)?,
+                dhcp_end: r.get(6)?,
+                vlan: r.get(7)?,
+                created_at: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare_cached(
+            "SELECT vm_id, name, description, memory, vm_state, created_at FROM snapshots
+             ORDER BY created_at, name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, bool>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (vm_id, name, description, memory, state, created_at) = row?;
+            Ok(SnapshotRecord {
+                vm_id: Uuid::parse_str(&vm_id).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                vm_state: VmState::parse(&state)
+                    .ok_or_else(|| StoreError::Corrupt(format!("snapshot {name}: bad state")))?,
+                name,
+                description,
+                memory,
+                created_at,
+            })
+        })
+        .collect()
+    }
+
     pub fn record_audit(&self, actor: &str, action: &str, target: &str, result: &str) -> Result<()> {
         self.lock().execute(
             "INSERT INTO audit (at, actor, action, target, result) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -339,33 +420,48 @@ fn unique_violation(e: &rusqlite::Error) -> bool {
             || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
 }
 
+fn conflict(e: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError {
+    if unique_violation(&e) {
+        StoreError::Conflict(what())
+    } else {
+        e.into()
+    }
+}
+
 /// Writes one change into the state tables. The single place they change.
 fn apply(tx: &Transaction<'_>, change: &Change) -> Result<()> {
     match change {
         Change::VmPut(vm) => {
             let boot = vm.boot.as_ref().map(|b| postcard::to_allocvec(b).expect("encode boot"));
+            let nics = postcard::to_allocvec(&vm.nics).expect("encode nics");
+            let ci = vm.cloud_init.as_ref().map(|c| postcard::to_allocvec(c).expect("encode cloud_init"));
             tx.execute(
-                "INSERT INTO vms (id, name, vcpus, memory_mib, boot, network, autostart,
-                                  owner_node, epoch, state, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                "INSERT INTO vms (id, name, vcpus, memory_mib, boot, nics, autostart,
+                                  owner_node, epoch, state, created_at, updated_at, cloud_init,
+                                  shutdown_timeout_secs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  ON CONFLICT(id) DO UPDATE SET name=excluded.name, vcpus=excluded.vcpus,
                     memory_mib=excluded.memory_mib, boot=excluded.boot,
-                    network=excluded.network, autostart=excluded.autostart,
+                    nics=excluded.nics, autostart=excluded.autostart,
                     owner_node=excluded.owner_node, epoch=excluded.epoch,
-                    state=excluded.state, updated_at=excluded.updated_at",
+                    state=excluded.state, updated_at=excluded.updated_at,
+                    cloud_init=excluded.cloud_init,
+                    shutdown_timeout_secs=excluded.shutdown_timeout_secs",
                 params![
                     vm.id.to_string(),
                     vm.name,
                     vm.vcpus,
                     vm.memory_mib as i64,
                     boot,
-                    vm.network,
+                    nics,
                     vm.autostart,
                     vm.owner_node.to_string(),
                     vm.epoch as i64,
                     vm.state.as_str(),
                     vm.created_at,
-                    vm.updated_at
+                    vm.updated_at,
+                    ci,
+                    vm.shutdown_timeout_secs.map(|v| v as i64),
                 ],
             )
             .map_err(|e| {
@@ -425,6 +521,68 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<()> {
             let n = tx.execute("DELETE FROM tokens WHERE id = ?1", [id])?;
             if n == 0 {
                 return Err(StoreError::NotFound(format!("token {id}")));
+            }
+        }
+        Change::ImagePut(i) => {
+            tx.execute(
+                "INSERT INTO images (name, path, format, virtual_size, file_size, sha256, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    i.name,
+                    i.path,
+                    i.format,
+                    i.virtual_size as i64,
+                    i.file_size as i64,
+                    i.sha256,
+                    i.created_at
+                ],
+            )
+            .map_err(|e| conflict(e, || format!("an image named {:?}", i.name)))?;
+        }
+        Change::ImageDelete { name } => {
+            if tx.execute("DELETE FROM images WHERE name = ?1", [name])? == 0 {
+                return Err(StoreError::NotFound(format!("image {name}")));
+            }
+        }
+        Change::NetworkPut(n) => {
+            let kind = match n.kind {
+                NetworkKind::Nat => "nat",
+                NetworkKind::Bridge => "bridge",
+            };
+            tx.execute(
+                "INSERT INTO networks (name, kind, bridge, prefix, gateway, dhcp_start, dhcp_end, vlan, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![n.name, kind, n.bridge, n.prefix, n.gateway, n.dhcp_start, n.dhcp_end, n.vlan, n.created_at],
+            )
+            .map_err(|e| conflict(e, || format!("a network named {:?} or on bridge {:?}", n.name, n.bridge)))?;
+        }
+        Change::NetworkDelete { name } => {
+            if tx.execute("DELETE FROM networks WHERE name = ?1", [name])? == 0 {
+                return Err(StoreError::NotFound(format!("network {name}")));
+            }
+        }
+        Change::SnapshotPut(sn) => {
+            tx.execute(
+                "INSERT INTO snapshots (vm_id, name, description, memory, vm_state, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    sn.vm_id.to_string(),
+                    sn.name,
+                    sn.description,
+                    sn.memory,
+                    sn.vm_state.as_str(),
+                    sn.created_at
+                ],
+            )
+            .map_err(|e| conflict(e, || format!("a snapshot named {:?}", sn.name)))?;
+        }
+        Change::SnapshotDelete { vm_id, name } => {
+            let n = tx.execute(
+                "DELETE FROM snapshots WHERE vm_id = ?1 AND name = ?2",
+                params![vm_id.to_string(), name],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound(format!("snapshot {name}")));
             }
         }
     }

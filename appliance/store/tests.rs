@@ -21,7 +21,9 @@ fn vm(name: &str, node: Uuid) -> VmRecord {
             image: None,
         }],
         boot: None,
-        network: None,
+        nics: vec![crate::types::Nic { network: "lan".into(), mac: "52:54:00:00:00:01".into() }],
+        cloud_init: None,
+        shutdown_timeout_secs: None,
         autostart: false,
         owner_node: node,
         epoch: 1,
@@ -127,12 +129,62 @@ fn replay_reproduces_state() {
         a.commit(&Change::TokenPut(t)).unwrap();
     }
     a.commit(&Change::TokenDelete { id: "tok2".into() }).unwrap();
+    let image = ImageRecord {
+        name: "debian".into(),
+        path: "/data/images/debian".into(),
+        format: "qcow2".into(),
+        virtual_size: 1 << 30,
+        file_size: 1 << 20,
+        sha256: "ab".repeat(32),
+        created_at: 3,
+    };
+    a.commit(&Change::ImagePut(image.clone())).unwrap();
+    a.commit(&Change::ImagePut(ImageRecord { name: "gone".into(), path: "/x".into(), ..image })).unwrap();
+    a.commit(&Change::ImageDelete { name: "gone".into() }).unwrap();
+    a.commit(&Change::NetworkPut(NetworkRecord {
+        name: "lan".into(),
+        kind: crate::types::NetworkKind::Nat,
+        bridge: "nc-lan".into(),
+        prefix: 24,
+        gateway: Some("10.9.0.1".into()),
+        dhcp_start: Some("10.9.0.100".into()),
+        dhcp_end: Some("10.9.0.200".into()),
+        vlan: None,
+        created_at: 4,
+    }))
+    .unwrap();
+    let survivor = kept[1].id;
+    let mut v = kept[1].clone();
+    v.cloud_init = Some(crate::types::CloudInit {
+        user_data: "#cloud-config".into(),
+        meta_data: None,
+        network_config: None,
+    });
+    v.shutdown_timeout_secs = Some(30);
+    a.commit(&Change::VmPut(v)).unwrap();
+    for name in ["before-upgrade", "scratch"] {
+        a.commit(&Change::SnapshotPut(SnapshotRecord {
+            vm_id: survivor,
+            name: name.into(),
+            description: "d".into(),
+            memory: true,
+            vm_state: VmState::Running,
+            created_at: 5,
+        }))
+        .unwrap();
+    }
+    a.commit(&Change::SnapshotDelete { vm_id: survivor, name: "scratch".into() }).unwrap();
 
     let stream: Vec<Change> = a.changes_since(0, 10_000).unwrap().into_iter().map(|r| r.change).collect();
     let b = Store::open(&tmp_db("replay-b")).unwrap();
     b.replay(&stream).unwrap();
     assert_eq!(a.vms().unwrap(), b.vms().unwrap());
     assert_eq!(a.tokens().unwrap(), b.tokens().unwrap());
+    assert_eq!(a.images().unwrap(), b.images().unwrap());
+    assert_eq!(a.networks().unwrap(), b.networks().unwrap());
+    assert_eq!(a.snapshots().unwrap(), b.snapshots().unwrap());
+    assert_eq!(b.images().unwrap().len(), 1);
+    assert_eq!(b.snapshots().unwrap().len(), 1);
     assert_eq!(b.vms().unwrap().len(), 30);
     assert_eq!(b.tokens().unwrap().len(), 4);
     // The replica's own stream is the same stream, so it can feed a third.

@@ -167,7 +167,9 @@ fi
 ip link set lo up
 if [ -e /sys/class/net/eth0 ]; then
     ip link set eth0 up
-    udhcpc -i eth0 -n -q -t 5 -s /etc/udhcpc/novacron.script >/dev/null 2>&1 &
+    # No -n: under a loaded TCG host the first tries can time out; keep
+    # retrying in the background until a lease arrives (-q then exits).
+    udhcpc -i eth0 -q -t 10 -T 3 -A 2 -s /etc/udhcpc/novacron.script >/dev/null 2>&1 &
 fi
 
 # Keep a usable shell on the console; sleep so an EOF console cannot spin.

@@ -1,0 +1,196 @@
+//! The API's streaming edges: image upload bodies flowing into the core,
+//! the serial console over a WebSocket, and the event feed as Server-Sent
+//! Events.
+
+use super::{ApiError, Resp};
+use crate::core::{BodyStream, ConsoleSession, EventFeed};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+
+/// A response body fed from a channel (SSE).
+pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Forwards an upload's body into a bounded channel for the core. The small
+/// bound is what keeps memory flat: a slow disk slows the client down.
+pub fn upload_body(req: Request<Incoming>) -> Result<(BodyStream, Option<u64>, Option<String>), ApiError> {
+    let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/octet-stream") {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let length = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    let checksum = match req.headers().get("x-checksum-sha256") {
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::InvalidBody("X-Checksum-Sha256 is not text".into()))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    let (tx, rx) = mpsc::channel(4);
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        while let Some(frame) = body.frame().await {
+            let item = match frame {
+                Ok(f) => match f.into_data() {
+                    Ok(data) => Ok(data),
+                    Err(_) => continue, // trailers
+                },
+                Err(e) => Err(format!("the connection broke: {e}")),
+            };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    Ok((BodyStream(std::sync::Arc::new(tokio::sync::Mutex::new(rx))), length, checksum))
+}
+
+/// Checks a WebSocket upgrade request; returns the accept key.
+pub fn websocket_key(req: &Request<Incoming>) -> Result<String, ApiError> {
+    let h = req.headers();
+    let is = |name, want: &str| {
+        h.get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .is_some_and(|v| v.split(',').any(|p| p.trim().eq_ignore_ascii_case(want)))
+    };
+    if !is(UPGRADE, "websocket") || !is(CONNECTION, "upgrade") {
+        return Err(ApiError::InvalidBody("the console is a WebSocket: send Upgrade: websocket".into()));
+    }
+    if h.get("sec-websocket-version").and_then(|v| v.to_str().ok()) != Some("13") {
+        return Err(ApiError::InvalidBody("Sec-WebSocket-Version must be 13".into()));
+    }
+    let key = h
+        .get("sec-websocket-key")
+        .ok_or_else(|| ApiError::InvalidBody("Sec-WebSocket-Key is missing".into()))?;
+    Ok(derive_accept_key(key.as_bytes()))
+}
+
+/// Answers 101 and bridges the WebSocket and the console session: binary
+/// or text messages from the client are typed into the console; console
+/// output goes back as binary messages.
+pub fn websocket_console(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    accept: String,
+    session: ConsoleSession,
+) -> Resp {
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "console upgrade failed");
+                return;
+            }
+        };
+        let ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                .await;
+        let (mut sink, mut source) = ws.split();
+        let ConsoleSession { mut output, input } = session;
+        let to_guest = async {
+            while let Some(Ok(msg)) = source.next().await {
+                let data = match msg {
+                    Message::Binary(b) => b.to_vec(),
+                    Message::Text(t) => t.as_bytes().to_vec(),
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                if input.send(data).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let to_client = async {
+            while let Some(chunk) = output.recv().await {
+                if sink.send(Message::Binary(chunk.into())).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sink.send(Message::Close(None)).await;
+        };
+        // Either side ending ends the session.
+        tokio::select! {
+            _ = to_guest => {}
+            _ = to_client => {}
+        }
+    });
+    let mut resp = Response::new(http_body_util::Empty::new().map_err(|never| match never {}).boxed());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert("sec-websocket-accept", HeaderValue::from_str(&accept).expect("base64 is a valid header"));
+    resp
+}
+
+fn sse_frame(ev: &crate::core::events::Event) -> Bytes {
+    let data = serde_json::to_string(ev).expect("events serialize");
+    Bytes::from(format!("id: {}\nevent: {}\ndata: {data}\n\n", ev.seq, ev.kind))
+}
+
+/// Streams events as `text/event-stream`: the backlog first, then live
+/// events, with a comment line every 15 s so proxies keep the stream open.
+pub fn sse(feed: EventFeed) -> Resp {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let EventFeed { backlog, mut live } = feed;
+        let mut last = 0;
+        for ev in &backlog {
+            last = ev.seq;
+            if tx.send(sse_frame(ev)).await.is_err() {
+                return;
+            }
+        }
+        let mut ping = tokio::time::interval(Duration::from_secs(15));
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                ev = live.recv() => match ev {
+                    Ok(ev) if ev.seq <= last => continue,
+                    Ok(ev) => {
+                        last = ev.seq;
+                        if tx.send(sse_frame(&ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // Too slow a reader: end the stream; it resumes from
+                    // Last-Event-ID with the backlog.
+                    Err(_) => return,
+                },
+                _ = ping.tick() => {
+                    if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let mut resp = Response::new(ChannelBody(rx).boxed());
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    resp.headers_mut().insert(hyper::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}

@@ -1,0 +1,267 @@
+//! Disk commands (attach, detach, resize) and VM cloning.
+
+use super::{Core, CoreError, Result};
+use crate::hypervisor::xml::disk_target;
+use crate::hypervisor::HypervisorError;
+use crate::store::{now_ms, Change, VmRecord};
+use crate::types::{valid_name, Disk, DiskResize, DiskSpec, Nic, Vm, VmClone, VmState};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use uuid::Uuid;
+
+const GIB: u64 = 1 << 30;
+const MAX_DISKS: usize = 16;
+
+fn disk_err(e: impl std::fmt::Display) -> HypervisorError {
+    HypervisorError::Disk(e.to_string())
+}
+
+impl Core {
+    pub(super) async fn attach_disk(self: &Arc<Self>, r: &str, spec: DiskSpec) -> Result<Vm> {
+        let found = self.find_record(r)?;
+        let plan = {
+            let core = self.clone();
+            tokio::task::spawn_blocking(move || core.plan_disk("disk", &spec))
+                .await
+                .map_err(|e| CoreError::Internal(e.to_string()))??
+        };
+        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let mut vm = self.find_record(&found.id.to_string())?;
+        if vm.disks.len() >= MAX_DISKS {
+            return Err(CoreError::invalid("disk", format!("a VM has at most {MAX_DISKS} disks")));
+        }
+        let device =
+            (0..).map(disk_target).find(|d| !vm.disks.iter().any(|x| &x.device == d)).expect("a free name");
+        let path = self.paths.disks.join(vm.id.to_string()).join(format!("{device}.qcow2"));
+        let disk = Disk {
+            device: device.clone(),
+            path: path.display().to_string(),
+            size_bytes: plan.size,
+            image: plan.base.as_ref().filter(|_| !plan.copy).map(|(b, _)| b.display().to_string()),
+        };
+        let state = self.refresh_state(vm.id).await?;
+        let live = state.is_active();
+        let mut with_disk = vm.clone();
+        with_disk.disks = vec![disk.clone()];
+        let (id, p, dev) = (vm.id, path.clone(), device.clone());
+        let seed = self.seed_path(id);
+        let result = self
+            .hv_call(move |hv| {
+                Core::make_disks(&with_disk, &[plan], &seed)?;
+                hv.attach_disk(id, &p, &dev, live)
+            })
+            .await;
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        vm.disks.push(disk);
+        vm.updated_at = now_ms();
+        self.commit(Change::VmPut(vm.clone())).await?;
+        Ok(self.view(&vm))
+    }
+
+    pub(super) async fn detach_disk(self: &Arc<Self>, r: &str, device: &str) -> Result<Vm> {
+        let found = self.find_record(r)?;
+        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let mut vm = self.find_record(&found.id.to_string())?;
+        let idx = vm
+            .disks
+            .iter()
+            .position(|d| d.device == device)
+            .ok_or_else(|| CoreError::NotFound(format!("disk {device:?} of VM {}", vm.name)))?;
+        let live = self.refresh_state(vm.id).await?.is_active();
+        let (id, dev) = (vm.id, device.to_string());
+        self.hv_call(move |hv| hv.detach_disk(id, &dev, live)).await?;
+        let disk = vm.disks.remove(idx);
+        vm.updated_at = now_ms();
+        self.commit(Change::VmPut(vm.clone())).await?;
+        if let Err(e) = std::fs::remove_file(&disk.path) {
+            tracing::warn!(VM_ID = %vm.id, path = %disk.path, error = %e, "cannot remove a detached disk");
+        }
+        Ok(self.view(&vm))
+    }
+
+    /// Grows a disk: live through libvirt when the VM runs, with qemu-img
+    /// when it is stopped. Shrinking would destroy data and is refused.
+    pub(super) async fn resize_disk(self: &Arc<Self>, r: &str, device: &str, req: DiskResize) -> Result<Vm> {
+        if req.size_gib == 0 || req.size_gib > 64 * 1024 {
+            return Err(CoreError::invalid("size_gib", "must be between 1 and 65536"));
+        }
+        let found = self.find_record(r)?;
+        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let mut vm = self.find_record(&found.id.to_string())?;
+        let disk = vm
+            .disks
+            .iter_mut()
+            .find(|d| d.device == device)
+            .ok_or_else(|| CoreError::NotFound(format!("disk {device:?} of VM {}", found.name)))?;
+        let bytes = req.size_gib * GIB;
+        if bytes <= disk.size_bytes {
+            return Err(CoreError::invalid(
+                "size_gib",
+                format!("disks only grow: {device} is already {} bytes", disk.size_bytes),
+            ));
+        }
+        let live = self.refresh_state(found.id).await?.is_active();
+        let (id, dev, path) = (found.id, device.to_string(), disk.path.clone());
+        self.hv_call(move |hv| {
+            if live {
+                hv.block_resize(id, &dev, bytes)
+            } else {
+                crate::hypervisor::disks::resize(Path::new(&path), bytes)
+            }
+        })
+        .await?;
+        disk.size_bytes = bytes;
+        vm.updated_at = now_ms();
+        self.commit(Change::VmPut(vm.clone())).await?;
+        Ok(self.view(&vm))
+    }
+
+    /// Clones a stopped VM: new UUID and MACs, disks as full copies or as
+    /// overlays. For overlays, each source disk is frozen into a shared,
+    /// read-only base and both VMs continue on fresh overlays of it, so
+    /// neither can change what the other sees.
+    pub(super) async fn clone_vm(self: &Arc<Self>, r: &str, req: VmClone) -> Result<Vm> {
+        valid_name(&req.name).map_err(|m| CoreError::invalid("name", m))?;
+        let found = self.find_record(r)?;
+        let _create = self.create_lock.lock().await;
+        if self.vms.read().unwrap().values().any(|v| v.name == req.name)
+            || self.unmanaged.read().unwrap().iter().any(|d| d.name == req.name)
+        {
+            return Err(CoreError::NameTaken(req.name));
+        }
+        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let mut src = self.find_record(&found.id.to_string())?;
+        let state = self.refresh_state(src.id).await?;
+        if state != VmState::Stopped {
+            return Err(CoreError::WrongState {
+                vm: src.name,
+                state: state.as_str(),
+                action: "clone (stop it first)",
+            });
+        }
+        if !req.copy && self.snapshots.read().unwrap().iter().any(|s| s.vm_id == src.id) {
+            return Err(CoreError::WrongState {
+                vm: src.name,
+                state: "snapshotted",
+                action: "clone as overlays (its snapshots live in its disks); clone with copy",
+            });
+        }
+        let id = Uuid::new_v4();
+        let dir = self.paths.disks.join(id.to_string());
+        let now = now_ms();
+        let mut clone = VmRecord {
+            id,
+            name: req.name.clone(),
+            disks: src
+                .disks
+                .iter()
+                .map(|d| Disk {
+                    device: d.device.clone(),
+                    path: dir.join(format!("{}.qcow2", d.device)).display().to_string(),
+                    size_bytes: d.size_bytes,
+                    image: None,
+                })
+                .collect(),
+            nics: src
+                .nics
+                .iter()
+                .map(|n| Nic { network: n.network.clone(), mac: crate::hypervisor::xml::random_mac() })
+                .collect(),
+            autostart: false,
+            epoch: 1,
+            state: VmState::Missing,
+            created_at: now,
+            updated_at: now,
+            ..src.clone()
+        };
+        let bases_dir = self.paths.disks.join("bases");
+        let copy = req.copy;
+        let (src_disks, clone_disks) = (src.disks.clone(), clone.disks.clone());
+        // Files first; the records are written only when every file exists.
+        let new_bases =
+            tokio::task::spawn_blocking(move || -> std::result::Result<Vec<PathBuf>, HypervisorError> {
+                std::fs::create_dir_all(&bases_dir).map_err(disk_err)?;
+                let mut bases = Vec::new();
+                for (s, c) in src_disks.iter().zip(&clone_disks) {
+                    let (sp, cp) = (Path::new(&s.path), Path::new(&c.path));
+                    std::fs::create_dir_all(cp.parent().expect("disk has a folder")).map_err(disk_err)?;
+                    if copy {
+                        crate::images::copy_to_qcow2(sp, "qcow2", cp).map_err(disk_err)?;
+                    } else {
+                        let base = bases_dir.join(format!("{}.qcow2", Uuid::new_v4()));
+                        std::fs::rename(sp, &base).map_err(disk_err)?;
+                        let frozen = crate::hypervisor::disks::create_overlay(sp, &base)
+                            .and_then(|_| crate::hypervisor::disks::create_overlay(cp, &base));
+                        if let Err(e) = frozen {
+                            let _ = std::fs::remove_file(sp);
+                            let _ = std::fs::rename(&base, sp);
+                            return Err(e);
+                        }
+                        std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o400))
+                            .map_err(disk_err)?;
+                        bases.push(base);
+                    }
+                }
+                Ok(bases)
+            })
+            .await
+            .map_err(|e| CoreError::Internal(e.to_string()))?;
+        let new_bases = match new_bases {
+            Ok(b) => b,
+            Err(e) => {
+                Self::remove_disks(&dir);
+                return Err(e.into());
+            }
+        };
+        if !copy {
+            for (d, base) in src.disks.iter_mut().zip(&new_bases) {
+                d.image = Some(base.display().to_string());
+            }
+            for (d, base) in clone.disks.iter_mut().zip(&new_bases) {
+                d.image = Some(base.display().to_string());
+            }
+            src.updated_at = now;
+            self.commit(Change::VmPut(src.clone())).await?;
+        }
+        self.commit(Change::VmPut(clone.clone())).await?;
+        let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&clone));
+        let (record, seed) = (clone.clone(), self.seed_path(id));
+        let made = self
+            .hv_call(move |hv| {
+                Core::ensure_disks(&record, &seed)?;
+                hv.define(&xml)
+            })
+            .await;
+        if let Err(e) = made {
+            Self::remove_disks(&dir);
+            let _ = self.commit(Change::VmDelete { id }).await;
+            return Err(e);
+        }
+        clone.state = VmState::Stopped;
+        clone.updated_at = now_ms();
+        self.commit(Change::VmState { id, state: clone.state, at: clone.updated_at }).await?;
+        tracing::info!(VM_ID = %id, VM_NAME = %clone.name, source = %src.name, copy, "VM cloned");
+        Ok(self.view(&clone))
+    }
+
+    /// Removes frozen clone bases no disk refers to any more.
+    pub(super) fn collect_bases(&self) {
+        let Ok(entries) = std::fs::read_dir(self.paths.disks.join("bases")) else { return };
+        let used: std::collections::HashSet<String> = self
+            .vms
+            .read()
+            .unwrap()
+            .values()
+            .flat_map(|v| v.disks.iter().filter_map(|d| d.image.clone()))
+            .collect();
+        for e in entries.flatten() {
+            let p = e.path().display().to_string();
+            if !used.contains(&p) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Image commands: streaming upload, import from a host folder, list,
+//! delete. File handling and the safety checks live in `crate::images`.
+
+use super::{BodyStream, Core, CoreError, Result};
+use crate::images::{self as img, ImageError, Upload};
+use crate::store::{now_ms, Change, ImageRecord};
+use crate::types::{valid_name, Image, ImageImport, ImageList};
+use crate::util::rfc3339;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+impl Core {
+    fn image_view(&self, i: &ImageRecord) -> Image {
+        let used_by = self
+            .vms
+            .read()
+            .unwrap()
+            .values()
+            .filter(|v| v.disks.iter().any(|d| d.image.as_deref() == Some(i.path.as_str())))
+            .map(|v| v.name.clone())
+            .collect();
+        Image {
+            name: i.name.clone(),
+            format: i.format.clone(),
+            virtual_size: i.virtual_size,
+            file_size: i.file_size,
+            sha256: i.sha256.clone(),
+            used_by,
+            created_at: rfc3339(i.created_at),
+        }
+    }
+
+    pub(super) fn list_images(&self) -> ImageList {
+        ImageList { images: self.images.read().unwrap().values().map(|i| self.image_view(i)).collect() }
+    }
+
+    pub(super) fn get_image(&self, name: &str) -> Result<Image> {
+        let images = self.images.read().unwrap();
+        images
+            .get(name)
+            .map(|i| self.image_view(i))
+            .ok_or_else(|| CoreError::NotFound(format!("image {name:?}")))
+    }
+
+    /// The registered image called `name`, if any.
+    pub(super) fn image_record(&self, name: &str) -> Option<ImageRecord> {
+        self.images.read().unwrap().get(name).cloned()
+    }
+
+    fn max_upload(&self) -> u64 {
+        self.cfg.images.max_upload_gib.saturating_mul(1 << 30)
+    }
+
+    fn new_image_path(&self, name: &str) -> Result<PathBuf> {
+        valid_name(name).map_err(|m| CoreError::invalid("name", m))?;
+        let path = self.paths.images.join(name);
+        if self.images.read().unwrap().contains_key(name) || path.exists() {
+            return Err(CoreError::NameTaken(name.to_string()));
+        }
+        Ok(path)
+    }
+
+    async fn register_image(&self, name: &str, path: PathBuf, info: img::ImageInfo) -> Result<Image> {
+        let record = ImageRecord {
+            name: name.to_string(),
+            path: path.display().to_string(),
+            format: info.format,
+            virtual_size: info.virtual_size,
+            file_size: info.file_size,
+            sha256: info.sha256,
+            created_at: now_ms(),
+        };
+        if let Err(e) = self.commit(Change::ImagePut(record.clone())).await {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+        Ok(self.image_view(&record))
+    }
+
+    /// Receives an image from `body`. Memory stays flat whatever the size:
+    /// chunks are hashed and written as they arrive. Anything short of a
+    /// complete, verified image leaves no file behind.
+    pub(super) async fn upload_image(
+        self: &Arc<Self>,
+        name: &str,
+        checksum: Option<String>,
+        length: Option<u64>,
+        body: BodyStream,
+    ) -> Result<Image> {
+        let expected = checksum.map(|c| img::parse_checksum(&c)).transpose()?;
+        let dest = self.new_image_path(name)?;
+        let max = self.max_upload();
+        if length.is_some_and(|l| l > max) {
+            return Err(ImageError::TooLarge { max }.into());
+        }
+        let mut up = Upload::begin(&self.paths.images, max)?;
+        let mut rx = body.0.lock().await;
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk.map_err(ImageError::Truncated)?;
+            tokio::task::block_in_place(|| up.write(&chunk))?;
+        }
+        if let Some(l) = length {
+            if up.written() != l {
+                return Err(ImageError::Truncated(format!("got {} of {l} bytes", up.written())).into());
+            }
+        }
+        let info = tokio::task::block_in_place(|| up.finish(expected.as_deref(), &dest))?;
+        tracing::info!(IMAGE = name, format = %info.format, bytes = info.file_size, "image uploaded");
+        self.register_image(name, dest, info).await
+    }
+
+    pub(super) async fn import_image(self: &Arc<Self>, req: ImageImport) -> Result<Image> {
+        let dest = self.new_image_path(&req.name)?;
+        let dirs: Vec<&std::path::Path> = self.cfg.images.import_dirs.iter().map(|p| p.as_path()).collect();
+        if dirs.is_empty() {
+            return Err(CoreError::invalid("path", "no import folders are configured (images.import_dirs)"));
+        }
+        let src = self.resolve_host_file("path", &req.path, &dirs)?;
+        let (images_dir, max) = (self.paths.images.clone(), self.max_upload());
+        let d = dest.clone();
+        let info = tokio::task::spawn_blocking(move || img::import(&src, &images_dir, &d, max))
+            .await
+            .map_err(|e| CoreError::Internal(e.to_string()))??;
+        self.register_image(&req.name, dest, info).await
+    }
+
+    pub(super) async fn delete_image(&self, name: &str) -> Result<()> {
+        let record = self.image_record(name).ok_or_else(|| CoreError::NotFound(format!("image {name:?}")))?;
+        let view = self.image_view(&record);
+        if !view.used_by.is_empty() {
+            return Err(CoreError::InUse { what: format!("image {name}"), users: view.used_by.join(", ") });
+        }
+        self.commit(Change::ImageDelete { name: name.to_string() }).await?;
+        if let Err(e) = std::fs::remove_file(&record.path) {
+            tracing::warn!(IMAGE = name, error = %e, "cannot remove the image file");
+        }
+        Ok(())
+    }
+}

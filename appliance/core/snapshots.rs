@@ -1,0 +1,141 @@
+//! Snapshot commands (libvirt internal snapshots of the qcow2 disks) and
+//! the serial console.
+
+use super::{ConsoleSession, Core, CoreError, Result};
+use crate::store::{now_ms, Change, SnapshotRecord};
+use crate::types::{valid_name, Snapshot, SnapshotCreate, SnapshotList, VmState};
+use crate::util::rfc3339;
+use std::sync::Arc;
+
+fn view(s: &SnapshotRecord) -> Snapshot {
+    Snapshot {
+        name: s.name.clone(),
+        description: s.description.clone(),
+        memory: s.memory,
+        vm_state: s.vm_state,
+        created_at: rfc3339(s.created_at),
+    }
+}
+
+impl Core {
+    pub(super) fn list_snapshots(&self, r: &str) -> Result<SnapshotList> {
+        let vm = self.find_record(r)?;
+        let snaps = self.snapshots.read().unwrap();
+        Ok(SnapshotList { snapshots: snaps.iter().filter(|s| s.vm_id == vm.id).map(view).collect() })
+    }
+
+    fn find_snapshot(&self, vm: uuid::Uuid, name: &str) -> Result<SnapshotRecord> {
+        self.snapshots
+            .read()
+            .unwrap()
+            .iter()
+            .find(|s| s.vm_id == vm && s.name == name)
+            .cloned()
+            .ok_or_else(|| CoreError::NotFound(format!("snapshot {name:?}")))
+    }
+
+    pub(super) async fn create_snapshot(self: &Arc<Self>, r: &str, req: SnapshotCreate) -> Result<Snapshot> {
+        valid_name(&req.name).map_err(|m| CoreError::invalid("name", m))?;
+        if req.description.len() > 1024 || req.description.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(CoreError::invalid("description", "must be at most 1024 printable characters"));
+        }
+        let found = self.find_record(r)?;
+        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let id = found.id;
+        if self.find_snapshot(id, &req.name).is_ok() {
+            return Err(CoreError::NameTaken(format!("snapshot {}", req.name)));
+        }
+        let state = self.refresh_state(id).await?;
+        // QEMU's internal snapshots of a running guest always include its
+        // memory; a stopped guest has none to include.
+        match (state, req.memory) {
+            (VmState::Running | VmState::Paused, false) => return Err(CoreError::invalid(
+                "memory",
+                "a snapshot of a running VM must include its memory (set memory: true) or stop the VM first",
+            )),
+            (VmState::Stopped, true) => {
+                return Err(CoreError::invalid("memory", "a stopped VM has no memory state to save"))
+            }
+            (VmState::Running | VmState::Paused | VmState::Stopped, _) => {}
+            (other, _) => {
+                return Err(CoreError::WrongState {
+                    vm: found.name,
+                    state: other.as_str(),
+                    action: "snapshot",
+                })
+            }
+        }
+        let (name, desc, mem) = (req.name.clone(), req.description.clone(), req.memory);
+        self.hv_call(move |hv| hv.snapshot_create(id, &name, &desc, mem)).await?;
+        let record = SnapshotRecord {
+            vm_id: id,
+            name: req.name,
+            description: req.description,
+            memory: req.memory,
+            vm_state: state,
+            created_at: now_ms(),
+        };
+        if let Err(e) = self.commit(Change::SnapshotPut(record.clone())).await {
+            let name = record.name.clone();
+            let _ = self.hv_call(move |hv| hv.snapshot_delete(id, &name)).await;
+            return Err(e);
+        }
+        Ok(view(&record))
+    }
+
+    /// Puts the VM back to the snapshot: disks (and memory, if saved) as
+    /// they were. A memory snapshot comes back running, a disk snapshot
+    /// stopped.
+    pub(super) async fn revert_snapshot(self: &Arc<Self>, r: &str, name: &str) -> Result<crate::types::Vm> {
+        let found = self.find_record(r)?;
+        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let id = found.id;
+        self.find_snapshot(id, name)?;
+        let n = name.to_string();
+        self.hv_call(move |hv| hv.snapshot_revert(id, &n)).await?;
+        self.shutting_down.lock().unwrap().remove(&id);
+        self.refresh_state(id).await?;
+        self.events.publish("snapshot.reverted", serde_json::json!({"vm": id, "name": name}));
+        Ok(self.view(&self.find_record(&id.to_string())?))
+    }
+
+    pub(super) async fn delete_snapshot(self: &Arc<Self>, r: &str, name: &str) -> Result<()> {
+        let found = self.find_record(r)?;
+        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let id = found.id;
+        self.find_snapshot(id, name)?;
+        let n = name.to_string();
+        match self.hv_call(move |hv| hv.snapshot_delete(id, &n)).await {
+            Ok(()) | Err(CoreError::Hypervisor(crate::hypervisor::HypervisorError::NoSnapshot(_))) => {}
+            Err(e) => return Err(e),
+        }
+        self.commit(Change::SnapshotDelete { vm_id: id, name: name.to_string() }).await
+    }
+
+    /// Opens the serial console of a running VM. Output flows until the
+    /// session ends; input is typed into the guest.
+    pub(super) async fn open_console(self: &Arc<Self>, r: &str) -> Result<ConsoleSession> {
+        let vm = self.find_record(r)?;
+        let id = vm.id;
+        let state = self.refresh_state(id).await?;
+        if !state.is_active() {
+            return Err(CoreError::WrongState {
+                vm: vm.name,
+                state: state.as_str(),
+                action: "open the console",
+            });
+        }
+        let (out_tx, output) = tokio::sync::mpsc::unbounded_channel();
+        let console = self.hv_call(move |hv| hv.open_console(id, out_tx)).await?;
+        let (input, mut in_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+        tokio::spawn(async move {
+            while let Some(data) = in_rx.recv().await {
+                if console.send(&data).is_err() {
+                    break;
+                }
+            }
+            console.close();
+        });
+        Ok(ConsoleSession { output, input })
+    }
+}
