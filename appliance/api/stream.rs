@@ -51,8 +51,16 @@ pub fn upload_body(req: Request<Incoming>) -> Result<(BodyStream, Option<u64>, O
         None => None,
     };
     let (tx, rx) = mpsc::channel(4);
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut body = req.into_body();
+    let started = go.clone();
     tokio::spawn(async move {
+        // Ends without reading when the core refuses the upload and drops
+        // its side before asking for data.
+        tokio::select! {
+            _ = started.notified() => {}
+            _ = tx.closed() => return,
+        }
         while let Some(frame) = body.frame().await {
             let item = match frame {
                 Ok(f) => match f.into_data() {
@@ -67,7 +75,8 @@ pub fn upload_body(req: Request<Incoming>) -> Result<(BodyStream, Option<u64>, O
             }
         }
     });
-    Ok((BodyStream(std::sync::Arc::new(tokio::sync::Mutex::new(rx))), length, checksum))
+    let chunks = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+    Ok((BodyStream { chunks, go }, length, checksum))
 }
 
 /// Checks a WebSocket upgrade request; returns the accept key.

@@ -11,9 +11,21 @@ use bytes::Bytes;
 use std::sync::Arc;
 
 /// A request body streamed into the core (image uploads), chunk by chunk;
-/// an `Err` means the client went away or the transfer broke.
+/// an `Err` means the client went away or the transfer broke. Nothing is
+/// read from the client until the core calls [`BodyStream::start`], so a
+/// request refused up front is answered before any data is sent (and a
+/// client using `Expect: 100-continue` never sends it).
 #[derive(Clone)]
-pub struct BodyStream(pub Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Result<Bytes, String>>>>);
+pub struct BodyStream {
+    pub chunks: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Result<Bytes, String>>>>,
+    pub go: Arc<tokio::sync::Notify>,
+}
+
+impl BodyStream {
+    pub fn start(&self) {
+        self.go.notify_one();
+    }
+}
 
 impl std::fmt::Debug for BodyStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -23,7 +35,7 @@ impl std::fmt::Debug for BodyStream {
 
 impl PartialEq for BodyStream {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.chunks, &other.chunks)
     }
 }
 

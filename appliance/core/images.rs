@@ -94,7 +94,8 @@ impl Core {
             return Err(ImageError::TooLarge { max }.into());
         }
         let mut up = Upload::begin(&self.paths.images, max)?;
-        let mut rx = body.0.lock().await;
+        body.start();
+        let mut rx = body.chunks.lock().await;
         while let Some(chunk) = rx.recv().await {
             let chunk = chunk.map_err(ImageError::Truncated)?;
             tokio::task::block_in_place(|| up.write(&chunk))?;

@@ -410,7 +410,7 @@ mod tests {
         assert!(Subnet::parse("10.20.0.0/31").is_none());
         assert!(Subnet::parse("nonsense").is_none());
         assert!(s.overlaps(&Subnet::parse("10.20.0.128/25").unwrap()));
-        assert!(s.overlaps(&Subnet::parse("10.0.0.0/16").unwrap()) == false);
+        assert!(!s.overlaps(&Subnet::parse("10.0.0.0/16").unwrap()));
         assert!(s.overlaps(&Subnet::parse("10.20.0.0/16").unwrap()));
         assert!(Subnet::parse("10.0.0.0/8").is_none(), "too large for dnsmasq");
         assert!(!s.overlaps(&Subnet::parse("10.21.0.0/24").unwrap()));

@@ -519,6 +519,15 @@ impl Core {
         vm.vcpus = patch.vcpus.unwrap_or(vm.vcpus);
         vm.memory_mib = patch.memory_mib.unwrap_or(vm.memory_mib);
         vm.autostart = patch.autostart.unwrap_or(vm.autostart);
+        if let Some(t) = patch.shutdown_timeout_secs {
+            if t == 0 || t > MAX_SHUTDOWN_TIMEOUT {
+                return Err(CoreError::invalid(
+                    "shutdown_timeout_secs",
+                    format!("must be between 1 and {MAX_SHUTDOWN_TIMEOUT}"),
+                ));
+            }
+            vm.shutdown_timeout_secs = Some(t);
+        }
         vm.updated_at = now_ms();
         if resizes {
             let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));
@@ -649,7 +658,9 @@ impl Core {
                 self.shutting_down.lock().unwrap().insert(id, ());
                 self.generation.fetch_add(1, Ordering::Release);
                 drop(guard);
-                let timeout = timeout.map(Duration::from_secs);
+                // The VM's own graceful-shutdown limit applies when the
+                // request names none.
+                let timeout = timeout.or(found.shutdown_timeout_secs).map(Duration::from_secs);
                 let watcher = tokio::spawn(self.clone().watch_shutdown(id, timeout));
                 if let Some(wait) = wait {
                     let deadline = Instant::now() + Duration::from_secs(wait);
