@@ -226,23 +226,8 @@ impl Core {
             src.updated_at = now;
             self.commit(Change::VmPut(src.clone())).await?;
         }
-        self.commit(Change::VmPut(clone.clone())).await?;
-        let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&clone));
-        let (record, seed) = (clone.clone(), self.seed_path(id));
-        let made = self
-            .hv_call(move |hv| {
-                Core::ensure_disks(&record, &seed)?;
-                hv.define(&xml)
-            })
-            .await;
-        if let Err(e) = made {
-            Self::remove_disks(&dir);
-            let _ = self.commit(Change::VmDelete { id }).await;
-            return Err(e);
-        }
-        clone.state = VmState::Stopped;
-        clone.updated_at = now_ms();
-        self.commit(Change::VmState { id, state: clone.state, at: clone.updated_at }).await?;
+        // The disk files exist already: no plan, only the seed is made.
+        self.define_new(&mut clone, Vec::new()).await?;
         tracing::info!(VM_ID = %id, VM_NAME = %clone.name, source = %src.name, copy, "VM cloned");
         Ok(self.view(&clone))
     }

@@ -468,26 +468,33 @@ impl Core {
             created_at: now,
             updated_at: now,
         };
+        self.define_new(&mut vm, disk_plan).await?;
+        tracing::info!(VM_ID = %id, VM_NAME = %vm.name, "VM created");
+        Ok(self.view(&vm))
+    }
+
+    /// Records a new VM (first as an intent, state `missing`, so an
+    /// interrupted create is finished by reconciliation), makes its disk
+    /// files and defines it in libvirt. Undoes everything on failure.
+    pub(super) async fn define_new(&self, vm: &mut VmRecord, plan: Vec<PlannedDisk>) -> Result<()> {
+        let id = vm.id;
         self.commit(Change::VmPut(vm.clone())).await?;
-        let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));
-        let record = vm.clone();
-        let seed = self.seed_path(id);
+        let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(vm));
+        let (record, seed) = (vm.clone(), self.seed_path(id));
         let made = self
             .hv_call(move |hv| {
-                Core::make_disks(&record, &disk_plan, &seed)?;
+                Core::make_disks(&record, &plan, &seed)?;
                 hv.define(&xml)
             })
             .await;
         if let Err(e) = made {
-            Self::remove_disks(&dir);
+            Self::remove_disks(&self.paths.disks.join(id.to_string()));
             let _ = self.commit(Change::VmDelete { id }).await;
             return Err(e);
         }
         vm.state = VmState::Stopped;
         vm.updated_at = now_ms();
-        self.commit(Change::VmState { id, state: vm.state, at: vm.updated_at }).await?;
-        tracing::info!(VM_ID = %id, VM_NAME = %vm.name, "VM created");
-        Ok(self.view(&vm))
+        self.commit(Change::VmState { id, state: vm.state, at: vm.updated_at }).await
     }
 
     pub(super) async fn update_vm(self: &Arc<Self>, r: &str, patch: VmPatch) -> Result<Vm> {

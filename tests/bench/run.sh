@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # NovaCron Edge benchmark: API throughput/latency, idle footprint, startup
-# time and VM start latency, compared with Incus on the same machine.
+# time and VM start latency, compared with Incus on the same machine; then
+# provisioning: image upload throughput, VM creation from an image (overlay)
+# and the console WebSocket's round trip to a real guest.
 #
-#   tests/bench/run.sh            # everything (takes ~3-5 minutes)
+#   tests/bench/run.sh                    # everything (takes ~6-10 minutes)
+#   ONLY_PROVISION=1 tests/bench/run.sh   # only the provisioning section
 #
 # Environment knobs:
 #   NOVACRON_BIN=PATH   daemon binary (default: target/release/novacron, else
@@ -10,19 +13,26 @@
 #   DURATION=10         seconds per load run
 #   NVMS=100            VMs created for the API and footprint runs
 #   SKIP_INCUS=1        skip the Incus comparison
-#   SKIP_QEMU=1         skip the real-guest VM start comparison
+#   SKIP_QEMU=1         skip the real-guest VM start comparison (and the
+#                       qemu:///system parts of the provisioning section)
+#   SKIP_PROVISION=1    skip the provisioning section (upload, create, console)
+#   ONLY_PROVISION=1    run only the provisioning section (no oha needed)
+#   UPLOAD_MIB=1024     size of the random-data file used for the upload runs
 #   INCUS_CLEAN=1       delete the Incus benchmark instances at the end (they
 #                       are kept by default so a re-run need not recreate them)
 #   RESULTS=DIR         where raw results go (default /tmp/ncbench-results)
 #
 # Needs (as root): oha (cargo install oha --locked) or wrk, curl, jq, openssl,
 # python3, virsh + a running libvirtd (tests/setup-host.sh), qemu-img, and for
-# the comparison the Debian package incus from bookworm-backports.
+# the comparison the Debian package incus from bookworm-backports. The console
+# benchmark installs the PyPI package websockets into a venv in
+# /tmp/ncbench-venv (kept, like the guest build in /tmp/ncguest, for re-runs).
 #
 # All load goes to loopback addresses only: 127.0.0.2 (our daemon, test
 # driver), 127.0.0.4 (our daemon, qemu:///system) and 127.0.0.3 inside a
 # private network namespace that holds incusd (so incusd has no route off the
-# machine either). Every load run is bounded by time or request count.
+# machine either); the provisioning section uses 127.0.0.5 (test driver) and
+# 127.0.0.6 (qemu:///system). Every load run is bounded by time or request count.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -33,6 +43,15 @@ NVMS="${NVMS:-100}"
 RESULTS="${RESULTS:-/tmp/ncbench-results}"
 SKIP_INCUS="${SKIP_INCUS:-0}"
 SKIP_QEMU="${SKIP_QEMU:-0}"
+SKIP_PROVISION="${SKIP_PROVISION:-0}"
+ONLY_PROVISION="${ONLY_PROVISION:-0}"
+UPLOAD_MIB="${UPLOAD_MIB:-1024}"
+if [ "$ONLY_PROVISION" = 1 ]; then
+    [ "$SKIP_PROVISION" = 1 ] && { echo "bench: ONLY_PROVISION=1 and SKIP_PROVISION=1 leave nothing to run" >&2; exit 2; }
+    SKIP_INCUS=1
+fi
+# Phase 3 (VM start) runs unless SKIP_QEMU=1 or only provisioning was asked for.
+RUN_START=1; { [ "$SKIP_QEMU" = 1 ] || [ "$ONLY_PROVISION" = 1 ]; } && RUN_START=0
 
 # Our daemon, test driver.
 T_DIR=/tmp/ncbench
@@ -51,6 +70,20 @@ I_NS=ncbench-incus
 I_ADDR=127.0.0.3:8443
 I_CERTS=/var/tmp/ncbench-incus-client
 I_PREFIX=ncb
+# Provisioning section: a test-driver daemon (uploads, creates) and a
+# qemu:///system daemon (creates that define real domains, the console).
+P_T_DIR=/var/tmp/ncbench-prov-test
+P_T_ADDR=127.0.0.5:8443
+P_T_CONF=/var/tmp/ncbench-prov-test.toml
+P_T_SOCK="$P_T_DIR/novacron.sock"
+P_Q_DIR=/var/tmp/ncbench-prov-qemu
+P_Q_ADDR=127.0.0.6:8443
+P_Q_CONF=/var/tmp/ncbench-prov-qemu.toml
+P_Q_SOCK="$P_Q_DIR/novacron.sock"
+P_WORK=/var/tmp/ncbench-prov-work       # upload file, base.qcow2, dd target
+P_PREFIX=ncbench-prov-                  # every VM/domain this section makes
+P_CON_VM=ncbench-prov-console
+VENV=/tmp/ncbench-venv
 
 BIN="${NOVACRON_BIN:-}"
 if [ -z "$BIN" ]; then
@@ -74,17 +107,32 @@ need openssl "apt-get install openssl"
 need python3 "apt-get install python3"
 OHA="$(command -v oha || true)"
 [ -n "$OHA" ] || { [ -x "$HOME/.cargo/bin/oha" ] && OHA="$HOME/.cargo/bin/oha"; } || true
-[ -n "$OHA" ] || die "missing oha: cargo install oha --locked"
+if [ "$ONLY_PROVISION" != 1 ]; then
+    [ -n "$OHA" ] || die "missing oha: cargo install oha --locked"
+fi
 PY=/usr/bin/python3; [ -x "$PY" ] || PY="$(command -v python3)"
 
 # ---------------------------------------------------------------- cleanup
-T_PID=""; Q_PID=""; I_PID=""
+T_PID=""; Q_PID=""; I_PID=""; P_T_PID=""; P_Q_PID=""
 stop_pid() {
     local pid="$1" i
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
     kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
     kill -KILL "$pid" 2>/dev/null || true
+}
+# The provisioning section's leftovers: its daemons, every domain named
+# $P_PREFIX* (also after an interrupted run), its data dirs and files.
+prov_cleanup() {
+    local d
+    stop_pid "$P_T_PID"; stop_pid "$P_Q_PID"; P_T_PID=""; P_Q_PID=""
+    if command -v virsh >/dev/null 2>&1; then
+        for d in $(timeout 20 virsh -c qemu:///system list --all --name 2>/dev/null | grep "^$P_PREFIX" || true); do
+            timeout 20 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
+            timeout 20 virsh -c qemu:///system undefine "$d" >/dev/null 2>&1
+        done
+    fi
+    rm -rf "$P_T_DIR" "$P_Q_DIR" "$P_WORK" "$P_T_CONF" "$P_Q_CONF"
 }
 cleanup() {
     local rc=$?
@@ -96,6 +144,7 @@ cleanup() {
     virsh -c qemu:///system undefine "$Q_VM" >/dev/null 2>&1
     stop_pid "$T_PID"; stop_pid "$Q_PID"; stop_pid "$I_PID"
     ip netns del "$I_NS" 2>/dev/null
+    prov_cleanup
     exit $rc
 }
 trap cleanup EXIT
@@ -138,7 +187,7 @@ start_daemon() {
 
 declare -A R=()   # results
 
-log "binary: $BIN ($(stat -c %s "$BIN") bytes); oha: $("$OHA" --version); load avg before: $(loadavg)"
+log "binary: $BIN ($(stat -c %s "$BIN") bytes); oha: $([ -n "$OHA" ] && "$OHA" --version); load avg before: $(loadavg)"
 if awk '{ exit !($1 > 0.5) }' /proc/loadavg; then
     log "WARNING: the machine is not idle (load avg $(loadavg)): throughput numbers will be low;"
     log "         see docs/performance.md. Top CPU users now:"
@@ -149,6 +198,8 @@ R[date]="$(date -u +%Y-%m-%dT%H:%MZ)"
 R[cpu]="$(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo)"
 
 # ======================================================= 1. our API, test driver
+# (Phase 1 and the startup runs: skipped with ONLY_PROVISION=1.)
+if [ "$ONLY_PROVISION" != 1 ]; then
 log "phase 1: our daemon on test:///default with $NVMS VMs"
 rm -rf "$T_DIR" "$T_CONF"
 mkdir -p "$T_DIR"
@@ -260,6 +311,7 @@ R[startup_runs]="${startups[*]}"
 R[startup_med]="$(printf '%s\n' "${startups[@]}" | median)"
 R[startup_log_ms]="$(sed 's/\x1b\[[0-9;]*m//g' "$T_DIR"/start-*.out | grep -o 'startup_ms=[0-9]*' | cut -d= -f2 | tr '\n' ' ')"
 log "startup ms: ${R[startup_runs]} (median ${R[startup_med]}); daemon's own startup_ms: ${R[startup_log_ms]}"
+fi  # ONLY_PROVISION != 1
 
 # ======================================================= 2. Incus
 if [ "$SKIP_INCUS" != 1 ]; then
@@ -333,7 +385,7 @@ if [ "$SKIP_INCUS" != 1 ]; then
 fi
 
 # ======================================================= 3. VM start, real TCG guest
-if [ "$SKIP_QEMU" != 1 ]; then
+if [ "$RUN_START" = 1 ]; then
     log "phase 3: VM start on qemu:///system, real TCG guest"
     need virsh "tests/setup-host.sh"
     virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd is not answering on qemu:///system (tests/setup-host.sh)"
@@ -423,9 +475,14 @@ anon_mb() { echo "$1" | sed -n 's/.*RssAnon=\([0-9]*\)kB.*/\1/p' | awk '{ printf
 
 {
 echo "NovaCron Edge benchmark, ${R[date]}, ${R[cpu]}"
+if [ "$ONLY_PROVISION" != 1 ]; then
 echo "binary $BIN: ${R[bin_bytes]} bytes (stripped); GET /v1/vms body ${R[list_bytes]} bytes (${R[list_n]} VMs: $NVMS + the test driver's own)"
+else
+echo "binary $BIN: ${R[bin_bytes]} bytes (stripped); provisioning section only"
+fi
 echo
 printf '%-52s %-28s %-12s %s\n' "metric" "value" "target" "status"
+if [ "$ONLY_PROVISION" != 1 ]; then
 printf '%-52s %-28s %-12s %s\n' "ours GET /v1/vms, 64 conns: req/s" "${R[o64_rps]}" ">= 20000" "$(ok "${R[o64_rps]}" ge 20000)"
 printf '%-52s %-28s %-12s %s\n' "ours 64 conns: p50 / p99 ms" "${R[o64_p50]} / ${R[o64_p99]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "ours 1 conn: req/s" "${R[o1_rps]}" "" ""
@@ -437,6 +494,7 @@ printf '%-52s %-28s %-12s %s\n' "  local socket 64c p50/p99 ms; 1c p50/p99 ms" "
 printf '%-52s %-28s %-12s %s\n' "ours /v1/health over HTTPS (no auth): 64c req/s" "${R[h64_rps]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "  /v1/health 1c p50/p99 ms" "${R[h1_p50]}/${R[h1_p99]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "ours daemon CPU per HTTPS /v1/vms request (us)" "${R[cpu_us_per_req]} (daemon used ${R[oha_cpu_share]} of 2 cores)" "" ""
+fi
 if [ "$SKIP_INCUS" != 1 ]; then
 printf '%-52s %-28s %-12s %s\n' "incus GET /1.0/instances ($NVMS, URLs), 64c req/s" "${R[i64_rps]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "incus /1.0/instances 64c: p50 / p99 ms" "${R[i64_p50]} / ${R[i64_p99]}" "" ""
@@ -449,6 +507,7 @@ printf '%-52s %-28s %-12s %s\n' "throughput ratio ours / incus (URL list)" "${r1
 printf '%-52s %-28s %-12s %s\n' "throughput ratio ours / incus (recursion=1)" "${r2}x" "" ""
 printf '%-52s %-28s %-12s %s\n' "incus body bytes: URLs / recursion=1" "${R[incus_urls_bytes]} / ${R[incus_list_bytes]} (${R[incus_n]} inst.)" "" ""
 fi
+if [ "$ONLY_PROVISION" != 1 ]; then
 printf '%-52s %-28s %-12s %s\n' "ours idle after start ($NVMS VMs)" "${R[rss_start]}" "anon<=12MB" "$(ok "$(anon_mb "${R[rss_start]}")" le 12)"
 printf '%-52s %-28s %-12s %s\n' "ours after the ${DURATION}s load runs" "${R[rss_after_load]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "ours after +100k requests" "${R[rss_after_100k]}" "anon<=12MB" "$(ok "$(anon_mb "${R[rss_after_100k]}")" le 12)"
@@ -461,7 +520,8 @@ printf '%-52s %-28s %-12s %s\n' "ours exec -> /v1/ready 200, median of 5 (ms)" "
 printf '%-52s %-28s %-12s %s\n' "  runs (ms)" "${R[startup_runs]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "  daemon-reported startup_ms" "${R[startup_log_ms]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "ours VM create via CLI, each (ms, test driver)" "${R[create_each_ms]}" "" ""
-if [ "$SKIP_QEMU" != 1 ]; then
+fi
+if [ "$RUN_START" = 1 ]; then
 printf '%-52s %-28s %-12s %s\n' "VM start: novacron vm start (CLI), median ms" "${R[start_cli]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "  runs" "${R[start_cli_runs]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "VM start: curl POST over the socket, median ms" "${R[start_curl]}" "" ""
