@@ -596,7 +596,53 @@ async fn real_guest_cloud_init_nat_console_snapshot() {
     }
     let out = console_run(&mut ws, "head -c 9 /dev/vda | od -c | head -1; echo R-$((2+3))", "R-5").await;
     assert!(!out.contains("N   C   M   A   R   K"), "the revert did not restore the disk: {out:?}");
+
+    // Live disk changes, checked from inside the guest.
+    let (s, v) = call(&c, Method::POST, &format!("/v1/vms/{id}/disks"), Some(json!({"size_gib": 1}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["disks"][1]["device"], "vdb");
+    let (s, v) =
+        call(&c, Method::POST, &format!("/v1/vms/{id}/disks/vda/resize"), Some(json!({"size_gib": 2}))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // PCI hot-plug takes the TCG guest a moment: ask until it shows.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out =
+            console_run(&mut ws, "cat /sys/block/vdb/size /sys/block/vda/size; echo S-$((3+4))", "S-7").await;
+        if out.contains("2097152") && out.contains("4194304") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "guest does not see the new sizes: {out:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (s, v) = call(&c, Method::DELETE, &format!("/v1/vms/{id}/disks/vdb"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["disks"].as_array().unwrap().len(), 1);
+
+    // A memory snapshot of the running guest: revert resumes it with the
+    // guest's RAM as it was (a shell variable set before the snapshot).
+    console_run(&mut ws, "export NCV=before; echo V-$((5+5))", "V-10").await;
+    let (s, v) = call(
+        &c,
+        Method::POST,
+        &format!("/v1/vms/{id}/snapshots"),
+        Some(json!({"name": "live", "memory": true})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["vm_state"], "running");
+    console_run(&mut ws, "export NCV=after; echo V-$((6+6))", "V-12").await;
     drop(ws);
+    let (s, v) = call(&c, Method::POST, &format!("/v1/vms/{id}/snapshots/live/revert"), None).await;
+    assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("running")), "{v}");
+    let mut ws = websocket(&d, &format!("/v1/vms/{id}/console")).await.expect("console");
+    let out = console_run(&mut ws, "echo NCV=$NCV-$((7+7))", "-14").await;
+    assert!(out.contains("NCV=before-14"), "memory was not restored: {out:?}");
+    drop(ws);
+    assert_eq!(
+        call(&c, Method::DELETE, &format!("/v1/vms/{id}/snapshots/live"), None).await.0,
+        StatusCode::NO_CONTENT
+    );
 
     let (_, snaps) = call(&c, Method::GET, &format!("/v1/vms/{id}/snapshots"), None).await;
     assert_eq!(snaps["snapshots"][0]["name"], "clean");
@@ -674,4 +720,62 @@ async fn nat_network_never_shadows_a_host_route() {
     )
     .await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "subnet_overlap"), "{route}: {v}");
+}
+
+/// Bridge networks join an existing host bridge; a VLAN tag is refused when
+/// the bridge cannot enforce it.
+#[tokio::test(flavor = "multi_thread")]
+async fn bridge_network_on_a_host_bridge() {
+    let br = format!("ncbr{}", std::process::id() % 100_000);
+    let ip = |args: &[&str]| Command::new("ip").args(args).status().unwrap().success();
+    assert!(ip(&["link", "add", &br, "type", "bridge"]), "cannot create a test bridge");
+    struct DelBridge(String);
+    impl Drop for DelBridge {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+    let _del = DelBridge(br.clone());
+    let d = Daemon::start("bridge", Opts::test_driver(56));
+    let c = d.admin();
+    let filtering = std::fs::read_to_string(format!("/sys/class/net/{br}/bridge/vlan_filtering"))
+        .map(|v| v.trim() == "1")
+        .unwrap_or(false);
+    let (s, v) = call(
+        &c,
+        Method::POST,
+        "/v1/networks",
+        Some(json!({"name": "shop", "kind": "bridge", "bridge": br, "vlan": 20})),
+    )
+    .await;
+    if filtering {
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert_eq!(call(&c, Method::DELETE, "/v1/networks/shop", None).await.0, StatusCode::NO_CONTENT);
+    } else {
+        assert_eq!((s, error_code(&v)), (StatusCode::BAD_REQUEST, "invalid_value"), "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("vlan_filtering"), "{v}");
+    }
+    let (s, v) =
+        call(&c, Method::POST, "/v1/networks", Some(json!({"name": "shop", "kind": "bridge", "bridge": br})))
+            .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!((v["kind"].as_str(), v["bridge"].as_str()), (Some("bridge"), Some(br.as_str())));
+    let spec = json!({"name": "till", "vcpus": 1, "memory_mib": 64, "network": "shop"});
+    let (s, vm) = call(&c, Method::POST, "/v1/vms", Some(spec)).await;
+    assert_eq!(s, StatusCode::CREATED, "{vm}");
+    let mac = vm["nics"][0]["mac"].as_str().unwrap();
+    assert!(mac.starts_with("52:54:00:") && mac.len() == 17, "{mac}");
+    // The MAC survives a restart of the VM (it is part of the stored spec).
+    assert_eq!(call(&c, Method::POST, "/v1/vms/till/start", None).await.0, StatusCode::OK);
+    assert_eq!(call(&c, Method::POST, "/v1/vms/till/stop", None).await.0, StatusCode::OK);
+    assert_eq!(call(&c, Method::POST, "/v1/vms/till/start", None).await.0, StatusCode::OK);
+    assert_eq!(call(&c, Method::GET, "/v1/vms/till", None).await.1["nics"][0]["mac"], mac);
+    let (s, v) = call(&c, Method::POST, "/v1/vms/till/clone", Some(json!({"name": "till2"}))).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "wrong_state"));
+    assert_eq!(call(&c, Method::POST, "/v1/vms/till/stop", None).await.0, StatusCode::OK);
+    let (s, clone) =
+        call(&c, Method::POST, "/v1/vms/till/clone", Some(json!({"name": "till2", "copy": true}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{clone}");
+    assert_ne!(clone["nics"][0]["mac"], mac, "a clone needs its own MAC");
+    assert_eq!(clone["nics"][0]["network"], "shop");
 }

@@ -468,6 +468,293 @@ EOF
     stop_pid "$Q_PID"; Q_PID=""
 fi
 
+# ======================================================= 4. provisioning
+# Image upload throughput, VM creation from an image (qcow2 overlay), and the
+# console WebSocket's round trip to a real guest. Raw numbers: $RESULTS/prov_*.
+if [ "$SKIP_PROVISION" != 1 ]; then
+    log "phase 4: provisioning (upload ${UPLOAD_MIB} MiB, VM create from an image, console)"
+    need qemu-img "tests/setup-host.sh"
+    need sha256sum "apt-get install coreutils"
+    # nearest-rank percentile of the numbers on stdin: pct 90
+    pct() { sort -g | awk -v p="$1" '{ a[NR] = $1 } END { r = int(p * NR / 100); if (r < p * NR / 100) r++; if (r < 1) r = 1; print a[r] }'; }
+    proc_cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
+    # "sum count" of novacron_http_request_duration_seconds for one route/method/status.
+    metric_sc() {  # metric_sc SOCK ROUTE METHOD STATUS
+        curl -sf --unix-socket "$1" http://x/metrics | awk -v l="{route=\"$2\",method=\"$3\",status=\"$4\"}" '
+            $1 == "novacron_http_request_duration_seconds_sum" l { s = $2 }
+            $1 == "novacron_http_request_duration_seconds_count" l { c = $2 }
+            END { print (s == "" ? 0 : s), (c == "" ? 0 : c) }'
+    }
+    # Mean ms between two "sum count" snapshots.
+    metric_mean_ms() { echo "$1 $2" | awk '{ n = $4 - $2; if (n > 0) printf "%.1f (n=%d)", ($3 - $1) / n * 1000, n; else print "n/a" }'; }
+    write_conf() {  # write_conf CONF DIR URI
+        cat > "$1" <<EOF
+data_dir = "$2"
+
+[api]
+rate_limit_per_sec = 0
+
+[hypervisor]
+uri = "$3"
+domain_type = "qemu"
+
+[images]
+max_upload_gib = 256
+
+[log]
+level = "info"
+target = "stderr"
+EOF
+    }
+    prov_cleanup
+    mkdir -p "$P_T_DIR" "$P_Q_DIR/boot" "$P_WORK"
+    chmod 0755 "$P_T_DIR" "$P_Q_DIR" "$P_WORK"
+    write_conf "$P_T_CONF" "$P_T_DIR" "test:///default"
+    start_daemon "$P_T_CONF" "$P_T_ADDR" "$P_T_SOCK" "$P_T_DIR/first.out"
+    P_T_PID=$started_pid
+    P_TOKEN="$(awk '/admin token:/ { print $3 }' "$P_T_DIR/first.out")"
+    P_FP="$(awk '/fingerprint:/ { print $2 }' "$P_T_DIR/first.out")"
+    [ -n "$P_TOKEN" ] && [ -n "$P_FP" ] || die "no admin token/fingerprint in $P_T_DIR/first.out"
+
+    # ------------------------------------------------ 4a. image upload
+    P_FILE="$P_WORK/upload.raw"
+    head -c "$((UPLOAD_MIB << 20))" /dev/urandom > "$P_FILE"
+    P_BYTES="$(stat -c %s "$P_FILE")"
+    cat "$P_FILE" > /dev/null; cat "$P_FILE" > /dev/null   # page cache warm
+    TIMEFORMAT='%R %U %S'
+    # timed CMD... -> "real user sys" (seconds) of CMD on stdout; CMD's own stdout goes to $RESULTS/prov_last.out
+    timed() { { time "$@" > "$RESULTS/prov_last.out" 2>"$RESULTS/prov_last.err"; } 2>&1; }
+    mbps() { awk -v b="$P_BYTES" -v s="$1" 'BEGIN { printf "%.0f", b / s / 1e6 }'; }
+    del_image() {  # del_image SOCK NAME
+        local code
+        code="$(curl -s -o /dev/null -w '%{http_code}' --unix-socket "$1" -X DELETE "http://x/v1/images/$2")"
+        case "$code" in 200|204) ;; *) die "DELETE image $2 answered $code" ;; esac
+    }
+    check_201() {  # check_201 WHAT: the last curl -w '%{http_code}' must be 201
+        [ "$(cat "$RESULTS/prov_last.out")" = 201 ] || die "$1 answered $(cat "$RESULTS/prov_last.out"): $(head -c 300 "$RESULTS/prov_resp.json")"
+    }
+    UPH=(-s -o "$RESULTS/prov_resp.json" -w '%{http_code}' -T "$P_FILE" -H 'Content-Type: application/octet-stream')
+    up_https=(); up_sock=(); cat_t=(); up_https_cpu=(); up_sock_cpu=(); up_https_curl=()
+    R[p_load_upload]="$(loadavg)"
+    log "upload: $P_BYTES bytes of random data, page cache warm (load avg ${R[p_load_upload]})"
+    m0="$(metric_sc "$P_T_SOCK" "/v1/images/{name}" PUT 201)"
+    for run in 1 2 3; do
+        read -r real _ _ < <(timed cat "$P_FILE"); cat_t+=("$real")
+        c0="$(proc_cpu_s "$P_T_PID")"
+        read -r real user sys < <(timed curl "${UPH[@]}" -k -H "Authorization: Bearer $P_TOKEN" "https://$P_T_ADDR/v1/images/upl")
+        check_201 "PUT (HTTPS)"
+        up_https+=("$real"); up_https_curl+=("$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')")
+        up_https_cpu+=("$(awk -v a="$c0" -v b="$(proc_cpu_s "$P_T_PID")" 'BEGIN { printf "%.2f", b - a }')")
+        del_image "$P_T_SOCK" upl
+    done
+    m1="$(metric_sc "$P_T_SOCK" "/v1/images/{name}" PUT 201)"
+    for run in 1 2 3; do
+        c0="$(proc_cpu_s "$P_T_PID")"
+        read -r real _ _ < <(timed curl "${UPH[@]}" --unix-socket "$P_T_SOCK" "http://x/v1/images/upl")
+        check_201 "PUT (socket)"
+        up_sock+=("$real")
+        up_sock_cpu+=("$(awk -v a="$c0" -v b="$(proc_cpu_s "$P_T_PID")" 'BEGIN { printf "%.2f", b - a }')")
+        del_image "$P_T_SOCK" upl
+    done
+    m2="$(metric_sc "$P_T_SOCK" "/v1/images/{name}" PUT 201)"
+    R[p_cat_runs]="${cat_t[*]}"; R[p_cat]="$(printf '%s\n' "${cat_t[@]}" | median)"
+    R[p_https_runs]="${up_https[*]}"; R[p_https]="$(printf '%s\n' "${up_https[@]}" | median)"
+    R[p_sock_runs]="${up_sock[*]}"; R[p_sock]="$(printf '%s\n' "${up_sock[@]}" | median)"
+    R[p_https_cpu]="${up_https_cpu[*]}"; R[p_sock_cpu]="${up_sock_cpu[*]}"; R[p_https_curl]="${up_https_curl[*]}"
+    R[p_https_daemon_ms]="$(metric_mean_ms "$m0" "$m1")"; R[p_sock_daemon_ms]="$(metric_mean_ms "$m1" "$m2")"
+    # The CLI: 3 runs without its own SHA-256 pass, 1 with (it hashes the file first).
+    cli_t=()
+    for run in 1 2 3; do
+        read -r real _ _ < <(timed "$NC" --url "https://$P_T_ADDR" --token "$P_TOKEN" --fingerprint "$P_FP" \
+            image upload upl "$P_FILE" --no-checksum)
+        cli_t+=("$real"); del_image "$P_T_SOCK" upl
+    done
+    R[p_cli_runs]="${cli_t[*]}"; R[p_cli]="$(printf '%s\n' "${cli_t[@]}" | median)"
+    read -r R[p_cli_sum] _ _ < <(timed "$NC" --url "https://$P_T_ADDR" --token "$P_TOKEN" --fingerprint "$P_FP" \
+        image upload upl "$P_FILE")
+    del_image "$P_T_SOCK" upl
+    # What the daemon does per byte besides receiving it: hash, write, flush.
+    sha_t=(); dd_t=(); ddf_t=()
+    for run in 1 2 3; do
+        read -r real _ _ < <(timed sha256sum "$P_FILE"); sha_t+=("$real")
+        read -r real _ _ < <(timed dd if="$P_FILE" of="$P_WORK/dd.tmp" bs=1M); dd_t+=("$real"); rm -f "$P_WORK/dd.tmp"
+        read -r real _ _ < <(timed dd if="$P_FILE" of="$P_WORK/dd.tmp" bs=1M conv=fsync); ddf_t+=("$real"); rm -f "$P_WORK/dd.tmp"
+    done
+    R[p_sha]="$(printf '%s\n' "${sha_t[@]}" | median)"; R[p_dd]="$(printf '%s\n' "${dd_t[@]}" | median)"
+    R[p_ddf]="$(printf '%s\n' "${ddf_t[@]}" | median)"
+    R[p_sha_runs]="${sha_t[*]}"; R[p_dd_runs]="${dd_t[*]}"; R[p_ddf_runs]="${ddf_t[*]}"
+    rm -f "$P_FILE"
+    log "upload medians (s): cat ${R[p_cat]}, HTTPS ${R[p_https]}, socket ${R[p_sock]}, CLI ${R[p_cli]}; sha256sum ${R[p_sha]}, dd ${R[p_dd]}, dd+fsync ${R[p_ddf]}"
+
+    # ------------------------------------------------ 4b. VM create from an image
+    qemu-img create -q -f qcow2 "$P_WORK/base.qcow2" 1G
+    # Each series writes 20 lines "http_code seconds [num_connects]" to
+    # $RESULTS/prov_create_TAG.txt and names its VMs $P_PREFIX$TAG-1..20.
+    vm_body() { printf '{"name":"%s","vcpus":1,"memory_mib":64,"disks":[{"image":"base"}]}' "$1"; }
+    create_sock() {  # create_sock SOCK TAG: 20 separate curl calls over the Unix socket
+        local i out="$RESULTS/prov_create_$2.txt"
+        : > "$out"
+        for i in $(seq 1 20); do
+            curl -s -o /dev/null -w '%{http_code} %{time_total}\n' --unix-socket "$1" \
+                -H 'Content-Type: application/json' -d "$(vm_body "$P_PREFIX$2-$i")" http://x/v1/vms >> "$out"
+        done
+    }
+    create_https() {  # create_https ADDR TAG: 20 POSTs on one keep-alive HTTPS connection (curl --next)
+        local i args=() out="$RESULTS/prov_create_$2.txt"
+        for i in $(seq 1 20); do
+            [ "$i" -gt 1 ] && args+=(--next)
+            args+=(-sk -o /dev/null -w '%{http_code} %{time_total} %{num_connects}\n'
+                   -H "Authorization: Bearer $P_TOKEN" -H 'Content-Type: application/json'
+                   -d "$(vm_body "$P_PREFIX$2-$i")" "https://$1/v1/vms")
+        done
+        curl "${args[@]}" > "$out"
+        [ "$(awk '$3 > 0' "$out" | wc -l)" = 1 ] || log "WARNING: the HTTPS creates did not reuse one connection ($out)"
+    }
+    create_stats() {  # create_stats TAG: R[pc_TAG_med|p90|runs] from the client times; all must be 201
+        local f="$RESULTS/prov_create_$1.txt"
+        [ "$(awk '$1 == 201' "$f" | wc -l)" = 20 ] || die "VM creates ($1) were not all 201: $(awk '{ print $1 }' "$f" | sort | uniq -c | tr '\n' ' ')"
+        R[pc_${1}_med]="$(awk '{ printf "%.1f\n", $2 * 1000 }' "$f" | median)"
+        R[pc_${1}_p90]="$(awk '{ printf "%.1f\n", $2 * 1000 }' "$f" | pct 90)"
+        R[pc_${1}_runs]="$(awk '{ printf "%.1f ", $2 * 1000 }' "$f")"
+    }
+    # create_phase SOCK ADDR K (t or q): upload base, 20 creates on the socket
+    # (tag Ks), then 20 over one HTTPS keep-alive connection (tag Kh).
+    create_phase() {
+        local sock="$1" addr="$2" k="$3" m0 m1 m2
+        curl -s -o "$RESULTS/prov_resp.json" -w '%{http_code}' -T "$P_WORK/base.qcow2" -H 'Content-Type: application/octet-stream' \
+            --unix-socket "$sock" http://x/v1/images/base > "$RESULTS/prov_last.out"
+        check_201 "PUT base.qcow2"
+        R[pc_${k}_load]="$(loadavg)"
+        m0="$(metric_sc "$sock" /v1/vms POST 201)"
+        create_sock "$sock" "${k}s"
+        m1="$(metric_sc "$sock" /v1/vms POST 201)"
+        create_https "$addr" "${k}h"
+        m2="$(metric_sc "$sock" /v1/vms POST 201)"
+        create_stats "${k}s"; create_stats "${k}h"
+        R[pc_${k}s_daemon]="$(metric_mean_ms "$m0" "$m1")"; R[pc_${k}h_daemon]="$(metric_mean_ms "$m1" "$m2")"
+        log "create ($k): socket median ${R[pc_${k}s_med]} p90 ${R[pc_${k}s_p90]} ms (daemon mean ${R[pc_${k}s_daemon]}); HTTPS keep-alive median ${R[pc_${k}h_med]} p90 ${R[pc_${k}h_p90]} ms (daemon mean ${R[pc_${k}h_daemon]})"
+    }
+    log "create: 20 + 20 VMs from image base (overlay) on test:///default"
+    create_phase "$P_T_SOCK" "$P_T_ADDR" t
+    stop_pid "$P_T_PID"; P_T_PID=""
+
+    if [ "$SKIP_QEMU" != 1 ]; then
+        need virsh "tests/setup-host.sh"
+        virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd is not answering on qemu:///system (tests/setup-host.sh)"
+        write_conf "$P_Q_CONF" "$P_Q_DIR" "qemu:///system"
+        start_daemon "$P_Q_CONF" "$P_Q_ADDR" "$P_Q_SOCK" "$P_Q_DIR/first.out"
+        P_Q_PID=$started_pid
+        P_TOKEN="$(awk '/admin token:/ { print $3 }' "$P_Q_DIR/first.out")"
+        [ -n "$P_TOKEN" ] || die "no admin token in $P_Q_DIR/first.out"
+        log "create: 20 + 20 VMs from image base (overlay) on qemu:///system (real domains)"
+        create_phase "$P_Q_SOCK" "$P_Q_ADDR" q
+        # Proof that these were real libvirt domains: count them, then delete them through the API.
+        R[pc_q_domains]="$(virsh -c qemu:///system list --all --name | grep -c "^$P_PREFIX" || true)"
+        t0=$EPOCHREALTIME
+        for d in $(seq -f "qs-%g" 1 20) $(seq -f "qh-%g" 1 20); do
+            code="$(curl -s -o /dev/null -w '%{http_code}' --unix-socket "$P_Q_SOCK" -X DELETE "http://x/v1/vms/$P_PREFIX$d")"
+            case "$code" in 200|204) ;; *) die "DELETE VM $P_PREFIX$d answered $code" ;; esac
+        done
+        R[pc_q_delete_each]="$(awk -v s="$t0" -v e="$EPOCHREALTIME" 'BEGIN { printf "%.1f", (e - s) * 1000 / 40 }')"
+
+        # ------------------------------------------------ 4c. console round trip
+        log "console: real TCG guest on qemu:///system"
+        bash "$repo/tests/guest/build-guest.sh" "$GUEST_SRC" >&2
+        cp "$GUEST_SRC/vmlinuz" "$GUEST_SRC/initramfs.gz" "$P_Q_DIR/boot/"
+        "$NC" --socket "$P_Q_SOCK" vm create --name "$P_CON_VM" --memory 128 \
+            --kernel vmlinuz --initrd initramfs.gz --cmdline "console=ttyS0 panic=-1 quiet" >/dev/null
+        "$NC" --socket "$P_Q_SOCK" vm start "$P_CON_VM" >/dev/null
+        t0=$EPOCHREALTIME; up=0
+        for i in $(seq 1 1200); do
+            if curl -sf --unix-socket "$P_Q_SOCK" "http://x/v1/vms/$P_CON_VM/console/log" 2>/dev/null | grep -q NOVACRON-GUEST-UP \
+                || grep -rqs NOVACRON-GUEST-UP "$P_Q_DIR" 2>/dev/null; then
+                up=1; break
+            fi
+            sleep 0.1
+        done
+        [ "$up" = 1 ] || die "the console guest did not boot in 120 s"
+        R[pcon_boot]="$(ms "$t0" "$EPOCHREALTIME")"
+        sleep 3   # let the shell settle on the console
+        if ! "$VENV/bin/python" -c 'import websockets' 2>/dev/null; then
+            log "console: installing the PyPI package websockets into $VENV"
+            "$PY" -m venv "$VENV" >&2 && "$VENV/bin/pip" install -q websockets >&2 \
+                || die "cannot install websockets into $VENV (python3-venv, PyPI)"
+        fi
+        cat > "$RESULTS/prov_console.py" <<'PY'
+# console round trip: send "echo $((N+1))\n", wait for the line N+1.
+import asyncio, random, re, ssl, sys, time
+from websockets.asyncio.client import connect, unix_connect
+
+async def main(mode, target, token, vm, n):
+    path = f"/v1/vms/{vm}/console"
+    kw = dict(compression=None, ping_interval=None, max_size=None, open_timeout=10)
+    if mode == "https":
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE  # the daemon's self-signed cert, loopback only
+        cm = connect(f"wss://{target}{path}", ssl=ctx,
+                     additional_headers={"Authorization": f"Bearer {token}"}, **kw)
+    else:
+        cm = unix_connect(target, f"ws://localhost{path}", **kw)
+    async with cm as ws:
+        buf = bytearray()
+
+        async def until(pat, timeout):
+            deadline = time.perf_counter() + timeout
+            while not pat.search(buf):
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    return False
+                try:
+                    msg = await asyncio.wait_for(ws.recv(), left)
+                except asyncio.TimeoutError:
+                    return False
+                buf.extend(msg if isinstance(msg, bytes) else msg.encode())
+            return True
+
+        async def drain():
+            await until(re.compile(rb"(?!x)x"), 0.3)
+            buf.clear()
+
+        # Sync with the shell first (it may still be printing boot messages).
+        for _ in range(20):
+            await ws.send(b"echo $((40000+2))\n")
+            if await until(re.compile(rb"(?:^|\n)40002\r?\n"), 3):
+                break
+        else:
+            sys.exit("no answer from the guest shell")
+        await drain()
+        rng = random.Random(7)
+        for _ in range(n):
+            k = rng.randrange(100000, 900000)
+            pat = re.compile(rb"(?:^|\n)%d\r?\n" % (k + 1))
+            t0 = time.perf_counter()
+            await ws.send(b"echo $((%d+1))\n" % k)
+            if not await until(pat, 10):
+                sys.exit(f"no answer for {k}+1 in 10 s")
+            print("%.2f" % ((time.perf_counter() - t0) * 1000), flush=True)
+            await drain()
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
+PY
+        R[pcon_load]="$(loadavg)"
+        "$VENV/bin/python" "$RESULTS/prov_console.py" https "$P_Q_ADDR" "$P_TOKEN" "$P_CON_VM" 20 \
+            > "$RESULTS/prov_console_https.txt" || die "console benchmark (HTTPS) failed"
+        "$VENV/bin/python" "$RESULTS/prov_console.py" unix "$P_Q_SOCK" - "$P_CON_VM" 20 \
+            > "$RESULTS/prov_console_unix.txt" || die "console benchmark (socket) failed"
+        for k in https unix; do
+            [ "$(wc -l < "$RESULTS/prov_console_$k.txt")" = 20 ] || die "console ($k): expected 20 round trips"
+            R[pcon_${k}_med]="$(median < "$RESULTS/prov_console_$k.txt")"
+            R[pcon_${k}_p90]="$(pct 90 < "$RESULTS/prov_console_$k.txt")"
+            R[pcon_${k}_min]="$(sort -g "$RESULTS/prov_console_$k.txt" | head -n1)"
+            R[pcon_${k}_max]="$(sort -g "$RESULTS/prov_console_$k.txt" | tail -n1)"
+        done
+        log "console round trip: HTTPS median ${R[pcon_https_med]} p90 ${R[pcon_https_p90]} ms; socket median ${R[pcon_unix_med]} p90 ${R[pcon_unix_p90]} ms"
+        "$NC" --socket "$P_Q_SOCK" vm delete "$P_CON_VM" --force >/dev/null
+    fi
+    prov_cleanup
+fi
+
 # ======================================================= results
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 ok() { if awk -v v="$1" -v t="$3" -v op="$2" 'BEGIN { exit !((op == "ge" && v >= t) || (op == "le" && v <= t)) }'; then echo "met"; else echo "MISSED"; fi; }
@@ -532,6 +819,47 @@ r3="$(ratio "${R[start_cli]}" "${R[start_virsh]}")"; r4="$(ratio "${R[start_curl
 printf '%-52s %-28s %-12s %s\n' "VM start ratio CLI / virsh" "$r3" "<= 1.1" "$(ok "$r3" le 1.1)"
 printf '%-52s %-28s %-12s %s\n' "VM start ratio curl / virsh" "$r4" "<= 1.1" "$(ok "$r4" le 1.1)"
 printf '%-52s %-28s %-12s %s\n' "guest console shows NOVACRON-GUEST-UP" "${R[guest_up]:-not found}" "" ""
+fi
+if [ "$SKIP_PROVISION" != 1 ]; then
+r5="$(ratio "${R[p_cat]}" "${R[p_https]}")"; r6="$(ratio "${R[p_cat]}" "${R[p_sock]}")"; r7="$(ratio "${R[p_cat]}" "${R[p_cli]}")"
+printf '%-52s %-28s %-12s %s\n' "upload file: random data, bytes (page cache warm)" "$P_BYTES" "" ""
+printf '%-52s %-28s %-12s %s\n' "  load avg at the start of the upload runs" "${R[p_load_upload]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "cat FILE > /dev/null: median s; MB/s" "${R[p_cat]}; $(mbps "${R[p_cat]}")" "" ""
+printf '%-52s %-28s %-12s %s\n' "upload curl PUT over HTTPS: median s; MB/s" "${R[p_https]}; $(mbps "${R[p_https]}")" "" ""
+printf '%-52s %-28s %-12s %s\n' "  runs (s); daemon CPU s; curl CPU s" "${R[p_https_runs]}; ${R[p_https_cpu]}; ${R[p_https_curl]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  daemon-side mean (metrics histogram, ms)" "${R[p_https_daemon_ms]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "upload ratio HTTPS / cat" "$r5" ">= 0.7" "$(ok "$r5" ge 0.7)"
+printf '%-52s %-28s %-12s %s\n' "upload curl PUT over the Unix socket: median s; MB/s" "${R[p_sock]}; $(mbps "${R[p_sock]}")" "" ""
+printf '%-52s %-28s %-12s %s\n' "  runs (s); daemon CPU s" "${R[p_sock_runs]}; ${R[p_sock_cpu]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  daemon-side mean (metrics histogram, ms)" "${R[p_sock_daemon_ms]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "upload ratio socket / cat" "$r6" ">= 0.7" "$(ok "$r6" ge 0.7)"
+printf '%-52s %-28s %-12s %s\n' "upload CLI over HTTPS --no-checksum: median s; MB/s" "${R[p_cli]}; $(mbps "${R[p_cli]}")" "" ""
+printf '%-52s %-28s %-12s %s\n' "  runs (s)" "${R[p_cli_runs]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "upload ratio CLI / cat" "$r7" ">= 0.7" "$(ok "$r7" ge 0.7)"
+printf '%-52s %-28s %-12s %s\n' "upload CLI over HTTPS with its SHA-256 (1 run): s" "${R[p_cli_sum]}; $(mbps "${R[p_cli_sum]}") MB/s" "" ""
+printf '%-52s %-28s %-12s %s\n' "sha256sum FILE: median s; MB/s" "${R[p_sha]}; $(mbps "${R[p_sha]}")" "" ""
+printf '%-52s %-28s %-12s %s\n' "dd bs=1M to /var/tmp: median s; MB/s" "${R[p_dd]}; $(mbps "${R[p_dd]}")" "" ""
+printf '%-52s %-28s %-12s %s\n' "dd bs=1M conv=fsync to /var/tmp: median s; MB/s" "${R[p_ddf]}; $(mbps "${R[p_ddf]}")" "" ""
+for k in t q; do
+    [ -n "${R[pc_${k}s_med]:-}" ] || continue
+    [ "$k" = t ] && where="test:///default" || where="qemu:///system"
+    printf '%-52s %-28s %-12s %s\n' "VM create from image ($where), load avg" "${R[pc_${k}_load]}" "" ""
+    printf '%-52s %-28s %-12s %s\n' "  curl over the socket: median / p90 ms" "${R[pc_${k}s_med]} / ${R[pc_${k}s_p90]}" "<= 50" "$(ok "${R[pc_${k}s_med]}" le 50)"
+    printf '%-52s %-28s %-12s %s\n' "  same, daemon-side mean ms (metrics)" "${R[pc_${k}s_daemon]}" "" ""
+    printf '%-52s %-28s %-12s %s\n' "  HTTPS keep-alive: median / p90 ms" "${R[pc_${k}h_med]} / ${R[pc_${k}h_p90]}" "<= 50" "$(ok "${R[pc_${k}h_med]}" le 50)"
+    printf '%-52s %-28s %-12s %s\n' "  same, daemon-side mean ms (metrics)" "${R[pc_${k}h_daemon]}" "" ""
+done
+if [ -n "${R[pc_q_domains]:-}" ]; then
+printf '%-52s %-28s %-12s %s\n' "  libvirt domains defined by the qemu creates" "${R[pc_q_domains]}" "40" ""
+printf '%-52s %-28s %-12s %s\n' "  DELETE each (qemu:///system, ms)" "${R[pc_q_delete_each]}" "" ""
+fi
+if [ -n "${R[pcon_https_med]:-}" ]; then
+printf '%-52s %-28s %-12s %s\n' "console guest: start -> NOVACRON-GUEST-UP (ms); load" "${R[pcon_boot]}; ${R[pcon_load]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "console echo round trip, wss:// HTTPS: median / p90 ms" "${R[pcon_https_med]} / ${R[pcon_https_p90]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  min / max ms" "${R[pcon_https_min]} / ${R[pcon_https_max]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "console echo round trip, Unix socket: median / p90 ms" "${R[pcon_unix_med]} / ${R[pcon_unix_p90]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  min / max ms" "${R[pcon_unix_min]} / ${R[pcon_unix_max]}" "" ""
+fi
 fi
 echo
 echo "load average at the end: $(loadavg)"
