@@ -69,7 +69,7 @@ async fn real_guest_lifecycle_survives_kill9() {
 
     // libvirtd restarts under the daemon: readiness drops, then the daemon
     // reconnects by itself and still sees the guest running.
-    std::process::Command::new("pkill").args(["-x", "libvirtd"]).status().unwrap();
+    common::stop_libvirtd();
     let deadline = Instant::now() + Duration::from_secs(20);
     while call(&c, Method::GET, "/v1/ready", None).await.0 == StatusCode::OK {
         assert!(Instant::now() < deadline, "/v1/ready stayed 200 with libvirtd down");
@@ -77,7 +77,7 @@ async fn real_guest_lifecycle_survives_kill9() {
     }
     let (s, v) = call(&c, Method::GET, "/v1/ready", None).await;
     assert_eq!((s, error_code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "not_ready"), "{v}");
-    assert!(std::process::Command::new("libvirtd").arg("-d").status().unwrap().success());
+    common::start_libvirtd();
     let deadline = Instant::now() + Duration::from_secs(30);
     while call(&c, Method::GET, "/v1/ready", None).await.0 != StatusCode::OK {
         assert!(Instant::now() < deadline, "the daemon did not reconnect to libvirtd");

@@ -644,6 +644,19 @@ async fn real_guest_cloud_init_nat_console_snapshot() {
         StatusCode::NO_CONTENT
     );
 
+    // A disk-only snapshot of the running guest: revert restores the
+    // disks and leaves the VM stopped.
+    let (s, v) =
+        call(&c, Method::POST, &format!("/v1/vms/{id}/snapshots"), Some(json!({"name": "disks"}))).await;
+    assert_eq!((s, v["memory"].as_bool()), (StatusCode::CREATED, Some(false)), "{v}");
+    let (s, v) = call(&c, Method::POST, &format!("/v1/vms/{id}/snapshots/disks/revert"), None).await;
+    assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("stopped")), "{v}");
+    assert!(virsh(&["domstate", &vm_name]).contains("shut off"));
+    assert_eq!(
+        call(&c, Method::DELETE, &format!("/v1/vms/{id}/snapshots/disks"), None).await.0,
+        StatusCode::NO_CONTENT
+    );
+
     let (_, snaps) = call(&c, Method::GET, &format!("/v1/vms/{id}/snapshots"), None).await;
     assert_eq!(snaps["snapshots"][0]["name"], "clean");
     assert_eq!(

@@ -46,17 +46,16 @@ impl Core {
             return Err(CoreError::NameTaken(format!("snapshot {}", req.name)));
         }
         let state = self.refresh_state(id).await?;
-        // QEMU's internal snapshots of a running guest always include its
-        // memory; a stopped guest has none to include.
-        match (state, req.memory) {
-            (VmState::Running | VmState::Paused, false) => return Err(CoreError::invalid(
-                "memory",
-                "a snapshot of a running VM must include its memory (set memory: true) or stop the VM first",
-            )),
+        // QEMU's internal snapshot of a running guest always saves its
+        // memory too. Without `memory` it is still taken that way, and a
+        // revert brings back the disks only: the VM is reverted paused and
+        // then switched off, so the guest never runs on the restored RAM.
+        let with_memory = match (state, req.memory) {
+            (VmState::Running | VmState::Paused, _) => true,
             (VmState::Stopped, true) => {
                 return Err(CoreError::invalid("memory", "a stopped VM has no memory state to save"))
             }
-            (VmState::Running | VmState::Paused | VmState::Stopped, _) => {}
+            (VmState::Stopped, false) => false,
             (other, _) => {
                 return Err(CoreError::WrongState {
                     vm: found.name,
@@ -64,9 +63,9 @@ impl Core {
                     action: "snapshot",
                 })
             }
-        }
-        let (name, desc, mem) = (req.name.clone(), req.description.clone(), req.memory);
-        self.hv_call(move |hv| hv.snapshot_create(id, &name, &desc, mem)).await?;
+        };
+        let (name, desc) = (req.name.clone(), req.description.clone());
+        self.hv_call(move |hv| hv.snapshot_create(id, &name, &desc, with_memory)).await?;
         let record = SnapshotRecord {
             vm_id: id,
             name: req.name,
@@ -83,16 +82,25 @@ impl Core {
         Ok(view(&record))
     }
 
-    /// Puts the VM back to the snapshot: disks (and memory, if saved) as
+    /// Puts the VM back to the snapshot: disks (and memory, if asked for) as
     /// they were. A memory snapshot comes back running, a disk snapshot
     /// stopped.
     pub(super) async fn revert_snapshot(self: &Arc<Self>, r: &str, name: &str) -> Result<crate::types::Vm> {
         let found = self.find_record(r)?;
         let _guard = self.lock_vm(found.id, &found.name).await?;
         let id = found.id;
-        self.find_snapshot(id, name)?;
+        let snap = self.find_snapshot(id, name)?;
         let n = name.to_string();
-        self.hv_call(move |hv| hv.snapshot_revert(id, &n)).await?;
+        // A disk snapshot of a running VM carries RAM it must not resume.
+        let disk_only_of_running = !snap.memory && snap.vm_state.is_active();
+        self.hv_call(move |hv| {
+            hv.snapshot_revert(id, &n, !disk_only_of_running)?;
+            if disk_only_of_running {
+                hv.destroy(id)?;
+            }
+            Ok(())
+        })
+        .await?;
         self.shutting_down.lock().unwrap().remove(&id);
         self.refresh_state(id).await?;
         self.events.publish("snapshot.reverted", serde_json::json!({"vm": id, "name": name}));

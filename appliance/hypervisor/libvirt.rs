@@ -727,13 +727,18 @@ impl Hypervisor for Libvirt {
         Ok(list)
     }
 
-    fn snapshot_revert(&self, uuid: Uuid, name: &str) -> Result<()> {
+    fn snapshot_revert(&self, uuid: Uuid, name: &str, resume: bool) -> Result<()> {
         self.with_snapshot(uuid, name, |_, snap| {
             let info = parse_snapshot(name.to_string(), &snap.xml_desc(0)?);
             // Explicit target state instead of "whatever was recorded": a
-            // checkpoint taken paused also comes back running. Disk-only
-            // snapshots revert to shut off (libvirt stops a running domain).
-            let flags = if info.has_memory { sys::VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING } else { 0 };
+            // checkpoint comes back running (or paused when the caller wants
+            // to stop it without letting the guest run). Disk-only snapshots
+            // revert to shut off (libvirt stops a running domain).
+            let flags = match (info.has_memory, resume) {
+                (true, true) => sys::VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING,
+                (true, false) => sys::VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED,
+                (false, _) => 0,
+            };
             Ok(snap.revert(flags)?)
         })
     }
@@ -1576,11 +1581,11 @@ mod tests {
             assert_eq!(list[0].description, "stopped <one>");
             assert!(list[0].created > 1_600_000_000);
 
-            hv.snapshot_revert(uuid, "cold").unwrap();
+            hv.snapshot_revert(uuid, "cold", true).unwrap();
             assert_eq!(hv.state(uuid).unwrap(), Some(DomainState::Stopped));
-            hv.snapshot_revert(uuid, "hot").unwrap();
+            hv.snapshot_revert(uuid, "hot", true).unwrap();
             assert_eq!(hv.state(uuid).unwrap(), Some(DomainState::Running));
-            match hv.snapshot_revert(uuid, "nope") {
+            match hv.snapshot_revert(uuid, "nope", true) {
                 Err(HypervisorError::NoSnapshot(n)) => assert_eq!(n, "nope"),
                 other => panic!("expected NoSnapshot, got {other:?}"),
             }
@@ -1913,7 +1918,7 @@ mod guest_tests {
         eprintln!("memory snapshot took {:?}", t.elapsed());
         run(&*con, &mut out, "echo after > /tmp/m; echo w-$((1+2))", "w-3");
         let t = Instant::now();
-        hv.snapshot_revert(id, "hot").unwrap();
+        hv.snapshot_revert(id, "hot", true).unwrap();
         eprintln!("memory revert took {:?}", t.elapsed());
         assert_eq!(hv.state(id).unwrap(), Some(DomainState::Running));
         drop(con);
@@ -1937,7 +1942,7 @@ mod guest_tests {
         assert!(qemu_io(&root, "read -P 0 0 64k"));
         assert!(qemu_io(&root, "write -P 0xab 0 64k"));
         assert!(qemu_io(&root, "read -P 0xab 0 64k"));
-        hv.snapshot_revert(id, "cold").unwrap();
+        hv.snapshot_revert(id, "cold", true).unwrap();
         assert_eq!(hv.state(id).unwrap(), Some(DomainState::Stopped));
         assert!(qemu_io(&root, "read -P 0 0 64k"), "disk content not restored");
         assert!(!qemu_io(&root, "read -P 0xab 0 64k"));
@@ -1948,7 +1953,7 @@ mod guest_tests {
         assert_eq!(list[0].description, "running with RAM");
 
         // From stopped back to the running checkpoint.
-        hv.snapshot_revert(id, "hot").unwrap();
+        hv.snapshot_revert(id, "hot", true).unwrap();
         assert_eq!(hv.state(id).unwrap(), Some(DomainState::Running));
         hv.destroy(id).unwrap();
         hv.snapshot_delete(id, "cold").unwrap();

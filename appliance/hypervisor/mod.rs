@@ -165,9 +165,10 @@ pub trait Hypervisor: Send + Sync {
     fn snapshot_create(&self, uuid: Uuid, name: &str, description: &str, with_memory: bool) -> Result<()>;
     /// Oldest first.
     fn snapshot_list(&self, uuid: Uuid) -> Result<Vec<SnapshotInfo>>;
-    /// Returns the domain to the snapshot: running for a memory snapshot,
-    /// stopped (stopping it if needed) for a disk-only one.
-    fn snapshot_revert(&self, uuid: Uuid, name: &str) -> Result<()>;
+    /// Returns the domain to the snapshot: for a memory snapshot running
+    /// (`resume`) or paused, for a disk-only one stopped (stopping it if
+    /// needed).
+    fn snapshot_revert(&self, uuid: Uuid, name: &str, resume: bool) -> Result<()>;
     fn snapshot_delete(&self, uuid: Uuid, name: &str) -> Result<()>;
 
     /// Grows a disk of a running domain to `bytes` (guest-visible size).

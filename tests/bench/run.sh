@@ -533,36 +533,42 @@ EOF
     check_201() {  # check_201 WHAT: the last curl -w '%{http_code}' must be 201
         [ "$(cat "$RESULTS/prov_last.out")" = 201 ] || die "$1 answered $(cat "$RESULTS/prov_last.out"): $(head -c 300 "$RESULTS/prov_resp.json")"
     }
-    UPH=(-s -o "$RESULTS/prov_resp.json" -w '%{http_code}' -T "$P_FILE" -H 'Content-Type: application/octet-stream')
-    up_https=(); up_sock=(); cat_t=(); up_https_cpu=(); up_sock_cpu=(); up_https_curl=()
+    UPH=(-s -o "$RESULTS/prov_resp.json" -T "$P_FILE" -H 'Content-Type: application/octet-stream')
     R[p_load_upload]="$(loadavg)"
     log "upload: $P_BYTES bytes of random data, page cache warm (load avg ${R[p_load_upload]})"
-    m0="$(metric_sc "$P_T_SOCK" "/v1/images/{name}" PUT 201)"
+    # up_series KEY CURL_ARGS...: 3 timed uploads (each deleted again) ->
+    # R[p_KEY] (median s), R[p_KEY_runs], R[p_KEY_cpu] (daemon CPU s per run),
+    # R[p_KEY_curl] (curl CPU s per run), R[p_KEY_daemon_ms] (daemon-side mean),
+    # R[p_KEY_proto] (HTTP version curl used).
+    up_series() {
+        local key="$1" run c0 real user sys m0 m1 t=() cpu=() ccpu=()
+        shift
+        m0="$(metric_sc "$P_T_SOCK" "/v1/images/{name}" PUT 201)"
+        for run in 1 2 3; do
+            c0="$(proc_cpu_s "$P_T_PID")"
+            read -r real user sys < <(timed curl "${UPH[@]}" -w '%{http_code} %{http_version}' "$@")
+            R[p_${key}_proto]="HTTP/$(cut -d' ' -f2 "$RESULTS/prov_last.out")"
+            [ "$(cut -d' ' -f1 "$RESULTS/prov_last.out")" = 201 ] || die "PUT ($key) answered $(cat "$RESULTS/prov_last.out"): $(head -c 300 "$RESULTS/prov_resp.json")"
+            t+=("$real"); ccpu+=("$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')")
+            cpu+=("$(awk -v a="$c0" -v b="$(proc_cpu_s "$P_T_PID")" 'BEGIN { printf "%.2f", b - a }')")
+            del_image "$P_T_SOCK" upl
+        done
+        m1="$(metric_sc "$P_T_SOCK" "/v1/images/{name}" PUT 201)"
+        R[p_${key}_runs]="${t[*]}"; R[p_$key]="$(printf '%s\n' "${t[@]}" | median)"
+        R[p_${key}_cpu]="${cpu[*]}"; R[p_${key}_curl]="${ccpu[*]}"
+        R[p_${key}_daemon_ms]="$(metric_mean_ms "$m0" "$m1")"
+    }
+    cat_t=()
     for run in 1 2 3; do
-        read -r real _ _ < <(timed cat "$P_FILE"); cat_t+=("$real")
-        c0="$(proc_cpu_s "$P_T_PID")"
-        read -r real user sys < <(timed curl "${UPH[@]}" -k -H "Authorization: Bearer $P_TOKEN" "https://$P_T_ADDR/v1/images/upl")
-        check_201 "PUT (HTTPS)"
-        up_https+=("$real"); up_https_curl+=("$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.2f", u + s }')")
-        up_https_cpu+=("$(awk -v a="$c0" -v b="$(proc_cpu_s "$P_T_PID")" 'BEGIN { printf "%.2f", b - a }')")
-        del_image "$P_T_SOCK" upl
+        read -r real _ _ < <({ time cat "$P_FILE" > /dev/null; } 2>&1); cat_t+=("$real")
     done
-    m1="$(metric_sc "$P_T_SOCK" "/v1/images/{name}" PUT 201)"
-    for run in 1 2 3; do
-        c0="$(proc_cpu_s "$P_T_PID")"
-        read -r real _ _ < <(timed curl "${UPH[@]}" --unix-socket "$P_T_SOCK" "http://x/v1/images/upl")
-        check_201 "PUT (socket)"
-        up_sock+=("$real")
-        up_sock_cpu+=("$(awk -v a="$c0" -v b="$(proc_cpu_s "$P_T_PID")" 'BEGIN { printf "%.2f", b - a }')")
-        del_image "$P_T_SOCK" upl
-    done
-    m2="$(metric_sc "$P_T_SOCK" "/v1/images/{name}" PUT 201)"
     R[p_cat_runs]="${cat_t[*]}"; R[p_cat]="$(printf '%s\n' "${cat_t[@]}" | median)"
-    R[p_https_runs]="${up_https[*]}"; R[p_https]="$(printf '%s\n' "${up_https[@]}" | median)"
-    R[p_sock_runs]="${up_sock[*]}"; R[p_sock]="$(printf '%s\n' "${up_sock[@]}" | median)"
-    R[p_https_cpu]="${up_https_cpu[*]}"; R[p_sock_cpu]="${up_sock_cpu[*]}"; R[p_https_curl]="${up_https_curl[*]}"
-    R[p_https_daemon_ms]="$(metric_mean_ms "$m0" "$m1")"; R[p_sock_daemon_ms]="$(metric_mean_ms "$m1" "$m2")"
-    # The CLI: 3 runs without its own SHA-256 pass, 1 with (it hashes the file first).
+    # curl's default over HTTPS: ALPN picks HTTP/2 (the daemon offers h2).
+    up_series https -k -H "Authorization: Bearer $P_TOKEN" "https://$P_T_ADDR/v1/images/upl"
+    up_series https11 -k --http1.1 -H "Authorization: Bearer $P_TOKEN" "https://$P_T_ADDR/v1/images/upl"
+    up_series sock --unix-socket "$P_T_SOCK" "http://x/v1/images/upl"
+    # The CLI: 3 runs without its own SHA-256 pass, 1 with (it hashes the file
+    # first). A failed upload makes the DELETE after it answer 404 (die).
     cli_t=()
     for run in 1 2 3; do
         read -r real _ _ < <(timed "$NC" --url "https://$P_T_ADDR" --token "$P_TOKEN" --fingerprint "$P_FP" \
@@ -574,17 +580,19 @@ EOF
         image upload upl "$P_FILE")
     del_image "$P_T_SOCK" upl
     # What the daemon does per byte besides receiving it: hash, write, flush.
-    sha_t=(); dd_t=(); ddf_t=()
+    sha_t=(); ossl_t=(); dd_t=(); ddf_t=()
     for run in 1 2 3; do
         read -r real _ _ < <(timed sha256sum "$P_FILE"); sha_t+=("$real")
+        # openssl uses the CPU's SHA extensions where present, as the daemon's sha2 crate does.
+        read -r real _ _ < <(timed openssl dgst -sha256 "$P_FILE"); ossl_t+=("$real")
         read -r real _ _ < <(timed dd if="$P_FILE" of="$P_WORK/dd.tmp" bs=1M); dd_t+=("$real"); rm -f "$P_WORK/dd.tmp"
         read -r real _ _ < <(timed dd if="$P_FILE" of="$P_WORK/dd.tmp" bs=1M conv=fsync); ddf_t+=("$real"); rm -f "$P_WORK/dd.tmp"
     done
-    R[p_sha]="$(printf '%s\n' "${sha_t[@]}" | median)"; R[p_dd]="$(printf '%s\n' "${dd_t[@]}" | median)"
+    R[p_sha]="$(printf '%s\n' "${sha_t[@]}" | median)"; R[p_ossl]="$(printf '%s\n' "${ossl_t[@]}" | median)"; R[p_dd]="$(printf '%s\n' "${dd_t[@]}" | median)"
     R[p_ddf]="$(printf '%s\n' "${ddf_t[@]}" | median)"
     R[p_sha_runs]="${sha_t[*]}"; R[p_dd_runs]="${dd_t[*]}"; R[p_ddf_runs]="${ddf_t[*]}"
     rm -f "$P_FILE"
-    log "upload medians (s): cat ${R[p_cat]}, HTTPS ${R[p_https]}, socket ${R[p_sock]}, CLI ${R[p_cli]}; sha256sum ${R[p_sha]}, dd ${R[p_dd]}, dd+fsync ${R[p_ddf]}"
+    log "upload medians (s): cat ${R[p_cat]}, HTTPS ${R[p_https]} (${R[p_https_proto]}), HTTPS ${R[p_https11]} (${R[p_https11_proto]}), socket ${R[p_sock]}, CLI ${R[p_cli]}; sha256sum ${R[p_sha]}, openssl sha256 ${R[p_ossl]}, dd ${R[p_dd]}, dd+fsync ${R[p_ddf]}"
 
     # ------------------------------------------------ 4b. VM create from an image
     qemu-img create -q -f qcow2 "$P_WORK/base.qcow2" 1G
@@ -821,23 +829,26 @@ printf '%-52s %-28s %-12s %s\n' "VM start ratio curl / virsh" "$r4" "<= 1.1" "$(
 printf '%-52s %-28s %-12s %s\n' "guest console shows NOVACRON-GUEST-UP" "${R[guest_up]:-not found}" "" ""
 fi
 if [ "$SKIP_PROVISION" != 1 ]; then
-r5="$(ratio "${R[p_cat]}" "${R[p_https]}")"; r6="$(ratio "${R[p_cat]}" "${R[p_sock]}")"; r7="$(ratio "${R[p_cat]}" "${R[p_cli]}")"
+r7="$(ratio "${R[p_cat]}" "${R[p_cli]}")"
 printf '%-52s %-28s %-12s %s\n' "upload file: random data, bytes (page cache warm)" "$P_BYTES" "" ""
 printf '%-52s %-28s %-12s %s\n' "  load avg at the start of the upload runs" "${R[p_load_upload]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "cat FILE > /dev/null: median s; MB/s" "${R[p_cat]}; $(mbps "${R[p_cat]}")" "" ""
-printf '%-52s %-28s %-12s %s\n' "upload curl PUT over HTTPS: median s; MB/s" "${R[p_https]}; $(mbps "${R[p_https]}")" "" ""
-printf '%-52s %-28s %-12s %s\n' "  runs (s); daemon CPU s; curl CPU s" "${R[p_https_runs]}; ${R[p_https_cpu]}; ${R[p_https_curl]}" "" ""
-printf '%-52s %-28s %-12s %s\n' "  daemon-side mean (metrics histogram, ms)" "${R[p_https_daemon_ms]}" "" ""
-printf '%-52s %-28s %-12s %s\n' "upload ratio HTTPS / cat" "$r5" ">= 0.7" "$(ok "$r5" ge 0.7)"
-printf '%-52s %-28s %-12s %s\n' "upload curl PUT over the Unix socket: median s; MB/s" "${R[p_sock]}; $(mbps "${R[p_sock]}")" "" ""
-printf '%-52s %-28s %-12s %s\n' "  runs (s); daemon CPU s" "${R[p_sock_runs]}; ${R[p_sock_cpu]}" "" ""
-printf '%-52s %-28s %-12s %s\n' "  daemon-side mean (metrics histogram, ms)" "${R[p_sock_daemon_ms]}" "" ""
-printf '%-52s %-28s %-12s %s\n' "upload ratio socket / cat" "$r6" ">= 0.7" "$(ok "$r6" ge 0.7)"
+printf '%-52s %-28s %-12s %s\n' "  runs s" "${R[p_cat_runs]}" "" ""
+for k in https https11 sock; do
+    case $k in https) what="curl PUT over HTTPS (default: ${R[p_https_proto]})" ;;
+        https11) what="curl --http1.1 PUT over HTTPS" ;; sock) what="curl PUT over the Unix socket" ;; esac
+    r="$(ratio "${R[p_cat]}" "${R[p_$k]}")"
+    printf '%-52s %-28s %-12s %s\n' "upload $what: median s; MB/s" "${R[p_$k]}; $(mbps "${R[p_$k]}")" "" ""
+    printf '%-52s %-28s %-12s %s\n' "  runs s | daemon CPU s | curl CPU s" "${R[p_${k}_runs]} | ${R[p_${k}_cpu]} | ${R[p_${k}_curl]}" "" ""
+    printf '%-52s %-28s %-12s %s\n' "  daemon-side mean (metrics histogram, ms)" "${R[p_${k}_daemon_ms]}" "" ""
+    printf '%-52s %-28s %-12s %s\n' "  ratio upload / cat" "$r" ">= 0.7" "$(ok "$r" ge 0.7)"
+done
 printf '%-52s %-28s %-12s %s\n' "upload CLI over HTTPS --no-checksum: median s; MB/s" "${R[p_cli]}; $(mbps "${R[p_cli]}")" "" ""
 printf '%-52s %-28s %-12s %s\n' "  runs (s)" "${R[p_cli_runs]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "upload ratio CLI / cat" "$r7" ">= 0.7" "$(ok "$r7" ge 0.7)"
 printf '%-52s %-28s %-12s %s\n' "upload CLI over HTTPS with its SHA-256 (1 run): s" "${R[p_cli_sum]}; $(mbps "${R[p_cli_sum]}") MB/s" "" ""
 printf '%-52s %-28s %-12s %s\n' "sha256sum FILE: median s; MB/s" "${R[p_sha]}; $(mbps "${R[p_sha]}")" "" ""
+printf '%-52s %-28s %-12s %s\n' "openssl dgst -sha256 FILE (SHA-NI): median s; MB/s" "${R[p_ossl]}; $(mbps "${R[p_ossl]}")" "" ""
 printf '%-52s %-28s %-12s %s\n' "dd bs=1M to /var/tmp: median s; MB/s" "${R[p_dd]}; $(mbps "${R[p_dd]}")" "" ""
 printf '%-52s %-28s %-12s %s\n' "dd bs=1M conv=fsync to /var/tmp: median s; MB/s" "${R[p_ddf]}; $(mbps "${R[p_ddf]}")" "" ""
 for k in t q; do

@@ -261,3 +261,29 @@ pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out after {secs}s waiting for {what}");
 }
+
+/// Stops the system libvirtd and waits until it is gone.
+pub fn stop_libvirtd() {
+    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
+    wait_for("libvirtd to exit", 30, || {
+        !Command::new("pgrep")
+            .args(["-x", "libvirtd"])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+}
+
+/// Starts libvirtd again (as tests/setup-host.sh does) and waits until it
+/// answers.
+pub fn start_libvirtd() {
+    assert!(Command::new("libvirtd").arg("-d").status().unwrap().success(), "libvirtd -d failed");
+    wait_for("libvirtd to answer", 30, || {
+        Command::new("virsh")
+            .args(["-c", "qemu:///system", "version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+}
