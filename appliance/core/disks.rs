@@ -26,7 +26,7 @@ impl Core {
                 .map_err(|e| CoreError::Internal(e.to_string()))??
         };
         let _guard = self.lock_vm(found.id, &found.name).await?;
-        let mut vm = self.find_record(&found.id.to_string())?;
+        let vm = self.find_record(&found.id.to_string())?;
         if vm.disks.len() >= MAX_DISKS {
             return Err(CoreError::invalid("disk", format!("a VM has at most {MAX_DISKS} disks")));
         }
@@ -39,26 +39,31 @@ impl Core {
             size_bytes: plan.size,
             image: plan.base.as_ref().filter(|_| !plan.copy).map(|(b, _)| b.display().to_string()),
         };
-        let state = self.refresh_state(vm.id).await?;
-        let live = state.is_active();
+        let live = self.refresh_state(vm.id).await?.is_active();
         let mut with_disk = vm.clone();
-        with_disk.disks = vec![disk.clone()];
+        with_disk.disks.push(disk.clone());
+        // A stopped VM is simply redefined with the new disk; a running one
+        // gets it hot-plugged (and in its saved definition).
+        let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&with_disk));
         let (id, p, dev) = (vm.id, path.clone(), device.clone());
-        let seed = self.seed_path(id);
+        let (single, seed) = (VmRecord { disks: vec![disk.clone()], ..vm.clone() }, self.seed_path(vm.id));
         let result = self
             .hv_call(move |hv| {
-                Core::make_disks(&with_disk, &[plan], &seed)?;
-                hv.attach_disk(id, &p, &dev, live)
+                Core::make_disks(&single, &[plan], &seed)?;
+                if live {
+                    hv.attach_disk(id, &p, &dev, true)
+                } else {
+                    hv.define(&xml)
+                }
             })
             .await;
         if let Err(e) = result {
             let _ = std::fs::remove_file(&path);
             return Err(e);
         }
-        vm.disks.push(disk);
-        vm.updated_at = now_ms();
-        self.commit(Change::VmPut(vm.clone())).await?;
-        Ok(self.view(&vm))
+        with_disk.updated_at = now_ms();
+        self.commit(Change::VmPut(with_disk.clone())).await?;
+        Ok(self.view(&with_disk))
     }
 
     pub(super) async fn detach_disk(self: &Arc<Self>, r: &str, device: &str) -> Result<Vm> {
@@ -71,9 +76,10 @@ impl Core {
             .position(|d| d.device == device)
             .ok_or_else(|| CoreError::NotFound(format!("disk {device:?} of VM {}", vm.name)))?;
         let live = self.refresh_state(vm.id).await?.is_active();
-        let (id, dev) = (vm.id, device.to_string());
-        self.hv_call(move |hv| hv.detach_disk(id, &dev, live)).await?;
         let disk = vm.disks.remove(idx);
+        let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));
+        let (id, dev) = (vm.id, device.to_string());
+        self.hv_call(move |hv| if live { hv.detach_disk(id, &dev, true) } else { hv.define(&xml) }).await?;
         vm.updated_at = now_ms();
         self.commit(Change::VmPut(vm.clone())).await?;
         if let Err(e) = std::fs::remove_file(&disk.path) {

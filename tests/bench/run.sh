@@ -127,11 +127,20 @@ prov_cleanup() {
     local d
     stop_pid "$P_T_PID"; stop_pid "$P_Q_PID"; P_T_PID=""; P_Q_PID=""
     if command -v virsh >/dev/null 2>&1; then
-        for d in $(timeout 20 virsh -c qemu:///system list --all --name 2>/dev/null | grep "^$P_PREFIX" || true); do
-            timeout 20 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
-            timeout 20 virsh -c qemu:///system undefine "$d" >/dev/null 2>&1
+        for d in $( { timeout 30 virsh -c qemu:///system list --all --name 2>/dev/null | grep "^$P_PREFIX"; echo "$P_CON_VM"; } | sort -u); do
+            timeout 30 virsh -c qemu:///system domstate "$d" >/dev/null 2>&1 || continue
+            timeout 30 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
+            timeout 30 virsh -c qemu:///system undefine "$d" >/dev/null 2>&1
+            timeout 30 virsh -c qemu:///system domstate "$d" >/dev/null 2>&1 \
+                && log "WARNING: could not remove domain $d: virsh -c qemu:///system destroy/undefine $d"
         done
     fi
+    # Keep the daemons' logs and the guests' console logs with the results.
+    for d in "$P_T_DIR" "$P_Q_DIR"; do
+        [ -d "$d" ] || continue
+        mkdir -p "$RESULTS/prov_logs/$(basename "$d")"
+        cp -f "$d"/*.out "$d"/logs/*.log "$RESULTS/prov_logs/$(basename "$d")/" 2>/dev/null
+    done
     rm -rf "$P_T_DIR" "$P_Q_DIR" "$P_WORK" "$P_T_CONF" "$P_Q_CONF"
 }
 cleanup() {
@@ -690,10 +699,48 @@ EOF
         fi
         cat > "$RESULTS/prov_console.py" <<'PY'
 # console round trip: send "echo $((N+1))\n", wait for the line N+1.
-import asyncio, random, re, ssl, sys, time
-from websockets.asyncio.client import connect, unix_connect
+# Modes: https (wss:// + bearer token), unix (the local socket), and pty:
+# the guest's serial pty opened directly (no daemon, no libvirt stream),
+# the floor set by QEMU and the TCG guest.
+import asyncio, os, random, re, select, ssl, sys, time
+
+def pty_main(path, n):
+    import tty
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    tty.setraw(fd)
+    buf = bytearray()
+
+    def until(pat, timeout):
+        deadline = time.perf_counter() + timeout
+        while not pat.search(buf):
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return False
+            if select.select([fd], [], [], left)[0]:
+                buf.extend(os.read(fd, 65536))
+        return True
+
+    for _ in range(20):
+        os.write(fd, b"echo $((40000+2))\n")
+        if until(re.compile(rb"(?:^|\n)40002\r?\n"), 3):
+            break
+    else:
+        sys.exit("no answer from the guest shell")
+    until(re.compile(rb"(?!x)x"), 0.3)
+    buf.clear()
+    rng = random.Random(7)
+    for _ in range(n):
+        k = rng.randrange(100000, 900000)
+        t0 = time.perf_counter()
+        os.write(fd, b"echo $((%d+1))\n" % k)
+        if not until(re.compile(rb"(?:^|\n)%d\r?\n" % (k + 1)), 10):
+            sys.exit(f"no answer for {k}+1 in 10 s")
+        print("%.2f" % ((time.perf_counter() - t0) * 1000), flush=True)
+        until(re.compile(rb"(?!x)x"), 0.3)
+        buf.clear()
 
 async def main(mode, target, token, vm, n):
+    from websockets.asyncio.client import connect, unix_connect
     path = f"/v1/vms/{vm}/console"
     kw = dict(compression=None, ping_interval=None, max_size=None, open_timeout=10)
     if mode == "https":
@@ -743,21 +790,30 @@ async def main(mode, target, token, vm, n):
             print("%.2f" % ((time.perf_counter() - t0) * 1000), flush=True)
             await drain()
 
-asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
+if sys.argv[1] == "pty":
+    pty_main(sys.argv[2], int(sys.argv[5]))
+else:
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])))
 PY
         R[pcon_load]="$(loadavg)"
         "$VENV/bin/python" "$RESULTS/prov_console.py" https "$P_Q_ADDR" "$P_TOKEN" "$P_CON_VM" 20 \
             > "$RESULTS/prov_console_https.txt" || die "console benchmark (HTTPS) failed"
         "$VENV/bin/python" "$RESULTS/prov_console.py" unix "$P_Q_SOCK" - "$P_CON_VM" 20 \
             > "$RESULTS/prov_console_unix.txt" || die "console benchmark (socket) failed"
-        for k in https unix; do
+        # Baseline without the daemon: the same probe on the guest's pty (no
+        # console session is open now, so nothing else reads it).
+        pty="$(virsh -c qemu:///system ttyconsole "$P_CON_VM")"
+        [ -c "$pty" ] || die "no console pty for $P_CON_VM ($pty)"
+        "$VENV/bin/python" "$RESULTS/prov_console.py" pty "$pty" - - 20 \
+            > "$RESULTS/prov_console_pty.txt" || die "console benchmark (pty) failed"
+        for k in https unix pty; do
             [ "$(wc -l < "$RESULTS/prov_console_$k.txt")" = 20 ] || die "console ($k): expected 20 round trips"
             R[pcon_${k}_med]="$(median < "$RESULTS/prov_console_$k.txt")"
             R[pcon_${k}_p90]="$(pct 90 < "$RESULTS/prov_console_$k.txt")"
             R[pcon_${k}_min]="$(sort -g "$RESULTS/prov_console_$k.txt" | head -n1)"
             R[pcon_${k}_max]="$(sort -g "$RESULTS/prov_console_$k.txt" | tail -n1)"
         done
-        log "console round trip: HTTPS median ${R[pcon_https_med]} p90 ${R[pcon_https_p90]} ms; socket median ${R[pcon_unix_med]} p90 ${R[pcon_unix_p90]} ms"
+        log "console round trip: HTTPS median ${R[pcon_https_med]} p90 ${R[pcon_https_p90]} ms; socket median ${R[pcon_unix_med]} p90 ${R[pcon_unix_p90]} ms; pty direct median ${R[pcon_pty_med]} p90 ${R[pcon_pty_p90]} ms"
         "$NC" --socket "$P_Q_SOCK" vm delete "$P_CON_VM" --force >/dev/null
     fi
     prov_cleanup
@@ -870,6 +926,8 @@ printf '%-52s %-28s %-12s %s\n' "console echo round trip, wss:// HTTPS: median /
 printf '%-52s %-28s %-12s %s\n' "  min / max ms" "${R[pcon_https_min]} / ${R[pcon_https_max]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "console echo round trip, Unix socket: median / p90 ms" "${R[pcon_unix_med]} / ${R[pcon_unix_p90]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "  min / max ms" "${R[pcon_unix_min]} / ${R[pcon_unix_max]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "baseline: the guest's pty directly: median / p90 ms" "${R[pcon_pty_med]} / ${R[pcon_pty_p90]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  min / max ms" "${R[pcon_pty_min]} / ${R[pcon_pty_max]}" "" ""
 fi
 fi
 echo
