@@ -61,6 +61,8 @@ pub fn effective_config(args: &ServeArgs) -> Result<Config, ConfigError> {
 pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     let cfg = effective_config(&args)?;
     telemetry::init_logging(&cfg.log)?;
+    // Before anything slow: SIGHUP's default action would kill the daemon.
+    let mut signals = Signals::new()?;
     let started = std::time::Instant::now();
     // Registers libvirt's event loop: must come before any connection.
     let hv = Arc::new(Libvirt::new(&cfg.hypervisor.uri));
@@ -81,7 +83,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let socket = cfg.socket_path();
     let api = api::Api::new(core.clone());
-    let server = api::serve(api, identity.config.clone(), &cfg.api.listen, &socket, stop_rx).await?;
+    let server = api::serve(api.clone(), identity.config.clone(), &cfg.api.listen, &socket, stop_rx).await?;
     let urls: Vec<String> = server.tcp.iter().map(|a| format!("https://{a}")).collect();
     tracing::info!(
         NODE_ID = %core.node.id,
@@ -110,7 +112,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         });
     }
 
-    wait_for_signal().await?;
+    // SIGHUP (`systemctl reload`) re-reads the configuration; SIGTERM
+    // (`systemctl stop`) or SIGINT ends the daemon. Neither touches guests.
+    let mut live = cfg.clone();
+    while signals.next().await == Signal::Hup {
+        notify::reloading();
+        reload(&args, &mut live, &api);
+        notify::notify(&format!("READY=1\nSTATUS=serving, {} VMs managed", core.vm_count()));
+    }
+    // Guests belong to libvirt: nothing on the way out calls libvirt on a
+    // domain; the next start re-adopts them.
     tracing::info!("stopping; guests keep running");
     notify::notify("STOPPING=1");
     let _ = stop_tx.send(true);
@@ -150,13 +161,124 @@ fn announce_first_token(
     Ok(())
 }
 
-async fn wait_for_signal() -> std::io::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    Hup,
+    Stop,
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Hup,
+        }
+    }
+}
+
+/// SIGHUP: re-reads the configuration (same file and flags as at start),
+/// applies what can change while running (log level, rate limits) and names
+/// the changes that need a restart. A file that does not load or validate is
+/// logged and ignored: `live` stays as it was.
+fn reload(args: &ServeArgs, live: &mut Config, api: &api::Api) {
+    let new = match effective_config(args) {
+        Ok(new) => new,
+        Err(e) => {
+            tracing::error!(error = %e, "configuration not reloaded; keeping the one in effect");
+            return;
+        }
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&new.log.level) {
+        tracing::error!(error = %e, level = %new.log.level, "configuration not reloaded: bad log.level");
+        return;
+    }
+    if new.log.level != live.log.level {
+        match telemetry::set_log_level(&new.log.level) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("RUST_LOG is set and overrides log.level"),
+            Err(e) => tracing::warn!(error = %e, "log.level not applied"),
+        }
+        live.log.level = new.log.level.clone();
+    }
+    if (new.api.rate_limit_per_sec, new.api.rate_limit_burst)
+        != (live.api.rate_limit_per_sec, live.api.rate_limit_burst)
+    {
+        api.set_rate_limits(new.api.rate_limit_per_sec, new.api.rate_limit_burst);
+        live.api.rate_limit_per_sec = new.api.rate_limit_per_sec;
+        live.api.rate_limit_burst = new.api.rate_limit_burst;
+    }
+    let pending = needs_restart(live, &new);
+    if !pending.is_empty() {
+        tracing::warn!(
+            settings = %pending.join(","),
+            "these settings changed but take effect only after a restart (systemctl restart novacron)"
+        );
+    }
+    tracing::info!(
+        log_level = %live.log.level,
+        rate_limit_per_sec = live.api.rate_limit_per_sec,
+        rate_limit_burst = live.api.rate_limit_burst,
+        "configuration reloaded"
+    );
+}
+
+/// Settings that differ between `live` and `new` and are read only at start.
+fn needs_restart(live: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (live, new);
+    [
+        ("data_dir", a.data_dir != b.data_dir),
+        ("node.name", a.node.name != b.node.name),
+        ("api.listen", a.api.listen != b.api.listen),
+        ("api.socket", a.api.socket != b.api.socket),
+        ("api.tls_cert", a.api.tls_cert != b.api.tls_cert),
+        ("api.tls_key", a.api.tls_key != b.api.tls_key),
+        ("api.max_connections", a.api.max_connections != b.api.max_connections),
+        ("api.header_timeout_secs", a.api.header_timeout_secs != b.api.header_timeout_secs),
+        ("hypervisor.uri", a.hypervisor.uri != b.hypervisor.uri),
+        ("hypervisor.domain_type", a.hypervisor.domain_type != b.hypervisor.domain_type),
+        ("hypervisor.memory_reserve_mib", a.hypervisor.memory_reserve_mib != b.hypervisor.memory_reserve_mib),
+        (
+            "hypervisor.shutdown_timeout_secs",
+            a.hypervisor.shutdown_timeout_secs != b.hypervisor.shutdown_timeout_secs,
+        ),
+        ("images", a.images != b.images),
+        ("log.target", a.log.target != b.log.target),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_only_settings_are_named() {
+        let a = Config::default();
+        let mut b = a.clone();
+        assert!(needs_restart(&a, &b).is_empty());
+        b.log.level = "debug".into();
+        b.api.rate_limit_per_sec = 1;
+        assert!(needs_restart(&a, &b).is_empty(), "runtime settings need no restart");
+        b.api.listen.clear();
+        b.log.target = "stderr".into();
+        assert_eq!(needs_restart(&a, &b), ["api.listen", "log.target"]);
+    }
 }

@@ -18,6 +18,8 @@ fn main() {
                 1
             }
         },
+        Cmd::Preflight(ref args) => novacron::cli::preflight::run_preflight(args, cli.json),
+        Cmd::Firmware(ref cmd) => novacron::cli::preflight::run_firmware(cmd, cli.json),
         Cmd::Serve(ref args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(novacron::daemon::serve(args.clone())) {

@@ -377,6 +377,48 @@ pub struct Health {
     pub node: Uuid,
 }
 
+/// Outcome of one health check; ordered so the worst one is the maximum.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    Ok,
+    Warning,
+    Critical,
+}
+
+impl CheckStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckStatus::Ok => "ok",
+            CheckStatus::Warning => "warning",
+            CheckStatus::Critical => "critical",
+        }
+    }
+
+    /// The Nagios-style exit code: 0 ok, 1 warning, 2 critical.
+    pub fn exit_code(self) -> i32 {
+        self as i32
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `daemon`, `libvirt`, `store`, `disk`, `certificate`, `vms`, `peer`.
+    pub name: String,
+    pub status: CheckStatus,
+    pub message: String,
+}
+
+/// Answer to `GET /v1/health/details`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HealthReport {
+    /// The worst status of all checks.
+    pub status: CheckStatus,
+    pub node: Uuid,
+    pub version: String,
+    pub checks: Vec<HealthCheck>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct HostInfo {
     pub node_id: Uuid,

@@ -157,6 +157,7 @@ async fn role_matrix() {
         (Method::GET, "/v1/openapi.json", None, 0),
         (Method::GET, "/v1/ready", None, 1),
         (Method::GET, "/v1/host", None, 1),
+        (Method::GET, "/v1/health/details", None, 1),
         (Method::GET, "/metrics", None, 1),
         (Method::GET, "/v1/vms", None, 1),
         (Method::GET, "/v1/vms/m", None, 1),

@@ -6,7 +6,8 @@ set -euo pipefail
 
 need_pkgs=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
            qemu-system-x86 qemu-utils)
-base_pkgs=(pkg-config busybox-static linux-image-amd64 cpio gzip iproute2 curl ca-certificates genisoimage)
+base_pkgs=(pkg-config python3-venv python3-dev gcc busybox-static linux-image-amd64 cpio gzip iproute2 curl ca-certificates genisoimage
+           prometheus systemd)
 
 # The mirror comes from the machine's own Debian source, never from this repo.
 debian_mirror() {
@@ -57,6 +58,16 @@ start_libvirt() {
     exit 1
 }
 
+# sushy-emulator (Redfish BMC emulator) for tests/firmware.rs, with the
+# libvirt bindings its BIOS resource needs (libvirt's in-process test driver).
+install_sushy() {
+    local venv=/opt/novacron-test-venv
+    "$venv/bin/python" -c 'import libvirt, sushy_tools' 2>/dev/null && [ -x "$venv/bin/sushy-emulator" ] && return 0
+    [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install -q sushy-tools libvirt-python
+}
+
 install_packages
+install_sushy
 start_libvirt
 echo "setup: host ready ($(virsh -c qemu:///system version 2>/dev/null | awk '/Running hypervisor/ {print $3,$4}'))"

@@ -105,6 +105,11 @@ impl Api {
         })
     }
 
+    /// Applies new per-token rate limits (configuration reload).
+    pub fn set_rate_limits(&self, per_sec: u32, burst: u32) {
+        self.limiter.set_limits(per_sec, burst);
+    }
+
     async fn handle(self: Arc<Self>, peer: Peer, req: Request<Incoming>) -> Result<Resp, Infallible> {
         let started = Instant::now();
         let method = method_label(req.method());
@@ -200,6 +205,7 @@ impl Api {
     fn render(&self, reply: Reply) -> Resp {
         match reply {
             Reply::Health(h) => json_response(StatusCode::OK, &h),
+            Reply::HealthReport(r) => json_response(StatusCode::OK, &r),
             Reply::Ready => json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})),
             Reply::Host(h) => json_response(StatusCode::OK, &h),
             Reply::Metrics(text) => {
@@ -324,6 +330,10 @@ where
         hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(128)
+            // hyper's 64 KiB default windows throttle image uploads over h2
+            // to a fraction of HTTP/1.1; let the window follow the link.
+            .adaptive_window(true)
+            .max_frame_size(256 * 1024)
             // Dead peers are detected by pings; the connection limit bounds
             // live but idle ones.
             .keep_alive_interval(Some(Duration::from_secs(30)))

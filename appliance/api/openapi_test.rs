@@ -23,6 +23,7 @@ const QUERY_PARAMS: [(&str, &str); 6] =
 const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/metrics", "/metrics"),
     ("GET", "/v1/health", "/v1/health"),
+    ("GET", "/v1/health/details", "/v1/health/details"),
     ("GET", "/v1/ready", "/v1/ready"),
     ("GET", "/v1/host", "/v1/host"),
     ("GET", "/v1/openapi.json", "/v1/openapi.json"),
@@ -70,6 +71,7 @@ fn successes(action: &str) -> &'static [(&'static str, &'static str, &'static st
     match action {
         "metrics" => &[("200", "text/plain", "")],
         "health" => &[("200", JSON, "Health")],
+        "health.details" => &[("200", JSON, "HealthReport")],
         "ready" => &[("200", JSON, "Ready")],
         "host.info" => &[("200", JSON, "HostInfo")],
         "openapi" => &[("200", JSON, "")],
@@ -550,6 +552,7 @@ fn response_schemas_match_the_types() {
         version: "1".into(),
         tls_fingerprint: "f".into(),
     };
+    let health_check = HealthCheck { name: "disk".into(), status: CheckStatus::Warning, message: "m".into() };
     let entry = AuditEntry {
         seq: 1,
         at: "t".into(),
@@ -609,6 +612,16 @@ fn response_schemas_match_the_types() {
         ("TokenList", keys(&TokenList { tokens: vec![token] })),
         ("Health", keys(&Health { status: "ok".into(), version: "1".into(), node: uuid })),
         ("HostInfo", keys(&host)),
+        ("HealthCheck", keys(&health_check)),
+        (
+            "HealthReport",
+            keys(&HealthReport {
+                status: CheckStatus::Ok,
+                node: uuid,
+                version: "1".into(),
+                checks: vec![health_check.clone()],
+            }),
+        ),
         ("AuditEntry", keys(&entry)),
         ("AuditList", keys(&AuditList { entries: vec![entry] })),
         ("Error", keys(&ErrorBody { error: ErrorDetail { code: "internal".into(), message: "m".into() } })),
@@ -632,6 +645,9 @@ fn response_schemas_match_the_types() {
     assert_eq!(schema(&doc, "VmState")["enum"], json!(states), "VmState enum");
     let roles: Vec<Value> = [Role::Viewer, Role::Operator, Role::Admin].iter().map(|r| json!(r)).collect();
     assert_eq!(schema(&doc, "Role")["enum"], json!(roles), "Role enum");
+    let statuses: Vec<Value> =
+        [CheckStatus::Ok, CheckStatus::Warning, CheckStatus::Critical].iter().map(|s| json!(s)).collect();
+    assert_eq!(schema(&doc, "CheckStatus")["enum"], json!(statuses), "CheckStatus enum");
     let kinds: Vec<Value> = [NetworkKind::Nat, NetworkKind::Bridge].iter().map(|k| json!(k)).collect();
     assert_eq!(schema(&doc, "NetworkKind")["enum"], json!(kinds), "NetworkKind enum");
 }

@@ -152,6 +152,11 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
     match segs.as_slice() {
         ["metrics"] => get_only(Matched::new("/metrics", "metrics", Route::Ready(Command::Metrics))),
         ["v1", "health"] => get_only(Matched::new("/v1/health", "health", Route::Ready(Command::Health))),
+        ["v1", "health", "details"] => get_only(Matched::new(
+            "/v1/health/details",
+            "health.details",
+            Route::Ready(Command::HealthReport),
+        )),
         ["v1", "ready"] => get_only(Matched::new("/v1/ready", "ready", Route::Ready(Command::Ready))),
         ["v1", "host"] => get_only(Matched::new("/v1/host", "host.info", Route::Ready(Command::HostInfo))),
         ["v1", "openapi.json"] => get_only(Matched::new("/v1/openapi.json", "openapi", Route::OpenApi)),

@@ -5,10 +5,13 @@
 //! 4 conflict (wrong state, name taken, busy), 5 not authorized, 6 daemon
 //! unreachable.
 
+pub mod backup;
 pub mod client;
 mod console;
 mod events;
+mod health;
 mod output;
+pub mod preflight;
 mod upload;
 
 use crate::types::{
@@ -57,6 +60,13 @@ pub enum Cmd {
     Serve(ServeArgs),
     /// Show the daemon's node, versions and certificate fingerprint.
     Status,
+    /// Check daemon, libvirt, store integrity, disk space, certificate
+    /// expiry, crashed VMs and the HA peer. Exit 0 ok, 1 warning, 2
+    /// critical (also when the daemon cannot be asked).
+    Health,
+    /// Back up or restore this node (on the host, as root).
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
     /// Manage virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -85,6 +95,12 @@ pub enum Cmd {
     /// Configuration helpers.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Check this host's firmware and kernel against a firmware profile
+    /// (exit 0 ok, 1 warnings, 2 failures).
+    Preflight(preflight::PreflightArgs),
+    /// Firmware profiles; set their BIOS attributes over Redfish.
+    #[command(subcommand)]
+    Firmware(preflight::FirmwareCmd),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -472,8 +488,12 @@ pub async fn run_client(cli: Cli) -> i32 {
     };
     let enc = |v: &dyn erased::Json| Some(v.to_json());
     let (result, kind) = match cli.command {
-        Cmd::Serve(_) | Cmd::Config(_) => unreachable!("handled by main"),
+        Cmd::Serve(_) | Cmd::Config(_) | Cmd::Preflight(_) | Cmd::Firmware(_) => {
+            unreachable!("handled by main")
+        }
         Cmd::Status => return status(&c, json).await,
+        Cmd::Health => return health::run(&c, json).await,
+        Cmd::Backup(cmd) => return backup::run(cmd, &cli.conn, json).await,
         Cmd::Vm(VmCmd::List) => (call(Method::GET, "/v1/vms".into(), None).await, output::Kind::VmList),
         Cmd::Vm(VmCmd::Show { vm }) => {
             (call(Method::GET, format!("/v1/vms/{vm}"), None).await, output::Kind::Vm)

@@ -3,9 +3,9 @@
 //! per action is used everywhere: route, command, audit entry, metric.
 
 use crate::types::{
-    AuditList, DiskResize, DiskSpec, Health, HostInfo, Image, ImageImport, ImageList, Network, NetworkCreate,
-    NetworkList, Role, Snapshot, SnapshotCreate, SnapshotList, TokenCreate, TokenCreated, TokenList, Vm,
-    VmClone, VmCreate, VmPatch,
+    AuditList, DiskResize, DiskSpec, Health, HealthReport, HostInfo, Image, ImageImport, ImageList, Network,
+    NetworkCreate, NetworkList, Role, Snapshot, SnapshotCreate, SnapshotList, TokenCreate, TokenCreated,
+    TokenList, Vm, VmClone, VmCreate, VmPatch,
 };
 use bytes::Bytes;
 use std::sync::Arc;
@@ -42,6 +42,8 @@ impl PartialEq for BodyStream {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
     Health,
+    /// Every health check with its status (`novacron health`).
+    HealthReport,
     Ready,
     HostInfo,
     Metrics,
@@ -144,6 +146,7 @@ impl Command {
     pub fn name(&self) -> &'static str {
         match self {
             Command::Health => "health",
+            Command::HealthReport => "health.details",
             Command::Ready => "ready",
             Command::HostInfo => "host.info",
             Command::Metrics => "metrics",
@@ -248,8 +251,8 @@ impl Command {
 pub fn required_role(action: &str) -> Option<Role> {
     match action {
         "health" | "openapi" => None,
-        "ready" | "host.info" | "metrics" | "vm.list" | "vm.get" | "vm.snapshot.list" | "image.list"
-        | "image.get" | "network.list" | "event.list" => Some(Role::Viewer),
+        "ready" | "health.details" | "host.info" | "metrics" | "vm.list" | "vm.get" | "vm.snapshot.list"
+        | "image.list" | "image.get" | "network.list" | "event.list" => Some(Role::Viewer),
         // The console (and its log) can show secrets: operator, like lifecycle.
         a if a.starts_with("vm.") || a.starts_with("image.") => Some(Role::Operator),
         // Tokens, audit, host networks and anything new: admin until decided
@@ -273,6 +276,7 @@ pub struct EventFeed {
 
 pub enum Reply {
     Health(Health),
+    HealthReport(Box<HealthReport>),
     Ready,
     Host(Box<HostInfo>),
     Metrics(String),

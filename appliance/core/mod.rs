@@ -8,6 +8,7 @@ mod command;
 mod disks;
 mod error;
 pub mod events;
+mod health;
 mod images;
 mod networks;
 mod reconcile;
@@ -247,6 +248,7 @@ impl Core {
                 }
             }
             Command::HostInfo => Ok(Reply::Host(Box::new(self.host_info().await))),
+            Command::HealthReport => Ok(Reply::HealthReport(Box::new(self.health_report().await))),
             Command::Metrics => Ok(Reply::Metrics(self.render_metrics())),
             Command::ListVms => {
                 let (generation, vms) = self.vm_list();
@@ -463,6 +465,8 @@ impl Core {
             host_cpus: facts.cpus,
             change_seq: self.last_seq.load(Ordering::Relaxed) as i64,
             tls_cert_not_after: self.tls_not_after.get().copied(),
+            data_dir_space: health::fs_space(&self.paths.data_dir),
+            last_backup: crate::store::backup::last_backup(&self.paths.data_dir),
         };
         self.metrics.render(&snap)
     }

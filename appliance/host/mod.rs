@@ -1,5 +1,9 @@
 //! Host subsystem: facts about this machine from procfs, and admission.
 
+pub mod firmware;
+pub mod preflight;
+pub mod redfish;
+
 use std::path::Path;
 
 #[derive(Debug, Clone, Default, PartialEq)]

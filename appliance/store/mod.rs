@@ -6,6 +6,7 @@
 //! means a transaction that returned is on disk: an acknowledged change
 //! survives `kill -9` and power loss.
 
+pub mod backup;
 pub mod changes;
 mod migrations;
 

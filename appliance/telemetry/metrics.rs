@@ -51,6 +51,10 @@ pub struct Snapshot<'a> {
     pub host_cpus: u32,
     pub change_seq: i64,
     pub tls_cert_not_after: Option<i64>,
+    /// (free bytes, size bytes) of the data dir's file system.
+    pub data_dir_space: Option<(u64, u64)>,
+    /// Unix seconds of the last `novacron backup create`.
+    pub last_backup: Option<i64>,
 }
 
 impl Metrics {
@@ -200,6 +204,30 @@ impl Metrics {
                 t.to_string(),
             );
         }
+        if let Some((free, size)) = snap.data_dir_space {
+            gauge(
+                &mut out,
+                "novacron_data_dir_free_bytes",
+                "Bytes available to the daemon in the data dir's file system.",
+                "gauge",
+                free.to_string(),
+            );
+            gauge(
+                &mut out,
+                "novacron_data_dir_size_bytes",
+                "Size of the data dir's file system.",
+                "gauge",
+                size.to_string(),
+            );
+        }
+        // Always exported (0 = never) so "no backup yet" can alert too.
+        gauge(
+            &mut out,
+            "novacron_last_backup_timestamp_seconds",
+            "When `novacron backup create` last succeeded for this data dir; 0 if never.",
+            "gauge",
+            snap.last_backup.unwrap_or(0).to_string(),
+        );
         out
     }
 }
@@ -223,6 +251,8 @@ mod tests {
             host_cpus: 2,
             change_seq: 9,
             tls_cert_not_after: None,
+            data_dir_space: Some((10, 100)),
+            last_backup: Some(1_700_000_000),
         };
         let text = m.render(&snap);
         assert!(text.contains(r#"novacron_http_requests_total{route="/v1/vms",method="GET",status="200"} 2"#));
@@ -230,5 +260,8 @@ mod tests {
         assert!(text.contains(r#"status="200",le="0.005"} 2"#));
         assert!(text.contains(r#"novacron_operations_total{op="vm.start",result="ok"} 1"#));
         assert!(text.contains(r#"novacron_vms{state="running"} 2"#));
+        assert!(text.contains("novacron_data_dir_free_bytes 10\n"));
+        assert!(text.contains("novacron_data_dir_size_bytes 100\n"));
+        assert!(text.contains("novacron_last_backup_timestamp_seconds 1700000000\n"));
     }
 }

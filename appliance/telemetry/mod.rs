@@ -5,7 +5,11 @@ pub mod metrics;
 pub mod notify;
 
 use crate::config::LogConfig;
-use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
+use std::sync::OnceLock;
+use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Registry};
+
+/// Swaps the log filter of the installed subscriber (`[log] level` reload).
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -36,6 +40,8 @@ pub fn init_logging(cfg: &LogConfig) -> Result<(), TelemetryError> {
         "stderr" => false,
         _ => stderr_is_journal(),
     };
+    let (filter, handle) = reload::Layer::new(filter);
+    let _ = FILTER.set(handle);
     let registry = tracing_subscriber::registry().with(filter);
     if journald {
         let layer = tracing_journald::layer()
@@ -48,4 +54,16 @@ pub fn init_logging(cfg: &LogConfig) -> Result<(), TelemetryError> {
             .try_init();
     }
     Ok(())
+}
+
+/// Applies a new `[log] level` to the running subscriber. `RUST_LOG`, when
+/// set, keeps precedence (returns `Ok(false)`: nothing changed).
+pub fn set_log_level(level: &str) -> Result<bool, TelemetryError> {
+    let filter = EnvFilter::try_new(level).map_err(|_| TelemetryError::Filter(level.to_string()))?;
+    if std::env::var_os("RUST_LOG").is_some() {
+        return Ok(false);
+    }
+    let Some(handle) = FILTER.get() else { return Ok(false) };
+    handle.reload(filter).map_err(|_| TelemetryError::Filter(level.to_string()))?;
+    Ok(true)
 }

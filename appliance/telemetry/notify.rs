@@ -20,6 +20,19 @@ pub fn notify(state: &str) -> bool {
     sent.is_ok()
 }
 
+/// `CLOCK_MONOTONIC` in microseconds, as `MONOTONIC_USEC=` carries it.
+pub fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1_000)
+        .unwrap_or(0)
+}
+
+/// Tells systemd a configuration reload started; `READY=1` ends it. Since
+/// systemd 253 `RELOADING=1` must carry the monotonic time it was sent at.
+pub fn reloading() -> bool {
+    notify(&format!("RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading configuration", monotonic_usec()))
+}
+
 /// The watchdog interval systemd expects pings within, if it set one for
 /// this process.
 pub fn watchdog_interval() -> Option<Duration> {

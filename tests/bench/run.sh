@@ -129,17 +129,18 @@ prov_cleanup() {
     if command -v virsh >/dev/null 2>&1; then
         for d in $( { timeout 30 virsh -c qemu:///system list --all --name 2>/dev/null | grep "^$P_PREFIX"; echo "$P_CON_VM"; } | sort -u); do
             timeout 30 virsh -c qemu:///system domstate "$d" >/dev/null 2>&1 || continue
-            timeout 30 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1
-            timeout 30 virsh -c qemu:///system undefine "$d" >/dev/null 2>&1
-            timeout 30 virsh -c qemu:///system domstate "$d" >/dev/null 2>&1 \
-                && log "WARNING: could not remove domain $d: virsh -c qemu:///system destroy/undefine $d"
+            timeout 30 virsh -c qemu:///system destroy "$d" >/dev/null 2>&1 || true   # (shut off: nothing to do)
+            timeout 30 virsh -c qemu:///system undefine "$d" >/dev/null 2>&1 || true
+            if timeout 30 virsh -c qemu:///system domstate "$d" >/dev/null 2>&1; then
+                log "WARNING: could not remove domain $d: virsh -c qemu:///system destroy/undefine $d"
+            fi
         done
     fi
     # Keep the daemons' logs and the guests' console logs with the results.
     for d in "$P_T_DIR" "$P_Q_DIR"; do
         [ -d "$d" ] || continue
         mkdir -p "$RESULTS/prov_logs/$(basename "$d")"
-        cp -f "$d"/*.out "$d"/logs/*.log "$RESULTS/prov_logs/$(basename "$d")/" 2>/dev/null
+        cp -f "$d"/*.out "$d"/logs/*.log "$RESULTS/prov_logs/$(basename "$d")/" 2>/dev/null || true
     done
     rm -rf "$P_T_DIR" "$P_Q_DIR" "$P_WORK" "$P_T_CONF" "$P_Q_CONF"
 }

@@ -159,6 +159,22 @@ impl Daemon {
         }
     }
 
+    /// SIGTERM (what `systemctl stop` sends); the exit status if the daemon
+    /// exits within `timeout`, else None (it is then left running).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn(false);

@@ -1,0 +1,145 @@
+//! Backup and restore of a node: back up while the daemon runs, wipe the
+//! data dir, restore, start again: every VM and token is back.
+
+mod common;
+
+use common::{call, Daemon, Opts, BIN};
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::process::Command;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn cli(d: &Daemon, args: &[&str]) -> Run {
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .arg("--config")
+        .arg(&d.config)
+        .env_remove("NOVACRON_URL")
+        .env_remove("NOVACRON_TOKEN")
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn names(v: &Value, list: &str) -> Vec<String> {
+    let mut n: Vec<String> =
+        v[list].as_array().unwrap().iter().map(|x| x["name"].as_str().unwrap().to_string()).collect();
+    n.sort();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn backup_wipe_restore() {
+    let mut d = Daemon::start("backup", Opts::test_driver(61));
+    let admin = d.admin();
+    for name in ["b1", "b2", "b3"] {
+        let spec = json!({"name": name, "vcpus": 1, "memory_mib": 64, "disks": [{"size_gib": 1}]});
+        let (s, v) = call(&admin, Method::POST, "/v1/vms", Some(spec)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let (s, v) = call(&admin, Method::POST, "/v1/vms/b2/start", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) =
+        call(&admin, Method::POST, "/v1/tokens", Some(json!({"name": "ops", "role": "operator"}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let ops_secret = v["secret"].as_str().unwrap().to_string();
+    let (_, vms_before) = call(&admin, Method::GET, "/v1/vms", None).await;
+    let (_, tokens_before) = call(&admin, Method::GET, "/v1/tokens", None).await;
+
+    let archive = d.dir.join("node.tar");
+    let archive_s = archive.to_str().unwrap();
+    // A running guest's disk is not copied without pausing it.
+    let r = cli(&d, &["backup", "create", "--include-disks", archive_s]);
+    assert_eq!(r.code, 4, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("b2"), "{}", r.stderr);
+    assert!(!archive.exists());
+
+    // Online: the daemon keeps running; b2 is paused for the copy only.
+    let r = cli(&d, &["backup", "create", "--include-disks", "--pause-running", archive_s]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let (_, b2) = call(&admin, Method::GET, "/v1/vms/b2", None).await;
+    assert_eq!(b2["state"], "running", "b2 is resumed after the copy");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&archive).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the archive holds the TLS key");
+    assert!(d.data().join("last-backup").is_file());
+    let (_, metrics) = call(&admin, Method::GET, "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(!metrics.contains("novacron_last_backup_timestamp_seconds 0\n"), "{metrics}");
+
+    // The manifest lists every file with its checksum.
+    let list = Command::new("tar").arg("-tf").arg(&archive).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    for f in ["manifest.json", "state.db", "config/novacron.toml", "tls/key.pem", "tls/cert.pem"] {
+        assert!(list.lines().any(|l| l == f), "{f} missing from:\n{list}");
+    }
+    assert_eq!(list.lines().filter(|l| l.starts_with("disks/")).count(), 3, "{list}");
+
+    // Not over a data dir in use, nor under a running daemon.
+    let r = cli(&d, &["backup", "restore", archive_s]);
+    assert_eq!(r.code, 4, "{}{}", r.stdout, r.stderr);
+
+    d.kill9();
+    let r = cli(&d, &["backup", "restore", archive_s]);
+    assert_eq!(r.code, 4, "restore over a non-empty data dir: {}{}", r.stdout, r.stderr);
+    std::fs::remove_dir_all(d.data()).unwrap();
+
+    // A damaged archive is refused before anything is written.
+    let bad = d.dir.join("bad.tar");
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let at = bytes.windows(8).position(|w| w == b"SQLite f").expect("database in the archive") + 200;
+    bytes[at] ^= 0xff;
+    std::fs::write(&bad, &bytes).unwrap();
+    let r = cli(&d, &["backup", "restore", bad.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("checksum"), "{}", r.stderr);
+    assert!(!d.data().join("state.db").exists());
+
+    let r = cli(&d, &["backup", "restore", archive_s]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let db = d.data().join("state.db");
+    assert_eq!(std::fs::metadata(&db).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(d.data().join("tls/key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+    {
+        let conn = rusqlite::Connection::open(&db).unwrap();
+        let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+        assert_eq!(check, "ok");
+    }
+
+    d.restart();
+    // The same certificate (the pinned fingerprint still matches) and the
+    // same admin token.
+    let admin = d.admin();
+    let (s, vms_after) = call(&admin, Method::GET, "/v1/vms", None).await;
+    assert_eq!(s, StatusCode::OK, "{vms_after}");
+    assert_eq!(names(&vms_after, "vms"), names(&vms_before, "vms"));
+    let ids = |v: &Value| {
+        let mut ids: Vec<String> =
+            v["vms"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap().to_string()).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&vms_after), ids(&vms_before));
+    let (_, tokens_after) = call(&admin, Method::GET, "/v1/tokens", None).await;
+    assert_eq!(tokens_after, tokens_before);
+    let ops = d.https(Some(&ops_secret));
+    let (s, _) = call(&ops, Method::GET, "/v1/vms/b1", None).await;
+    assert_eq!(s, StatusCode::OK, "the operator token authenticates after the restore");
+    for vm in vms_before["vms"].as_array().unwrap() {
+        for disk in vm["disks"].as_array().unwrap() {
+            let p = disk["path"].as_str().unwrap();
+            assert!(std::path::Path::new(p).is_file(), "disk {p} restored");
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Monitoring assets (docs/monitoring/) and `novacron health`: the alert
+//! rules pass promtool, and every metric they or the dashboard use is one a
+//! real daemon exports.
+
+mod common;
+
+use common::{call, Daemon, Opts, BIN};
+use hyper::{Method, StatusCode};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn asset(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/monitoring").join(name)
+}
+
+fn promtool(args: &[&str]) {
+    assert!(
+        common::which("promtool"),
+        "promtool is missing: install the Debian package prometheus (tests/setup-host.sh)"
+    );
+    let out = Command::new("promtool").args(args).current_dir(asset("")).output().expect("run promtool");
+    assert!(
+        out.status.success(),
+        "promtool {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn alert_rules_pass_promtool() {
+    promtool(&["check", "rules", "alerts.yml"]);
+    promtool(&["test", "rules", "alerts_test.yml"]);
+}
+
+/// `novacron_*` names in a text, with histogram suffixes kept.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while let Some(at) = text[i..].find("novacron_") {
+        let start = i + at;
+        let prev_ok = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        if prev_ok {
+            out.insert(text[start..end].to_string());
+        }
+        i = end;
+    }
+    out
+}
+
+fn run(d: &Daemon, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .env_remove("NOVACRON_URL")
+        .env_remove("NOVACRON_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn assets_use_exported_metrics_and_health_reports() {
+    let d = Daemon::start("monitoring", Opts::test_driver(62));
+    let admin = d.admin();
+    // Traffic, so the per-request series exist.
+    let spec = json!({"name": "m1", "vcpus": 1, "memory_mib": 64, "disks": [{"size_gib": 1}]});
+    let (s, _) = call(&admin, Method::POST, "/v1/vms", Some(spec)).await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _) = call(&admin, Method::GET, "/v1/vms/none", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = call(&admin, Method::GET, "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, body) = call(&admin, Method::GET, "/metrics", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let scrape = body.as_str().expect("text exposition").to_string();
+    let exported: BTreeSet<String> = scrape
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap().to_string())
+        .collect();
+    for name in [
+        "novacron_data_dir_free_bytes",
+        "novacron_data_dir_size_bytes",
+        "novacron_last_backup_timestamp_seconds",
+        "novacron_tls_cert_expiry_timestamp_seconds",
+    ] {
+        assert!(exported.contains(name), "{name} not exported:\n{scrape}");
+    }
+    assert!(scrape.contains("novacron_last_backup_timestamp_seconds 0\n"), "no backup yet");
+
+    let rules = std::fs::read_to_string(asset("alerts.yml")).unwrap();
+    let dashboard_text = std::fs::read_to_string(asset("grafana-dashboard.json")).unwrap();
+    let dashboard: Value = serde_json::from_str(&dashboard_text).expect("the dashboard is JSON");
+    for p in dashboard["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().expect("targets") {
+            assert!(t["expr"].as_str().is_some_and(|e| !e.is_empty()), "panel {} target", p["title"]);
+        }
+    }
+    for (what, text) in [("alerts.yml", &rules), ("grafana-dashboard.json", &dashboard_text)] {
+        let used = metric_names(text);
+        assert!(used.len() >= 5, "{what}: {used:?}");
+        for name in used {
+            assert!(exported.contains(&name), "{what} uses {name}, which the daemon does not export");
+        }
+    }
+
+    // `novacron health`: every check, Nagios exit codes.
+    let (code, out, err) = run(&d, &["health"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for check in ["daemon", "libvirt", "store", "disk", "certificate", "vms", "peer"] {
+        assert!(out.lines().any(|l| l.starts_with(check)), "{check} missing:\n{out}");
+    }
+    assert!(out.contains("not paired"), "{out}");
+    let (code, out, _) = run(&d, &["health", "--json"]);
+    assert_eq!(code, 0);
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["status"], "ok");
+    assert_eq!(report["checks"].as_array().unwrap().len(), 7);
+    // Viewers may read it; nobody without a token may.
+    let (s, _) = call(&d.https(None), Method::GET, "/v1/health/details", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // A daemon that cannot be asked is critical.
+    let out = Command::new(BIN)
+        .args(["--socket", "/nonexistent/novacron.sock", "health"])
+        .env_remove("NOVACRON_URL")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stdout));
+}
