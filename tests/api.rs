@@ -751,3 +751,28 @@ async fn connection_limit_and_header_timeout() {
     let (s, _) = call(&d.https(None), Method::GET, "/v1/health", None).await;
     assert_eq!(s, StatusCode::OK);
 }
+
+/// Autostart VMs start once per host boot (the kernel's boot id), not on
+/// every daemon restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn autostart_once_per_boot() {
+    let mut d = Daemon::start("autostart", Opts::test_driver(18));
+    let c = d.admin();
+    let spec = json!({"name": "auto", "vcpus": 1, "memory_mib": 64, "autostart": true});
+    assert_eq!(call(&c, Method::POST, "/v1/vms", Some(spec)).await.0, StatusCode::CREATED);
+    assert_eq!(call(&c, Method::POST, "/v1/vms", Some(vm_spec("manual"))).await.0, StatusCode::CREATED);
+    // The daemon already recorded this boot at its first start, so a
+    // restart (test:///default forgets its domains with the process) leaves
+    // the VM stopped...
+    d.restart();
+    let c = d.admin();
+    assert_eq!(call(&c, Method::GET, "/v1/vms/auto", None).await.1["state"], "stopped");
+    // ...until the host has booted since: then it is started, once.
+    std::fs::write(d.data().join("autostart-boot-id"), "a-previous-boot").unwrap();
+    d.restart();
+    let c = d.admin();
+    assert_eq!(call(&c, Method::GET, "/v1/vms/auto", None).await.1["state"], "running");
+    assert_eq!(call(&c, Method::GET, "/v1/vms/manual", None).await.1["state"], "stopped");
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(std::fs::read_to_string(d.data().join("autostart-boot-id")).unwrap().trim(), boot_id.trim());
+}

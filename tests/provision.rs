@@ -644,6 +644,29 @@ async fn real_guest_cloud_init_nat_console_snapshot() {
         StatusCode::NO_CONTENT
     );
 
+    // The CLI's console with a pipe for stdin (what scripts do): it types
+    // the input, shows the guest's answer and leaves.
+    let out = Command::new(common::BIN)
+        .args(["--socket"])
+        .arg(&d.socket)
+        .args(["vm", "console", &id])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b"echo CLI-$((20+3))\n")?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success(), "vm console failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("CLI-23"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     // A disk-only snapshot of the running guest: revert restores the
     // disks and leaves the VM stopped.
     let (s, v) =
