@@ -98,7 +98,7 @@ impl Core {
         let mut rx = body.chunks.lock().await;
         while let Some(chunk) = rx.recv().await {
             let chunk = chunk.map_err(ImageError::Truncated)?;
-            tokio::task::block_in_place(|| up.write(&chunk))?;
+            tokio::task::block_in_place(|| up.write(chunk))?;
         }
         if let Some(l) = length {
             if up.written() != l {

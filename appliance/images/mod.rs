@@ -112,28 +112,52 @@ pub fn parse_checksum(s: &str) -> Result<String> {
 /// or interrupted upload leaves nothing behind.
 pub struct Upload {
     tmp: PathBuf,
-    file: Option<std::fs::File>,
+    /// Chunks go to a writer thread, so hashing one chunk overlaps writing
+    /// the previous ones (each alone costs about as much as the transfer).
+    writer: Option<Writer>,
     hasher: Sha256,
     written: u64,
     max: u64,
 }
 
+struct Writer {
+    tx: std::sync::mpsc::SyncSender<bytes::Bytes>,
+    done: std::thread::JoinHandle<std::io::Result<std::fs::File>>,
+}
+
+/// Chunks in flight to the writer: bounds memory whatever the image size.
+const WRITE_QUEUE: usize = 8;
+
 impl Upload {
     pub fn begin(dir: &Path, max: u64) -> Result<Upload> {
         use std::os::unix::fs::OpenOptionsExt;
         let tmp = dir.join(format!(".upload-{}", uuid::Uuid::new_v4()));
-        let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
-        Ok(Upload { tmp, file: Some(file), hasher: Sha256::new(), written: 0, max })
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(WRITE_QUEUE);
+        let done = std::thread::Builder::new().name("image-writer".into()).spawn(move || {
+            for chunk in rx {
+                file.write_all(&chunk)?;
+            }
+            Ok(file)
+        })?;
+        Ok(Upload { tmp, writer: Some(Writer { tx, done }), hasher: Sha256::new(), written: 0, max })
     }
 
-    /// Appends one chunk (blocking).
-    pub fn write(&mut self, chunk: &[u8]) -> Result<()> {
+    /// Appends one chunk; blocks while the writer is `WRITE_QUEUE` behind.
+    pub fn write(&mut self, chunk: bytes::Bytes) -> Result<()> {
         self.written += chunk.len() as u64;
         if self.written > self.max {
             return Err(ImageError::TooLarge { max: self.max });
         }
-        self.hasher.update(chunk);
-        self.file.as_mut().expect("upload is open").write_all(chunk)?;
+        self.hasher.update(&chunk);
+        let writer = self.writer.as_ref().expect("upload is open");
+        if writer.tx.send(chunk).is_err() {
+            // The writer stopped on an I/O error; finish() reports it.
+            return Err(self
+                .close_writer()
+                .err()
+                .unwrap_or_else(|| std::io::Error::other("writer stopped").into()));
+        }
         Ok(())
     }
 
@@ -141,9 +165,17 @@ impl Upload {
         self.written
     }
 
+    /// Waits for every queued chunk to be written and returns the file.
+    fn close_writer(&mut self) -> Result<std::fs::File> {
+        let Writer { tx, done } = self.writer.take().expect("upload is open");
+        drop(tx);
+        let file = done.join().map_err(|_| std::io::Error::other("image writer panicked"))??;
+        Ok(file)
+    }
+
     /// Verifies and moves the upload to `dest` (which must not exist).
     pub fn finish(mut self, expected_sha256: Option<&str>, dest: &Path) -> Result<ImageInfo> {
-        let file = self.file.take().expect("upload is open");
+        let file = self.close_writer()?;
         file.sync_all()?;
         drop(file);
         let actual = hex::encode(self.hasher.finalize_reset());
@@ -165,6 +197,9 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = self.close_writer();
+        }
         let _ = std::fs::remove_file(&self.tmp);
     }
 }
@@ -197,7 +232,7 @@ pub fn import(src: &Path, images_dir: &Path, dest: &Path, max: u64) -> Result<Im
         if n == 0 {
             break;
         }
-        up.write(&buf[..n])?;
+        up.write(bytes::Bytes::copy_from_slice(&buf[..n]))?;
     }
     up.finish(None, dest)
 }
@@ -223,7 +258,7 @@ mod tests {
         let sha = hex::encode(Sha256::digest(&data));
         let mut up = Upload::begin(&d, 1 << 30).unwrap();
         for c in data.chunks(65536) {
-            up.write(c).unwrap();
+            up.write(bytes::Bytes::copy_from_slice(c)).unwrap();
         }
         let info = up.finish(Some(&sha), &d.join("disk.raw")).unwrap();
         assert_eq!(
@@ -232,11 +267,11 @@ mod tests {
         );
 
         let mut up = Upload::begin(&d, 1 << 30).unwrap();
-        up.write(b"abc").unwrap();
+        up.write(bytes::Bytes::from_static(b"abc")).unwrap();
         let wrong = "0".repeat(64);
         assert!(matches!(up.finish(Some(&wrong), &d.join("x")), Err(ImageError::ChecksumMismatch { .. })));
         let mut up = Upload::begin(&d, 10).unwrap();
-        assert!(matches!(up.write(&[0u8; 11]), Err(ImageError::TooLarge { .. })));
+        assert!(matches!(up.write(bytes::Bytes::from_static(&[0u8; 11])), Err(ImageError::TooLarge { .. })));
         drop(up);
         // Only the finished image is left.
         let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
