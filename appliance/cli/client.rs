@@ -38,15 +38,18 @@ pub struct Client {
     target: Target,
 }
 
-/// Accepts exactly the certificate with the pinned fingerprint, and still
-/// checks the handshake signatures made with its key.
+/// Trusts exactly the certificate with the pinned SHA-256 fingerprint, or
+/// with `fingerprint: None` any certificate (BMCs under `--insecure`); the
+/// handshake signatures made with the certificate's key are checked either
+/// way. TLS 1.2 only when `allow_tls12` (many BMCs speak nothing newer).
 #[derive(Debug)]
-struct Pinned {
-    fingerprint: String,
-    provider: Arc<rustls::crypto::CryptoProvider>,
+pub struct CertPin {
+    pub fingerprint: Option<String>,
+    pub allow_tls12: bool,
+    pub provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl ServerCertVerifier for Pinned {
+impl ServerCertVerifier for CertPin {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -55,20 +58,29 @@ impl ServerCertVerifier for Pinned {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if crate::api::tls::fingerprint(end_entity) == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General("server certificate does not match the pinned fingerprint".into()))
+        match &self.fingerprint {
+            Some(fp) if crate::api::tls::fingerprint(end_entity) != *fp => {
+                Err(rustls::Error::General("server certificate does not match the pinned fingerprint".into()))
+            }
+            _ => Ok(ServerCertVerified::assertion()),
         }
     }
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("TLS 1.2 is not supported".into()))
+        if !self.allow_tls12 {
+            return Err(rustls::Error::General("TLS 1.2 is not supported".into()));
+        }
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -112,8 +124,9 @@ pub fn pinned_tls_config(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ClientError::Tls(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(Pinned {
-            fingerprint: normalize_fingerprint(fingerprint),
+        .with_custom_certificate_verifier(Arc::new(CertPin {
+            fingerprint: Some(normalize_fingerprint(fingerprint)),
+            allow_tls12: false,
             provider,
         }))
         .with_no_client_auth();

@@ -14,9 +14,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use serde::Serialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -58,64 +56,6 @@ pub struct Bmc {
 impl std::fmt::Debug for Bmc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Bmc({})", self.describe())
-    }
-}
-
-/// Accepts the certificate with the pinned fingerprint, or any with
-/// `fingerprint: None`; handshake signatures are verified either way.
-#[derive(Debug)]
-struct BmcCert {
-    fingerprint: Option<String>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for BmcCert {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match &self.fingerprint {
-            Some(fp) if crate::api::tls::fingerprint(end_entity) != *fp => {
-                Err(rustls::Error::General("BMC certificate does not match the pinned fingerprint".into()))
-            }
-            _ => Ok(ServerCertVerified::assertion()),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -216,8 +156,9 @@ impl Bmc {
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
                 .map_err(|e| RedfishError::Connect { target: url.into(), reason: e.to_string() })?
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(BmcCert {
+                .with_custom_certificate_verifier(Arc::new(crate::cli::client::CertPin {
                     fingerprint: fingerprint.map(crate::cli::client::normalize_fingerprint),
+                    allow_tls12: true,
                     provider,
                 }))
                 .with_no_client_auth();
