@@ -3,33 +3,17 @@
 
 mod common;
 
-use common::{call, Daemon, Opts, BIN};
+use common::{call, Daemon, Opts};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
 use std::process::Command;
 
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn cli(d: &Daemon, args: &[&str]) -> Run {
-    let out = Command::new(BIN)
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .arg("--config")
-        .arg(&d.config)
-        .env_remove("NOVACRON_URL")
-        .env_remove("NOVACRON_TOKEN")
-        .output()
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+/// The CLI with the daemon's config file, as `backup` reads it.
+fn cli(d: &Daemon, args: &[&str]) -> common::Run {
+    let config = d.config.display().to_string();
+    let mut all = args.to_vec();
+    all.extend(["--config", config.as_str()]);
+    common::cli(d, &all)
 }
 
 fn names(v: &Value, list: &str) -> Vec<String> {

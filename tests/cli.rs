@@ -3,31 +3,9 @@
 
 mod common;
 
-use common::{Daemon, Opts, BIN};
+use common::{cli, Daemon, Opts, BIN};
 use serde_json::Value;
 use std::process::Command;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn cli(d: &Daemon, args: &[&str]) -> Run {
-    let out = Command::new(BIN)
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .env_remove("NOVACRON_URL")
-        .env_remove("NOVACRON_TOKEN")
-        .output()
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 #[test]
 fn cli_commands_and_exit_codes() {

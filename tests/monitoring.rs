@@ -56,19 +56,8 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 }
 
 fn run(d: &Daemon, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .env_remove("NOVACRON_URL")
-        .env_remove("NOVACRON_TOKEN")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let r = common::cli(d, args);
+    (r.code, r.stdout, r.stderr)
 }
 
 #[tokio::test(flavor = "multi_thread")]

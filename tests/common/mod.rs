@@ -303,3 +303,27 @@ pub fn start_libvirtd() {
             .is_ok_and(|s| s.success())
     });
 }
+
+/// What a CLI run printed and returned.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the CLI against `d`'s local socket, as root on the host would.
+pub fn cli(d: &Daemon, args: &[&str]) -> Run {
+    let out = Command::new(BIN)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .env_remove("NOVACRON_URL")
+        .env_remove("NOVACRON_TOKEN")
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
