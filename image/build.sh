@@ -15,6 +15,9 @@ rootfs_only=0
 if [ "${1:-}" = "--rootfs-only" ]; then rootfs_only=1; shift; fi
 out="$(realpath -m "${1:-$repo/target/image}")"
 mkdir -p "$out"
+# One build per OUTDIR at a time (tests may run concurrently).
+exec 9>"$out/.lock"
+flock 9
 t0=$(date +%s)
 log() { echo "image: [$(( $(date +%s) - t0 ))s] $*" >&2; }
 
@@ -30,7 +33,7 @@ bpo_pkgs=(libvirt0 libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clie
           qemu-system-x86 qemu-utils)
 # Timers and services an appliance does not need.
 mask_units=(apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service
-            fstrim.timer)
+            fstrim.timer dpkg-db-backup.timer)
 
 # ---- helpers ----------------------------------------------------------------
 eval "$(sed -n '/^debian_mirror() {/,/^}/p' "$repo/tests/setup-host.sh")"
@@ -152,6 +155,12 @@ ExecStartPre=/usr/sbin/sshd -t
 UNIT
 # Users are baked in (/etc is read-only on the appliance).
 in_root "$r" systemd-sysusers >/dev/null
+# The default config baked in (novacron-firstboot cannot write to a read-only
+# /etc); the modes match tmpfiles.d/novacron.conf so the unit's
+# ConfigurationDirectory= has nothing to change.
+install -d -m 0750 "$r/etc/novacron"
+"$bin" config default > "$r/etc/novacron/novacron.toml"
+in_root "$r" sh -c 'chgrp novacron /etc/novacron /etc/novacron/novacron.toml && chmod 0640 /etc/novacron/novacron.toml'
 in_root "$r" systemctl enable novacron.service novacron-firstboot.service >/dev/null 2>&1
 in_root "$r" systemctl disable ssh.service ssh.socket >/dev/null 2>&1 || true
 in_root "$r" systemctl enable systemd-repart.service >/dev/null 2>&1 || true

@@ -160,12 +160,12 @@ fn rootfs_boots_in_nspawn_and_serves_health() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let j = loop {
         let j = journal(&scratch.join("journal"));
-        if j.contains("\"SYSLOG_IDENTIFIER\":\"novacron\"") && j.contains("\"TARGET\":\"novacron") {
+        if j.contains("\"SYSLOG_IDENTIFIER\":\"novacron\"") && j.contains("NODE_ID") {
             break j;
         }
         assert!(
             Instant::now() < deadline,
-            "journalctl -u novacron -o json lacks SYSLOG_IDENTIFIER=novacron / TARGET=novacron*:\n{j}\nconsole:\n{}",
+            "journalctl -u novacron -o json lacks SYSLOG_IDENTIFIER=novacron / NODE_ID:\n{j}\nconsole:\n{}",
             c.console()
         );
         std::thread::sleep(Duration::from_millis(500));

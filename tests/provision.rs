@@ -93,6 +93,35 @@ async fn image_upload_is_streamed_and_checked() {
     assert_eq!(code, 201, "{v}");
     assert_eq!((v["format"].as_str(), v["sha256"].as_str()), (Some("qcow2"), Some(sha.as_str())));
 
+    // The CLI: upload with progress lines (stderr is not a terminal here)
+    // and import from the configured import folder.
+    let small = dir.join("small.qcow2");
+    assert!(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&small)
+        .arg("32M")
+        .status()
+        .unwrap()
+        .success());
+    let r = common::cli(&d, &["image", "upload", "cli-up", small.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("100%"), "no progress reported: {}", r.stderr);
+    let import_dir = d.dir.join("import");
+    std::fs::create_dir_all(&import_dir).unwrap();
+    std::fs::copy(&small, import_dir.join("preloaded.qcow2")).unwrap();
+    let r = common::cli(
+        &d,
+        &["image", "import", "preloaded", "--path", import_dir.join("preloaded.qcow2").to_str().unwrap()],
+    );
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let r = common::cli(&d, &["image", "list"]);
+    assert!(r.stdout.contains("cli-up") && r.stdout.contains("preloaded"), "{}", r.stdout);
+    let r = common::cli(&d, &["image", "upload", "cli-up", small.to_str().unwrap()]);
+    assert_eq!(r.code, 4, "a taken name is a conflict: {}", r.stderr);
+    for n in ["cli-up", "preloaded"] {
+        assert_eq!(common::cli(&d, &["image", "delete", n]).code, 0);
+    }
+
     // Disks from it: an overlay and a full copy.
     let spec = json!({"name": "app", "vcpus": 1, "memory_mib": 64,
                       "disks": [{"image": "base"}, {"image": "base", "copy": true}]});

@@ -71,7 +71,8 @@ impl Daemon {
             format!(
                 "data_dir = {data:?}\n[api]\nlisten = [\"{addr}\"]\nsocket = {socket:?}\nrate_limit_per_sec = {rl}\nrate_limit_burst = {rl}\n\
                  max_connections = {mc}\nheader_timeout_secs = {ht}\n\
-                 [hypervisor]\nuri = {uri:?}\ndomain_type = \"qemu\"\nmemory_reserve_mib = 256\n[log]\nlevel = \"info,novacron=debug\"\ntarget = \"stderr\"\n",
+                 [hypervisor]\nuri = {uri:?}\ndomain_type = \"qemu\"\nmemory_reserve_mib = 256\n[images]\nimport_dirs = [{import:?}]\n[log]\nlevel = \"info,novacron=debug\"\ntarget = \"stderr\"\n",
+                import = dir.join("import"),
                 rl = opts.rate_limit,
                 mc = opts.max_connections,
                 ht = opts.header_timeout_secs,
