@@ -154,7 +154,7 @@ ExecStartPre=/bin/sh -c 'mkdir -p /var/lib/ssh && [ -e /var/lib/ssh/ssh_host_ed2
 ExecStartPre=/usr/sbin/sshd -t
 UNIT
 # Users are baked in (/etc is read-only on the appliance).
-in_root "$r" systemd-sysusers >/dev/null
+in_root "$r" systemd-sysusers >/dev/null 2>&1
 # The default config baked in (novacron-firstboot cannot write to a read-only
 # /etc); the modes match tmpfiles.d/novacron.conf so the unit's
 # ConfigurationDirectory= has nothing to change.
@@ -163,7 +163,7 @@ install -d -m 0750 "$r/etc/novacron"
 in_root "$r" sh -c 'chgrp novacron /etc/novacron /etc/novacron/novacron.toml && chmod 0640 /etc/novacron/novacron.toml'
 in_root "$r" systemctl enable novacron.service novacron-firstboot.service >/dev/null 2>&1
 in_root "$r" systemctl disable ssh.service ssh.socket >/dev/null 2>&1 || true
-in_root "$r" systemctl enable systemd-repart.service >/dev/null 2>&1 || true
+# systemd-repart.service is already in sysinit.target.wants (runs when a repart.d is not empty).
 in_root "$r" systemctl mask "${mask_units[@]}" >/dev/null 2>&1 || true
 pkgs="$(in_root "$r" dpkg -l | grep -c '^ii')"
 compilers="$(in_root "$r" sh -c 'ls /usr/bin/gcc* /usr/bin/cc /usr/bin/rustc /usr/bin/clang* 2>/dev/null' || true)"
@@ -198,12 +198,12 @@ img="$out/novacron-appliance-$version-x86_64.raw"
 rm -f "$img" "$img.zst"
 log "systemd-repart -> $(basename "$img")"
 systemd-repart --empty=create --size=auto --root="$stage" --definitions="$here/repart.d" \
-    --dry-run=no --no-pager "$img" >"$out/repart.log" 2>&1 || { tail -n 30 "$out/repart.log" >&2; exit 1; }
+    --offline=yes --dry-run=no --no-pager "$img" >"$out/repart.log" 2>&1 || { tail -n 30 "$out/repart.log" >&2; exit 1; }
 log "zstd"
 zstd -q -T0 "-${ZSTD_LEVEL:-12}" -k "$img" -o "$img.zst"
 rm -rf "$stage"
 log "done"
-sfdisk -l "$img" | sed -n '/^Device/,$p'
+partx -s -o NR,START,SECTORS,SIZE,NAME "$img"
 printf 'image:            %s\nraw size:         %s MiB (%s bytes)\ncompressed (zstd): %s MiB\npackages (ii):    %s\n' \
     "$img" "$(( $(stat -c %s "$img") / 1048576 ))" "$(stat -c %s "$img")" \
     "$(( $(stat -c %s "$img.zst") / 1048576 ))" "$pkgs"

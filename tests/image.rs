@@ -81,7 +81,9 @@ fn health() -> Option<String> {
 #[test]
 fn rootfs_boots_in_nspawn_and_serves_health() {
     let started = Instant::now();
-    let out = repo("target/image");
+    // Its own OUTDIR (own base cache and rootfs): a `bash image/build.sh` run
+    // in target/image must not replace the rootfs while it is booted here.
+    let out = repo("target/image-test");
     let build = Command::new("bash")
         .arg(repo("image/build.sh"))
         .arg("--rootfs-only")
