@@ -40,7 +40,18 @@ eval "$(sed -n '/^debian_mirror() {/,/^}/p' "$repo/tests/setup-host.sh")"
 
 in_root() { # run a command inside a rootfs with /proc /sys /dev mounted
     local r="$1"; shift
-    mount -t proc proc "$r/proc"; mount --rbind /sys "$r/sys"; mount --rbind /dev "$r/dev"
+    mount -t proc proc "$r/proc"; mount --rbind /sys "$r/sys"
+    # A private /dev with only the harmless nodes: with the host's /dev bound
+    # in, package scripts (udev, qemu) chgrp /dev/kvm to the *image's* kvm
+    # gid, which is another group on the host, and libvirt there loses KVM.
+    mount -t tmpfs -o mode=0755,nosuid devtmp "$r/dev"
+    local n
+    for n in null zero full random urandom tty; do
+        touch "$r/dev/$n"
+        mount --bind "/dev/$n" "$r/dev/$n"
+    done
+    mkdir -p "$r/dev/pts" "$r/dev/shm"
+    ln -sf /proc/self/fd "$r/dev/fd"
     local rc=0
     LC_ALL=C DEBIAN_FRONTEND=noninteractive chroot "$r" "$@" || rc=$?
     umount -R "$r/dev" "$r/sys" "$r/proc" 2>/dev/null || umount -lR "$r/dev" "$r/sys" "$r/proc"

@@ -6,6 +6,7 @@
 //! overlay (`--volatile=overlay`); only the seed config and the journal
 //! directory are bind-mounted from a scratch dir.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -81,6 +82,9 @@ fn health() -> Option<String> {
 #[test]
 fn rootfs_boots_in_nspawn_and_serves_health() {
     let started = Instant::now();
+    // Building an image must leave the host alone: package scripts run in
+    // the chroot once chgrp'ed the host's /dev/kvm to the image's kvm gid.
+    let kvm_before = std::fs::metadata("/dev/kvm").map(|m| (m.uid(), m.gid(), m.mode())).ok();
     // Its own OUTDIR (own base cache and rootfs): a `bash image/build.sh` run
     // in target/image must not replace the rootfs while it is booted here.
     let out = repo("target/image-test");
@@ -97,6 +101,8 @@ fn rootfs_boots_in_nspawn_and_serves_health() {
         String::from_utf8_lossy(&build.stderr)
     );
     eprintln!("rootfs ready after {:?}", started.elapsed());
+    let kvm_after = std::fs::metadata("/dev/kvm").map(|m| (m.uid(), m.gid(), m.mode())).ok();
+    assert_eq!(kvm_before, kvm_after, "the image build changed the host's /dev/kvm");
     let rootfs = out.join("rootfs");
 
     let scratch = std::env::temp_dir().join(format!("novacron-image-{}", std::process::id()));
