@@ -27,9 +27,13 @@ pub enum DaemonError {
 
 /// The configuration in effect: file (or dev profile), then flags.
 pub fn effective_config(args: &ServeArgs) -> Result<Config, ConfigError> {
-    let explicit = args.config.as_os_str() != crate::config::DEFAULT_CONFIG_PATH;
-    let mut cfg = if args.dev && !explicit { Config::dev() } else { Config::load(&args.config, explicit)? };
-    if let Some(d) = &args.data_dir {
+    let explicit = args.source.config.as_os_str() != crate::config::DEFAULT_CONFIG_PATH;
+    let mut cfg = if args.source.dev && !explicit {
+        Config::dev()
+    } else {
+        Config::load(&args.source.config, explicit)?
+    };
+    if let Some(d) = &args.source.data_dir {
         cfg.data_dir = d.clone();
     }
     if !args.listen.is_empty() {
@@ -44,7 +48,7 @@ pub fn effective_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     if let Some(t) = &args.domain_type {
         cfg.hypervisor.domain_type = t.clone();
     }
-    if args.dev && cfg.api.socket.is_none() {
+    if args.source.dev && cfg.api.socket.is_none() {
         cfg.api.socket = Some(cfg.data_dir.join("novacron.sock"));
     }
     // Relative data dirs (dev mode) are made absolute: libvirt needs
@@ -104,8 +108,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
             loop {
                 tick.tick().await;
                 // Only a daemon whose store answers is alive.
-                let store = core.store().clone();
-                if tokio::task::spawn_blocking(move || store.ping()).await.unwrap_or(false) {
+                if core.store_answers().await {
                     notify::notify("WATCHDOG=1");
                 }
             }

@@ -505,6 +505,15 @@ async fn console_run(ws: &mut Ws, cmd: &str, until: &str) -> String {
     out
 }
 
+/// Deletes a test's host interface even when an assertion fails.
+struct DelLink(String);
+
+impl Drop for DelLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
 /// Removes the test's domain and network even when an assertion fails.
 struct Cleanup(String, String);
 
@@ -761,30 +770,33 @@ async fn events_stream_and_resume() {
 /// A NAT network may not shadow a network this host already routes to.
 #[tokio::test(flavor = "multi_thread")]
 async fn nat_network_never_shadows_a_host_route() {
-    let routes = std::fs::read_to_string("/proc/net/route").unwrap();
-    // The first non-default route with a /16../30 mask, as a.b.c.d/len.
-    let route = routes.lines().skip(1).find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let dest = u32::from_str_radix(f.get(1)?, 16).ok()?;
-        let mask = u32::from_str_radix(f.get(7)?, 16).ok()?;
-        let (dest, mask) =
-            (std::net::Ipv4Addr::from(dest.to_le_bytes()), u32::from_be_bytes(mask.to_le_bytes()));
-        let len = mask.leading_ones();
-        ((16..=30).contains(&len) && mask.count_ones() == len).then(|| format!("{dest}/{len}"))
-    });
-    let Some(route) = route else {
-        eprintln!("this host has no /16-/30 route to collide with");
-        return;
-    };
+    // A route of our own, on an empty bridge (no traffic leaves it), so
+    // the test does not depend on what networks this host happens to have.
+    let dev = format!("ncrt{}", std::process::id() % 100_000);
+    let ip = |args: &[&str]| Command::new("ip").args(args).status().unwrap().success();
+    assert!(ip(&["link", "add", &dev, "type", "bridge"]), "cannot create a test bridge");
+    let _del = DelLink(dev.clone());
+    assert!(ip(&["addr", "add", "10.217.40.1/24", "dev", &dev]) && ip(&["link", "set", &dev, "up"]));
     let d = Daemon::start("routes", Opts::test_driver(55));
+    for subnet in ["10.217.40.0/24", "10.217.0.0/16", "10.217.40.128/25"] {
+        let (s, v) = call(
+            &d.admin(),
+            Method::POST,
+            "/v1/networks",
+            Some(json!({"name": "n", "kind": "nat", "subnet": subnet})),
+        )
+        .await;
+        assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "subnet_overlap"), "{subnet}: {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(&dev), "{v}");
+    }
     let (s, v) = call(
         &d.admin(),
         Method::POST,
         "/v1/networks",
-        Some(json!({"name": "n", "kind": "nat", "subnet": route})),
+        Some(json!({"name": "n", "kind": "nat", "subnet": "10.217.41.0/24"})),
     )
     .await;
-    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "subnet_overlap"), "{route}: {v}");
+    assert_eq!(s, StatusCode::CREATED, "a neighbouring subnet is fine: {v}");
 }
 
 /// Bridge networks join an existing host bridge; a VLAN tag is refused when
@@ -794,13 +806,7 @@ async fn bridge_network_on_a_host_bridge() {
     let br = format!("ncbr{}", std::process::id() % 100_000);
     let ip = |args: &[&str]| Command::new("ip").args(args).status().unwrap().success();
     assert!(ip(&["link", "add", &br, "type", "bridge"]), "cannot create a test bridge");
-    struct DelBridge(String);
-    impl Drop for DelBridge {
-        fn drop(&mut self) {
-            let _ = Command::new("ip").args(["link", "del", &self.0]).status();
-        }
-    }
-    let _del = DelBridge(br.clone());
+    let _del = DelLink(br.clone());
     let d = Daemon::start("bridge", Opts::test_driver(56));
     let c = d.admin();
     let filtering = std::fs::read_to_string(format!("/sys/class/net/{br}/bridge/vlan_filtering"))

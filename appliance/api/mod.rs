@@ -12,8 +12,7 @@ pub mod tls;
 
 pub use error::ApiError;
 
-use crate::core::{required_role, Caller, Core, CoreError, Reply};
-use crate::types::Role;
+use crate::core::{required_role, Caller, Core, Reply};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -156,7 +155,7 @@ impl Api {
         }
         let caller = match required_role(matched.action) {
             None => Caller::anonymous(),
-            Some(need) => {
+            Some(_) => {
                 let caller = self.caller(peer, &req).map_err(fail)?;
                 if let Some(id) = &caller.token_id {
                     if !self.limiter.allow(id) {
@@ -166,9 +165,7 @@ impl Api {
                 }
                 // Checked before the body is read, so a weak token learns
                 // nothing about what its body would have done.
-                if caller.role < need {
-                    return Err(fail(ApiError::Core(self.core.deny(&caller, matched.action, need).await)));
-                }
+                self.core.authorize(&caller, matched.action).await.map_err(|e| fail(ApiError::Core(e)))?;
                 caller
             }
         };
@@ -293,21 +290,6 @@ async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
             Err(ApiError::TooLarge(MAX_BODY))
         }
         Err(e) => Err(ApiError::Body(e.to_string())),
-    }
-}
-
-impl Core {
-    /// Refuses an action for a role too weak, recording the attempt.
-    pub async fn deny(&self, caller: &Caller, action: &'static str, need: Role) -> CoreError {
-        let err = CoreError::Forbidden { action, have: caller.role.as_str(), need: need.as_str() };
-        if need > Role::Viewer {
-            let store = self.store().clone();
-            let actor = caller.name.clone();
-            tracing::warn!(OP = action, ACTOR = %actor, "refused: role too weak");
-            let _ = tokio::task::spawn_blocking(move || store.record_audit(&actor, action, "", "forbidden"))
-                .await;
-        }
-        err
     }
 }
 

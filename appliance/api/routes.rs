@@ -122,14 +122,15 @@ impl<'a> Query<'a> {
         }
     }
 
-    fn seconds(&self, name: &str, max: u64) -> Result<Option<u64>, ApiError> {
+    /// A whole number from 0 to `max`; `unit` names what it counts.
+    fn number(&self, name: &str, max: u64, unit: &str) -> Result<Option<u64>, ApiError> {
         match self.get(name) {
             None => Ok(None),
             Some(v) => match v.parse::<u64>() {
                 Ok(n) if n <= max => Ok(Some(n)),
                 _ => Err(ApiError::InvalidQuery {
                     name: name.into(),
-                    message: format!("must be a whole number of seconds from 0 to {max}"),
+                    message: format!("must be a whole number of {unit} from 0 to {max}"),
                 }),
             },
         }
@@ -199,8 +200,8 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
                 "shutdown" => {
                     let q = Query::parse(query, &["wait", "timeout"])?;
                     let act = VmAction::Shutdown {
-                        wait: q.seconds("wait", 3600)?,
-                        timeout: q.seconds("timeout", 86_400)?,
+                        wait: q.number("wait", 3600, "seconds")?,
+                        timeout: q.number("timeout", 86_400, "seconds")?,
                     };
                     if *method != Method::POST {
                         return Err(not_allowed(method, path));
@@ -225,7 +226,7 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
                 return Err(not_allowed(method, path));
             }
             let q = Query::parse(query, &["bytes"])?;
-            let bytes = q.seconds("bytes", 1 << 20)?.unwrap_or(64 * 1024);
+            let bytes = q.number("bytes", 1 << 20, "bytes")?.unwrap_or(64 * 1024);
             let cmd = Command::ConsoleLog { vm: id.to_string(), bytes };
             Ok(Matched::new("/v1/vms/{id}/console/log", "vm.console.log", Route::Ready(cmd)))
         }
@@ -353,7 +354,7 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
                 return Err(not_allowed(method, path));
             }
             let q = Query::parse(query, &["limit"])?;
-            let limit = q.seconds("limit", 10_000)?.unwrap_or(100) as usize;
+            let limit = q.number("limit", 10_000, "entries")?.unwrap_or(100) as usize;
             Ok(Matched::new("/v1/audit", "audit.list", Route::Ready(Command::ListAudit { limit })))
         }
         _ => Err(ApiError::NoRoute(path.to_string())),

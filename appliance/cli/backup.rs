@@ -6,7 +6,7 @@
 
 use super::client::Client;
 use super::ConnArgs;
-use crate::cli::ServeArgs;
+use crate::cli::{ConfigSource, ServeArgs};
 use crate::store::backup::{self, BackupError, CreateOptions, RestoreOptions};
 use crate::types::{VmList, VmState};
 use clap::{Args, Subcommand};
@@ -25,23 +25,10 @@ pub enum BackupCmd {
 }
 
 #[derive(Args, Debug)]
-pub struct Source {
-    /// Configuration file (gives the data dir, as for `serve`).
-    #[arg(long, short, default_value = crate::config::DEFAULT_CONFIG_PATH)]
-    pub config: PathBuf,
-    /// Data directory (overrides the config file).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// The development profile's data dir (./novacron-dev).
-    #[arg(long)]
-    pub dev: bool,
-}
-
-#[derive(Args, Debug)]
 pub struct CreateArgs {
     pub file: PathBuf,
     #[command(flatten)]
-    pub source: Source,
+    pub source: ConfigSource,
     /// Also copy disks/, images/ and boot/.
     #[arg(long)]
     pub include_disks: bool,
@@ -55,17 +42,15 @@ pub struct CreateArgs {
 pub struct RestoreArgs {
     pub file: PathBuf,
     #[command(flatten)]
-    pub source: Source,
+    pub source: ConfigSource,
     /// Restore over a data dir that is not empty.
     #[arg(long)]
     pub force: bool,
 }
 
-fn config_of(s: &Source) -> Result<crate::config::Config, String> {
+fn config_of(s: &ConfigSource) -> Result<crate::config::Config, String> {
     let args = ServeArgs {
-        config: s.config.clone(),
-        data_dir: s.data_dir.clone(),
-        dev: s.dev,
+        source: s.clone(),
         listen: Vec::new(),
         socket_path: None,
         libvirt_uri: None,

@@ -103,8 +103,10 @@ pub enum Cmd {
     Firmware(preflight::FirmwareCmd),
 }
 
+/// Where the daemon's configuration comes from; shared by `serve` and the
+/// commands that work on a node's data dir (`backup`).
 #[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
+pub struct ConfigSource {
     /// Configuration file.
     #[arg(long, short, default_value = crate::config::DEFAULT_CONFIG_PATH)]
     pub config: PathBuf,
@@ -115,6 +117,12 @@ pub struct ServeArgs {
     /// TCG guests, socket in the data dir.
     #[arg(long)]
     pub dev: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub source: ConfigSource,
     /// HTTPS listen address (repeatable; overrides the config file).
     #[arg(long)]
     pub listen: Vec<std::net::SocketAddr>,

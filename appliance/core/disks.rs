@@ -1,5 +1,6 @@
 //! Disk commands (attach, detach, resize) and VM cloning.
 
+use super::vm::{GIB, MAX_DISKS, MAX_DISK_GIB};
 use super::{Core, CoreError, Result};
 use crate::hypervisor::xml::disk_target;
 use crate::hypervisor::HypervisorError;
@@ -8,9 +9,6 @@ use crate::types::{valid_name, Disk, DiskResize, DiskSpec, Nic, Vm, VmClone, VmS
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use uuid::Uuid;
-
-const GIB: u64 = 1 << 30;
-const MAX_DISKS: usize = 16;
 
 fn disk_err(e: impl std::fmt::Display) -> HypervisorError {
     HypervisorError::Disk(e.to_string())
@@ -91,8 +89,8 @@ impl Core {
     /// Grows a disk: live through libvirt when the VM runs, with qemu-img
     /// when it is stopped. Shrinking would destroy data and is refused.
     pub(super) async fn resize_disk(self: &Arc<Self>, r: &str, device: &str, req: DiskResize) -> Result<Vm> {
-        if req.size_gib == 0 || req.size_gib > 64 * 1024 {
-            return Err(CoreError::invalid("size_gib", "must be between 1 and 65536"));
+        if req.size_gib == 0 || req.size_gib > MAX_DISK_GIB {
+            return Err(CoreError::invalid("size_gib", format!("must be between 1 and {MAX_DISK_GIB}")));
         }
         let found = self.find_record(r)?;
         let _guard = self.lock_vm(found.id, &found.name).await?;

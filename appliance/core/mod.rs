@@ -168,19 +168,7 @@ impl Core {
 
     /// Runs one command for `caller`: authorization, execution, audit.
     pub async fn execute(self: &Arc<Self>, caller: &Caller, cmd: Command) -> Result<Reply> {
-        if let Some(need) = cmd.required_role() {
-            if caller.role < need {
-                let err = CoreError::Forbidden {
-                    action: cmd.name(),
-                    have: caller.role.as_str(),
-                    need: need.as_str(),
-                };
-                if cmd.is_mutation() {
-                    self.audit(caller, &cmd, &Err(&err)).await;
-                }
-                return Err(err);
-            }
-        }
+        self.authorize(caller, cmd.name()).await?;
         if !cmd.is_mutation() {
             return self.query(cmd).await;
         }
@@ -200,6 +188,24 @@ impl Core {
         }
         self.audit(caller, &audit_cmd, &result.as_ref().map(|_| ())).await;
         result
+    }
+
+    /// Checks that `caller` may run the action named `action`; a refusal of
+    /// anything beyond reading is audited. The API calls this before it
+    /// reads a request body, `execute` again for every command.
+    pub async fn authorize(&self, caller: &Caller, action: &'static str) -> Result<()> {
+        let Some(need) = required_role(action) else { return Ok(()) };
+        if caller.role >= need {
+            return Ok(());
+        }
+        if need > crate::types::Role::Viewer {
+            tracing::warn!(OP = action, ACTOR = %caller.name, "refused: role too weak");
+            let store = self.store.clone();
+            let actor = caller.name.clone();
+            let _ = tokio::task::spawn_blocking(move || store.record_audit(&actor, action, "", "forbidden"))
+                .await;
+        }
+        Err(CoreError::Forbidden { action, have: caller.role.as_str(), need: need.as_str() })
     }
 
     async fn audit(&self, caller: &Caller, cmd: &Command, result: &std::result::Result<(), &CoreError>) {
@@ -488,8 +494,10 @@ impl Core {
         self.vms.read().unwrap().len()
     }
 
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
+    /// True when the state store answers a query (the watchdog's test).
+    pub async fn store_answers(&self) -> bool {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.ping()).await.unwrap_or(false)
     }
 
     /// A caller for the admin on the local socket.

@@ -15,10 +15,10 @@ use uuid::Uuid;
 const MAX_VCPUS: u32 = 256;
 const MIN_MEMORY_MIB: u64 = 16;
 const MAX_MEMORY_MIB: u64 = 4 * 1024 * 1024;
-const MAX_DISK_GIB: u64 = 64 * 1024;
-const MAX_DISKS: usize = 16;
+pub(super) const MAX_DISK_GIB: u64 = 64 * 1024;
+pub(super) const MAX_DISKS: usize = 16;
 const MAX_CMDLINE: usize = 4096;
-const GIB: u64 = 1024 * 1024 * 1024;
+pub(super) const GIB: u64 = 1024 * 1024 * 1024;
 /// cloud-init user-data, meta-data and network-config together.
 const MAX_CLOUD_INIT: usize = 64 * 1024;
 const MAX_SHUTDOWN_TIMEOUT: u64 = 86_400;
@@ -34,6 +34,26 @@ pub(super) struct PlannedDisk {
     pub size: u64,
     pub base: Option<(PathBuf, String)>,
     pub copy: bool,
+}
+
+/// The limits shared by create and edit; `None` means "not given".
+fn check_limits(vcpus: Option<u32>, memory_mib: Option<u64>, shutdown_timeout: Option<u64>) -> Result<()> {
+    if vcpus.is_some_and(|v| v == 0 || v > MAX_VCPUS) {
+        return Err(CoreError::invalid("vcpus", format!("must be between 1 and {MAX_VCPUS}")));
+    }
+    if memory_mib.is_some_and(|m| !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m)) {
+        return Err(CoreError::invalid(
+            "memory_mib",
+            format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"),
+        ));
+    }
+    if shutdown_timeout.is_some_and(|t| t == 0 || t > MAX_SHUTDOWN_TIMEOUT) {
+        return Err(CoreError::invalid(
+            "shutdown_timeout_secs",
+            format!("must be between 1 and {MAX_SHUTDOWN_TIMEOUT}"),
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn vm_state(s: DomainState) -> VmState {
@@ -245,15 +265,7 @@ impl Core {
     /// Checks a create request completely before anything is changed.
     fn validate_create(&self, spec: &VmCreate) -> Result<CreatePlan> {
         valid_name(&spec.name).map_err(|m| CoreError::invalid("name", m))?;
-        if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
-            return Err(CoreError::invalid("vcpus", format!("must be between 1 and {MAX_VCPUS}")));
-        }
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&spec.memory_mib) {
-            return Err(CoreError::invalid(
-                "memory_mib",
-                format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"),
-            ));
-        }
+        check_limits(Some(spec.vcpus), Some(spec.memory_mib), spec.shutdown_timeout_secs)?;
         if spec.disks.len() > MAX_DISKS {
             return Err(CoreError::invalid("disks", format!("at most {MAX_DISKS} disks")));
         }
@@ -300,14 +312,6 @@ impl Core {
             }
             if ci.user_data.contains('\0') {
                 return Err(CoreError::invalid("cloud_init.user_data", "must be text"));
-            }
-        }
-        if let Some(t) = spec.shutdown_timeout_secs {
-            if t == 0 || t > MAX_SHUTDOWN_TIMEOUT {
-                return Err(CoreError::invalid(
-                    "shutdown_timeout_secs",
-                    format!("must be between 1 and {MAX_SHUTDOWN_TIMEOUT}"),
-                ));
             }
         }
         Ok((disks, boot))
@@ -498,19 +502,7 @@ impl Core {
     }
 
     pub(super) async fn update_vm(self: &Arc<Self>, r: &str, patch: VmPatch) -> Result<Vm> {
-        if let Some(v) = patch.vcpus {
-            if v == 0 || v > MAX_VCPUS {
-                return Err(CoreError::invalid("vcpus", format!("must be between 1 and {MAX_VCPUS}")));
-            }
-        }
-        if let Some(m) = patch.memory_mib {
-            if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&m) {
-                return Err(CoreError::invalid(
-                    "memory_mib",
-                    format!("must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"),
-                ));
-            }
-        }
+        check_limits(patch.vcpus, patch.memory_mib, patch.shutdown_timeout_secs)?;
         let found = self.find_record(r)?;
         let _guard = self.lock_vm(found.id, &found.name).await?;
         let mut vm = self.find_record(&found.id.to_string())?;
@@ -526,15 +518,7 @@ impl Core {
         vm.vcpus = patch.vcpus.unwrap_or(vm.vcpus);
         vm.memory_mib = patch.memory_mib.unwrap_or(vm.memory_mib);
         vm.autostart = patch.autostart.unwrap_or(vm.autostart);
-        if let Some(t) = patch.shutdown_timeout_secs {
-            if t == 0 || t > MAX_SHUTDOWN_TIMEOUT {
-                return Err(CoreError::invalid(
-                    "shutdown_timeout_secs",
-                    format!("must be between 1 and {MAX_SHUTDOWN_TIMEOUT}"),
-                ));
-            }
-            vm.shutdown_timeout_secs = Some(t);
-        }
+        vm.shutdown_timeout_secs = patch.shutdown_timeout_secs.or(vm.shutdown_timeout_secs);
         vm.updated_at = now_ms();
         if resizes {
             let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));

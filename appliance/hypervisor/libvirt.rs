@@ -679,10 +679,6 @@ impl Hypervisor for Libvirt {
         })
     }
 
-    fn interface_addresses(&self, uuid: Uuid) -> Result<Vec<(String, String)>> {
-        self.with_domain(uuid, ffi::lease_addresses)
-    }
-
     fn snapshot_create(&self, uuid: Uuid, name: &str, description: &str, with_memory: bool) -> Result<()> {
         let xml = snapshot_xml(name, description);
         self.with_domain(uuid, |dom| {
@@ -994,43 +990,6 @@ mod ffi {
             }
             if !leases.is_null() {
                 nix::libc::free(leases.cast());
-            }
-        }
-        Ok(out)
-    }
-
-    /// `(mac, ip)` of `dom`'s NICs from the network DHCP leases
-    /// (VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE). `virt`'s wrapper leaks
-    /// the interface structs, hence our own.
-    pub(super) fn lease_addresses(dom: &Domain) -> Result<Vec<(String, String)>, VirError> {
-        let mut ifaces: *mut sys::virDomainInterfacePtr = std::ptr::null_mut();
-        // SAFETY: `dom` is a live domain; libvirt allocates the array.
-        let n = unsafe {
-            sys::virDomainInterfaceAddresses(
-                dom.as_ptr(),
-                &mut ifaces,
-                sys::VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE,
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(VirError::last_error());
-        }
-        let mut out = Vec::new();
-        // SAFETY: on success `ifaces` holds `n` valid interfaces, each with
-        // `naddrs` addresses; each interface is freed once with
-        // virDomainInterfaceFree and the array with free().
-        unsafe {
-            for i in 0..n as usize {
-                let iface = *ifaces.add(i);
-                let mac = c_string((*iface).hwaddr);
-                for a in 0..(*iface).naddrs as usize {
-                    out.push((mac.clone(), c_string((*(*iface).addrs.add(a)).addr)));
-                }
-                sys::virDomainInterfaceFree(iface);
-            }
-            if !ifaces.is_null() {
-                nix::libc::free(ifaces.cast());
             }
         }
         Ok(out)
@@ -1871,8 +1830,6 @@ mod guest_tests {
         // The same lease, seen by libvirt.
         let leases = hv.dhcp_leases(&net).unwrap();
         assert!(leases.contains(&DhcpLease { mac: mac.clone(), ip: ip.clone() }), "{leases:?}");
-        let addrs = hv.interface_addresses(id).unwrap();
-        assert!(addrs.contains(&(mac.clone(), ip.clone())), "{addrs:?}");
 
         // Console input round trip.
         run(&*con, &mut out, "echo hello-$((40000+2))", "hello-40002");

@@ -156,8 +156,6 @@ pub trait Hypervisor: Send + Sync {
     fn network_list(&self) -> Result<Vec<NetworkInfo>>;
     /// Current leases of a libvirt-managed (NAT) network's DHCP server.
     fn dhcp_leases(&self, network: &str) -> Result<Vec<DhcpLease>>;
-    /// `(mac, ip)` pairs of the domain's NICs, from the same DHCP leases.
-    fn interface_addresses(&self, uuid: Uuid) -> Result<Vec<(String, String)>>;
 
     /// Takes an internal (qcow2) snapshot. A running domain needs
     /// `with_memory` (QEMU internal snapshots of a running VM always include

@@ -54,7 +54,6 @@ pub struct ChangeRow {
 
 pub struct Store {
     conn: Mutex<Connection>,
-    path: PathBuf,
 }
 
 pub fn now_ms() -> i64 {
@@ -93,13 +92,9 @@ impl Store {
             p.push(suffix);
             let _ = std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         }
-        let store = Store { conn: Mutex::new(conn), path: path.into() };
+        let store = Store { conn: Mutex::new(conn) };
         store.migrate()?;
         Ok(store)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
