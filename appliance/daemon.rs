@@ -82,6 +82,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         Ok(()) => core.autostart_after_boot().await,
         Err(e) => tracing::warn!(error = %e, "libvirt is not usable yet; will keep trying"),
     }
+    // After a host update's reboot: success or rollback, guests back on.
+    core.recover_update().await;
     core.spawn_reconciler();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -510,3 +510,63 @@ mod tests {
         assert!(Role::Viewer < Role::Operator && Role::Operator < Role::Admin);
     }
 }
+
+/// Where a host update is. Persisted in the data dir (`update/status.json`)
+/// so it survives the reboot it causes.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    /// The root installer is writing the other slot.
+    Installing,
+    /// The slot is written; running guests are being shut down.
+    StoppingGuests,
+    /// Guests are down; the host reboots into the new slot.
+    Rebooting,
+    /// The new slot booted and the daemon came up there.
+    Succeeded,
+    /// The new slot did not come up; systemd-boot went back to the old one.
+    RolledBack,
+    /// Nothing was changed on the boot disk that would be booted.
+    Failed,
+}
+
+impl UpdateState {
+    pub fn in_progress(self) -> bool {
+        matches!(self, UpdateState::Installing | UpdateState::StoppingGuests | UpdateState::Rebooting)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRecord {
+    /// On-disk format of this record.
+    pub format: u32,
+    pub state: UpdateState,
+    pub version: String,
+    pub from_slot: String,
+    pub from_version: Option<String>,
+    pub target_slot: String,
+    pub tries: u32,
+    pub message: Option<String>,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    /// Kernel boot id when the reboot was asked for: a different one later
+    /// means the reboot happened.
+    pub boot_id: Option<String>,
+    /// Guests that were running and are started again after the reboot.
+    pub resume_vms: Vec<Uuid>,
+}
+
+/// `GET /v1/host/update`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateView {
+    /// Booted from an appliance image with A/B root slots.
+    pub appliance: bool,
+    /// Why not, when `appliance` is false.
+    pub reason: Option<String>,
+    pub booted_slot: Option<String>,
+    pub booted_version: Option<String>,
+    /// The latest update, if any.
+    pub update: Option<UpdateRecord>,
+}

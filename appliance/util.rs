@@ -47,6 +47,16 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     buf
 }
 
+/// Creates `dir` and its parents for VM files. QEMU runs as another user
+/// (libvirt relabels the files, not their folders) and must traverse to
+/// them, so the folder is 0711 whatever the daemon's umask (0077 under
+/// systemd).
+pub fn create_vm_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

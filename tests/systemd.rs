@@ -36,17 +36,41 @@ fn unit_copies(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("novacron-units-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    for unit in ["novacron.service", "novacron-firstboot.service"] {
+    for unit in UNITS {
         let text = std::fs::read_to_string(repo("systemd").join(unit)).unwrap();
-        std::fs::write(dir.join(unit), text.replace("/usr/bin/novacron ", &format!("{BIN} "))).unwrap();
+        let text = text.replace("/usr/bin/novacron ", &format!("{BIN} "));
+        let text = text.replace("/usr/bin/novacron\n", &format!("{BIN}\n"));
+        std::fs::write(dir.join(unit), text).unwrap();
     }
     dir
 }
 
+/// Every unit in systemd/.
+const UNITS: [&str; 8] = [
+    "novacron.service",
+    "novacron-setup.service",
+    "novacron-firstboot.service",
+    "novacron-update.path",
+    "novacron-update.service",
+    "novacron-reboot.path",
+    "novacron-reboot.service",
+    "novacron-boot-check.service",
+];
+
 #[test]
 fn units_pass_systemd_analyze_verify() {
     let dir = unit_copies("verify");
-    let (ok, out) = systemd_analyze(&["verify", "novacron.service", "novacron-firstboot.service"], &dir);
+    let listed: Vec<String> = std::fs::read_dir(repo("systemd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".service") || n.ends_with(".path"))
+        .collect();
+    for n in &listed {
+        assert!(UNITS.contains(&n.as_str()), "{n} is not in UNITS");
+    }
+    let mut args = vec!["verify"];
+    args.extend(UNITS);
+    let (ok, out) = systemd_analyze(&args, &dir);
     assert!(ok, "systemd-analyze verify failed:\n{out}");
     // verify exits 0 on some warnings; none are acceptable here.
     assert!(out.trim().is_empty(), "systemd-analyze verify complained:\n{out}");

@@ -70,6 +70,14 @@ impl ApiError {
                 CoreError::Image(crate::images::ImageError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
                 CoreError::Image(crate::images::ImageError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
                 CoreError::Image(_) => StatusCode::BAD_REQUEST,
+                CoreError::Host(crate::host::HostError::NotAppliance(_)) | CoreError::UpdateInProgress(_) => {
+                    StatusCode::CONFLICT
+                }
+                CoreError::Host(
+                    crate::host::HostError::Bundle(_) | crate::host::HostError::Checksum { .. },
+                ) => StatusCode::UNPROCESSABLE_ENTITY,
+                CoreError::Host(crate::host::HostError::Seed(_)) => StatusCode::BAD_REQUEST,
+                CoreError::Host(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 CoreError::NameTaken(_)
                 | CoreError::InUse { .. }
                 | CoreError::Overlap(_)

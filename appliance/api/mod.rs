@@ -176,6 +176,11 @@ impl Api {
                 let reply = exec(crate::core::Command::UploadImage { name, checksum, length, body }).await?;
                 return Ok((template, self.render(reply)));
             }
+            Route::UploadUpdate { tries } => {
+                let (body, length, checksum) = stream::upload_body(req).map_err(fail)?;
+                let cmd = crate::core::Command::ApplyUpdate { checksum, length, tries, body };
+                return Ok((template, self.render(exec(cmd).await?)));
+            }
             Route::Console(vm) => {
                 let mut req = req;
                 let accept = stream::websocket_key(&req).map_err(fail)?;
@@ -243,6 +248,8 @@ impl Api {
             Reply::NetworkCreated(n) => json_response(StatusCode::CREATED, &n),
             Reply::ConsoleLog(b) => bytes_response(StatusCode::OK, b, "text/plain; charset=utf-8"),
             Reply::Events(feed) => stream::sse(feed),
+            Reply::Update(v) => json_response(StatusCode::OK, &v),
+            Reply::UpdateAccepted(v) => json_response(StatusCode::ACCEPTED, &v),
             // Consoles are answered in dispatch, where the upgrade is.
             Reply::Console(_) => error_response(&ApiError::NoRoute("console".into())),
         }

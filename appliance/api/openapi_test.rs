@@ -16,8 +16,15 @@ const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "
 
 /// Query parameters any route might take; each operation must document
 /// exactly the ones its route accepts.
-const QUERY_PARAMS: [(&str, &str); 6] =
-    [("force", "true"), ("wait", "1"), ("timeout", "1"), ("limit", "1"), ("bytes", "1"), ("after", "1")];
+const QUERY_PARAMS: [(&str, &str); 7] = [
+    ("force", "true"),
+    ("wait", "1"),
+    ("timeout", "1"),
+    ("limit", "1"),
+    ("bytes", "1"),
+    ("after", "1"),
+    ("tries", "1"),
+];
 
 /// Every route: (method, concrete path, expected template).
 const ROUTES: &[(&str, &str, &str)] = &[
@@ -26,6 +33,8 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/v1/health/details", "/v1/health/details"),
     ("GET", "/v1/ready", "/v1/ready"),
     ("GET", "/v1/host", "/v1/host"),
+    ("GET", "/v1/host/update", "/v1/host/update"),
+    ("POST", "/v1/host/update", "/v1/host/update"),
     ("GET", "/v1/openapi.json", "/v1/openapi.json"),
     ("GET", "/v1/vms", "/v1/vms"),
     ("POST", "/v1/vms", "/v1/vms"),
@@ -98,6 +107,8 @@ fn successes(action: &str) -> &'static [(&'static str, &'static str, &'static st
         "token.list" => &[("200", JSON, "TokenList")],
         "token.create" => &[("201", JSON, "TokenCreated")],
         "audit.list" => &[("200", JSON, "AuditList")],
+        "host.update.status" => &[("200", JSON, "UpdateView")],
+        "host.update" => &[("202", JSON, "UpdateView")],
         other => panic!("add {other} to successes()"),
     }
 }
@@ -107,7 +118,7 @@ fn successes(action: &str) -> &'static [(&'static str, &'static str, &'static st
 /// the request body.
 fn header_params(action: &str) -> &'static [&'static str] {
     match action {
-        "image.upload" => &["content-length", "x-checksum-sha256"],
+        "image.upload" | "host.update" => &["content-length", "x-checksum-sha256"],
         "vm.console" => &["connection", "sec-websocket-key", "sec-websocket-version", "upgrade"],
         "event.list" => &["last-event-id"],
         _ => &[],
@@ -229,7 +240,7 @@ fn check_operation(doc: &Value, m: &str, concrete: &str, template: &str, op: &Va
 
     // Bodies: documented exactly when the route reads one; JSON bodies are
     // the type the router parses, uploads are octet streams.
-    let upload = matches!(matched.route, Route::UploadImage(_));
+    let upload = matches!(matched.route, Route::UploadImage(_) | Route::UploadUpdate { .. });
     let body = op.get("requestBody");
     assert_eq!(body.is_some(), matched.needs_body() || upload, "{what}: requestBody");
     if let Some(body) = body {
@@ -553,6 +564,20 @@ fn response_schemas_match_the_types() {
         tls_fingerprint: "f".into(),
     };
     let health_check = HealthCheck { name: "disk".into(), status: CheckStatus::Warning, message: "m".into() };
+    let update = UpdateRecord {
+        format: 1,
+        state: UpdateState::Rebooting,
+        version: "0.2.0".into(),
+        from_slot: "a".into(),
+        from_version: Some("0.1.0".into()),
+        target_slot: "b".into(),
+        tries: 3,
+        message: None,
+        started_at: 1,
+        finished_at: None,
+        boot_id: None,
+        resume_vms: vec![uuid],
+    };
     let entry = AuditEntry {
         seq: 1,
         at: "t".into(),
@@ -623,6 +648,17 @@ fn response_schemas_match_the_types() {
             }),
         ),
         ("AuditEntry", keys(&entry)),
+        ("UpdateRecord", keys(&update)),
+        (
+            "UpdateView",
+            keys(&UpdateView {
+                appliance: true,
+                reason: None,
+                booted_slot: Some("a".into()),
+                booted_version: None,
+                update: Some(update.clone()),
+            }),
+        ),
         ("AuditList", keys(&AuditList { entries: vec![entry] })),
         ("Error", keys(&ErrorBody { error: ErrorDetail { code: "internal".into(), message: "m".into() } })),
         ("ErrorDetail", keys(&ErrorDetail { code: "internal".into(), message: "m".into() })),
@@ -648,6 +684,18 @@ fn response_schemas_match_the_types() {
     let statuses: Vec<Value> =
         [CheckStatus::Ok, CheckStatus::Warning, CheckStatus::Critical].iter().map(|s| json!(s)).collect();
     assert_eq!(schema(&doc, "CheckStatus")["enum"], json!(statuses), "CheckStatus enum");
+    let states: Vec<Value> = [
+        UpdateState::Installing,
+        UpdateState::StoppingGuests,
+        UpdateState::Rebooting,
+        UpdateState::Succeeded,
+        UpdateState::RolledBack,
+        UpdateState::Failed,
+    ]
+    .iter()
+    .map(|s| json!(s))
+    .collect();
+    assert_eq!(schema(&doc, "UpdateState")["enum"], json!(states), "UpdateState enum");
     let kinds: Vec<Value> = [NetworkKind::Nat, NetworkKind::Bridge].iter().map(|k| json!(k)).collect();
     assert_eq!(schema(&doc, "NetworkKind")["enum"], json!(kinds), "NetworkKind enum");
 }
@@ -693,6 +741,12 @@ fn error_codes_are_documented() {
         CoreError::Hypervisor(HypervisorError::NoSnapshot(s())),
         CoreError::Hypervisor(HypervisorError::Disk(s())),
         CoreError::Hypervisor(HypervisorError::Libvirt(s())),
+        CoreError::Host(crate::host::HostError::NotAppliance(s())),
+        CoreError::Host(crate::host::HostError::Bundle(s())),
+        CoreError::Host(crate::host::HostError::Checksum { what: s(), expected: s(), actual: s() }),
+        CoreError::Host(crate::host::HostError::Seed(s())),
+        CoreError::Host(crate::host::HostError::Io(std::io::Error::other("x"))),
+        CoreError::UpdateInProgress(s()),
         CoreError::Internal(s()),
     ];
     let mut errors: Vec<ApiError> = vec![

@@ -21,6 +21,10 @@ pub enum Route {
     CreateToken,
     /// Streams its body into the core (not bound by the JSON body limit).
     UploadImage(String),
+    /// A host update bundle, streamed; boot attempts from `?tries=`.
+    UploadUpdate {
+        tries: u32,
+    },
     /// Upgrades to a WebSocket.
     Console(String),
     /// Server-Sent Events; resumes after `Last-Event-ID`.
@@ -80,9 +84,11 @@ impl Matched {
             Route::ImportImage => Command::ImportImage(json(body)?),
             Route::CreateNetwork => Command::CreateNetwork(json(body)?),
             Route::CreateToken => Command::CreateToken(json(body)?),
-            Route::UploadImage(_) | Route::Console(_) | Route::Events | Route::OpenApi => {
-                return Err(ApiError::NoRoute("this route has no JSON body".into()))
-            }
+            Route::UploadImage(_)
+            | Route::UploadUpdate { .. }
+            | Route::Console(_)
+            | Route::Events
+            | Route::OpenApi => return Err(ApiError::NoRoute("this route has no JSON body".into())),
         })
     }
 }
@@ -160,6 +166,19 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
         )),
         ["v1", "ready"] => get_only(Matched::new("/v1/ready", "ready", Route::Ready(Command::Ready))),
         ["v1", "host"] => get_only(Matched::new("/v1/host", "host.info", Route::Ready(Command::HostInfo))),
+        ["v1", "host", "update"] => match *method {
+            Method::GET => no_query(Matched::new(
+                "/v1/host/update",
+                "host.update.status",
+                Route::Ready(Command::UpdateStatus),
+            )),
+            Method::POST => {
+                let q = Query::parse(query, &["tries"])?;
+                let tries = q.number("tries", 9, "boot attempts")?.unwrap_or(3) as u32;
+                Ok(Matched::new("/v1/host/update", "host.update", Route::UploadUpdate { tries }))
+            }
+            _ => Err(not_allowed(method, path)),
+        },
         ["v1", "openapi.json"] => get_only(Matched::new("/v1/openapi.json", "openapi", Route::OpenApi)),
         ["v1", "vms"] => match *method {
             Method::GET => no_query(Matched::new("/v1/vms", "vm.list", Route::Ready(Command::ListVms))),

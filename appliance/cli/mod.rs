@@ -12,6 +12,7 @@ mod events;
 mod health;
 mod output;
 pub mod preflight;
+mod update;
 mod upload;
 
 use crate::types::{
@@ -101,6 +102,12 @@ pub enum Cmd {
     /// Firmware profiles; set their BIOS attributes over Redfish.
     #[command(subcommand)]
     Firmware(preflight::FirmwareCmd),
+    /// A/B updates of the appliance's root filesystem.
+    #[command(subcommand)]
+    Update(update::UpdateCmd),
+    /// Appliance boot-time setup: apply a seed from the ESP, write the
+    /// default config, set the host name (root; novacron-setup.service).
+    Setup(update::SetupArgs),
 }
 
 /// Where the daemon's configuration comes from; shared by `serve` and the
@@ -502,6 +509,8 @@ pub async fn run_client(cli: Cli) -> i32 {
         Cmd::Status => return status(&c, json).await,
         Cmd::Health => return health::run(&c, json).await,
         Cmd::Backup(cmd) => return backup::run(cmd, &cli.conn, json).await,
+        Cmd::Update(cmd) => return update::run(cmd, &c, json).await,
+        Cmd::Setup(args) => return update::run_setup(args, &c).await,
         Cmd::Vm(VmCmd::List) => (call(Method::GET, "/v1/vms".into(), None).await, output::Kind::VmList),
         Cmd::Vm(VmCmd::Show { vm }) => {
             (call(Method::GET, format!("/v1/vms/{vm}"), None).await, output::Kind::Vm)

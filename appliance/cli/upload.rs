@@ -189,7 +189,7 @@ impl Drop for Progress {
 }
 
 /// SHA-256 of a file, hex, read in chunks on a blocking thread.
-async fn sha256_file(path: &Path, total: u64) -> std::io::Result<String> {
+pub async fn sha256_file(path: &Path, total: u64) -> std::io::Result<String> {
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let progress = Progress::start("checksum", done.clone(), total);
@@ -255,6 +255,22 @@ pub async fn upload(
     } else {
         None
     };
+    send_file(c, Method::PUT, &format!("/v1/images/{name}"), file, sha).await
+}
+
+/// Streams `file` as the body of `method path` (octet-stream, with
+/// `X-Checksum-Sha256: sha` when given) showing progress; returns the
+/// daemon's answer.
+pub async fn send_file(
+    c: &Client,
+    method: Method,
+    path: &str,
+    file: &Path,
+    sha: Option<String>,
+) -> Result<(StatusCode, Bytes), UploadError> {
+    let shown = file.display().to_string();
+    let f = tokio::fs::File::open(file).await.map_err(|e| UploadError::File(shown.clone(), e))?;
+    let total = f.metadata().await.map_err(|e| UploadError::File(shown.clone(), e))?.len();
     let sent = Arc::new(AtomicU64::new(0));
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
     let gate = Box::pin(async move {
@@ -269,7 +285,7 @@ pub async fn upload(
         sent: sent.clone(),
     };
     let mut req = c
-        .builder(Method::PUT, &format!("/v1/images/{name}"))
+        .builder(method, path)
         .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
         .header(hyper::header::CONTENT_LENGTH, total)
         .header(hyper::header::EXPECT, "100-continue");

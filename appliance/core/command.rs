@@ -110,6 +110,16 @@ pub enum Command {
     ListAudit {
         limit: usize,
     },
+    /// Slots, running version and the latest host update.
+    UpdateStatus,
+    /// A host update bundle (`novacron update apply`).
+    ApplyUpdate {
+        checksum: Option<String>,
+        length: Option<u64>,
+        /// Boot attempts of the new slot before falling back.
+        tries: u32,
+        body: BodyStream,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +189,8 @@ impl Command {
             Command::CreateToken(_) => "token.create",
             Command::RevokeToken(_) => "token.revoke",
             Command::ListAudit { .. } => "audit.list",
+            Command::UpdateStatus => "host.update.status",
+            Command::ApplyUpdate { .. } => "host.update",
         }
     }
 
@@ -211,6 +223,7 @@ impl Command {
                 | Command::DeleteNetwork(_)
                 | Command::CreateToken(_)
                 | Command::RevokeToken(_)
+                | Command::ApplyUpdate { .. }
         )
     }
 
@@ -252,7 +265,9 @@ pub fn required_role(action: &str) -> Option<Role> {
     match action {
         "health" | "openapi" => None,
         "ready" | "health.details" | "host.info" | "metrics" | "vm.list" | "vm.get" | "vm.snapshot.list"
-        | "image.list" | "image.get" | "network.list" | "event.list" => Some(Role::Viewer),
+        | "image.list" | "image.get" | "network.list" | "event.list" | "host.update.status" => {
+            Some(Role::Viewer)
+        }
         // The console (and its log) can show secrets: operator, like lifecycle.
         a if a.starts_with("vm.") || a.starts_with("image.") => Some(Role::Operator),
         // Tokens, audit, host networks and anything new: admin until decided
@@ -304,6 +319,9 @@ pub enum Reply {
     ConsoleLog(Bytes),
     Console(ConsoleSession),
     Events(EventFeed),
+    Update(Box<crate::types::UpdateView>),
+    /// An update was verified and handed to the installer.
+    UpdateAccepted(Box<crate::types::UpdateView>),
 }
 
 impl std::fmt::Debug for Reply {

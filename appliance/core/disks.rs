@@ -187,11 +187,11 @@ impl Core {
         // Files first; the records are written only when every file exists.
         let new_bases =
             tokio::task::spawn_blocking(move || -> std::result::Result<Vec<PathBuf>, HypervisorError> {
-                std::fs::create_dir_all(&bases_dir).map_err(disk_err)?;
+                crate::util::create_vm_dir(&bases_dir).map_err(disk_err)?;
                 let mut bases = Vec::new();
                 for (s, c) in src_disks.iter().zip(&clone_disks) {
                     let (sp, cp) = (Path::new(&s.path), Path::new(&c.path));
-                    std::fs::create_dir_all(cp.parent().expect("disk has a folder")).map_err(disk_err)?;
+                    crate::util::create_vm_dir(cp.parent().expect("disk has a folder")).map_err(disk_err)?;
                     if copy {
                         crate::images::copy_to_qcow2(sp, "qcow2", cp).map_err(disk_err)?;
                     } else {

@@ -29,6 +29,10 @@ pub enum CoreError {
     InUse { what: String, users: String },
     #[error(transparent)]
     Image(#[from] crate::images::ImageError),
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    #[error("{0}; wait for it to finish (GET /v1/host/update)")]
+    UpdateInProgress(String),
     #[error("not ready: {0}")]
     NotReady(String),
     #[error(transparent)]
@@ -76,6 +80,14 @@ impl CoreError {
                 "not_found"
             }
             CoreError::Hypervisor(_) => "libvirt_error",
+            CoreError::Host(e) => match e {
+                crate::host::HostError::NotAppliance(_) => "not_appliance",
+                crate::host::HostError::Bundle(_) => "invalid_bundle",
+                crate::host::HostError::Checksum { .. } => "checksum_mismatch",
+                crate::host::HostError::Seed(_) => "invalid_value",
+                crate::host::HostError::Proc(_) | crate::host::HostError::Io(_) => "host_error",
+            },
+            CoreError::UpdateInProgress(_) => "update_in_progress",
             CoreError::Internal(_) => "internal",
         }
     }

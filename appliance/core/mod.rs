@@ -14,6 +14,7 @@ mod networks;
 mod reconcile;
 mod snapshots;
 mod tokens;
+mod update;
 mod vm;
 
 pub use command::{required_role, BodyStream, Caller, Command, ConsoleSession, EventFeed, Reply, VmAction};
@@ -108,6 +109,8 @@ pub struct Core {
     tls_fingerprint: OnceLock<String>,
     tls_not_after: OnceLock<i64>,
     last_seq: AtomicU64,
+    /// One host update upload at a time.
+    update_lock: tokio::sync::Mutex<()>,
 }
 
 impl Core {
@@ -151,6 +154,7 @@ impl Core {
             tls_fingerprint: OnceLock::new(),
             tls_not_after: OnceLock::new(),
             last_seq: AtomicU64::new(last_seq),
+            update_lock: tokio::sync::Mutex::new(()),
         };
         Ok(Arc::new(core))
     }
@@ -277,6 +281,7 @@ impl Core {
                 let (backlog, live) = self.events.subscribe(after);
                 Ok(Reply::Events(EventFeed { backlog, live }))
             }
+            Command::UpdateStatus => Ok(Reply::Update(Box::new(self.update_view().await))),
             Command::ListAudit { limit } => {
                 let store = self.store.clone();
                 let entries = tokio::task::spawn_blocking(move || store.audit(limit))
@@ -323,6 +328,10 @@ impl Core {
             }
             Command::DeleteImage(name) => self.delete_image(&name).await.map(|_| Reply::Deleted),
             Command::RevokeToken(id) => self.revoke_token(caller, &id).await.map(|_| Reply::Deleted),
+            Command::ApplyUpdate { checksum, length, tries, body } => self
+                .apply_update(checksum, length, tries, body)
+                .await
+                .map(|v| Reply::UpdateAccepted(Box::new(v))),
             other => Err(CoreError::Internal(format!("{} is not a mutation", other.name()))),
         }
     }

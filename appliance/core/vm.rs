@@ -252,7 +252,7 @@ impl Core {
             if let (true, Some((base, format))) = (p.copy, &p.base) {
                 let path = Path::new(&disk.path);
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)
+                    crate::util::create_vm_dir(dir)
                         .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
                 }
                 crate::images::copy_to_qcow2(base, format, path)
@@ -376,7 +376,7 @@ impl Core {
             files.push(("network-config", n.as_bytes()));
         }
         if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir)
+            crate::util::create_vm_dir(dir)
                 .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
         }
         crate::images::build_seed(dest, &files)
@@ -399,7 +399,7 @@ impl Core {
                 continue;
             }
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
+                crate::util::create_vm_dir(dir)
                     .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
             }
             match &d.image {

@@ -173,8 +173,8 @@ impl Upload {
         Ok(file)
     }
 
-    /// Verifies and moves the upload to `dest` (which must not exist).
-    pub fn finish(mut self, expected_sha256: Option<&str>, dest: &Path) -> Result<ImageInfo> {
+    /// Flushes the file and checks its SHA-256; returns the actual one.
+    fn seal(&mut self, expected_sha256: Option<&str>) -> Result<String> {
         let file = self.close_writer()?;
         file.sync_all()?;
         drop(file);
@@ -184,6 +184,23 @@ impl Upload {
                 return Err(ImageError::ChecksumMismatch { expected: expected.into(), actual });
             }
         }
+        Ok(actual)
+    }
+
+    /// Verifies and renames the upload to `dest` (replacing it), without
+    /// looking inside: for files that are not disk images.
+    pub fn finish_file(mut self, expected_sha256: &str, dest: &Path) -> Result<()> {
+        self.seal(Some(expected_sha256))?;
+        std::fs::rename(&self.tmp, dest)?;
+        if let Some(dir) = dest.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Verifies and moves the upload to `dest` (which must not exist).
+    pub fn finish(mut self, expected_sha256: Option<&str>, dest: &Path) -> Result<ImageInfo> {
+        let actual = self.seal(expected_sha256)?;
         let (format, virtual_size) = inspect(&self.tmp)?;
         // link + unlink instead of rename: never replace an existing image.
         std::fs::hard_link(&self.tmp, dest)?;
