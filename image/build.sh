@@ -138,6 +138,9 @@ rm -rf "$r"
 cp -a "$out/base" "$r"
 rm -f "$r/.novacron-base"
 install -m 0755 "$bin" "$r/usr/bin/novacron"
+# A debug build (the tests') carries ~100 MiB of debug info the image does
+# not need; release builds are stripped already. Scripts are left alone.
+strip --strip-debug "$r/usr/bin/novacron" 2>/dev/null || true
 install -d "$r/usr/lib/systemd/system" "$r/usr/lib/sysusers.d" "$r/usr/lib/tmpfiles.d" \
            "$r/usr/share/doc/novacron" "$r/usr/lib/repart.d" "$r/usr/lib/systemd/network"
 install -m 0644 "$repo"/systemd/*.service "$repo"/systemd/*.path "$r/usr/lib/systemd/system/"
@@ -168,9 +171,10 @@ echo novacron > "$r/etc/hostname"
 # What a node learns after flashing lives on the data partition, in
 # /var/lib/novacron-etc (written by `novacron setup --appliance`): the
 # config, networkd files from the seed, SSH keys.
-rm -rf "$r/etc/novacron" "$r/etc/systemd/network"
+# (networkd does not follow a linked /etc/systemd/network: novacron setup
+# copies the seeded network files to /run/systemd/network at every boot.)
+rm -rf "$r/etc/novacron"
 ln -s /var/lib/novacron-etc "$r/etc/novacron"
-ln -s /var/lib/novacron-etc/network "$r/etc/systemd/network"
 # libvirtd writes under /etc/libvirt (domain and network XML, secrets): it
 # moves to the data partition too, seeded from the package's files by
 # tmpfiles on first boot (the systemd "factory" convention).

@@ -192,6 +192,8 @@ async fn role_matrix() {
         (Method::POST, "/v1/vms/m/disks", Some(json!({"size_gib": 1})), 2),
         (Method::POST, "/v1/vms/m/disks/vdb/resize", Some(json!({"size_gib": 2})), 2),
         (Method::DELETE, "/v1/vms/m/disks/vdb", None, 2),
+        (Method::GET, "/v1/host/update", None, 1),
+        (Method::POST, "/v1/host/update", None, 3),
     ];
     let callers: [(&str, &Client, Option<u8>); 6] = [
         ("anonymous", &anonymous, None),
@@ -584,6 +586,34 @@ async fn hostile_requests_change_nothing() {
             "name_taken",
         ),
         ("revoke unknown token", Method::DELETE, "/v1/tokens/nope".into(), vec![], None, 404, "not_found"),
+        // This host was not booted from the appliance image (no A/B slots).
+        (
+            "host update off the appliance",
+            Method::POST,
+            "/v1/host/update".into(),
+            b"bundle".to_vec(),
+            Some("application/octet-stream"),
+            409,
+            "not_appliance",
+        ),
+        (
+            "host update, tries out of range",
+            Method::POST,
+            "/v1/host/update?tries=10".into(),
+            b"bundle".to_vec(),
+            Some("application/octet-stream"),
+            400,
+            "invalid_query",
+        ),
+        (
+            "host update, not a stream",
+            Method::POST,
+            "/v1/host/update".into(),
+            b"{}".to_vec(),
+            Some("application/json"),
+            415,
+            "unsupported_media_type",
+        ),
     ];
     assert!(cases.len() >= 25);
     let before = snapshot(&c).await;

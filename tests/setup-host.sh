@@ -8,7 +8,7 @@ need_pkgs=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libv
            qemu-system-x86 qemu-utils)
 base_pkgs=(pkg-config python3-venv python3-dev gcc busybox-static linux-image-amd64 cpio gzip iproute2 curl ca-certificates genisoimage
            prometheus systemd
-           debootstrap systemd-container zstd dosfstools mtools erofs-utils)
+           debootstrap systemd-container zstd dosfstools mtools erofs-utils ovmf openssh-client)
 
 # The mirror comes from the machine's own Debian source, never from this repo.
 debian_mirror() {

@@ -111,6 +111,24 @@ impl Core {
             check("vms", CheckStatus::Critical, format!("crashed: {}", crashed.join(", ")))
         });
 
+        // The latest host update, once there is one: a rollback or a failed
+        // install needs a look (the node runs, on its previous version).
+        if let Some(u) = self.update_record() {
+            use crate::types::UpdateState as U;
+            let msg = format!("{} to {}: {}", u.version, u.target_slot, u.message.as_deref().unwrap_or(""));
+            let status = match u.state {
+                U::RolledBack | U::Failed => CheckStatus::Warning,
+                _ => CheckStatus::Ok,
+            };
+            let word = match u.state {
+                U::RolledBack => "rolled back",
+                U::Failed => "failed",
+                U::Succeeded => "succeeded",
+                _ => "in progress",
+            };
+            checks.push(check("update", status, format!("{word}: {}", msg.trim_end_matches([' ', ':']))));
+        }
+
         // Two-node HA (peer link, witness, replication) is not built yet.
         checks.push(check("peer", CheckStatus::Ok, "not paired"));
 

@@ -39,7 +39,7 @@ impl Core {
         self.paths.data_dir.join("update")
     }
 
-    fn update_record(&self) -> Option<UpdateRecord> {
+    pub(super) fn update_record(&self) -> Option<UpdateRecord> {
         match hu::read_json::<UpdateRecord>(&self.update_dir().join(RECORD)) {
             Ok(r) => r,
             Err(e) => {

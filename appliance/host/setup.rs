@@ -2,8 +2,10 @@
 //!
 //! The root filesystem is read-only, so everything a node learns after
 //! flashing lives on the data partition in `/var/lib/novacron-etc`, which
-//! the image links in: `/etc/novacron` (config), `/etc/systemd/network`
-//! (networkd files) and sshd's `AuthorizedKeysFile`.
+//! the image links in: `/etc/novacron` (config, seeded networkd files) and
+//! sshd's `AuthorizedKeysFile`. networkd does not follow a linked
+//! `/etc/systemd/network`, so the network files are copied to
+//! `/run/systemd/network` at every boot, before networkd starts.
 //!
 //! An operator seeds a node by putting files into `seed/` on the ESP (FAT,
 //! writable from any OS after `dd`): `novacron.toml`, `authorized_keys`,
@@ -19,6 +21,8 @@ use std::path::{Path, PathBuf};
 pub const ESP: &str = "/efi";
 /// Where `/etc/novacron` points on the appliance.
 pub const ETC: &str = "/var/lib/novacron-etc";
+/// networkd's runtime folder: read at its start, above `/usr/lib`.
+pub const RUN_NETWORK: &str = "/run/systemd/network";
 const SEED: &str = "seed";
 const SEED_APPLIED: &str = "seed.applied";
 const MAX_SEED_FILE: u64 = 64 * 1024;
@@ -44,6 +48,8 @@ pub struct Setup {
     pub appliance: bool,
     pub esp: PathBuf,
     pub etc: PathBuf,
+    /// Where the seeded network files are put for networkd.
+    pub run_network: PathBuf,
     /// Set the kernel host name (false in tests).
     pub set_hostname: bool,
     /// Group that may read the config (the daemon's).
@@ -56,6 +62,7 @@ impl Default for Setup {
             appliance: false,
             esp: ESP.into(),
             etc: crate::config::DEFAULT_CONFIG_PATH.trim_end_matches("/novacron.toml").into(),
+            run_network: RUN_NETWORK.into(),
             set_hostname: true,
             group: Some("novacron".into()),
         }
@@ -242,6 +249,15 @@ impl Setup {
             chgrp(&config, self.group.as_deref())?;
             report.default_config = true;
         }
+        if self.appliance {
+            std::fs::create_dir_all(&self.run_network)?;
+            for f in std::fs::read_dir(etc.join("network"))? {
+                let f = f?;
+                let dest = self.run_network.join(f.file_name());
+                std::fs::copy(f.path(), &dest)?;
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o644))?;
+            }
+        }
         let cfg = Config::load(&config, true).map_err(|e| seed_err(e.to_string()))?;
         if let Some(name) = cfg.node.name.filter(|n| self.appliance && valid_hostname(n)) {
             if self.set_hostname {
@@ -294,7 +310,14 @@ mod tests {
         let d = std::env::temp_dir().join(format!("novacron-setup-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(d.join("esp")).unwrap();
-        Setup { appliance: true, esp: d.join("esp"), etc: d.join("etc"), set_hostname: false, group: None }
+        Setup {
+            appliance: true,
+            esp: d.join("esp"),
+            etc: d.join("etc"),
+            run_network: d.join("run-network"),
+            set_hostname: false,
+            group: None,
+        }
     }
 
     #[test]
@@ -313,6 +336,7 @@ mod tests {
         assert_eq!(r.hostname.as_deref(), Some("shop-1"));
         assert!(!seed.exists() && s.esp.join("seed.applied/novacron.toml").exists());
         assert!(std::fs::read_to_string(s.etc.join("novacron.toml")).unwrap().contains("shop-1"));
+        assert!(s.run_network.join("10-lan.network").exists(), "handed to networkd");
         let mode = std::fs::metadata(s.etc.join("ssh/authorized_keys")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
