@@ -33,7 +33,7 @@ suite=bookworm
 # From bookworm itself (debootstrap --include).
 base_pkgs=(systemd systemd-sysv udev dbus kmod iproute2 ca-certificates curl
            linux-image-amd64 initramfs-tools systemd-boot e2fsprogs
-           openssh-server genisoimage less)
+           openssh-server genisoimage less systemd-resolved)
 # From bookworm-backports: libvirt 11 / QEMU 10, as on the dev hosts (the
 # binary links the libvirt0 it was built against).
 bpo_pkgs=(libvirt0 libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients
@@ -90,6 +90,10 @@ path-exclude /usr/share/locale/*
 path-include /usr/share/locale/locale.alias
 path-exclude /usr/share/lintian/*
 CFG
+    # systemd-resolved made /etc/resolv.conf its stub link, which resolves
+    # nothing inside a chroot: the build host's resolver is used while
+    # packages are fetched, and the link is put back afterwards.
+    rm -f "$b/etc/resolv.conf"; cp -L /etc/resolv.conf "$b/etc/resolv.conf"
     cat > "$b/etc/apt/sources.list" <<SRC
 deb $mirror $suite main
 deb $mirror $suite-updates main
@@ -103,6 +107,9 @@ SRC
     # default; without it the initrd cannot mount root.
     echo erofs >> "$b/etc/initramfs-tools/modules"
     in_root "$b" update-initramfs -u -k all >>"$out/apt.log" 2>&1 || { tail -n 30 "$out/apt.log" >&2; exit 1; }
+    # DNS from DHCP (or the seeded network files) through systemd-resolved;
+    # never the build host's resolver.
+    ln -sf ../run/systemd/resolve/stub-resolv.conf "$b/etc/resolv.conf"
     # The image carries no mirror address and no package lists.
     : > "$b/etc/apt/sources.list"
     rm -rf "$b"/var/lib/apt/lists/* "$b"/var/cache/apt/* "$b"/var/cache/debconf/*-old \

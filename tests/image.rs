@@ -470,6 +470,10 @@ fn raw_image_boots_updates_and_rolls_back() {
     );
     assert_eq!(view["booted_version"], v1);
 
+    // DNS comes from the DHCP server through resolved's stub, never from the
+    // build host's resolver.
+    let dns = m.ssh("grep ^nameserver /etc/resolv.conf; resolvectl dns");
+    assert!(dns.starts_with("nameserver 127.0.0.53") && dns.contains("10.0.2.3"), "{dns}");
     let facts = m.ssh(
         "hostname; df -B1M --output=size /var | tail -n1; ip -br addr; ls /efi; ls /efi/loader/entries; \
          systemctl list-units --failed --no-legend --plain; echo END",
