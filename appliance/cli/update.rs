@@ -187,8 +187,9 @@ async fn follow(c: &Client, json: bool) -> i32 {
     loop {
         let view = match get_view(c).await {
             Ok((StatusCode::OK, body)) => serde_json::from_slice::<UpdateView>(&body).ok(),
-            // The daemon going away now is the reboot.
-            _ if last == Some(UpdateState::Rebooting) => {
+            // The daemon going away once the slot is written is the reboot
+            // (guests can be down and the host gone between two polls).
+            _ if matches!(last, Some(UpdateState::StoppingGuests | UpdateState::Rebooting)) => {
                 println!("the host is rebooting; `novacron update status` tells the outcome once it is back");
                 return 0;
             }
