@@ -107,16 +107,24 @@ async fn assets_use_exported_metrics_and_health_reports() {
     }
 
     // `novacron health`: every check, Nagios exit codes.
+    // The disk check reads the host's real file system, which a busy test
+    // machine (image builds) can bring under 15% free: that one may warn;
+    // nothing else may, and nothing may be critical.
+    let disk_warns = |out: &str| out.lines().filter(|l| l.contains("warning")).all(|l| l.starts_with("disk"));
     let (code, out, err) = run(&d, &["health"]);
-    assert_eq!(code, 0, "{out}{err}");
+    assert!(code == 0 || (code == 1 && disk_warns(&out)), "{out}{err}");
     for check in ["daemon", "libvirt", "store", "disk", "certificate", "vms", "peer"] {
         assert!(out.lines().any(|l| l.starts_with(check)), "{check} missing:\n{out}");
     }
     assert!(out.contains("not paired"), "{out}");
     let (code, out, _) = run(&d, &["health", "--json"]);
-    assert_eq!(code, 0);
     let report: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(report["status"], "ok");
+    let disk_ok =
+        report["checks"].as_array().unwrap().iter().any(|c| c["name"] == "disk" && c["status"] == "ok");
+    assert_eq!(
+        (code, report["status"].as_str()),
+        if disk_ok { (0, Some("ok")) } else { (1, Some("warning")) }
+    );
     assert_eq!(report["checks"].as_array().unwrap().len(), 7);
     // Viewers may read it; nobody without a token may.
     let (s, _) = call(&d.https(None), Method::GET, "/v1/health/details", None).await;
