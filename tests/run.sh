@@ -10,4 +10,5 @@ bash tests/guest/build-guest.sh "${NOVACRON_GUEST_DIR:-/var/tmp/novacron-guest}"
 
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+# --no-fail-fast: one failing test binary must not hide the others.
+cargo test --all-targets --locked --no-fail-fast

@@ -4,11 +4,19 @@
 # running virtlogd/libvirtd when there is no systemd as PID 1.
 set -euo pipefail
 
+# From bookworm-backports. systemd too: the image build needs
+# `systemd-repart --offline` (254) and libvirt 11's units use
+# Type=notify-reload (253); bookworm itself has 252.
 need_pkgs=(libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
-           qemu-system-x86 qemu-utils)
+           qemu-system-x86 qemu-utils systemd systemd-container)
 base_pkgs=(pkg-config python3-venv python3-dev gcc busybox-static linux-image-amd64 cpio gzip iproute2 curl ca-certificates genisoimage
-           prometheus systemd
-           debootstrap systemd-container zstd dosfstools mtools erofs-utils ovmf openssh-client)
+           prometheus iptables
+           debootstrap zstd dosfstools mtools erofs-utils ovmf openssh-client)
+# The lowest upstream version the tests work with, per package; checked
+# after the install so an old package left on a machine is upgraded, and
+# a mirror without backports fails here instead of deep inside a test.
+declare -A min_version=([systemd]=254 [systemd-container]=254 [libvirt-daemon-system]=11
+                        [qemu-system-x86]=1:10 [qemu-utils]=1:10)
 
 # The mirror comes from the machine's own Debian source, never from this repo.
 debian_mirror() {
@@ -20,10 +28,32 @@ debian_mirror() {
     awk '$1=="deb" && $3 ~ /^bookworm/ && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null
 }
 
+installed_version() {
+    dpkg-query -W -f='${Status} ${Version}' "$1" 2>/dev/null | awk '/install ok installed/ {print $4}'
+}
+
+# 0 when package $1 is installed at (at least) its minimum version.
+package_ok() {
+    local v
+    v="$(installed_version "$1")"
+    [ -n "$v" ] || return 1
+    [ -z "${min_version[$1]:-}" ] || dpkg --compare-versions "$v" ge "${min_version[$1]}"
+}
+
+check_versions() {
+    local p bad=0
+    for p in "${need_pkgs[@]}" "${base_pkgs[@]}"; do
+        package_ok "$p" && continue
+        echo "setup: $p is $(installed_version "$p" || true), tests need >= ${min_version[$p]:-any}" >&2
+        bad=1
+    done
+    [ "$bad" = 0 ] || exit 1
+}
+
 install_packages() {
     local missing=()
     for p in "${need_pkgs[@]}" "${base_pkgs[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+        package_ok "$p" || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
     if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
@@ -42,6 +72,7 @@ SRC
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${base_pkgs[@]}" >/dev/null
     apt-get install -y -qq --no-install-recommends -t bookworm-backports "${need_pkgs[@]}" >/dev/null
+    check_versions
 }
 
 start_libvirt() {
@@ -69,6 +100,7 @@ install_sushy() {
 }
 
 install_packages
+check_versions
 install_sushy
 start_libvirt
 echo "setup: host ready ($(virsh -c qemu:///system version 2>/dev/null | awk '/Running hypervisor/ {print $3,$4}'))"
