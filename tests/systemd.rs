@@ -221,7 +221,7 @@ async fn sighup_reloads_config_and_keeps_guests() {
         .replace("rate_limit_per_sec = 0\n", "rate_limit_per_sec = 5\n")
         .replace("rate_limit_burst = 0\n", "rate_limit_burst = 5\n")
         .replace("level = \"info,novacron=debug\"", "level = \"info\"")
-        .replace(":18443\"]", ":18444\"]");
+        .replace(&format!(":{}\"]", common::api_port()), &format!(":{}\"]", common::api_port() + 1));
     assert_ne!(cfg, new);
     std::fs::write(&d.config, &new).unwrap();
     signal(&d, "-HUP");

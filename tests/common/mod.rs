@@ -46,6 +46,12 @@ pub struct Daemon {
     pub socket: PathBuf,
 }
 
+/// The daemons' API port. NOVACRON_TEST_PORT moves it, so that two checkouts
+/// can run their suites side by side on one machine.
+pub fn api_port() -> u16 {
+    std::env::var("NOVACRON_TEST_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(18443)
+}
+
 pub fn scratch_dir(tag: &str) -> PathBuf {
     // Under /var/tmp rather than /tmp: QEMU (as libvirt-qemu) must reach the
     // disks, and some CI hosts mount /tmp privately.
@@ -64,7 +70,7 @@ impl Daemon {
         let dir = opts.data_dir.clone().unwrap_or_else(|| scratch_dir(tag));
         let data = dir.join("data");
         let socket = data.join("novacron.sock");
-        let addr = format!("127.0.0.{}:18443", opts.ip_octet);
+        let addr = format!("127.0.0.{}:{}", opts.ip_octet, api_port());
         let config = dir.join("novacron.toml");
         std::fs::write(
             &config,
