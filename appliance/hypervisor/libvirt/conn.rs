@@ -59,84 +59,45 @@ pub(super) fn init_event_loop() {
     });
 }
 
-/// An owned connection reference, closed explicitly so a failing close is
-/// logged instead of panicking like `Connect`'s own `Drop`.
-pub(super) struct ConnRef(pub(super) Option<Connect>);
+/// A libvirt object that [`Owned`] releases: one reference, given back
+/// exactly once (the implementations are in [`ffi`]).
+pub(super) trait Handle {
+    /// Releases the reference, logging a failure instead of panicking.
+    fn release(self);
+}
 
-impl std::ops::Deref for ConnRef {
-    type Target = Connect;
-    fn deref(&self) -> &Connect {
+/// Owns one reference to a libvirt object (connection, domain, network,
+/// snapshot) and releases it explicitly on drop, so a failing free is
+/// logged instead of panicking like the `virt` types' own `Drop`. Domain,
+/// network and snapshot handles are always scoped inside the closure that
+/// holds their connection.
+pub(super) struct Owned<H: Handle>(Option<H>);
+
+impl<H: Handle> Owned<H> {
+    pub(super) fn new(handle: H) -> Self {
+        Owned(Some(handle))
+    }
+}
+
+impl<H: Handle> std::ops::Deref for Owned<H> {
+    type Target = H;
+    fn deref(&self) -> &H {
         // Only `drop` takes the value out.
-        self.0.as_ref().expect("connection already closed")
+        self.0.as_ref().expect("libvirt handle already released")
     }
 }
 
-impl Drop for ConnRef {
+impl<H: Handle> Drop for Owned<H> {
     fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
-            ffi::close_connect(c);
-        }
-    }
-}
-
-/// An owned domain reference, freed explicitly (see [`ConnRef`]). Always
-/// scoped inside the closure that holds its connection.
-pub(super) struct DomRef(pub(super) Option<Domain>);
-
-impl std::ops::Deref for DomRef {
-    type Target = Domain;
-    fn deref(&self) -> &Domain {
-        self.0.as_ref().expect("domain already freed")
-    }
-}
-
-impl Drop for DomRef {
-    fn drop(&mut self) {
-        if let Some(d) = self.0.take() {
-            ffi::free_domain(d);
-        }
-    }
-}
-
-/// An owned network reference, freed explicitly (see [`ConnRef`]).
-pub(super) struct NetRef(pub(super) Option<Network>);
-
-impl std::ops::Deref for NetRef {
-    type Target = Network;
-    fn deref(&self) -> &Network {
-        self.0.as_ref().expect("network already freed")
-    }
-}
-
-impl Drop for NetRef {
-    fn drop(&mut self) {
-        if let Some(n) = self.0.take() {
-            ffi::free_network(n);
-        }
-    }
-}
-
-/// An owned snapshot reference, freed explicitly (see [`ConnRef`]).
-pub(super) struct SnapRef(pub(super) Option<DomainSnapshot>);
-
-impl std::ops::Deref for SnapRef {
-    type Target = DomainSnapshot;
-    fn deref(&self) -> &DomainSnapshot {
-        self.0.as_ref().expect("snapshot already freed")
-    }
-}
-
-impl Drop for SnapRef {
-    fn drop(&mut self) {
-        if let Some(n) = self.0.take() {
-            ffi::free_snapshot(n);
+        if let Some(h) = self.0.take() {
+            h.release();
         }
     }
 }
 
 /// The shared connection plus its lifecycle-callback registration.
 pub(super) struct Conn {
-    pub(super) conn: ConnRef,
+    pub(super) conn: Owned<Connect>,
     pub(super) callback_id: Option<c_int>,
 }
 
@@ -165,7 +126,7 @@ impl Libvirt {
     }
 
     pub(super) fn open(&self) -> Result<Conn> {
-        let conn = ConnRef(Some(Connect::open(Some(&self.uri)).map_err(|e| self.unavailable(e.message()))?));
+        let conn = Owned::new(Connect::open(Some(&self.uri)).map_err(|e| self.unavailable(e.message()))?);
         // Only remote URIs support keepalive; local drivers answer NoSupport.
         if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
             tracing::debug!("libvirt {}: keepalive not enabled: {}", self.uri, e.message());
@@ -186,7 +147,7 @@ impl Libvirt {
 
     /// Returns a handle on a live connection, (re)connecting when there is
     /// none or the current one died.
-    pub(super) fn connection(&self) -> Result<(ConnRef, u64)> {
+    pub(super) fn connection(&self) -> Result<(Owned<Connect>, u64)> {
         let mut inner = lock(&self.inner);
         if let Some(c) = &inner.conn {
             if !c.conn.is_alive().unwrap_or(false) {
@@ -205,7 +166,7 @@ impl Libvirt {
         }
         // Clone = virConnectRef, which only fails (and `virt` then panics)
         // on an invalid pointer; ours is owned and live.
-        Ok((ConnRef(Some((*conn.conn).clone())), generation))
+        Ok((Owned::new((*conn.conn).clone()), generation))
     }
 
     pub(super) fn discard_connection(&self, generation: u64) {
@@ -256,7 +217,7 @@ impl Libvirt {
         mut op: impl FnMut(&Domain) -> std::result::Result<T, E>,
     ) -> Result<T> {
         self.with_conn(Some(uuid), |c| {
-            let dom = DomRef(Some(c.lookup_domain_by_uuid(uuid)?));
+            let dom = Owned::new(c.lookup_domain_by_uuid(uuid)?);
             op(&dom).map_err(Into::<CallError>::into)
         })
     }
@@ -269,7 +230,7 @@ impl Libvirt {
     ) -> Result<T> {
         self.with_conn(None, |c| {
             let net =
-                NetRef(Some(c.lookup_network_by_name(name).map_err(|e| not_found(e, || no_network(name)))?));
+                Owned::new(c.lookup_network_by_name(name).map_err(|e| not_found(e, || no_network(name)))?);
             op(&net).map_err(CallError::Virt)
         })
     }
@@ -284,7 +245,7 @@ impl Libvirt {
         self.with_domain(uuid, |dom| {
             let snap = Domain::lookup_snapshot_by_name(dom, name, 0)
                 .map_err(|e| not_found(e, || HypervisorError::NoSnapshot(name.to_string())))?;
-            op(dom, &SnapRef(Some(snap)))
+            op(dom, &Owned::new(snap))
         })
     }
 }

@@ -15,7 +15,7 @@ use virt::error::Error as VirError;
 use virt::network::Network;
 use virt::sys;
 
-use super::conn::{lock, Subscribers};
+use super::conn::{lock, Handle, Subscribers};
 use crate::hypervisor::LifecycleEvent;
 
 /// VIR_DOMAIN_EVENT_ID_LIFECYCLE.
@@ -43,37 +43,35 @@ extern "C" {
     fn virConnectDomainEventDeregisterAny(conn: *mut c_void, callback_id: c_int) -> c_int;
     fn virDomainGetUUID(dom: *mut c_void, uuid: *mut c_uchar) -> c_int;
     fn virDomainGetName(dom: *mut c_void) -> *const c_char;
-    fn virConnectClose(conn: *mut c_void) -> c_int;
-    fn virDomainFree(dom: *mut c_void) -> c_int;
 }
 
-/// Releases one connection reference, logging instead of panicking.
-pub(super) fn close_connect(conn: Connect) {
-    // SAFETY: `conn` owns one reference to a valid virConnectPtr. We take
-    // the pointer, forget the wrapper so its Drop does not release the
-    // same reference again, and release it exactly once here.
-    let rc = unsafe {
-        let ptr = conn.as_ptr().cast::<c_void>();
-        std::mem::forget(conn);
-        virConnectClose(ptr)
+/// Implements [`Handle`] for a `virt` type with the C function that
+/// releases one reference to it.
+macro_rules! release_with {
+    ($ty:ty, $free:path, $what:literal) => {
+        impl Handle for $ty {
+            fn release(self) {
+                // SAFETY: `self` owns one reference to a valid libvirt
+                // object. We take the pointer, forget the wrapper so its
+                // Drop does not release the same reference again, and
+                // release it exactly once here.
+                let rc = unsafe {
+                    let ptr = self.as_ptr();
+                    std::mem::forget(self);
+                    $free(ptr)
+                };
+                if rc < 0 {
+                    tracing::warn!(concat!("libvirt: ", $what, " failed: {}"), VirError::last_error());
+                }
+            }
+        }
     };
-    if rc < 0 {
-        tracing::warn!("libvirt: closing connection failed: {}", VirError::last_error());
-    }
 }
 
-/// Releases one domain reference, logging instead of panicking.
-pub(super) fn free_domain(dom: Domain) {
-    // SAFETY: as in `close_connect`, for the virDomainPtr `dom` owns.
-    let rc = unsafe {
-        let ptr = dom.as_ptr().cast::<c_void>();
-        std::mem::forget(dom);
-        virDomainFree(ptr)
-    };
-    if rc < 0 {
-        tracing::warn!("libvirt: freeing domain failed: {}", VirError::last_error());
-    }
-}
+release_with!(Connect, sys::virConnectClose, "closing connection");
+release_with!(Domain, sys::virDomainFree, "freeing domain");
+release_with!(Network, sys::virNetworkFree, "freeing network");
+release_with!(DomainSnapshot, sys::virDomainSnapshotFree, "freeing snapshot");
 
 /// Registers a lifecycle callback for all domains on `conn` that fans
 /// events out to `subs`. Returns libvirt's callback id.
@@ -165,30 +163,6 @@ unsafe fn c_string(p: *const c_char) -> String {
     }
 }
 
-pub(super) fn free_network(net: Network) {
-    // SAFETY: as in `close_connect`, for the virNetworkPtr `net` owns.
-    let rc = unsafe {
-        let ptr = net.as_ptr();
-        std::mem::forget(net);
-        sys::virNetworkFree(ptr)
-    };
-    if rc < 0 {
-        tracing::warn!("libvirt: freeing network failed: {}", VirError::last_error());
-    }
-}
-
-pub(super) fn free_snapshot(snap: DomainSnapshot) {
-    // SAFETY: as in `close_connect`, for the snapshot pointer `snap` owns.
-    let rc = unsafe {
-        let ptr = snap.as_ptr();
-        std::mem::forget(snap);
-        sys::virDomainSnapshotFree(ptr)
-    };
-    if rc < 0 {
-        tracing::warn!("libvirt: freeing snapshot failed: {}", VirError::last_error());
-    }
-}
-
 /// `(mac, ip)` of every current lease of `net` (virNetworkGetDHCPLeases).
 pub(super) fn dhcp_leases(net: &Network) -> Result<Vec<(String, String)>, VirError> {
     let mut leases: *mut sys::virNetworkDHCPLeasePtr = std::ptr::null_mut();
@@ -213,4 +187,187 @@ pub(super) fn dhcp_leases(net: &Network) -> Result<Vec<(String, String)>, VirErr
         }
     }
     Ok(out)
+}
+
+/// virStreamRecv/Send: the non-blocking stream has nothing to give/take.
+const WOULD_BLOCK: c_int = -2;
+
+/// A non-blocking libvirt stream (a console) that we hold the only
+/// reference to; [`Stream::close`] releases it.
+pub(super) struct Stream(sys::virStreamPtr);
+
+// SAFETY: the pointer is only dereferenced by libvirt, under the console
+// session's mutex, and libvirt stream objects are not tied to a thread.
+unsafe impl Send for Stream {}
+
+impl Stream {
+    /// Opens `dom`'s first console on a new non-blocking stream, taking it
+    /// over from any earlier session.
+    pub(super) fn open_console(conn: &Connect, dom: &Domain) -> Result<Stream, VirError> {
+        // SAFETY: `conn` is live; the new stream (one reference, ours) is
+        // freed on the failure path below or by `close`.
+        let st = unsafe { sys::virStreamNew(conn.as_ptr(), sys::VIR_STREAM_NONBLOCK) };
+        if st.is_null() {
+            return Err(VirError::last_error());
+        }
+        // FORCE: a stale session (a crashed client) must not lock us out.
+        // SAFETY: `dom` and `st` are live; a null device means the first
+        // console.
+        let rc = unsafe {
+            sys::virDomainOpenConsole(dom.as_ptr(), std::ptr::null(), st, sys::VIR_DOMAIN_CONSOLE_FORCE)
+        };
+        if rc < 0 {
+            let e = VirError::last_error();
+            // SAFETY: releases the reference taken by virStreamNew.
+            unsafe { sys::virStreamFree(st) };
+            return Err(e);
+        }
+        Ok(Stream(st))
+    }
+
+    /// Sends what the stream accepts of `data`: `Ok(None)` when it would
+    /// block.
+    pub(super) fn send(&self, data: &[u8]) -> Result<Option<usize>, VirError> {
+        // SAFETY: the stream is live (ours until `close`) and `data` is a
+        // valid buffer of the given length.
+        let n = unsafe { sys::virStreamSend(self.0, data.as_ptr().cast(), data.len()) };
+        match n {
+            WOULD_BLOCK => Ok(None),
+            n if n < 0 => Err(VirError::last_error()),
+            n => Ok(Some(n as usize)),
+        }
+    }
+
+    /// Reads into `buf`: `Ok(Some(0))` at end of stream, `Ok(None)` when
+    /// nothing is available.
+    pub(super) fn recv(&self, buf: &mut [u8]) -> Result<Option<usize>, VirError> {
+        // SAFETY: live stream; `buf` is writable for its length.
+        let n = unsafe { sys::virStreamRecv(self.0, buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            WOULD_BLOCK => Ok(None),
+            n if n < 0 => Err(VirError::last_error()),
+            n => Ok(Some(n as usize)),
+        }
+    }
+
+    /// Calls `handler.on_stream` on libvirt's event thread for `events`.
+    /// On failure the handler's `Arc` is leaked (as in
+    /// `register_lifecycle`).
+    pub(super) fn add_callback<T: StreamHandler>(
+        &self,
+        events: c_int,
+        handler: Arc<T>,
+    ) -> Result<(), VirError> {
+        // SAFETY: the opaque is one leaked Arc<T>, reclaimed by
+        // `release_arc::<T>` when libvirt drops the callback;
+        // `on_stream::<T>` matches virStreamEventCallback and the stream is
+        // live.
+        let rc = unsafe {
+            sys::virStreamEventAddCallback(
+                self.0,
+                events,
+                Some(on_stream::<T>),
+                Arc::into_raw(handler) as *mut c_void,
+                Some(release_arc::<T>),
+            )
+        };
+        if rc < 0 {
+            return Err(VirError::last_error());
+        }
+        Ok(())
+    }
+
+    /// Changes the events the registered callback is called for.
+    pub(super) fn watch(&self, events: c_int) {
+        // SAFETY: live stream with a registered callback.
+        unsafe { sys::virStreamEventUpdateCallback(self.0, events) };
+    }
+
+    /// Unregisters the callback and releases the stream: FINISH after a
+    /// clean EOF, ABORT otherwise.
+    pub(super) fn close(self, clean_eof: bool) {
+        // SAFETY: the stream is live and ours; its callback (if any) is
+        // removed first so libvirt calls nothing more on it, then our
+        // single reference is released. Errors here leave nothing to undo.
+        unsafe {
+            sys::virStreamEventRemoveCallback(self.0);
+            if clean_eof {
+                sys::virStreamFinish(self.0);
+            } else {
+                sys::virStreamAbort(self.0);
+            }
+            sys::virStreamFree(self.0);
+        }
+    }
+}
+
+/// What libvirt's event thread calls for a stream registered with
+/// [`Stream::add_callback`].
+pub(super) trait StreamHandler: Send + Sync {
+    fn on_stream(&self, events: sys::virStreamEventType);
+}
+
+/// What libvirt's event thread calls for a timer added with [`add_timer`].
+pub(super) trait TimerHandler: Send + Sync {
+    fn on_timer(&self, timer: c_int);
+}
+
+/// Adds a disabled event-loop timer (enable it with [`update_timer`]) that
+/// calls `handler.on_timer`. Returns its id. On failure the handler's
+/// `Arc` is leaked (as in `register_lifecycle`).
+pub(super) fn add_timer<T: TimerHandler>(handler: Arc<T>) -> Result<c_int, VirError> {
+    // SAFETY: the opaque is one leaked Arc<T>, reclaimed by
+    // `release_arc::<T>` when libvirt drops the timer; `on_timer::<T>`
+    // matches virEventTimeoutCallback. -1 = disabled.
+    let timer = unsafe {
+        sys::virEventAddTimeout(
+            -1,
+            Some(on_timer::<T>),
+            Arc::into_raw(handler) as *mut c_void,
+            Some(release_arc::<T>),
+        )
+    };
+    if timer < 0 {
+        return Err(VirError::last_error());
+    }
+    Ok(timer)
+}
+
+/// Sets a timer's period: 0 fires as soon as possible, -1 disables it.
+pub(super) fn update_timer(timer: c_int, ms: c_int) {
+    // SAFETY: thread-safe libvirt call on an id from virEventAddTimeout;
+    // ids are never reused, so a removed timer is simply not found.
+    unsafe { sys::virEventUpdateTimeout(timer, ms) };
+}
+
+/// Removes a timer; libvirt then releases its handler.
+pub(super) fn remove_timer(timer: c_int) {
+    // SAFETY: as in `update_timer`.
+    unsafe { sys::virEventRemoveTimeout(timer) };
+}
+
+unsafe extern "C" fn on_stream<T: StreamHandler>(
+    _stream: sys::virStreamPtr,
+    events: c_int,
+    opaque: *mut c_void,
+) {
+    // SAFETY: `opaque` is the Arc<T> leaked for this callback, alive until
+    // `release_arc` runs after the callback is removed.
+    let handler = unsafe { &*(opaque as *const T) };
+    // Unwinding out of an extern "C" fn aborts (see `on_lifecycle`).
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        handler.on_stream(events as sys::virStreamEventType)
+    }));
+}
+
+unsafe extern "C" fn on_timer<T: TimerHandler>(timer: c_int, opaque: *mut c_void) {
+    // SAFETY: as in `on_stream`, for the timer's Arc<T>.
+    let handler = unsafe { &*(opaque as *const T) };
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.on_timer(timer)));
+}
+
+unsafe extern "C" fn release_arc<T>(opaque: *mut c_void) {
+    // SAFETY: `opaque` is one Arc<T> from Arc::into_raw in `add_callback`
+    // or `add_timer`; libvirt calls this once per registration.
+    drop(unsafe { Arc::from_raw(opaque as *const T) });
 }

@@ -6,10 +6,10 @@
 //! the rest.
 //!
 //! crate `virt` 0.5 has no domain-event API and its `Drop` impls panic when
-//! the C free fails, so a small [`ffi`] module fills those gaps.
+//! the C free fails, so a small [`ffi`] module fills those gaps; it is the
+//! only file allowed `unsafe`.
 
 mod conn;
-#[allow(unsafe_code)]
 mod console;
 #[allow(unsafe_code)]
 mod ffi;
@@ -25,13 +25,13 @@ use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState as VirState};
+use virt::domain_snapshot::DomainSnapshot;
 use virt::enumutil::Enum;
 use virt::error::{Error as VirError, ErrorNumber};
+use virt::network::Network;
 use virt::sys;
 
-use self::conn::{
-    code_is, init_event_loop, lock, map_error, CallError, DomRef, Inner, NetRef, SnapRef, Subscribers,
-};
+use self::conn::{code_is, init_event_loop, lock, map_error, CallError, Inner, Owned, Subscribers};
 use super::xml::{disk_xml, snapshot_xml};
 use super::{
     Console, DhcpLease, DomainInfo, DomainState, Hypervisor, HypervisorError, HypervisorInfo, LifecycleEvent,
@@ -133,7 +133,7 @@ fn with_existing_network_uuid(c: &Connect, xml: &str) -> String {
     }
     let (Some(name), Some(at)) = (name(), open_end()) else { return xml.to_string() };
     let Ok(existing) = c.lookup_network_by_name(&name) else { return xml.to_string() };
-    let existing = NetRef(Some(existing));
+    let existing = Owned::new(existing);
     match existing.uuid() {
         Ok(uuid) => format!("{}\n  <uuid>{}</uuid>{}", &xml[..at], uuid.hyphenated(), &xml[at..]),
         Err(_) => xml.to_string(),
@@ -201,7 +201,7 @@ impl Hypervisor for Libvirt {
     }
 
     fn define(&self, xml: &str) -> Result<()> {
-        self.with_conn(None, |c| c.define_domain_xml(xml).map(|d| drop(DomRef(Some(d)))))
+        self.with_conn(None, |c| c.define_domain_xml(xml).map(|d| drop(Owned::new(d))))
     }
 
     fn undefine(&self, uuid: Uuid) -> Result<()> {
@@ -264,7 +264,7 @@ impl Hypervisor for Libvirt {
     fn state(&self, uuid: Uuid) -> Result<Option<DomainState>> {
         self.with_conn(Some(uuid), |c| match c.lookup_domain_by_uuid(uuid) {
             Ok(d) => {
-                let dom = DomRef(Some(d));
+                let dom = Owned::new(d);
                 Ok(Some(map_state(dom.info()?.state)))
             }
             Err(e) if code_is(&e, ErrorNumber::NoDomain) => Ok(None),
@@ -275,7 +275,7 @@ impl Hypervisor for Libvirt {
     fn list(&self) -> Result<Vec<DomainInfo>> {
         self.with_conn(None, |c| {
             // flags 0 = active and inactive.
-            let doms: Vec<DomRef> = c.list_all_domains(0)?.into_iter().map(|d| DomRef(Some(d))).collect();
+            let doms: Vec<Owned<Domain>> = c.list_all_domains(0)?.into_iter().map(Owned::new).collect();
             let mut out = Vec::with_capacity(doms.len());
             for dom in &doms {
                 match domain_info(dom) {
@@ -316,7 +316,7 @@ impl Hypervisor for Libvirt {
     fn network_define(&self, xml: &str) -> Result<()> {
         self.with_conn(None, |c| {
             let xml = with_existing_network_uuid(c, xml);
-            let net = NetRef(Some(c.define_network_xml(&xml)?));
+            let net = Owned::new(c.define_network_xml(&xml)?);
             net.set_autostart(true)?;
             if !net.is_active()? {
                 net.create()?;
@@ -344,7 +344,7 @@ impl Hypervisor for Libvirt {
     fn network_list(&self) -> Result<Vec<NetworkInfo>> {
         self.with_conn(None, |c| {
             // flags 0 = active and inactive.
-            let nets: Vec<NetRef> = c.list_all_networks(0)?.into_iter().map(|n| NetRef(Some(n))).collect();
+            let nets: Vec<Owned<Network>> = c.list_all_networks(0)?.into_iter().map(Owned::new).collect();
             let mut out = Vec::with_capacity(nets.len());
             for net in &nets {
                 let name = match net.name() {
@@ -386,15 +386,15 @@ impl Hypervisor for Libvirt {
             }
             // ATOMIC: a failed snapshot leaves no half-made metadata behind.
             let snap = dom.create_snapshot_xml(&xml, sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)?;
-            drop(SnapRef(Some(snap)));
+            drop(Owned::new(snap));
             Ok(())
         })
     }
 
     fn snapshot_list(&self, uuid: Uuid) -> Result<Vec<SnapshotInfo>> {
         let mut list = self.with_domain(uuid, |dom| {
-            let snaps: Vec<SnapRef> =
-                dom.list_all_snapshots(0)?.into_iter().map(|s| SnapRef(Some(s))).collect();
+            let snaps: Vec<Owned<DomainSnapshot>> =
+                dom.list_all_snapshots(0)?.into_iter().map(Owned::new).collect();
             let mut out = Vec::with_capacity(snaps.len());
             for snap in &snaps {
                 match snap.name().and_then(|n| Ok((n, snap.xml_desc(0)?))) {
@@ -450,7 +450,7 @@ impl Hypervisor for Libvirt {
 
     fn open_console(&self, uuid: Uuid, output: UnboundedSender<Vec<u8>>) -> Result<Box<dyn Console>> {
         self.with_conn(Some(uuid), |c| {
-            let dom = DomRef(Some(c.lookup_domain_by_uuid(uuid)?));
+            let dom = Owned::new(c.lookup_domain_by_uuid(uuid)?);
             if !dom.is_active()? {
                 return Err(CallError::Hv(HypervisorError::WrongState(
                     "the VM is not running, so it has no console".into(),
