@@ -14,8 +14,6 @@ mod console;
 #[allow(unsafe_code)]
 mod ffi;
 #[cfg(test)]
-mod guest_tests;
-#[cfg(test)]
 mod tests;
 
 use std::path::Path;
