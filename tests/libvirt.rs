@@ -12,7 +12,7 @@ use novacron::hypervisor::disks;
 use novacron::hypervisor::libvirt::Libvirt;
 use novacron::hypervisor::xml::{domain_xml, network_xml, random_mac, DomainSpec, NetworkSpec, Nic};
 use novacron::hypervisor::{
-    Console, DhcpLease, DomainInfo, DomainState, Hypervisor, HypervisorError, LifecycleEvent,
+    Console, DhcpLease, DomainInfo, DomainState, Hypervisor, HypervisorError, LifecycleEvent, LifecycleKind,
 };
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -47,17 +47,20 @@ fn find(hv: &Libvirt, uuid: Uuid) -> Option<DomainInfo> {
     hv.list().unwrap().into_iter().find(|d| d.uuid == uuid)
 }
 
-fn wait_for_event(rx: &mut mpsc::UnboundedReceiver<LifecycleEvent>, uuid: Uuid) -> LifecycleEvent {
+/// Waits for a `kind` event of domain `uuid`, skipping the others (QEMU
+/// reports "resumed" around a start, and other tests share libvirtd).
+fn wait_for_kind(rx: &mut mpsc::UnboundedReceiver<LifecycleEvent>, uuid: Uuid, kind: LifecycleKind) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
     while Instant::now() < deadline {
         match rx.try_recv() {
-            // Other tests share libvirtd; skip their events.
-            Ok(ev) if ev.uuid == uuid => return ev,
+            Ok(ev) if ev.uuid == uuid && ev.kind == kind => return,
+            Ok(ev) if ev.uuid == uuid => seen.push(ev.kind),
             Ok(_) => {}
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
-    panic!("no lifecycle event for {uuid}");
+    panic!("no {kind:?} event for {uuid}; saw {seen:?}");
 }
 
 /// Real QEMU (TCG) through libvirtd (started by tests/setup-host.sh).
@@ -85,7 +88,7 @@ fn qemu_system_lifecycle() {
             assert_eq!(hv.state(s.uuid)?, Some(DomainState::Stopped));
             hv.start(s.uuid)?;
             assert_eq!(hv.state(s.uuid)?, Some(DomainState::Running));
-            wait_for_event(&mut rx, s.uuid);
+            wait_for_kind(&mut rx, s.uuid, LifecycleKind::Started);
             let listed = find(&hv, s.uuid).unwrap();
             assert_eq!((listed.state, listed.vcpus, listed.memory_mib), (DomainState::Running, 1, 64));
             hv.suspend(s.uuid)?;
@@ -93,6 +96,7 @@ fn qemu_system_lifecycle() {
             hv.resume(s.uuid)?;
             hv.destroy(s.uuid)?;
             assert_eq!(hv.state(s.uuid)?, Some(DomainState::Stopped));
+            wait_for_kind(&mut rx, s.uuid, LifecycleKind::Stopped);
             Ok(())
         }));
     let _ = hv.destroy(s.uuid);

@@ -51,6 +51,23 @@ pub struct HypervisorInfo {
 pub struct LifecycleEvent {
     pub uuid: Uuid,
     pub name: String,
+    pub kind: LifecycleKind,
+}
+
+/// What happened to the domain (libvirt's `virDomainEventType`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LifecycleKind {
+    Defined,
+    Undefined,
+    Started,
+    Suspended,
+    Resumed,
+    Stopped,
+    Shutdown,
+    PmSuspended,
+    Crashed,
+    /// A type added to libvirt after this code was written.
+    Other(i32),
 }
 
 /// One libvirt virtual network.

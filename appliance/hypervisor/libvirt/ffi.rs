@@ -120,7 +120,7 @@ unsafe extern "C" fn free_opaque(opaque: *mut c_void) {
 unsafe extern "C" fn on_lifecycle(
     _conn: *mut c_void,
     dom: *mut c_void,
-    _event: c_int,
+    event: c_int,
     _detail: c_int,
     opaque: *mut c_void,
 ) -> c_int {
@@ -139,7 +139,7 @@ unsafe extern "C" fn on_lifecycle(
         } else {
             std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
         };
-        (subs, LifecycleEvent { uuid: Uuid::from_bytes(raw), name })
+        (subs, LifecycleEvent { uuid: Uuid::from_bytes(raw), name, kind: super::lifecycle_kind(event) })
     };
     // Unwinding out of an extern "C" fn aborts; nothing below should
     // panic, but a daemon-wide abort is too high a price to bet on it.

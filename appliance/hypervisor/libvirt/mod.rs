@@ -33,7 +33,7 @@ use self::conn::{code_is, init_event_loop, lock, map_error, CallError, Inner, Ow
 use super::xml::{disk_xml, snapshot_xml};
 use super::{
     Console, DhcpLease, DomainInfo, DomainState, Hypervisor, HypervisorError, HypervisorInfo, LifecycleEvent,
-    NetworkInfo, Result, SnapshotInfo,
+    LifecycleKind, NetworkInfo, Result, SnapshotInfo,
 };
 
 // virDomainUndefineFlagsValues (libvirt-domain.h).
@@ -156,6 +156,22 @@ fn map_state(s: virt::domain::DomainStateEnum) -> DomainState {
         Enum::Known(VirState::Crashed) => DomainState::Crashed,
         Enum::Known(VirState::PMSuspended) => DomainState::Suspended,
         _ => DomainState::Unknown,
+    }
+}
+
+/// libvirt's `virDomainEventType` as ours.
+fn lifecycle_kind(event: i32) -> LifecycleKind {
+    match u32::try_from(event) {
+        Ok(sys::VIR_DOMAIN_EVENT_DEFINED) => LifecycleKind::Defined,
+        Ok(sys::VIR_DOMAIN_EVENT_UNDEFINED) => LifecycleKind::Undefined,
+        Ok(sys::VIR_DOMAIN_EVENT_STARTED) => LifecycleKind::Started,
+        Ok(sys::VIR_DOMAIN_EVENT_SUSPENDED) => LifecycleKind::Suspended,
+        Ok(sys::VIR_DOMAIN_EVENT_RESUMED) => LifecycleKind::Resumed,
+        Ok(sys::VIR_DOMAIN_EVENT_STOPPED) => LifecycleKind::Stopped,
+        Ok(sys::VIR_DOMAIN_EVENT_SHUTDOWN) => LifecycleKind::Shutdown,
+        Ok(sys::VIR_DOMAIN_EVENT_PMSUSPENDED) => LifecycleKind::PmSuspended,
+        Ok(sys::VIR_DOMAIN_EVENT_CRASHED) => LifecycleKind::Crashed,
+        _ => LifecycleKind::Other(event),
     }
 }
 

@@ -133,14 +133,19 @@ fn lifecycle_events() {
     hv.subscribe(tx).unwrap();
     let s = spec("test", &std::env::temp_dir());
     hv.define(&domain_xml(&s)).unwrap();
-    let ev = wait_for_event(&mut rx, s.uuid); // "defined"
-    assert_eq!(ev.name, s.name);
+    let ev = wait_for_event(&mut rx, s.uuid);
+    assert_eq!((ev.name.as_str(), ev.kind), (s.name.as_str(), LifecycleKind::Defined));
     hv.start(s.uuid).unwrap();
-    wait_for_event(&mut rx, s.uuid); // "started"
+    assert_eq!(wait_for_event(&mut rx, s.uuid).kind, LifecycleKind::Started);
+    hv.suspend(s.uuid).unwrap();
+    assert_eq!(wait_for_event(&mut rx, s.uuid).kind, LifecycleKind::Suspended);
+    hv.resume(s.uuid).unwrap();
+    assert_eq!(wait_for_event(&mut rx, s.uuid).kind, LifecycleKind::Resumed);
     hv.destroy(s.uuid).unwrap();
-    wait_for_event(&mut rx, s.uuid); // "stopped"
+    assert_eq!(wait_for_event(&mut rx, s.uuid).kind, LifecycleKind::Stopped);
     hv.undefine(s.uuid).unwrap();
-    wait_for_event(&mut rx, s.uuid); // "undefined"
+    assert_eq!(wait_for_event(&mut rx, s.uuid).kind, LifecycleKind::Undefined);
+    assert_eq!(lifecycle_kind(99), LifecycleKind::Other(99));
 }
 
 #[test]
