@@ -64,6 +64,9 @@ pub struct ApiConfig {
     /// Requests per second allowed per token (token bucket); 0 disables.
     pub rate_limit_per_sec: u32,
     pub rate_limit_burst: u32,
+    /// Failed authentications a client address may make before it is
+    /// answered 429 (it then earns one every 10 s); 0 disables.
+    pub auth_failure_burst: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,6 +117,7 @@ impl Default for ApiConfig {
             header_timeout_secs: 10,
             rate_limit_per_sec: 200,
             rate_limit_burst: 400,
+            auth_failure_burst: 10,
         }
     }
 }

@@ -255,6 +255,7 @@ fn needs_restart(live: &Config, new: &Config) -> Vec<&'static str> {
         ("api.tls_key", a.api.tls_key != b.api.tls_key),
         ("api.max_connections", a.api.max_connections != b.api.max_connections),
         ("api.header_timeout_secs", a.api.header_timeout_secs != b.api.header_timeout_secs),
+        ("api.auth_failure_burst", a.api.auth_failure_burst != b.api.auth_failure_burst),
         ("hypervisor.uri", a.hypervisor.uri != b.hypervisor.uri),
         ("hypervisor.domain_type", a.hypervisor.domain_type != b.hypervisor.domain_type),
         ("hypervisor.memory_reserve_mib", a.hypervisor.memory_reserve_mib != b.hypervisor.memory_reserve_mib),

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{call, error_code, virsh, Daemon, Opts};
+use common::{call, error_code, virsh, Daemon, Opts, Ws};
 use futures_util::{SinkExt, StreamExt};
 use hyper::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -466,26 +466,9 @@ async fn hostile_provisioning_requests_change_nothing() {
     }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
-
 /// Opens a WebSocket over HTTPS with the admin token.
 async fn websocket(d: &Daemon, path: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
-    let tls = novacron::cli::client::pinned_tls_config(&d.fingerprint, &[b"http/1.1"]).unwrap();
-    let addr = d.url.trim_start_matches("https://").to_string();
-    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
-    let req = hyper::Request::builder()
-        .uri(format!("wss://{addr}{path}"))
-        .header("Host", &addr)
-        .header("Authorization", format!("Bearer {}", d.admin))
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
-        .body(())
-        .unwrap();
-    tokio_tungstenite::client_async(req, stream).await.map(|(ws, _)| ws)
+    common::websocket(d, path, &d.admin).await
 }
 
 /// Types `cmd` into the console and collects output until `until` shows.

@@ -1,8 +1,6 @@
 //! The one place where errors become HTTP status codes and JSON bodies.
 
-use crate::core::CoreError;
-use crate::hypervisor::HypervisorError;
-use crate::store::StoreError;
+use crate::core::{CoreError, ErrorKind};
 use crate::types::{ErrorBody, ErrorDetail};
 use hyper::StatusCode;
 
@@ -10,12 +8,16 @@ use hyper::StatusCode;
 pub enum ApiError {
     #[error("no route for {0}")]
     NoRoute(String),
+    /// `allow`: the path's methods, for the `Allow` header.
     #[error("method {method} is not allowed on {path}")]
-    MethodNotAllowed { method: String, path: String },
+    MethodNotAllowed { method: String, path: String, allow: String },
     #[error("a valid bearer token is required")]
     Unauthorized,
+    /// `retry_after`: whole seconds until the next request may pass.
     #[error("too many requests for this token; slow down")]
-    RateLimited,
+    RateLimited { retry_after: u64 },
+    #[error("too many failed authentications from this address; retry in {retry_after} s")]
+    AuthRateLimited { retry_after: u64 },
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
     #[error("the request body must be application/json")]
@@ -51,7 +53,7 @@ impl ApiError {
             ApiError::NoRoute(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::AuthRateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::MalformedJson(_) | ApiError::InvalidBody(_) | ApiError::InvalidQuery { .. } => {
@@ -59,41 +61,15 @@ impl ApiError {
             }
             ApiError::Body(_) => StatusCode::BAD_REQUEST,
             ApiError::Tls(_) | ApiError::Listen { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Core(e) => match e {
-                CoreError::Invalid { .. } => StatusCode::BAD_REQUEST,
-                CoreError::NotFound(_)
-                | CoreError::Store(StoreError::NotFound(_))
-                | CoreError::Hypervisor(HypervisorError::NoNetwork(_) | HypervisorError::NoSnapshot(_)) => {
-                    StatusCode::NOT_FOUND
-                }
-                CoreError::Forbidden { .. } => StatusCode::FORBIDDEN,
-                CoreError::Image(crate::images::ImageError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-                CoreError::Image(crate::images::ImageError::Io(_)) => StatusCode::INTERNAL_SERVER_ERROR,
-                CoreError::Image(_) => StatusCode::BAD_REQUEST,
-                CoreError::Host(crate::host::HostError::NotAppliance(_)) | CoreError::UpdateInProgress(_) => {
-                    StatusCode::CONFLICT
-                }
-                CoreError::Host(
-                    crate::host::HostError::Bundle(_) | crate::host::HostError::Checksum { .. },
-                ) => StatusCode::UNPROCESSABLE_ENTITY,
-                CoreError::Host(crate::host::HostError::Seed(_)) => StatusCode::BAD_REQUEST,
-                CoreError::Host(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                CoreError::NameTaken(_)
-                | CoreError::InUse { .. }
-                | CoreError::Overlap(_)
-                | CoreError::WrongState { .. }
-                | CoreError::Busy(_)
-                | CoreError::Unmanaged(_)
-                | CoreError::InsufficientMemory { .. }
-                | CoreError::Store(StoreError::Conflict(_))
-                | CoreError::Hypervisor(HypervisorError::WrongState(_)) => StatusCode::CONFLICT,
-                CoreError::NotReady(_) | CoreError::Hypervisor(HypervisorError::Unavailable { .. }) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-                CoreError::Hypervisor(HypervisorError::NoDomain(_)) => StatusCode::CONFLICT,
-                CoreError::Store(_) | CoreError::Hypervisor(_) | CoreError::Internal(_) => {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                }
+            ApiError::Core(e) => match e.kind() {
+                ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+                ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+                ErrorKind::NotFound => StatusCode::NOT_FOUND,
+                ErrorKind::Conflict => StatusCode::CONFLICT,
+                ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
     }
@@ -103,7 +79,7 @@ impl ApiError {
             ApiError::NoRoute(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Unauthorized => "unauthorized",
-            ApiError::RateLimited => "rate_limited",
+            ApiError::RateLimited { .. } | ApiError::AuthRateLimited { .. } => "rate_limited",
             ApiError::TooLarge(_) => "payload_too_large",
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::MalformedJson(_) => "malformed_json",
@@ -112,6 +88,17 @@ impl ApiError {
             ApiError::Body(_) => "bad_body",
             ApiError::Tls(_) | ApiError::Listen { .. } => "internal",
             ApiError::Core(e) => e.code(),
+        }
+    }
+
+    /// Headers the answer carries besides the JSON body.
+    pub fn headers(&self) -> Vec<(hyper::header::HeaderName, String)> {
+        match self {
+            ApiError::MethodNotAllowed { allow, .. } => vec![(hyper::header::ALLOW, allow.clone())],
+            ApiError::RateLimited { retry_after } | ApiError::AuthRateLimited { retry_after } => {
+                vec![(hyper::header::RETRY_AFTER, retry_after.to_string())]
+            }
+            _ => Vec::new(),
         }
     }
 

@@ -12,7 +12,7 @@ pub mod tls;
 
 pub use error::ApiError;
 
-use crate::core::{required_role, Caller, Core, Reply};
+use crate::core::{Caller, Command, Core, Reply};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use routes::Route;
+use routes::{Edge, Route};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,6 +52,8 @@ pub enum Peer {
 pub struct Api {
     core: Arc<Core>,
     limiter: ratelimit::RateLimiter,
+    /// Failed authentications per client address.
+    auth_failures: ratelimit::RateLimiter,
     /// Serialized VM list for the core's list generation.
     list_json: Mutex<Option<(u64, Bytes)>>,
     next_request: AtomicU64,
@@ -77,7 +79,13 @@ fn error_response(e: &ApiError) -> Resp {
     if status.is_server_error() {
         tracing::error!(error = %e, code = e.code(), "request failed");
     }
-    json_response(status, &e.body())
+    let mut resp = json_response(status, &e.body());
+    for (name, value) in e.headers() {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
+        }
+    }
+    resp
 }
 
 fn method_label(m: &hyper::Method) -> &'static str {
@@ -96,7 +104,11 @@ impl Api {
     pub fn new(core: Arc<Core>) -> Arc<Api> {
         let cfg = &core.cfg.api;
         Arc::new(Api {
-            limiter: ratelimit::RateLimiter::new(cfg.rate_limit_per_sec, cfg.rate_limit_burst),
+            limiter: ratelimit::RateLimiter::new(cfg.rate_limit_per_sec as f64, cfg.rate_limit_burst),
+            auth_failures: ratelimit::RateLimiter::new(
+                if cfg.auth_failure_burst > 0 { ratelimit::AUTH_FAILURES_PER_SEC } else { 0.0 },
+                cfg.auth_failure_burst,
+            ),
             header_timeout: Duration::from_secs(cfg.header_timeout_secs.max(1)),
             core,
             list_json: Mutex::new(None),
@@ -124,18 +136,29 @@ impl Api {
         Ok(resp)
     }
 
-    /// Resolves the caller of a request that needs authentication.
+    /// Resolves the caller of a request that needs authentication. A client
+    /// address whose failures exceed their budget is answered 429 instead
+    /// of 401; a valid token always passes, so one client stuck with a
+    /// revoked token cannot lock out others behind the same address.
     fn caller(&self, peer: Peer, req: &Request<Incoming>) -> Result<Caller, ApiError> {
-        if let Peer::Unix { uid } = peer {
+        let client = match peer {
             // Root, or the daemon's own user (which owns the database anyway).
-            if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+            Peer::Unix { uid } if uid == 0 || uid == nix::unistd::geteuid().as_raw() => {
                 return Ok(Core::local_admin(uid));
             }
+            Peer::Unix { uid } => format!("uid:{uid}"),
+            Peer::Tcp(addr) => addr.ip().to_string(),
+        };
+        let token = req.headers().get(hyper::header::AUTHORIZATION).and_then(|h| bearer(h.to_str().ok()?));
+        if let Some(caller) = token.and_then(|t| self.core.authenticate(t)) {
+            return Ok(caller);
         }
-        let header = req.headers().get(hyper::header::AUTHORIZATION).ok_or(ApiError::Unauthorized)?;
-        let token =
-            header.to_str().ok().and_then(|h| h.strip_prefix("Bearer ")).ok_or(ApiError::Unauthorized)?;
-        self.core.authenticate(token.trim()).ok_or(ApiError::Unauthorized)
+        self.core.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+        if let Err(wait) = self.auth_failures.take(&client) {
+            self.core.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::AuthRateLimited { retry_after: ratelimit::retry_after(wait) });
+        }
+        Err(ApiError::Unauthorized)
     }
 
     async fn dispatch(
@@ -147,20 +170,22 @@ impl Api {
             routes::route(req.method(), req.uri().path(), req.uri().query()).map_err(|e| ("unmatched", e))?;
         let template = matched.template;
         let fail = |e: ApiError| (template, e);
-        if matched.route == Route::OpenApi {
+        if let Route::Edge(Edge::OpenApi) = matched.route {
             return Ok((
                 template,
                 bytes_response(StatusCode::OK, Bytes::from_static(OPENAPI.as_bytes()), "application/json"),
             ));
         }
-        let caller = match required_role(matched.action) {
+        let caller = match matched.action.required_role() {
             None => Caller::anonymous(),
             Some(_) => {
                 let caller = self.caller(peer, &req).map_err(fail)?;
                 if let Some(id) = &caller.token_id {
-                    if !self.limiter.allow(id) {
+                    if let Err(wait) = self.limiter.take(id) {
                         self.core.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-                        return Err(fail(ApiError::RateLimited));
+                        return Err(fail(ApiError::RateLimited {
+                            retry_after: ratelimit::retry_after(wait),
+                        }));
                     }
                 }
                 // Checked before the body is read, so a weak token learns
@@ -171,30 +196,30 @@ impl Api {
         };
         let exec = |cmd| async { self.core.execute(&caller, cmd).await.map_err(|e| fail(ApiError::Core(e))) };
         match matched.route {
-            Route::UploadImage(name) => {
+            Route::Edge(Edge::UploadImage(name)) => {
                 let (body, length, checksum) = stream::upload_body(req).map_err(fail)?;
-                let reply = exec(crate::core::Command::UploadImage { name, checksum, length, body }).await?;
+                let reply = exec(Command::UploadImage { name, checksum, length, body }).await?;
                 return Ok((template, self.render(reply)));
             }
-            Route::UploadUpdate { tries } => {
+            Route::Edge(Edge::UploadUpdate { tries }) => {
                 let (body, length, checksum) = stream::upload_body(req).map_err(fail)?;
-                let cmd = crate::core::Command::ApplyUpdate { checksum, length, tries, body };
+                let cmd = Command::ApplyUpdate { checksum, length, tries, body };
                 return Ok((template, self.render(exec(cmd).await?)));
             }
-            Route::Console(vm) => {
+            Route::Edge(Edge::Console(vm)) => {
                 let mut req = req;
                 let accept = stream::websocket_key(&req).map_err(fail)?;
                 let on_upgrade = hyper::upgrade::on(&mut req);
-                return match exec(crate::core::Command::Console(vm)).await? {
+                return match exec(Command::Console(vm)).await? {
                     Reply::Console(session) => {
                         Ok((template, stream::websocket_console(on_upgrade, accept, session)))
                     }
                     other => Ok((template, self.render(other))),
                 };
             }
-            Route::Events => {
+            Route::Edge(Edge::Events) => {
                 let after = last_event_id(&req).map_err(fail)?;
-                return Ok((template, self.render(exec(crate::core::Command::Events { after }).await?)));
+                return Ok((template, self.render(exec(Command::Events { after }).await?)));
             }
             _ => {}
         }
@@ -254,6 +279,13 @@ impl Api {
             Reply::Console(_) => error_response(&ApiError::NoRoute("console".into())),
         }
     }
+}
+
+/// The credentials of an `Authorization: Bearer` header; the scheme is
+/// case-insensitive (RFC 9110, section 11.1).
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
 }
 
 /// Where an event stream resumes: `Last-Event-ID` (what browsers send on

@@ -1,12 +1,12 @@
-//! Keeps `docs/openapi.json` honest: every route of the router is in the
-//! document with the right action and role, every operation in the document
+//! Keeps `docs/openapi.json` honest: every row of the route table
+//! (`routes::ROUTES`) is in the document with the right action and role, every operation in the document
 //! routes, and the request/response schemas have the fields the Rust types
 //! serialize. The streaming routes (image upload, console WebSocket, event
 //! stream) are checked for their non-JSON bodies and headers.
 
-use super::routes::{route, Route};
+use super::routes::{route, Edge, Route, ROUTES};
 use super::ApiError;
-use crate::core::{required_role, CoreError};
+use crate::core::{Action, CoreError};
 use crate::types::*;
 use hyper::Method;
 use serde_json::{json, Map, Value};
@@ -24,52 +24,6 @@ const QUERY_PARAMS: [(&str, &str); 7] = [
     ("bytes", "1"),
     ("after", "1"),
     ("tries", "1"),
-];
-
-/// Every route: (method, concrete path, expected template).
-const ROUTES: &[(&str, &str, &str)] = &[
-    ("GET", "/metrics", "/metrics"),
-    ("GET", "/v1/health", "/v1/health"),
-    ("GET", "/v1/health/details", "/v1/health/details"),
-    ("GET", "/v1/ready", "/v1/ready"),
-    ("GET", "/v1/host", "/v1/host"),
-    ("GET", "/v1/host/update", "/v1/host/update"),
-    ("POST", "/v1/host/update", "/v1/host/update"),
-    ("GET", "/v1/openapi.json", "/v1/openapi.json"),
-    ("GET", "/v1/vms", "/v1/vms"),
-    ("POST", "/v1/vms", "/v1/vms"),
-    ("GET", "/v1/vms/web-1", "/v1/vms/{id}"),
-    ("PATCH", "/v1/vms/web-1", "/v1/vms/{id}"),
-    ("DELETE", "/v1/vms/web-1", "/v1/vms/{id}"),
-    ("POST", "/v1/vms/web-1/start", "/v1/vms/{id}/start"),
-    ("POST", "/v1/vms/web-1/stop", "/v1/vms/{id}/stop"),
-    ("POST", "/v1/vms/web-1/reboot", "/v1/vms/{id}/reboot"),
-    ("POST", "/v1/vms/web-1/pause", "/v1/vms/{id}/pause"),
-    ("POST", "/v1/vms/web-1/resume", "/v1/vms/{id}/resume"),
-    ("POST", "/v1/vms/web-1/shutdown", "/v1/vms/{id}/shutdown"),
-    ("POST", "/v1/vms/web-1/clone", "/v1/vms/{id}/clone"),
-    ("GET", "/v1/vms/web-1/console", "/v1/vms/{id}/console"),
-    ("GET", "/v1/vms/web-1/console/log", "/v1/vms/{id}/console/log"),
-    ("GET", "/v1/vms/web-1/snapshots", "/v1/vms/{id}/snapshots"),
-    ("POST", "/v1/vms/web-1/snapshots", "/v1/vms/{id}/snapshots"),
-    ("DELETE", "/v1/vms/web-1/snapshots/before", "/v1/vms/{id}/snapshots/{snapshot}"),
-    ("POST", "/v1/vms/web-1/snapshots/before/revert", "/v1/vms/{id}/snapshots/{snapshot}/revert"),
-    ("POST", "/v1/vms/web-1/disks", "/v1/vms/{id}/disks"),
-    ("DELETE", "/v1/vms/web-1/disks/vdb", "/v1/vms/{id}/disks/{device}"),
-    ("POST", "/v1/vms/web-1/disks/vdb/resize", "/v1/vms/{id}/disks/{device}/resize"),
-    ("GET", "/v1/images", "/v1/images"),
-    ("POST", "/v1/images", "/v1/images"),
-    ("GET", "/v1/images/debian-12", "/v1/images/{name}"),
-    ("PUT", "/v1/images/debian-12", "/v1/images/{name}"),
-    ("DELETE", "/v1/images/debian-12", "/v1/images/{name}"),
-    ("GET", "/v1/networks", "/v1/networks"),
-    ("POST", "/v1/networks", "/v1/networks"),
-    ("DELETE", "/v1/networks/lan", "/v1/networks/{name}"),
-    ("GET", "/v1/events", "/v1/events"),
-    ("GET", "/v1/tokens", "/v1/tokens"),
-    ("POST", "/v1/tokens", "/v1/tokens"),
-    ("DELETE", "/v1/tokens/0123abcd", "/v1/tokens/{id}"),
-    ("GET", "/v1/audit", "/v1/audit"),
 ];
 
 /// What an action answers on success, from `Api::render` and the streaming
@@ -160,8 +114,8 @@ fn fill(template: &str) -> String {
     template.split('/').map(|s| if s.starts_with('{') { "x" } else { s }).collect::<Vec<_>>().join("/")
 }
 
-fn role_name(action: &str) -> &'static str {
-    required_role(action).map(Role::as_str).unwrap_or("none")
+fn role_name(action: Action) -> &'static str {
+    action.required_role().map(Role::as_str).unwrap_or("none")
 }
 
 fn params_in(doc: &Value, op: &Value, location: &str) -> Vec<Value> {
@@ -178,9 +132,9 @@ fn check_operation(doc: &Value, m: &str, concrete: &str, template: &str, op: &Va
     let what = format!("{m} {template}");
     let matched = route(&method(m), concrete, None).unwrap_or_else(|e| panic!("{what}: router refuses: {e}"));
     assert_eq!(matched.template, template, "{what}: router template");
-    let action = matched.action;
+    let action = matched.action.name();
     assert_eq!(op["x-action"].as_str(), Some(action), "{what}: x-action");
-    let role = role_name(action);
+    let role = role_name(matched.action);
     match op.get("x-required-role").and_then(Value::as_str) {
         None => assert_eq!(role, "none", "{what}: x-required-role missing but {action} needs {role}"),
         Some(r) => assert_eq!(r, role, "{what}: x-required-role"),
@@ -240,7 +194,7 @@ fn check_operation(doc: &Value, m: &str, concrete: &str, template: &str, op: &Va
 
     // Bodies: documented exactly when the route reads one; JSON bodies are
     // the type the router parses, uploads are octet streams.
-    let upload = matches!(matched.route, Route::UploadImage(_) | Route::UploadUpdate { .. });
+    let upload = matches!(matched.route, Route::Edge(Edge::UploadImage(_) | Edge::UploadUpdate { .. }));
     let body = op.get("requestBody");
     assert_eq!(body.is_some(), matched.needs_body() || upload, "{what}: requestBody");
     if let Some(body) = body {
@@ -268,7 +222,7 @@ fn check_operation(doc: &Value, m: &str, concrete: &str, template: &str, op: &Va
                 .clone()
                 .into_command(&serde_json::to_vec(&sample).unwrap())
                 .unwrap_or_else(|e| panic!("{what}: the router does not take a {name}: {e}"));
-            assert_eq!(cmd.name(), action, "{what}: command");
+            assert_eq!(cmd.action(), matched.action, "{what}: command");
         }
         for code in ["413", "415"] {
             assert!(responses.contains_key(code), "{what}: missing {code}");
@@ -334,11 +288,10 @@ fn document_is_openapi_3() {
 #[test]
 fn every_route_is_documented() {
     let doc = doc();
-    for (m, concrete, template) in ROUTES {
-        let matched = route(&method(m), concrete, None).unwrap_or_else(|e| panic!("{m} {concrete}: {e}"));
-        assert_eq!(matched.template, *template, "{m} {concrete}: router template");
-        let op = operation(&doc, template, m);
-        check_operation(&doc, m, concrete, template, op);
+    for r in ROUTES {
+        let concrete = fill(r.template);
+        let op = operation(&doc, r.template, r.method);
+        check_operation(&doc, r.method, &concrete, r.template, op);
     }
 }
 
@@ -356,7 +309,7 @@ fn every_documented_operation_routes() {
             seen.insert((key.to_ascii_uppercase(), template.clone()));
         }
     }
-    let table: BTreeSet<_> = ROUTES.iter().map(|(m, _, t)| (m.to_string(), t.to_string())).collect();
+    let table: BTreeSet<_> = ROUTES.iter().map(|r| (r.method.to_string(), r.template.to_string())).collect();
     assert_eq!(seen, table, "the document and the route table differ");
 }
 
@@ -751,9 +704,10 @@ fn error_codes_are_documented() {
     ];
     let mut errors: Vec<ApiError> = vec![
         ApiError::NoRoute(s()),
-        ApiError::MethodNotAllowed { method: s(), path: s() },
+        ApiError::MethodNotAllowed { method: s(), path: s(), allow: s() },
         ApiError::Unauthorized,
-        ApiError::RateLimited,
+        ApiError::RateLimited { retry_after: 1 },
+        ApiError::AuthRateLimited { retry_after: 1 },
         ApiError::TooLarge(1),
         ApiError::UnsupportedMediaType,
         ApiError::MalformedJson(s()),

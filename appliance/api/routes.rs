@@ -1,24 +1,37 @@
-//! Routing: `(method, path, query)` becomes a [`Matched`] route, and with
-//! its body a typed [`Command`]. Nothing here touches state.
+//! The route table: each row maps a method and path template to one
+//! [`Action`] and builds its [`Command`]. The router, the 405 `Allow`
+//! header, the OpenAPI check and the CLI's paths all read [`ROUTES`]; the
+//! action's name and role come from [`Action`]. Nothing here touches state.
 
 use super::ApiError;
-use crate::core::{Command, VmAction};
+use crate::core::{Action, Command, VmAction};
 use hyper::Method;
 
-/// What a request asks for, before its body is read.
+/// One row of the route table.
+pub struct RouteSpec {
+    pub method: &'static str,
+    /// Path template, also the metrics label: `/v1/vms/{id}`.
+    pub template: &'static str,
+    pub action: Action,
+    /// Query parameters the route accepts; any other is a 400.
+    pub query: &'static [&'static str],
+    pub build: Build,
+}
+
+/// How a row turns path parameters, query and body into what the API runs.
+#[derive(Clone, Copy)]
+pub enum Build {
+    /// A complete command from the path and query.
+    Ready(fn(&Args) -> Result<Command, ApiError>),
+    /// A command that needs the JSON body, parsed strictly.
+    Json(fn(&Args, &[u8]) -> Result<Command, ApiError>),
+    /// A streaming edge the API bridges itself.
+    Edge(fn(&Args) -> Result<Edge, ApiError>),
+}
+
+/// Routes whose bodies or answers are streams, not JSON.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Route {
-    /// A complete command that takes no body.
-    Ready(Command),
-    CreateVm,
-    UpdateVm(String),
-    CloneVm(String),
-    AttachDisk(String),
-    ResizeDisk(String, String),
-    CreateSnapshot(String),
-    ImportImage,
-    CreateNetwork,
-    CreateToken,
+pub enum Edge {
     /// Streams its body into the core (not bound by the JSON body limit).
     UploadImage(String),
     /// A host update bundle, streamed; boot attempts from `?tries=`.
@@ -32,90 +45,51 @@ pub enum Route {
     OpenApi,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// What a request asks for, before its body is read.
+#[derive(Debug, Clone)]
+pub enum Route {
+    Ready(Command),
+    Json(Args, fn(&Args, &[u8]) -> Result<Command, ApiError>),
+    Edge(Edge),
+}
+
+#[derive(Debug, Clone)]
 pub struct Matched {
-    /// Path template, for metrics labels: `/v1/vms/{id}`.
     pub template: &'static str,
-    /// Action name, as in [`Command::name`].
-    pub action: &'static str,
+    pub action: Action,
     pub route: Route,
 }
 
 impl Matched {
-    fn new(template: &'static str, action: &'static str, route: Route) -> Matched {
-        Matched { template, action, route }
-    }
-
     /// Routes whose JSON body is parsed into the command.
     pub fn needs_body(&self) -> bool {
-        matches!(
-            self.route,
-            Route::CreateVm
-                | Route::UpdateVm(_)
-                | Route::CloneVm(_)
-                | Route::AttachDisk(_)
-                | Route::ResizeDisk(..)
-                | Route::CreateSnapshot(_)
-                | Route::ImportImage
-                | Route::CreateNetwork
-                | Route::CreateToken
-        )
+        matches!(self.route, Route::Json(..))
     }
 
     /// Builds the command, parsing `body` strictly.
     pub fn into_command(self, body: &[u8]) -> Result<Command, ApiError> {
-        fn parse(b: &[u8]) -> Result<&[u8], ApiError> {
-            if b.is_empty() {
-                return Err(ApiError::MalformedJson("the request body is empty".into()));
-            }
-            Ok(b)
+        match self.route {
+            Route::Ready(cmd) => Ok(cmd),
+            Route::Json(args, build) => build(&args, body),
+            Route::Edge(_) => Err(ApiError::NoRoute("this route has no JSON body".into())),
         }
-        fn json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
-            serde_json::from_slice(parse(b)?).map_err(ApiError::from_json)
-        }
-        Ok(match self.route {
-            Route::Ready(cmd) => cmd,
-            Route::CreateVm => Command::CreateVm(json(body)?),
-            Route::UpdateVm(vm) => Command::UpdateVm(vm, json(body)?),
-            Route::CloneVm(vm) => Command::CloneVm(vm, json(body)?),
-            Route::AttachDisk(vm) => Command::AttachDisk(vm, json(body)?),
-            Route::ResizeDisk(vm, device) => Command::ResizeDisk { vm, device, req: json(body)? },
-            Route::CreateSnapshot(vm) => Command::CreateSnapshot(vm, json(body)?),
-            Route::ImportImage => Command::ImportImage(json(body)?),
-            Route::CreateNetwork => Command::CreateNetwork(json(body)?),
-            Route::CreateToken => Command::CreateToken(json(body)?),
-            Route::UploadImage(_)
-            | Route::UploadUpdate { .. }
-            | Route::Console(_)
-            | Route::Events
-            | Route::OpenApi => return Err(ApiError::NoRoute("this route has no JSON body".into())),
-        })
     }
 }
 
-/// Query parameters, refusing any the route does not know.
-struct Query<'a> {
-    pairs: Vec<(&'a str, &'a str)>,
+/// A request's path parameters (in template order) and query.
+#[derive(Debug, Clone, Default)]
+pub struct Args {
+    params: Vec<String>,
+    query: Vec<(String, String)>,
 }
 
-impl<'a> Query<'a> {
-    fn parse(q: Option<&'a str>, allowed: &[&str]) -> Result<Query<'a>, ApiError> {
-        let mut pairs = Vec::new();
-        for part in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').unwrap_or((part, ""));
-            if !allowed.contains(&k) {
-                return Err(ApiError::InvalidQuery {
-                    name: k.to_string(),
-                    message: "unknown parameter".into(),
-                });
-            }
-            pairs.push((k, v));
-        }
-        Ok(Query { pairs })
+impl Args {
+    fn param(&self, i: usize) -> String {
+        self.params[i].clone()
     }
 
-    fn get(&self, name: &str) -> Option<&'a str> {
-        self.pairs.iter().rev().find(|(k, _)| *k == name).map(|(_, v)| *v)
+    fn get(&self, name: &str) -> Option<&str> {
+        self.query.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     fn bool(&self, name: &str) -> Result<bool, ApiError> {
@@ -143,260 +117,221 @@ impl<'a> Query<'a> {
     }
 }
 
-fn not_allowed(method: &Method, path: &str) -> ApiError {
-    ApiError::MethodNotAllowed { method: method.to_string(), path: path.to_string() }
+fn json<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ApiError> {
+    if b.is_empty() {
+        return Err(ApiError::MalformedJson("the request body is empty".into()));
+    }
+    serde_json::from_slice(b).map_err(ApiError::from_json)
+}
+
+fn vm_action(a: &Args, action: VmAction) -> Result<Command, ApiError> {
+    Ok(Command::VmAction { vm: a.param(0), action })
+}
+
+const fn row(
+    method: &'static str,
+    template: &'static str,
+    action: Action,
+    query: &'static [&'static str],
+    build: Build,
+) -> RouteSpec {
+    RouteSpec { method, template, action, query, build }
+}
+
+use Build::{Edge as E, Json as J, Ready as R};
+
+/// Every route, one row each.
+#[rustfmt::skip]
+pub static ROUTES: &[RouteSpec] = &[
+    row("GET", "/metrics", Action::Metrics, &[], R(|_| Ok(Command::Metrics))),
+    row("GET", "/v1/health", Action::Health, &[], R(|_| Ok(Command::Health))),
+    row("GET", "/v1/health/details", Action::HealthDetails, &[], R(|_| Ok(Command::HealthReport))),
+    row("GET", "/v1/ready", Action::Ready, &[], R(|_| Ok(Command::Ready))),
+    row("GET", "/v1/host", Action::HostInfo, &[], R(|_| Ok(Command::HostInfo))),
+    row("GET", "/v1/host/update", Action::HostUpdateStatus, &[], R(|_| Ok(Command::UpdateStatus))),
+    row("POST", "/v1/host/update", Action::HostUpdate, &["tries"], E(|a| {
+        let tries = a.number("tries", 9, "boot attempts")?.unwrap_or(3) as u32;
+        Ok(Edge::UploadUpdate { tries })
+    })),
+    row("GET", "/v1/openapi.json", Action::OpenApi, &[], E(|_| Ok(Edge::OpenApi))),
+    row("GET", "/v1/vms", Action::VmList, &[], R(|_| Ok(Command::ListVms))),
+    row("POST", "/v1/vms", Action::VmCreate, &[], J(|_, b| Ok(Command::CreateVm(json(b)?)))),
+    row("GET", "/v1/vms/{id}", Action::VmGet, &[], R(|a| Ok(Command::GetVm(a.param(0))))),
+    row("PATCH", "/v1/vms/{id}", Action::VmUpdate, &[], J(|a, b| Ok(Command::UpdateVm(a.param(0), json(b)?)))),
+    row("DELETE", "/v1/vms/{id}", Action::VmDelete, &["force"], R(|a| {
+        Ok(Command::DeleteVm { vm: a.param(0), force: a.bool("force")? })
+    })),
+    row("POST", "/v1/vms/{id}/start", Action::VmStart, &[], R(|a| vm_action(a, VmAction::Start))),
+    row("POST", "/v1/vms/{id}/stop", Action::VmStop, &[], R(|a| vm_action(a, VmAction::Stop))),
+    row("POST", "/v1/vms/{id}/reboot", Action::VmReboot, &[], R(|a| vm_action(a, VmAction::Reboot))),
+    row("POST", "/v1/vms/{id}/pause", Action::VmPause, &[], R(|a| vm_action(a, VmAction::Pause))),
+    row("POST", "/v1/vms/{id}/resume", Action::VmResume, &[], R(|a| vm_action(a, VmAction::Resume))),
+    row("POST", "/v1/vms/{id}/shutdown", Action::VmShutdown, &["wait", "timeout"], R(|a| {
+        let wait = a.number("wait", 3600, "seconds")?;
+        let timeout = a.number("timeout", 86_400, "seconds")?;
+        vm_action(a, VmAction::Shutdown { wait, timeout })
+    })),
+    row("POST", "/v1/vms/{id}/clone", Action::VmClone, &[], J(|a, b| Ok(Command::CloneVm(a.param(0), json(b)?)))),
+    row("GET", "/v1/vms/{id}/console", Action::VmConsole, &[], E(|a| Ok(Edge::Console(a.param(0))))),
+    row("GET", "/v1/vms/{id}/console/log", Action::VmConsoleLog, &["bytes"], R(|a| {
+        let bytes = a.number("bytes", 1 << 20, "bytes")?.unwrap_or(64 * 1024);
+        Ok(Command::ConsoleLog { vm: a.param(0), bytes })
+    })),
+    row("GET", "/v1/vms/{id}/snapshots", Action::VmSnapshotList, &[], R(|a| Ok(Command::ListSnapshots(a.param(0))))),
+    row("POST", "/v1/vms/{id}/snapshots", Action::VmSnapshotCreate, &[], J(|a, b| {
+        Ok(Command::CreateSnapshot(a.param(0), json(b)?))
+    })),
+    row("DELETE", "/v1/vms/{id}/snapshots/{snapshot}", Action::VmSnapshotDelete, &[], R(|a| {
+        Ok(Command::DeleteSnapshot { vm: a.param(0), name: a.param(1) })
+    })),
+    row("POST", "/v1/vms/{id}/snapshots/{snapshot}/revert", Action::VmSnapshotRevert, &[], R(|a| {
+        Ok(Command::RevertSnapshot { vm: a.param(0), name: a.param(1) })
+    })),
+    row("POST", "/v1/vms/{id}/disks", Action::VmDiskAttach, &[], J(|a, b| Ok(Command::AttachDisk(a.param(0), json(b)?)))),
+    row("DELETE", "/v1/vms/{id}/disks/{device}", Action::VmDiskDetach, &[], R(|a| {
+        Ok(Command::DetachDisk { vm: a.param(0), device: a.param(1) })
+    })),
+    row("POST", "/v1/vms/{id}/disks/{device}/resize", Action::VmDiskResize, &[], J(|a, b| {
+        Ok(Command::ResizeDisk { vm: a.param(0), device: a.param(1), req: json(b)? })
+    })),
+    row("GET", "/v1/images", Action::ImageList, &[], R(|_| Ok(Command::ListImages))),
+    row("POST", "/v1/images", Action::ImageImport, &[], J(|_, b| Ok(Command::ImportImage(json(b)?)))),
+    row("GET", "/v1/images/{name}", Action::ImageGet, &[], R(|a| Ok(Command::GetImage(a.param(0))))),
+    row("PUT", "/v1/images/{name}", Action::ImageUpload, &[], E(|a| Ok(Edge::UploadImage(a.param(0))))),
+    row("DELETE", "/v1/images/{name}", Action::ImageDelete, &[], R(|a| Ok(Command::DeleteImage(a.param(0))))),
+    row("GET", "/v1/networks", Action::NetworkList, &[], R(|_| Ok(Command::ListNetworks))),
+    row("POST", "/v1/networks", Action::NetworkCreate, &[], J(|_, b| Ok(Command::CreateNetwork(json(b)?)))),
+    row("DELETE", "/v1/networks/{name}", Action::NetworkDelete, &[], R(|a| Ok(Command::DeleteNetwork(a.param(0))))),
+    // `after` is read with Last-Event-ID in `api::last_event_id`.
+    row("GET", "/v1/events", Action::EventList, &["after"], E(|_| Ok(Edge::Events))),
+    row("GET", "/v1/tokens", Action::TokenList, &[], R(|_| Ok(Command::ListTokens))),
+    row("POST", "/v1/tokens", Action::TokenCreate, &[], J(|_, b| Ok(Command::CreateToken(json(b)?)))),
+    row("DELETE", "/v1/tokens/{id}", Action::TokenRevoke, &[], R(|a| Ok(Command::RevokeToken(a.param(0))))),
+    row("GET", "/v1/audit", Action::AuditList, &["limit"], R(|a| {
+        let limit = a.number("limit", 10_000, "entries")?.unwrap_or(100) as usize;
+        Ok(Command::ListAudit { limit })
+    })),
+];
+
+/// The path parameters if `segs` (a path split at `/`) fits `template`;
+/// parameters match one non-empty segment.
+fn bind<'a>(template: &str, segs: &[&'a str]) -> Option<Vec<&'a str>> {
+    let mut params = Vec::new();
+    let mut t = template.split('/').skip(1);
+    for seg in segs {
+        let want = t.next()?;
+        if want.starts_with('{') {
+            if seg.is_empty() {
+                return None;
+            }
+            params.push(*seg);
+        } else if want != *seg {
+            return None;
+        }
+    }
+    t.next().is_none().then_some(params)
+}
+
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_end_matches('/').split('/').skip(1).collect()
+}
+
+/// The methods the route table has for `path`, as an `Allow` header lists them.
+pub fn allowed_methods(path: &str) -> Vec<&'static str> {
+    let segs = segments(path);
+    ROUTES.iter().filter(|r| bind(r.template, &segs).is_some()).map(|r| r.method).collect()
+}
+
+/// Query parameters, refusing any the route does not know.
+fn parse_query(q: Option<&str>, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
+    let mut pairs = Vec::new();
+    for part in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        if !allowed.contains(&k) {
+            return Err(ApiError::InvalidQuery { name: k.to_string(), message: "unknown parameter".into() });
+        }
+        pairs.push((k.to_string(), v.to_string()));
+    }
+    Ok(pairs)
 }
 
 /// Maps a request line to a route.
 pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched, ApiError> {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let no_query = |m: Matched| -> Result<Matched, ApiError> {
-        Query::parse(query, &[])?;
-        Ok(m)
-    };
-    let get_only =
-        |m: Matched| if method == Method::GET { no_query(m) } else { Err(not_allowed(method, path)) };
-    match segs.as_slice() {
-        ["metrics"] => get_only(Matched::new("/metrics", "metrics", Route::Ready(Command::Metrics))),
-        ["v1", "health"] => get_only(Matched::new("/v1/health", "health", Route::Ready(Command::Health))),
-        ["v1", "health", "details"] => get_only(Matched::new(
-            "/v1/health/details",
-            "health.details",
-            Route::Ready(Command::HealthReport),
-        )),
-        ["v1", "ready"] => get_only(Matched::new("/v1/ready", "ready", Route::Ready(Command::Ready))),
-        ["v1", "host"] => get_only(Matched::new("/v1/host", "host.info", Route::Ready(Command::HostInfo))),
-        ["v1", "host", "update"] => match *method {
-            Method::GET => no_query(Matched::new(
-                "/v1/host/update",
-                "host.update.status",
-                Route::Ready(Command::UpdateStatus),
-            )),
-            Method::POST => {
-                let q = Query::parse(query, &["tries"])?;
-                let tries = q.number("tries", 9, "boot attempts")?.unwrap_or(3) as u32;
-                Ok(Matched::new("/v1/host/update", "host.update", Route::UploadUpdate { tries }))
-            }
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "openapi.json"] => get_only(Matched::new("/v1/openapi.json", "openapi", Route::OpenApi)),
-        ["v1", "vms"] => match *method {
-            Method::GET => no_query(Matched::new("/v1/vms", "vm.list", Route::Ready(Command::ListVms))),
-            Method::POST => no_query(Matched::new("/v1/vms", "vm.create", Route::CreateVm)),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "vms", id] if !id.is_empty() => {
-            let id = id.to_string();
-            match *method {
-                Method::GET => {
-                    no_query(Matched::new("/v1/vms/{id}", "vm.get", Route::Ready(Command::GetVm(id))))
-                }
-                Method::PATCH => no_query(Matched::new("/v1/vms/{id}", "vm.update", Route::UpdateVm(id))),
-                Method::DELETE => {
-                    let q = Query::parse(query, &["force"])?;
-                    let cmd = Command::DeleteVm { vm: id, force: q.bool("force")? };
-                    Ok(Matched::new("/v1/vms/{id}", "vm.delete", Route::Ready(cmd)))
-                }
-                _ => Err(not_allowed(method, path)),
-            }
+    let segs = segments(path);
+    let mut path_known = false;
+    for spec in ROUTES {
+        let Some(params) = bind(spec.template, &segs) else { continue };
+        if spec.method != method.as_str() {
+            path_known = true;
+            continue;
         }
-        ["v1", "vms", id, action]
-            if !id.is_empty() && !matches!(*action, "snapshots" | "disks" | "console") =>
-        {
-            let (template, action) = match *action {
-                "start" => ("/v1/vms/{id}/start", VmAction::Start),
-                "stop" => ("/v1/vms/{id}/stop", VmAction::Stop),
-                "reboot" => ("/v1/vms/{id}/reboot", VmAction::Reboot),
-                "pause" => ("/v1/vms/{id}/pause", VmAction::Pause),
-                "resume" => ("/v1/vms/{id}/resume", VmAction::Resume),
-                "clone" => {
-                    if *method != Method::POST {
-                        return Err(not_allowed(method, path));
-                    }
-                    let m = Matched::new("/v1/vms/{id}/clone", "vm.clone", Route::CloneVm(id.to_string()));
-                    return no_query(m);
-                }
-                "shutdown" => {
-                    let q = Query::parse(query, &["wait", "timeout"])?;
-                    let act = VmAction::Shutdown {
-                        wait: q.number("wait", 3600, "seconds")?,
-                        timeout: q.number("timeout", 86_400, "seconds")?,
-                    };
-                    if *method != Method::POST {
-                        return Err(not_allowed(method, path));
-                    }
-                    let cmd = Command::VmAction { vm: id.to_string(), action: act };
-                    return Ok(Matched::new("/v1/vms/{id}/shutdown", act.name(), Route::Ready(cmd)));
-                }
-                _ => return Err(ApiError::NoRoute(path.to_string())),
-            };
-            if *method != Method::POST {
-                return Err(not_allowed(method, path));
-            }
-            let cmd = Command::VmAction { vm: id.to_string(), action };
-            no_query(Matched::new(template, action.name(), Route::Ready(cmd)))
-        }
-        ["v1", "vms", id, "console"] if !id.is_empty() => {
-            let m = Matched::new("/v1/vms/{id}/console", "vm.console", Route::Console(id.to_string()));
-            get_only(m)
-        }
-        ["v1", "vms", id, "console", "log"] if !id.is_empty() => {
-            if *method != Method::GET {
-                return Err(not_allowed(method, path));
-            }
-            let q = Query::parse(query, &["bytes"])?;
-            let bytes = q.number("bytes", 1 << 20, "bytes")?.unwrap_or(64 * 1024);
-            let cmd = Command::ConsoleLog { vm: id.to_string(), bytes };
-            Ok(Matched::new("/v1/vms/{id}/console/log", "vm.console.log", Route::Ready(cmd)))
-        }
-        ["v1", "vms", id, "snapshots"] if !id.is_empty() => match *method {
-            Method::GET => no_query(Matched::new(
-                "/v1/vms/{id}/snapshots",
-                "vm.snapshot.list",
-                Route::Ready(Command::ListSnapshots(id.to_string())),
-            )),
-            Method::POST => no_query(Matched::new(
-                "/v1/vms/{id}/snapshots",
-                "vm.snapshot.create",
-                Route::CreateSnapshot(id.to_string()),
-            )),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "vms", id, "snapshots", snap] if !id.is_empty() && !snap.is_empty() => match *method {
-            Method::DELETE => no_query(Matched::new(
-                "/v1/vms/{id}/snapshots/{snapshot}",
-                "vm.snapshot.delete",
-                Route::Ready(Command::DeleteSnapshot { vm: id.to_string(), name: snap.to_string() }),
-            )),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "vms", id, "snapshots", snap, "revert"] if !id.is_empty() && !snap.is_empty() => {
-            if *method != Method::POST {
-                return Err(not_allowed(method, path));
-            }
-            no_query(Matched::new(
-                "/v1/vms/{id}/snapshots/{snapshot}/revert",
-                "vm.snapshot.revert",
-                Route::Ready(Command::RevertSnapshot { vm: id.to_string(), name: snap.to_string() }),
-            ))
-        }
-        ["v1", "vms", id, "disks"] if !id.is_empty() => match *method {
-            Method::POST => no_query(Matched::new(
-                "/v1/vms/{id}/disks",
-                "vm.disk.attach",
-                Route::AttachDisk(id.to_string()),
-            )),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "vms", id, "disks", dev] if !id.is_empty() && !dev.is_empty() => match *method {
-            Method::DELETE => no_query(Matched::new(
-                "/v1/vms/{id}/disks/{device}",
-                "vm.disk.detach",
-                Route::Ready(Command::DetachDisk { vm: id.to_string(), device: dev.to_string() }),
-            )),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "vms", id, "disks", dev, "resize"] if !id.is_empty() && !dev.is_empty() => {
-            if *method != Method::POST {
-                return Err(not_allowed(method, path));
-            }
-            no_query(Matched::new(
-                "/v1/vms/{id}/disks/{device}/resize",
-                "vm.disk.resize",
-                Route::ResizeDisk(id.to_string(), dev.to_string()),
-            ))
-        }
-        ["v1", "images"] => match *method {
-            Method::GET => {
-                no_query(Matched::new("/v1/images", "image.list", Route::Ready(Command::ListImages)))
-            }
-            Method::POST => no_query(Matched::new("/v1/images", "image.import", Route::ImportImage)),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "images", name] if !name.is_empty() => match *method {
-            Method::GET => no_query(Matched::new(
-                "/v1/images/{name}",
-                "image.get",
-                Route::Ready(Command::GetImage(name.to_string())),
-            )),
-            Method::PUT => no_query(Matched::new(
-                "/v1/images/{name}",
-                "image.upload",
-                Route::UploadImage(name.to_string()),
-            )),
-            Method::DELETE => no_query(Matched::new(
-                "/v1/images/{name}",
-                "image.delete",
-                Route::Ready(Command::DeleteImage(name.to_string())),
-            )),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "networks"] => match *method {
-            Method::GET => {
-                no_query(Matched::new("/v1/networks", "network.list", Route::Ready(Command::ListNetworks)))
-            }
-            Method::POST => no_query(Matched::new("/v1/networks", "network.create", Route::CreateNetwork)),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "networks", name] if !name.is_empty() => match *method {
-            Method::DELETE => no_query(Matched::new(
-                "/v1/networks/{name}",
-                "network.delete",
-                Route::Ready(Command::DeleteNetwork(name.to_string())),
-            )),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "events"] => {
-            if *method != Method::GET {
-                return Err(not_allowed(method, path));
-            }
-            Query::parse(query, &["after"])?;
-            Ok(Matched::new("/v1/events", "event.list", Route::Events))
-        }
-        ["v1", "tokens"] => match *method {
-            Method::GET => {
-                no_query(Matched::new("/v1/tokens", "token.list", Route::Ready(Command::ListTokens)))
-            }
-            Method::POST => no_query(Matched::new("/v1/tokens", "token.create", Route::CreateToken)),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "tokens", id] if !id.is_empty() => match *method {
-            Method::DELETE => no_query(Matched::new(
-                "/v1/tokens/{id}",
-                "token.revoke",
-                Route::Ready(Command::RevokeToken(id.to_string())),
-            )),
-            _ => Err(not_allowed(method, path)),
-        },
-        ["v1", "audit"] => {
-            if *method != Method::GET {
-                return Err(not_allowed(method, path));
-            }
-            let q = Query::parse(query, &["limit"])?;
-            let limit = q.number("limit", 10_000, "entries")?.unwrap_or(100) as usize;
-            Ok(Matched::new("/v1/audit", "audit.list", Route::Ready(Command::ListAudit { limit })))
-        }
-        _ => Err(ApiError::NoRoute(path.to_string())),
+        let args = Args {
+            params: params.into_iter().map(String::from).collect(),
+            query: parse_query(query, spec.query)?,
+        };
+        let route = match spec.build {
+            Build::Ready(build) => Route::Ready(build(&args)?),
+            Build::Json(build) => Route::Json(args, build),
+            Build::Edge(build) => Route::Edge(build(&args)?),
+        };
+        return Ok(Matched { template: spec.template, action: spec.action, route });
     }
+    if path_known {
+        return Err(ApiError::MethodNotAllowed {
+            method: method.to_string(),
+            path: path.to_string(),
+            allow: allowed_methods(path).join(", "),
+        });
+    }
+    Err(ApiError::NoRoute(path.to_string()))
+}
+
+/// The route of `action`.
+pub fn spec(action: Action) -> &'static RouteSpec {
+    ROUTES.iter().find(|r| r.action == action).expect("every action has a route")
+}
+
+/// The method and path of `action` with `params` filled into its template
+/// in order (for clients: the CLI builds its requests with this).
+pub fn request(action: Action, params: &[&str]) -> (Method, String) {
+    let spec = spec(action);
+    let mut params = params.iter();
+    let path = spec
+        .template
+        .split('/')
+        .map(|s| if s.starts_with('{') { params.next().expect("a value for every parameter") } else { s })
+        .collect::<Vec<_>>()
+        .join("/");
+    assert!(params.next().is_none(), "{}: more parameters than the template has", spec.template);
+    (Method::from_bytes(spec.method.as_bytes()).expect("table methods are valid"), path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn command(m: Method, path: &str, query: Option<&str>) -> Command {
+        route(&m, path, query).unwrap().into_command(b"").unwrap()
+    }
+
     #[test]
     fn routes_map_to_commands() {
-        let m = route(&Method::POST, "/v1/vms/web/shutdown", Some("wait=5")).unwrap();
         assert_eq!(
-            m.route,
-            Route::Ready(Command::VmAction {
+            command(Method::POST, "/v1/vms/web/shutdown", Some("wait=5")),
+            Command::VmAction {
                 vm: "web".into(),
                 action: VmAction::Shutdown { wait: Some(5), timeout: None }
-            })
+            }
         );
-        let m = route(&Method::DELETE, "/v1/vms/web", Some("force=true")).unwrap();
-        assert_eq!(m.route, Route::Ready(Command::DeleteVm { vm: "web".into(), force: true }));
-        assert_eq!(route(&Method::GET, "/v1/vms/", None).unwrap().action, "vm.list");
+        assert_eq!(
+            command(Method::DELETE, "/v1/vms/web", Some("force=true")),
+            Command::DeleteVm { vm: "web".into(), force: true }
+        );
+        assert_eq!(route(&Method::GET, "/v1/vms/", None).unwrap().action, Action::VmList);
+        assert_eq!(
+            command(Method::POST, "/v1/vms/a/snapshots/s1/revert", None),
+            Command::RevertSnapshot { vm: "a".into(), name: "s1".into() }
+        );
     }
 
     #[test]
@@ -409,5 +344,41 @@ mod tests {
             Err(ApiError::InvalidQuery { .. })
         ));
         assert!(matches!(route(&Method::POST, "/v1/vms/a/explode", None), Err(ApiError::NoRoute(_))));
+        assert!(matches!(route(&Method::POST, "/v1/vms//start", None), Err(ApiError::NoRoute(_))));
+    }
+
+    #[test]
+    fn not_allowed_lists_the_paths_methods() {
+        match route(&Method::PUT, "/v1/vms/web", None) {
+            Err(ApiError::MethodNotAllowed { allow, .. }) => assert_eq!(allow, "GET, PATCH, DELETE"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(allowed_methods("/v1/images/x"), ["GET", "PUT", "DELETE"]);
+    }
+
+    #[test]
+    fn one_route_per_action_and_no_overlaps() {
+        for action in Action::ALL {
+            assert_eq!(ROUTES.iter().filter(|r| r.action == *action).count(), 1, "{action:?}");
+        }
+        assert_eq!(ROUTES.len(), Action::ALL.len());
+        // A path built from each template routes back to that row, so no
+        // row shadows another.
+        for spec in ROUTES {
+            let n = spec.template.matches('{').count();
+            let (method, path) = request(spec.action, &vec!["p"; n]);
+            let m = route(&method, &path, None).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(m.action, spec.action, "{path}");
+            assert_eq!(m.template, spec.template);
+        }
+    }
+
+    #[test]
+    fn request_fills_the_template() {
+        assert_eq!(
+            request(Action::VmDiskResize, &["web", "vdb"]),
+            (Method::POST, "/v1/vms/web/disks/vdb/resize".into())
+        );
+        assert_eq!(request(Action::VmList, &[]), (Method::GET, "/v1/vms".into()));
     }
 }

@@ -3,6 +3,7 @@
 //! Events.
 
 use super::{ApiError, Resp};
+use crate::core::events::Event;
 use crate::core::{BodyStream, ConsoleSession, EventFeed};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -17,7 +18,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Message, Role};
 
 /// A response body fed from a channel (SSE).
 pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
@@ -119,7 +121,7 @@ pub fn websocket_console(
             tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
                 .await;
         let (mut sink, mut source) = ws.split();
-        let ConsoleSession { mut output, input } = session;
+        let ConsoleSession { mut output, input, ends } = session;
         let to_guest = async {
             while let Some(Ok(msg)) = source.next().await {
                 let data = match msg {
@@ -141,10 +143,16 @@ pub fn websocket_console(
             }
             let _ = sink.send(Message::Close(None)).await;
         };
-        // Either side ending ends the session.
-        tokio::select! {
-            _ = to_guest => {}
-            _ = to_client => {}
+        // Either side ending ends the session, and so does revoking the
+        // token it was opened with.
+        let revoked = tokio::select! {
+            _ = to_guest => false,
+            _ = to_client => false,
+            _ = ends.wait() => true,
+        };
+        if revoked {
+            let close = CloseFrame { code: CloseCode::Policy, reason: "the token was revoked".into() };
+            let _ = sink.send(Message::Close(Some(close))).await;
         }
     });
     let mut resp = Response::new(http_body_util::Empty::new().map_err(|never| match never {}).boxed());
@@ -156,7 +164,7 @@ pub fn websocket_console(
     resp
 }
 
-fn sse_frame(ev: &crate::core::events::Event) -> Bytes {
+fn sse_frame(ev: &Event) -> Bytes {
     let data = serde_json::to_string(ev).expect("events serialize");
     Bytes::from(format!("id: {}\nevent: {}\ndata: {data}\n\n", ev.seq, ev.kind))
 }
@@ -166,11 +174,15 @@ fn sse_frame(ev: &crate::core::events::Event) -> Bytes {
 pub fn sse(feed: EventFeed) -> Resp {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
-        let EventFeed { backlog, mut live } = feed;
+        let EventFeed { backlog, mut live, audit_detail, ends } = feed;
+        let frame =
+            |ev: &Event| if audit_detail { sse_frame(ev) } else { sse_frame(&ev.without_audit_detail()) };
+        let ends = ends.wait();
+        tokio::pin!(ends);
         let mut last = 0;
         for ev in &backlog {
             last = ev.seq;
-            if tx.send(sse_frame(ev)).await.is_err() {
+            if tx.send(frame(ev)).await.is_err() {
                 return;
             }
         }
@@ -182,7 +194,7 @@ pub fn sse(feed: EventFeed) -> Resp {
                     Ok(ev) if ev.seq <= last => continue,
                     Ok(ev) => {
                         last = ev.seq;
-                        if tx.send(sse_frame(&ev)).await.is_err() {
+                        if tx.send(frame(&ev)).await.is_err() {
                             return;
                         }
                     }
@@ -190,6 +202,8 @@ pub fn sse(feed: EventFeed) -> Resp {
                     // Last-Event-ID with the backlog.
                     Err(_) => return,
                 },
+                // The token was revoked: end the stream.
+                _ = &mut ends => return,
                 _ = ping.tick() => {
                     if tx.send(Bytes::from_static(b": keep-alive\n\n")).await.is_err() {
                         return;

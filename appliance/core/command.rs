@@ -139,92 +139,164 @@ pub enum VmAction {
 }
 
 impl VmAction {
-    pub fn name(self) -> &'static str {
+    pub fn action(self) -> Action {
         match self {
-            VmAction::Start => "vm.start",
-            VmAction::Stop => "vm.stop",
-            VmAction::Shutdown { .. } => "vm.shutdown",
-            VmAction::Reboot => "vm.reboot",
-            VmAction::Pause => "vm.pause",
-            VmAction::Resume => "vm.resume",
+            VmAction::Start => Action::VmStart,
+            VmAction::Stop => Action::VmStop,
+            VmAction::Shutdown { .. } => Action::VmShutdown,
+            VmAction::Reboot => Action::VmReboot,
+            VmAction::Pause => Action::VmPause,
+            VmAction::Resume => Action::VmResume,
         }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.action().name()
     }
 }
 
+/// Declares [`Action`]: each action's variant, stable name, weakest role
+/// (`None`: no authentication) and whether it is audited, once.
+macro_rules! actions {
+    ($($variant:ident = $name:literal, $role:expr, $audited:literal;)*) => {
+        /// Every action the API offers; `api::routes` maps each to one route.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Action {
+            $($variant,)*
+        }
+
+        impl Action {
+            pub const ALL: &'static [Action] = &[$(Action::$variant,)*];
+
+            /// Stable name, used in routes, the audit log, metrics and the
+            /// OpenAPI `x-action`.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Action::$variant => $name,)*
+                }
+            }
+
+            /// The weakest role allowed to run the action; `None` for actions
+            /// that need no authentication.
+            pub fn required_role(self) -> Option<Role> {
+                match self {
+                    $(Action::$variant => $role,)*
+                }
+            }
+
+            /// Audited, with `operation.*` events. The console counts: it can
+            /// change the guest.
+            pub fn is_mutation(self) -> bool {
+                match self {
+                    $(Action::$variant => $audited,)*
+                }
+            }
+        }
+    };
+}
+
+const NONE: Option<Role> = None;
+const VIEWER: Option<Role> = Some(Role::Viewer);
+// The console (and its log) can show secrets: operator, like lifecycle.
+const OPERATOR: Option<Role> = Some(Role::Operator);
+// Tokens, audit, host networks and host updates.
+const ADMIN: Option<Role> = Some(Role::Admin);
+
+actions! {
+    Health = "health", NONE, false;
+    OpenApi = "openapi", NONE, false;
+    HealthDetails = "health.details", VIEWER, false;
+    Ready = "ready", VIEWER, false;
+    HostInfo = "host.info", VIEWER, false;
+    Metrics = "metrics", VIEWER, false;
+    VmList = "vm.list", VIEWER, false;
+    VmGet = "vm.get", VIEWER, false;
+    VmCreate = "vm.create", OPERATOR, true;
+    VmUpdate = "vm.update", OPERATOR, true;
+    VmDelete = "vm.delete", OPERATOR, true;
+    VmStart = "vm.start", OPERATOR, true;
+    VmStop = "vm.stop", OPERATOR, true;
+    VmShutdown = "vm.shutdown", OPERATOR, true;
+    VmReboot = "vm.reboot", OPERATOR, true;
+    VmPause = "vm.pause", OPERATOR, true;
+    VmResume = "vm.resume", OPERATOR, true;
+    VmClone = "vm.clone", OPERATOR, true;
+    VmDiskAttach = "vm.disk.attach", OPERATOR, true;
+    VmDiskDetach = "vm.disk.detach", OPERATOR, true;
+    VmDiskResize = "vm.disk.resize", OPERATOR, true;
+    VmSnapshotList = "vm.snapshot.list", VIEWER, false;
+    VmSnapshotCreate = "vm.snapshot.create", OPERATOR, true;
+    VmSnapshotRevert = "vm.snapshot.revert", OPERATOR, true;
+    VmSnapshotDelete = "vm.snapshot.delete", OPERATOR, true;
+    VmConsoleLog = "vm.console.log", OPERATOR, false;
+    VmConsole = "vm.console", OPERATOR, true;
+    ImageList = "image.list", VIEWER, false;
+    ImageGet = "image.get", VIEWER, false;
+    ImageUpload = "image.upload", OPERATOR, true;
+    ImageImport = "image.import", OPERATOR, true;
+    ImageDelete = "image.delete", OPERATOR, true;
+    NetworkList = "network.list", VIEWER, false;
+    NetworkCreate = "network.create", ADMIN, true;
+    NetworkDelete = "network.delete", ADMIN, true;
+    EventList = "event.list", VIEWER, false;
+    TokenList = "token.list", ADMIN, false;
+    TokenCreate = "token.create", ADMIN, true;
+    TokenRevoke = "token.revoke", ADMIN, true;
+    AuditList = "audit.list", ADMIN, false;
+    HostUpdateStatus = "host.update.status", VIEWER, false;
+    HostUpdate = "host.update", ADMIN, true;
+}
+
 impl Command {
-    /// Stable action name, used in the audit log and metrics.
-    pub fn name(&self) -> &'static str {
+    pub fn action(&self) -> Action {
         match self {
-            Command::Health => "health",
-            Command::HealthReport => "health.details",
-            Command::Ready => "ready",
-            Command::HostInfo => "host.info",
-            Command::Metrics => "metrics",
-            Command::ListVms => "vm.list",
-            Command::GetVm(_) => "vm.get",
-            Command::CreateVm(_) => "vm.create",
-            Command::UpdateVm(..) => "vm.update",
-            Command::DeleteVm { .. } => "vm.delete",
-            Command::VmAction { action, .. } => action.name(),
-            Command::CloneVm(..) => "vm.clone",
-            Command::AttachDisk(..) => "vm.disk.attach",
-            Command::DetachDisk { .. } => "vm.disk.detach",
-            Command::ResizeDisk { .. } => "vm.disk.resize",
-            Command::ListSnapshots(_) => "vm.snapshot.list",
-            Command::CreateSnapshot(..) => "vm.snapshot.create",
-            Command::RevertSnapshot { .. } => "vm.snapshot.revert",
-            Command::DeleteSnapshot { .. } => "vm.snapshot.delete",
-            Command::ConsoleLog { .. } => "vm.console.log",
-            Command::Console(_) => "vm.console",
-            Command::ListImages => "image.list",
-            Command::GetImage(_) => "image.get",
-            Command::UploadImage { .. } => "image.upload",
-            Command::ImportImage(_) => "image.import",
-            Command::DeleteImage(_) => "image.delete",
-            Command::ListNetworks => "network.list",
-            Command::CreateNetwork(_) => "network.create",
-            Command::DeleteNetwork(_) => "network.delete",
-            Command::Events { .. } => "event.list",
-            Command::ListTokens => "token.list",
-            Command::CreateToken(_) => "token.create",
-            Command::RevokeToken(_) => "token.revoke",
-            Command::ListAudit { .. } => "audit.list",
-            Command::UpdateStatus => "host.update.status",
-            Command::ApplyUpdate { .. } => "host.update",
+            Command::Health => Action::Health,
+            Command::HealthReport => Action::HealthDetails,
+            Command::Ready => Action::Ready,
+            Command::HostInfo => Action::HostInfo,
+            Command::Metrics => Action::Metrics,
+            Command::ListVms => Action::VmList,
+            Command::GetVm(_) => Action::VmGet,
+            Command::CreateVm(_) => Action::VmCreate,
+            Command::UpdateVm(..) => Action::VmUpdate,
+            Command::DeleteVm { .. } => Action::VmDelete,
+            Command::VmAction { action, .. } => action.action(),
+            Command::CloneVm(..) => Action::VmClone,
+            Command::AttachDisk(..) => Action::VmDiskAttach,
+            Command::DetachDisk { .. } => Action::VmDiskDetach,
+            Command::ResizeDisk { .. } => Action::VmDiskResize,
+            Command::ListSnapshots(_) => Action::VmSnapshotList,
+            Command::CreateSnapshot(..) => Action::VmSnapshotCreate,
+            Command::RevertSnapshot { .. } => Action::VmSnapshotRevert,
+            Command::DeleteSnapshot { .. } => Action::VmSnapshotDelete,
+            Command::ConsoleLog { .. } => Action::VmConsoleLog,
+            Command::Console(_) => Action::VmConsole,
+            Command::ListImages => Action::ImageList,
+            Command::GetImage(_) => Action::ImageGet,
+            Command::UploadImage { .. } => Action::ImageUpload,
+            Command::ImportImage(_) => Action::ImageImport,
+            Command::DeleteImage(_) => Action::ImageDelete,
+            Command::ListNetworks => Action::NetworkList,
+            Command::CreateNetwork(_) => Action::NetworkCreate,
+            Command::DeleteNetwork(_) => Action::NetworkDelete,
+            Command::Events { .. } => Action::EventList,
+            Command::ListTokens => Action::TokenList,
+            Command::CreateToken(_) => Action::TokenCreate,
+            Command::RevokeToken(_) => Action::TokenRevoke,
+            Command::ListAudit { .. } => Action::AuditList,
+            Command::UpdateStatus => Action::HostUpdateStatus,
+            Command::ApplyUpdate { .. } => Action::HostUpdate,
         }
     }
 
-    /// The weakest role allowed to run this command; `None` for commands
-    /// that need no authentication.
-    pub fn required_role(&self) -> Option<Role> {
-        required_role(self.name())
+    /// Stable action name, used in the audit log and metrics.
+    pub fn name(&self) -> &'static str {
+        self.action().name()
     }
 
-    /// Mutations are audited. The console counts: it can change the guest.
+    /// Mutations are audited.
     pub fn is_mutation(&self) -> bool {
-        matches!(
-            self,
-            Command::CreateVm(_)
-                | Command::UpdateVm(..)
-                | Command::DeleteVm { .. }
-                | Command::VmAction { .. }
-                | Command::CloneVm(..)
-                | Command::AttachDisk(..)
-                | Command::DetachDisk { .. }
-                | Command::ResizeDisk { .. }
-                | Command::CreateSnapshot(..)
-                | Command::RevertSnapshot { .. }
-                | Command::DeleteSnapshot { .. }
-                | Command::Console(_)
-                | Command::UploadImage { .. }
-                | Command::ImportImage(_)
-                | Command::DeleteImage(_)
-                | Command::CreateNetwork(_)
-                | Command::DeleteNetwork(_)
-                | Command::CreateToken(_)
-                | Command::RevokeToken(_)
-                | Command::ApplyUpdate { .. }
-        )
+        self.action().is_mutation()
     }
 
     /// What the command acts on, for the audit log.
@@ -258,35 +330,23 @@ impl Command {
     }
 }
 
-/// The weakest role allowed to run the action named `action` (see
-/// [`Command::name`]); `None` for actions that need no authentication. Keyed
-/// by name so the API can check it before reading a request body.
-pub fn required_role(action: &str) -> Option<Role> {
-    match action {
-        "health" | "openapi" => None,
-        "ready" | "health.details" | "host.info" | "metrics" | "vm.list" | "vm.get" | "vm.snapshot.list"
-        | "image.list" | "image.get" | "network.list" | "event.list" | "host.update.status" => {
-            Some(Role::Viewer)
-        }
-        // The console (and its log) can show secrets: operator, like lifecycle.
-        a if a.starts_with("vm.") || a.starts_with("image.") => Some(Role::Operator),
-        // Tokens, audit, host networks and anything new: admin until decided
-        // otherwise.
-        _ => Some(Role::Admin),
-    }
-}
-
 /// An open serial console: output chunks arrive on `output`; input goes
-/// through `input`. Dropping both ends the session.
+/// through `input`. Dropping both ends the session, which the API does
+/// when `ends` resolves (the caller's token was revoked).
 pub struct ConsoleSession {
     pub output: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
     pub input: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub ends: super::Revoked,
 }
 
-/// A live event feed: what was missed, then what comes.
+/// A live event feed: what was missed, then what comes, until `ends`
+/// resolves. Without `audit_detail`, events are shown as
+/// [`super::events::Event::without_audit_detail`] makes them.
 pub struct EventFeed {
     pub backlog: Vec<super::events::Event>,
     pub live: tokio::sync::broadcast::Receiver<super::events::Event>,
+    pub audit_detail: bool,
+    pub ends: super::Revoked,
 }
 
 pub enum Reply {

@@ -1,6 +1,24 @@
 use crate::hypervisor::HypervisorError;
 use crate::store::StoreError;
 
+/// What kind of failure an error is; the API turns each kind into one HTTP
+/// status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed or a value is out of range.
+    Invalid,
+    Forbidden,
+    NotFound,
+    /// The request conflicts with the current state; retrying later may work.
+    Conflict,
+    TooLarge,
+    /// Well-formed but unusable content (an update bundle).
+    Unprocessable,
+    /// A dependency (libvirt, the store) does not answer.
+    Unavailable,
+    Internal,
+}
+
 /// Everything a command can fail with. Status codes are chosen from this at
 /// the API edge only.
 #[derive(Debug, thiserror::Error)]
@@ -48,47 +66,65 @@ impl CoreError {
         CoreError::Invalid { field: field.into(), message: message.into() }
     }
 
-    /// Stable machine-readable code for the JSON error body.
-    pub fn code(&self) -> &'static str {
+    /// The kind of failure and its stable machine-readable code (the JSON
+    /// error body's `code`). The one place nested subsystem errors are
+    /// classified; the API maps the kind to a status.
+    pub fn classify(&self) -> (ErrorKind, &'static str) {
+        use crate::host::HostError;
+        use crate::images::ImageError;
+        use ErrorKind::*;
         match self {
-            CoreError::Invalid { .. } => "invalid_value",
-            CoreError::NotFound(_) => "not_found",
-            CoreError::Forbidden { .. } => "forbidden",
-            CoreError::NameTaken(_) => "name_taken",
-            CoreError::WrongState { .. } => "wrong_state",
-            CoreError::Busy(_) => "busy",
-            CoreError::Unmanaged(_) => "unmanaged",
-            CoreError::InsufficientMemory { .. } => "insufficient_memory",
-            CoreError::NotReady(_) => "not_ready",
-            CoreError::InUse { .. } => "in_use",
-            CoreError::Overlap(_) => "subnet_overlap",
+            CoreError::Invalid { .. } => (Invalid, "invalid_value"),
+            CoreError::NotFound(_) => (NotFound, "not_found"),
+            CoreError::Forbidden { .. } => (Forbidden, "forbidden"),
+            CoreError::NameTaken(_) => (Conflict, "name_taken"),
+            CoreError::WrongState { .. } => (Conflict, "wrong_state"),
+            CoreError::Busy(_) => (Conflict, "busy"),
+            CoreError::Unmanaged(_) => (Conflict, "unmanaged"),
+            CoreError::InsufficientMemory { .. } => (Conflict, "insufficient_memory"),
+            CoreError::NotReady(_) => (Unavailable, "not_ready"),
+            CoreError::InUse { .. } => (Conflict, "in_use"),
+            CoreError::Overlap(_) => (Conflict, "subnet_overlap"),
             CoreError::Image(e) => match e {
-                crate::images::ImageError::TooLarge { .. } => "payload_too_large",
-                crate::images::ImageError::ChecksumMismatch { .. } => "checksum_mismatch",
-                crate::images::ImageError::BadChecksum => "invalid_value",
-                crate::images::ImageError::Truncated(_) => "truncated",
-                crate::images::ImageError::Io(_) => "image_storage",
-                _ => "invalid_image",
+                ImageError::TooLarge { .. } => (TooLarge, "payload_too_large"),
+                ImageError::ChecksumMismatch { .. } => (Invalid, "checksum_mismatch"),
+                ImageError::BadChecksum => (Invalid, "invalid_value"),
+                ImageError::Truncated(_) => (Invalid, "truncated"),
+                ImageError::Io(_) => (Internal, "image_storage"),
+                _ => (Invalid, "invalid_image"),
             },
-            CoreError::Store(StoreError::Conflict(_)) => "conflict",
-            CoreError::Store(StoreError::NotFound(_)) => "not_found",
-            CoreError::Store(_) => "store_error",
-            CoreError::Hypervisor(HypervisorError::Unavailable { .. }) => "libvirt_unavailable",
-            CoreError::Hypervisor(HypervisorError::WrongState(_)) => "wrong_state",
-            CoreError::Hypervisor(HypervisorError::Disk(_)) => "disk_error",
-            CoreError::Hypervisor(HypervisorError::NoNetwork(_) | HypervisorError::NoSnapshot(_)) => {
-                "not_found"
-            }
-            CoreError::Hypervisor(_) => "libvirt_error",
+            CoreError::Store(e) => match e {
+                StoreError::Conflict(_) => (Conflict, "conflict"),
+                StoreError::NotFound(_) => (NotFound, "not_found"),
+                _ => (Internal, "store_error"),
+            },
+            CoreError::Hypervisor(e) => match e {
+                HypervisorError::Unavailable { .. } => (Unavailable, "libvirt_unavailable"),
+                HypervisorError::WrongState(_) => (Conflict, "wrong_state"),
+                HypervisorError::NoNetwork(_) | HypervisorError::NoSnapshot(_) => (NotFound, "not_found"),
+                // The record exists but libvirt lost the domain: a state
+                // conflict, not a missing resource.
+                HypervisorError::NoDomain(_) => (Conflict, "libvirt_error"),
+                HypervisorError::Disk(_) => (Internal, "disk_error"),
+                HypervisorError::Libvirt(_) => (Internal, "libvirt_error"),
+            },
             CoreError::Host(e) => match e {
-                crate::host::HostError::NotAppliance(_) => "not_appliance",
-                crate::host::HostError::Bundle(_) => "invalid_bundle",
-                crate::host::HostError::Checksum { .. } => "checksum_mismatch",
-                crate::host::HostError::Seed(_) => "invalid_value",
-                crate::host::HostError::Proc(_) | crate::host::HostError::Io(_) => "host_error",
+                HostError::NotAppliance(_) => (Conflict, "not_appliance"),
+                HostError::Bundle(_) => (Unprocessable, "invalid_bundle"),
+                HostError::Checksum { .. } => (Unprocessable, "checksum_mismatch"),
+                HostError::Seed(_) => (Invalid, "invalid_value"),
+                HostError::Proc(_) | HostError::Io(_) => (Internal, "host_error"),
             },
-            CoreError::UpdateInProgress(_) => "update_in_progress",
-            CoreError::Internal(_) => "internal",
+            CoreError::UpdateInProgress(_) => (Conflict, "update_in_progress"),
+            CoreError::Internal(_) => (Internal, "internal"),
         }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.classify().0
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.classify().1
     }
 }

@@ -22,6 +22,29 @@ pub struct Event {
     pub data: serde_json::Value,
 }
 
+impl Event {
+    /// The event as callers below admin see it: `operation.*` events keep
+    /// what was done (`op`, the target, the error code) but not who did it
+    /// (`actor`), which tokens (the target of `token.*`) or the error text;
+    /// those are audit data, admin-only like `/v1/audit`.
+    pub fn without_audit_detail(&self) -> std::borrow::Cow<'_, Event> {
+        if !self.kind.starts_with("operation.") {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut ev = self.clone();
+        if let Some(data) = ev.data.as_object_mut() {
+            data.remove("actor");
+            if data.get("op").and_then(|o| o.as_str()).is_some_and(|o| o.starts_with("token.")) {
+                data.remove("target");
+            }
+            if let Some(err) = data.get_mut("error").and_then(|e| e.as_object_mut()) {
+                err.retain(|k, _| k == "code");
+            }
+        }
+        std::borrow::Cow::Owned(ev)
+    }
+}
+
 pub struct EventBus {
     inner: Mutex<(u64, VecDeque<Event>)>,
     tx: broadcast::Sender<Event>,
@@ -74,5 +97,25 @@ mod tests {
         assert_eq!(backlog.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
         bus.publish("image.created", serde_json::json!({}));
         assert_eq!(rx.try_recv().unwrap().seq, 6);
+    }
+
+    #[test]
+    fn audit_detail_is_stripped() {
+        let bus = EventBus::default();
+        let op = |op: &str| {
+            serde_json::json!({"op": op, "target": "t", "actor": "ann",
+            "error": {"code": "not_found", "message": "token \"ops\" not found"}})
+        };
+        bus.publish("operation.failed", op("token.revoke"));
+        bus.publish("operation.failed", op("vm.start"));
+        bus.publish("vm.state", serde_json::json!({"name": "web", "state": "running"}));
+        let (evs, _) = bus.subscribe(0);
+        let shown: Vec<_> = evs.iter().map(|e| e.without_audit_detail().data.clone()).collect();
+        assert_eq!(shown[0], serde_json::json!({"op": "token.revoke", "error": {"code": "not_found"}}));
+        assert_eq!(
+            shown[1],
+            serde_json::json!({"op": "vm.start", "target": "t", "error": {"code": "not_found"}})
+        );
+        assert_eq!(shown[2], evs[2].data);
     }
 }

@@ -17,8 +17,9 @@ mod tokens;
 mod update;
 mod vm;
 
-pub use command::{required_role, BodyStream, Caller, Command, ConsoleSession, EventFeed, Reply, VmAction};
-pub use error::CoreError;
+pub use command::{Action, BodyStream, Caller, Command, ConsoleSession, EventFeed, Reply, VmAction};
+pub use error::{CoreError, ErrorKind};
+pub use tokens::Revoked;
 
 use crate::config::Config;
 use crate::hypervisor::{DomainInfo, Hypervisor, HypervisorInfo};
@@ -93,6 +94,8 @@ pub struct Core {
     generation: AtomicU64,
     list_cache: Mutex<Option<(u64, Arc<Vec<Vm>>)>>,
     tokens: RwLock<HashMap<String, TokenRecord>>,
+    /// Ids of tokens revoked since start; open streams watch it.
+    revoked: tokio::sync::watch::Sender<std::collections::HashSet<String>>,
     images: RwLock<std::collections::BTreeMap<String, ImageRecord>>,
     networks: RwLock<std::collections::BTreeMap<String, NetworkRecord>>,
     snapshots: RwLock<Vec<SnapshotRecord>>,
@@ -142,6 +145,7 @@ impl Core {
             generation: AtomicU64::new(1),
             list_cache: Mutex::new(None),
             tokens: RwLock::new(tokens),
+            revoked: tokio::sync::watch::Sender::new(Default::default()),
             images: RwLock::new(images),
             networks: RwLock::new(networks),
             snapshots: RwLock::new(snapshots),
@@ -172,9 +176,9 @@ impl Core {
 
     /// Runs one command for `caller`: authorization, execution, audit.
     pub async fn execute(self: &Arc<Self>, caller: &Caller, cmd: Command) -> Result<Reply> {
-        self.authorize(caller, cmd.name()).await?;
+        self.authorize(caller, cmd.action()).await?;
         if !cmd.is_mutation() {
-            return self.query(cmd).await;
+            return self.query(caller, cmd).await;
         }
         let audit_cmd = cmd.clone();
         let op =
@@ -194,11 +198,12 @@ impl Core {
         result
     }
 
-    /// Checks that `caller` may run the action named `action`; a refusal of
-    /// anything beyond reading is audited. The API calls this before it
-    /// reads a request body, `execute` again for every command.
-    pub async fn authorize(&self, caller: &Caller, action: &'static str) -> Result<()> {
-        let Some(need) = required_role(action) else { return Ok(()) };
+    /// Checks that `caller` may run `action`; a refusal of anything beyond
+    /// reading is audited. The API calls this before it reads a request
+    /// body, `execute` again for every command.
+    pub async fn authorize(&self, caller: &Caller, action: Action) -> Result<()> {
+        let Some(need) = action.required_role() else { return Ok(()) };
+        let action = action.name();
         if caller.role >= need {
             return Ok(());
         }
@@ -234,7 +239,7 @@ impl Core {
         }
     }
 
-    async fn query(self: &Arc<Self>, cmd: Command) -> Result<Reply> {
+    async fn query(self: &Arc<Self>, caller: &Caller, cmd: Command) -> Result<Reply> {
         match cmd {
             Command::Health => Ok(Reply::Health(Health {
                 status: "ok".into(),
@@ -279,7 +284,9 @@ impl Core {
             Command::ConsoleLog { vm, bytes } => Ok(Reply::ConsoleLog(self.console_tail(&vm, bytes)?)),
             Command::Events { after } => {
                 let (backlog, live) = self.events.subscribe(after);
-                Ok(Reply::Events(EventFeed { backlog, live }))
+                // Who did what is audit data: admin-only, like /v1/audit.
+                let audit_detail = caller.role >= crate::types::Role::Admin;
+                Ok(Reply::Events(EventFeed { backlog, live, audit_detail, ends: self.until_revoked(caller) }))
             }
             Command::UpdateStatus => Ok(Reply::Update(Box::new(self.update_view().await))),
             Command::ListAudit { limit } => {
@@ -315,7 +322,10 @@ impl Core {
             Command::DeleteSnapshot { vm, name } => {
                 self.delete_snapshot(&vm, &name).await.map(|_| Reply::Deleted)
             }
-            Command::Console(vm) => self.open_console(&vm).await.map(Reply::Console),
+            Command::Console(vm) => {
+                let session = self.open_console(&vm).await?;
+                Ok(Reply::Console(ConsoleSession { ends: self.until_revoked(caller), ..session }))
+            }
             Command::CloneVm(vm, req) => self.clone_vm(&vm, req).await.map(|v| Reply::Created(Box::new(v))),
             Command::AttachDisk(vm, spec) => {
                 self.attach_disk(&vm, spec).await.map(|v| Reply::Vm(Box::new(v)))

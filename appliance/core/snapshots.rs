@@ -144,6 +144,6 @@ impl Core {
             }
             console.close();
         });
-        Ok(ConsoleSession { output, input })
+        Ok(ConsoleSession { output, input, ends: Default::default() })
     }
 }

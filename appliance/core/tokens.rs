@@ -10,6 +10,23 @@ use subtle::ConstantTimeEq;
 
 const PREFIX: &str = "nct_";
 
+/// The end of a stream opened with a token: see [`Core::until_revoked`].
+#[derive(Default)]
+pub struct Revoked(Option<(String, tokio::sync::watch::Receiver<std::collections::HashSet<String>>)>);
+
+impl Revoked {
+    pub async fn wait(self) {
+        if let Some((id, mut rx)) = self.0 {
+            // The set only grows, so checking the current value first
+            // cannot miss a revocation that happened before the wait.
+            if rx.wait_for(|ids| ids.contains(&id)).await.is_ok() {
+                return;
+            }
+        }
+        std::future::pending().await
+    }
+}
+
 fn view(t: &TokenRecord) -> Token {
     Token { id: t.id.clone(), name: t.name.clone(), role: t.role, created_at: rfc3339(t.created_at) }
 }
@@ -74,7 +91,17 @@ impl Core {
                 .map(|t| t.id.clone())
                 .ok_or_else(|| CoreError::NotFound(format!("token {r:?}")))?
         };
-        self.commit(Change::TokenDelete { id }).await
+        self.commit(Change::TokenDelete { id: id.clone() }).await?;
+        self.revoked.send_modify(|ids| {
+            ids.insert(id);
+        });
+        Ok(())
+    }
+
+    /// Resolves once `caller`'s token is revoked (at once if it already
+    /// is); never for callers without a token (the local socket's root).
+    pub fn until_revoked(&self, caller: &Caller) -> Revoked {
+        Revoked(caller.token_id.clone().map(|id| (id, self.revoked.subscribe())))
     }
 
     /// Creates the first admin token when there is none, returning its

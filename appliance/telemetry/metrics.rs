@@ -37,6 +37,7 @@ pub struct Metrics {
     pub libvirt_connected: AtomicBool,
     pub libvirt_reconnects: AtomicU64,
     pub rate_limited: AtomicU64,
+    pub auth_failures: AtomicU64,
     pub connections_refused: AtomicU64,
     pub lifecycle_events: AtomicU64,
 }
@@ -158,6 +159,13 @@ impl Metrics {
             "Requests refused with 429.",
             "counter",
             self.rate_limited.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_auth_failures_total",
+            "Requests with no, an unknown, a malformed or a revoked token (401, or 429 past the per-address limit).",
+            "counter",
+            self.auth_failures.load(Ordering::Relaxed).to_string(),
         );
         gauge(
             &mut out,

@@ -18,6 +18,9 @@ pub struct Opts {
     pub ip_octet: u8,
     pub uri: String,
     pub rate_limit: u32,
+    /// `api.auth_failure_burst`; 0 (off) unless a test is about it, as the
+    /// role tests make many failed authentications from one address.
+    pub auth_failure_burst: u32,
     pub max_connections: usize,
     pub header_timeout_secs: u64,
     pub data_dir: Option<PathBuf>,
@@ -29,6 +32,7 @@ impl Opts {
             ip_octet,
             uri: "test:///default".into(),
             rate_limit: 0,
+            auth_failure_burst: 0,
             max_connections: 256,
             header_timeout_secs: 10,
             data_dir: None,
@@ -75,11 +79,12 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "data_dir = {data:?}\n[api]\nlisten = [\"{addr}\"]\nsocket = {socket:?}\nrate_limit_per_sec = {rl}\nrate_limit_burst = {rl}\n\
+                "data_dir = {data:?}\n[api]\nlisten = [\"{addr}\"]\nsocket = {socket:?}\nrate_limit_per_sec = {rl}\nrate_limit_burst = {rl}\nauth_failure_burst = {afb}\n\
                  max_connections = {mc}\nheader_timeout_secs = {ht}\n\
                  [hypervisor]\nuri = {uri:?}\ndomain_type = \"qemu\"\nmemory_reserve_mib = 256\n[images]\nimport_dirs = [{import:?}]\n[log]\nlevel = \"info,novacron=debug\"\ntarget = \"stderr\"\n",
                 import = dir.join("import"),
                 rl = opts.rate_limit,
+                afb = opts.auth_failure_burst,
                 mc = opts.max_connections,
                 ht = opts.header_timeout_secs,
                 uri = opts.uri,
@@ -239,6 +244,32 @@ pub async fn call(c: &Client, method: Method, path: &str, body: Option<Value>) -
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
     };
     (status, v)
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket over HTTPS (the console) with `token`.
+pub async fn websocket(
+    d: &Daemon,
+    path: &str,
+    token: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let tls = novacron::cli::client::pinned_tls_config(&d.fingerprint, &[b"http/1.1"]).unwrap();
+    let addr = d.url.trim_start_matches("https://").to_string();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.unwrap();
+    let req = hyper::Request::builder()
+        .uri(format!("wss://{addr}{path}"))
+        .header("Host", &addr)
+        .header("Authorization", format!("Bearer {token}"))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", tokio_tungstenite::tungstenite::handshake::client::generate_key())
+        .body(())
+        .unwrap();
+    tokio_tungstenite::client_async(req, stream).await.map(|(ws, _)| ws)
 }
 
 pub fn error_code(v: &Value) -> &str {
