@@ -48,15 +48,17 @@ pub fn effective_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     if let Some(t) = &args.domain_type {
         cfg.hypervisor.domain_type = t.clone();
     }
-    if args.source.dev && cfg.api.socket.is_none() {
-        cfg.api.socket = Some(cfg.data_dir.join("novacron.sock"));
-    }
     // Relative data dirs (dev mode) are made absolute: libvirt needs
     // absolute paths for disks and logs.
     if cfg.data_dir.is_relative() {
         let cwd = std::env::current_dir()
             .map_err(|source| ConfigError::Read { path: cfg.data_dir.clone(), source })?;
         cfg.data_dir = cwd.join(&cfg.data_dir);
+    }
+    // After the above, so that the path printed for NOVACRON_SOCKET works
+    // from any directory.
+    if args.source.dev && cfg.api.socket.is_none() {
+        cfg.api.socket = Some(cfg.data_dir.join("novacron.sock"));
     }
     cfg.validate()?;
     Ok(cfg)
@@ -100,7 +102,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         crate::VERSION
     );
     if let Some(t) = first_token {
-        announce_first_token(&core, &urls, &identity.fingerprint, &t.secret)?;
+        announce_first_token(
+            &core,
+            &urls,
+            &server.socket,
+            &identity.fingerprint,
+            &t.secret,
+            args.source.dev,
+        )?;
     }
     notify::notify(&format!("READY=1\nSTATUS=serving, {} VMs managed", core.vm_count()));
     if let Some(interval) = notify::watchdog_interval() {
@@ -135,34 +144,46 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Shows the first admin token once. On a terminal (dev mode) it is
-/// printed; under a service manager it goes to a root-only file, never to
-/// the log.
+/// Shows the first admin token once. On a terminal, with logs on stderr or
+/// in the dev profile it is printed with the API's URLs and the
+/// certificate's fingerprint; under a service manager it goes to a
+/// root-only file instead (the appliance's first-boot banner shows it),
+/// never to the log. The dev profile also keeps the file, so the token
+/// outlives the terminal it was printed on.
 fn announce_first_token(
     core: &Core,
     urls: &[String],
+    socket: &std::path::Path,
     fingerprint: &str,
     secret: &str,
+    dev: bool,
 ) -> std::io::Result<()> {
-    if std::io::stdout().is_terminal()
-        || core.cfg.log.target == "stderr"
-        || std::env::var_os("NOVACRON_PRINT_TOKEN").is_some()
-    {
-        println!("NovaCron Edge is running.");
-        for u in urls {
-            println!("  API:          {u}");
-        }
-        println!("  fingerprint:  {fingerprint}");
-        println!("  admin token:  {secret}");
-        println!("The token is shown only now.");
-        return Ok(());
-    }
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let print = dev
+        || std::io::stdout().is_terminal()
+        || core.cfg.log.target == "stderr"
+        || std::env::var_os("NOVACRON_PRINT_TOKEN").is_some();
     let path = core.paths.data_dir.join("initial-admin-token");
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
-    writeln!(f, "{secret}")?;
-    tracing::info!(path = %path.display(), "the first admin token was written to a root-only file; delete it once read");
+    if dev || !print {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        writeln!(f, "{secret}")?;
+    }
+    if !print {
+        tracing::info!(path = %path.display(), "the first admin token was written to a root-only file; delete it once read");
+        return Ok(());
+    }
+    let mut text = crate::host::setup::banner(urls, fingerprint, secret);
+    if dev {
+        text.push_str(&format!(
+            "The token is also in {} (root-only); delete that file once you have it.\n\
+             For the CLI on this host: export NOVACRON_SOCKET={}\n",
+            path.display(),
+            socket.display()
+        ));
+    }
+    // Best effort: a closed stdout must not stop the daemon.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
     Ok(())
 }
 

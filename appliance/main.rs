@@ -1,20 +1,21 @@
 use clap::Parser;
+use novacron::cli::output::{exit_code, stderr, stdout};
 use novacron::cli::{Cli, Cmd, ConfigCmd};
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Cmd::Config(ConfigCmd::Default) => {
-            print!("{}", novacron::config::EMBEDDED_DEFAULT);
+            stdout(format_args!("{}", novacron::config::EMBEDDED_DEFAULT));
             0
         }
         Cmd::Config(ConfigCmd::Check { ref path }) => match novacron::config::Config::load(path, true) {
             Ok(_) => {
-                println!("{}: ok", path.display());
+                stdout(format_args!("{}: ok\n", path.display()));
                 0
             }
             Err(e) => {
-                eprintln!("novacron: {e}");
+                stderr(format_args!("novacron: {e}\n"));
                 1
             }
         },
@@ -25,7 +26,7 @@ fn main() {
             match rt.block_on(novacron::daemon::serve(args.clone())) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("novacron: {e}");
+                    stderr(format_args!("novacron: {e}\n"));
                     1
                 }
             }
@@ -36,5 +37,5 @@ fn main() {
             rt.block_on(novacron::cli::run_client(cli))
         }
     };
-    std::process::exit(code);
+    std::process::exit(exit_code(code));
 }

@@ -314,7 +314,7 @@ async fn hostile_provisioning_requests_change_nothing() {
             400,
             "invalid_value",
         ),
-        ("unknown network", Method::POST, "/v1/vms", vm(json!({"network": "nope"})), 400, "invalid_value"),
+        ("unknown network", Method::POST, "/v1/vms", vm(json!({"network": "nope"})), 404, "not_found"),
         (
             "image not registered",
             Method::POST,

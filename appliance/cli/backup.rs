@@ -26,6 +26,7 @@ pub enum BackupCmd {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// The archive to write (a tar file).
     pub file: PathBuf,
     #[command(flatten)]
     pub source: ConfigSource,
@@ -40,6 +41,7 @@ pub struct CreateArgs {
 
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
+    /// The archive to restore.
     pub file: PathBuf,
     #[command(flatten)]
     pub source: ConfigSource,

@@ -21,6 +21,8 @@ pub enum ClientError {
     Url(String),
     #[error("remote use needs --fingerprint (SHA-256 of the server certificate) or --ca")]
     NoTrust,
+    #[error("invalid --fingerprint {0:?}: give the certificate's SHA-256 as 32 hex bytes (AB:CD:...), as `novacron status` prints it")]
+    Fingerprint(String),
     #[error("{0}")]
     Tls(String),
     #[error("request failed: {0}")]
@@ -30,12 +32,15 @@ pub enum ClientError {
 #[derive(Debug, Clone)]
 pub enum Target {
     Socket(PathBuf),
-    Https { host: String, port: u16, token: Option<String>, tls: Arc<rustls::ClientConfig> },
+    Https { host: String, port: u16, tls: Arc<rustls::ClientConfig> },
 }
 
 #[derive(Debug, Clone)]
 pub struct Client {
     target: Target,
+    /// Sent on either target: the socket needs it from users other than
+    /// root and the daemon's own (members of the socket's group).
+    token: Option<String>,
 }
 
 /// Trusts exactly the certificate with the pinned SHA-256 fingerprint, or
@@ -136,7 +141,12 @@ pub fn pinned_tls_config(
 
 impl Client {
     pub fn socket(path: impl Into<PathBuf>) -> Client {
-        Client { target: Target::Socket(path.into()) }
+        Client { target: Target::Socket(path.into()), token: None }
+    }
+
+    /// The same client, sending `token` with every request.
+    pub fn with_token(self, token: Option<String>) -> Client {
+        Client { token, ..self }
     }
 
     /// An HTTPS client for `url` (`https://host:port`).
@@ -161,8 +171,13 @@ impl Client {
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let mut tls = match (fingerprint, ca) {
             (Some(fp), _) => {
+                // A SHA-256 is 32 bytes; anything else can never match and
+                // is a typo, not an unreachable daemon.
+                if normalize_fingerprint(fp).len() != 32 * 3 - 1 {
+                    return Err(ClientError::Fingerprint(fp.into()));
+                }
                 let tls = pinned_tls_config(fp, &[b"http/1.1"])?;
-                return Ok(Client { target: Target::Https { host, port, token, tls } });
+                return Ok(Client { target: Target::Https { host, port, tls }, token });
             }
             (None, Some(ca)) => {
                 let pem =
@@ -178,7 +193,7 @@ impl Client {
             (None, None) => return Err(ClientError::NoTrust),
         };
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Client { target: Target::Https { host, port, token, tls: Arc::new(tls) } })
+        Ok(Client { target: Target::Https { host, port, tls: Arc::new(tls) }, token })
     }
 
     pub fn describe(&self) -> String {
@@ -221,14 +236,12 @@ impl Client {
     /// A request builder with the Host and Authorization headers set.
     pub fn builder(&self, method: Method, path: &str) -> hyper::http::request::Builder {
         let mut req = Request::builder().method(method).uri(path);
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
         let host = match &self.target {
             Target::Socket(_) => "localhost".to_string(),
-            Target::Https { host, port, token, .. } => {
-                if let Some(t) = token {
-                    req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
-                }
-                format!("{host}:{port}")
-            }
+            Target::Https { host, port, .. } => format!("{host}:{port}"),
         };
         req.header(hyper::header::HOST, host)
     }
@@ -257,9 +270,17 @@ impl Client {
     async fn connect(&self) -> Result<Box<dyn Io>, ClientError> {
         match &self.target {
             Target::Socket(path) => {
-                let stream = tokio::net::UnixStream::connect(path).await.map_err(|e| {
-                    ClientError::Connect { target: path.display().to_string(), reason: e.to_string() }
-                })?;
+                let stream =
+                    tokio::net::UnixStream::connect(path).await.map_err(|e| ClientError::Connect {
+                        target: path.display().to_string(),
+                        // Most often a new user's dev daemon, whose socket is
+                        // in its data dir rather than under /run.
+                        reason: format!(
+                            "{e}; is the daemon running? `novacron serve --dev` has its socket at \
+                         novacron-dev/novacron.sock where it was started: point NOVACRON_SOCKET \
+                         or --socket at it"
+                        ),
+                    })?;
                 Ok(Box::new(stream))
             }
             Target::Https { host, port, tls, .. } => {

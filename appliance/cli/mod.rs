@@ -1,16 +1,46 @@
 //! CLI subsystem: `novacron <command>`. Every command except `serve` is an
 //! API client: the local socket by default, HTTPS with `--url`.
 //!
-//! Exit codes (stable, for scripts): 0 ok, 1 failure, 2 usage, 3 not found,
-//! 4 conflict (wrong state, name taken, busy), 5 not authorized, 6 daemon
-//! unreachable.
+//! Exit codes (stable, for scripts): 0 ok, 1 failure, 2 usage or invalid
+//! value, 3 not found, 4 conflict (wrong state, name taken, busy), 5 not
+//! authorized, 6 daemon unreachable, 7 a wait timed out.
+
+// The CLI's output goes through these instead of std's macros, which panic
+// (exit 101) when stdout is a closed pipe (`novacron vm list | head -1`).
+// Defined before the submodules so that they are in scope there.
+macro_rules! println {
+    () => {
+        $crate::cli::output::stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::cli::output::stdout(format_args!($($arg)*))
+    };
+}
+macro_rules! eprintln {
+    () => {
+        $crate::cli::output::stderr(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::stderr(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+macro_rules! eprint {
+    ($($arg:tt)*) => {
+        $crate::cli::output::stderr(format_args!($($arg)*))
+    };
+}
 
 pub mod backup;
 pub mod client;
 mod console;
 mod events;
 mod health;
-mod output;
+pub mod output;
 pub mod preflight;
 mod update;
 mod upload;
@@ -41,7 +71,8 @@ pub struct ConnArgs {
     /// Daemon URL for remote use (https://HOST:8443); the local socket otherwise.
     #[arg(long, global = true, env = "NOVACRON_URL")]
     pub url: Option<String>,
-    /// API token for remote use.
+    /// API token: needed over HTTPS, and on the local socket by users other
+    /// than root.
     #[arg(long, global = true, env = "NOVACRON_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// SHA-256 fingerprint of the daemon's certificate (from `novacron status`).
@@ -90,6 +121,7 @@ pub enum Cmd {
     Token(TokenCmd),
     /// Show the audit log (admin).
     Audit {
+        /// How many of the newest entries.
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
@@ -150,38 +182,51 @@ pub enum VmCmd {
     List,
     /// Show one VM.
     Show {
+        /// VM name or id.
         vm: String,
     },
     /// Create a VM (stopped).
     Create(CreateArgs),
+    /// Start a VM.
     Start {
+        /// VM name or id.
         vm: String,
     },
-    /// Force a VM off.
+    /// Force a VM off (like pulling the power cord).
     Stop {
+        /// VM name or id.
         vm: String,
     },
-    /// ACPI shutdown.
+    /// Ask the guest to shut down (ACPI power button).
     Shutdown {
+        /// VM name or id.
         vm: String,
-        /// Wait up to this many seconds for the guest to stop.
+        /// Wait up to this many seconds for the guest to stop; exit 7 if it
+        /// still runs then.
         #[arg(long)]
         wait: Option<u64>,
         /// Force the VM off if it has not stopped after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
     },
+    /// Reboot a running VM.
     Reboot {
+        /// VM name or id.
         vm: String,
     },
+    /// Pause a running VM (its vCPUs stop; memory stays).
     Pause {
+        /// VM name or id.
         vm: String,
     },
+    /// Resume a paused VM.
     Resume {
+        /// VM name or id.
         vm: String,
     },
     /// Delete a stopped VM and its disks.
     Delete {
+        /// VM name or id.
         vm: String,
         /// Stop it first if it is running.
         #[arg(long)]
@@ -189,11 +234,15 @@ pub enum VmCmd {
     },
     /// Change vcpus/memory (while stopped) or autostart.
     Edit {
+        /// VM name or id.
         vm: String,
+        /// Number of virtual CPUs.
         #[arg(long)]
         vcpus: Option<u32>,
+        /// Memory in MiB.
         #[arg(long = "memory")]
         memory_mib: Option<u64>,
+        /// Start the VM when the host boots (true or false).
         #[arg(long)]
         autostart: Option<bool>,
         /// Seconds a graceful shutdown may take before it is forced.
@@ -203,10 +252,12 @@ pub enum VmCmd {
     /// Attach to the serial console (Ctrl-] leaves). With piped stdin: send
     /// it, show output for one more second, exit.
     Console {
+        /// VM name or id.
         vm: String,
     },
     /// Print the newest part of the serial console log.
     ConsoleLog {
+        /// VM name or id.
         vm: String,
         /// How many bytes from the end (default 64 KiB, at most 1 MiB).
         #[arg(long)]
@@ -214,7 +265,9 @@ pub enum VmCmd {
     },
     /// Copy a stopped VM under a new name.
     Clone {
+        /// The stopped VM to copy (name or id).
         vm: String,
+        /// Name of the copy.
         new_name: String,
         /// Full copies of the disks instead of overlays on them.
         #[arg(long)]
@@ -232,24 +285,34 @@ pub enum VmCmd {
 pub enum SnapshotCmd {
     /// Take a snapshot.
     Create {
+        /// VM name or id.
         vm: String,
+        /// Snapshot name.
         name: String,
+        /// Free text kept with the snapshot (at most 1024 characters).
         #[arg(long, default_value = "")]
         description: String,
         /// Include the guest's memory (running VMs): revert resumes it.
         #[arg(long)]
         memory: bool,
     },
+    /// List a VM's snapshots.
     List {
+        /// VM name or id.
         vm: String,
     },
     /// Return the VM to a snapshot.
     Revert {
+        /// VM name or id.
         vm: String,
+        /// Snapshot name.
         name: String,
     },
+    /// Delete a snapshot.
     Delete {
+        /// VM name or id.
         vm: String,
+        /// Snapshot name.
         name: String,
     },
 }
@@ -259,6 +322,7 @@ pub enum DiskCmd {
     /// Attach a new disk: blank (--size) or from an image (--image).
     #[command(group(ArgGroup::new("source").required(true).args(["size", "image"])))]
     Attach {
+        /// VM name or id.
         vm: String,
         /// A blank disk of this many GiB.
         #[arg(long)]
@@ -271,10 +335,17 @@ pub enum DiskCmd {
         copy: bool,
     },
     /// Detach and delete a disk (vdb, ...).
-    Detach { vm: String, device: String },
+    Detach {
+        /// VM name or id.
+        vm: String,
+        /// Disk device (vdb, ...; `vm show` lists them).
+        device: String,
+    },
     /// Grow a disk.
     Resize {
+        /// VM name or id.
         vm: String,
+        /// Disk device (vda, vdb, ...).
         device: String,
         /// New size in GiB.
         #[arg(long)]
@@ -286,7 +357,9 @@ pub enum DiskCmd {
 pub enum ImageCmd {
     /// Upload a local file (raw or qcow2) as image NAME.
     Upload {
+        /// Image name.
         name: String,
+        /// Local raw or qcow2 file.
         file: PathBuf,
         /// Skip the SHA-256 the daemon checks the upload against.
         #[arg(long)]
@@ -294,27 +367,35 @@ pub enum ImageCmd {
     },
     /// Import a file that is already on the daemon's host.
     Import {
+        /// Image name.
         name: String,
         /// Path on the daemon's host.
         #[arg(long)]
         path: String,
     },
+    /// List images.
     List,
+    /// Show one image.
     Show {
+        /// Image name.
         name: String,
     },
     /// Delete an image no disk uses.
     Delete {
+        /// Image name.
         name: String,
     },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum NetworkCmd {
+    /// List networks.
     List,
+    /// Create a NAT network with DHCP, or one on an existing host bridge.
     Create(NetworkArgs),
     /// Delete a network no VM uses.
     Delete {
+        /// Network name.
         name: String,
     },
 }
@@ -322,6 +403,7 @@ pub enum NetworkCmd {
 #[derive(Args, Debug)]
 #[command(group(ArgGroup::new("kind").required(true).args(["nat", "bridge"])))]
 pub struct NetworkArgs {
+    /// Network name.
     #[arg(long)]
     pub name: String,
     /// A private subnet behind NAT with DHCP.
@@ -338,6 +420,7 @@ pub struct NetworkArgs {
     /// NAT: first DHCP address (default: the upper half of the subnet).
     #[arg(long, conflicts_with = "bridge", requires = "dhcp_end")]
     pub dhcp_start: Option<String>,
+    /// NAT: last DHCP address.
     #[arg(long, conflicts_with = "bridge", requires = "dhcp_start")]
     pub dhcp_end: Option<String>,
     /// Guests join this existing host bridge.
@@ -350,8 +433,10 @@ pub struct NetworkArgs {
 
 #[derive(Args, Debug)]
 pub struct CreateArgs {
+    /// VM name.
     #[arg(long)]
     pub name: String,
+    /// Number of virtual CPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
     /// Memory in MiB.
@@ -364,13 +449,16 @@ pub struct CreateArgs {
     /// Direct kernel boot: kernel file under the data dir's boot/.
     #[arg(long)]
     pub kernel: Option<String>,
+    /// Direct kernel boot: initrd file under the data dir's boot/.
     #[arg(long, requires = "kernel")]
     pub initrd: Option<String>,
+    /// Direct kernel boot: the kernel command line.
     #[arg(long, requires = "kernel")]
     pub cmdline: Option<String>,
     /// libvirt network for one virtio NIC.
     #[arg(long)]
     pub network: Option<String>,
+    /// Start the VM when the host boots.
     #[arg(long)]
     pub autostart: bool,
     /// cloud-init user-data file (NoCloud seed on a CD-ROM).
@@ -392,14 +480,19 @@ pub struct CreateArgs {
 pub enum TokenCmd {
     /// Create a token; its secret is printed once.
     Create {
+        /// Token name (for the audit log and `token list`).
         #[arg(long)]
         name: String,
+        /// What the token may do: viewer reads, operator also runs VMs,
+        /// admin also manages tokens and the host.
         #[arg(long, value_parser = ["viewer", "operator", "admin"])]
         role: String,
     },
+    /// List tokens (never their secrets).
     List,
     /// Revoke a token by id or name.
     Revoke {
+        /// Token id or name.
         token: String,
     },
 }
@@ -410,14 +503,21 @@ pub enum ConfigCmd {
     Default,
     /// Check a configuration file.
     Check {
+        /// The file to check.
         #[arg(default_value = crate::config::DEFAULT_CONFIG_PATH)]
         path: PathBuf,
     },
 }
 
+/// A timed-out wait: `vm shutdown --wait S` and the guest still runs.
+pub const EXIT_STILL_RUNNING: i32 = 7;
+
 pub fn exit_code_for(status: StatusCode) -> i32 {
     match status.as_u16() {
         200..=299 => 0,
+        // A value the daemon refused is the same mistake as one clap
+        // refused (`--size 0` and `--size 0.2`).
+        400 => 2,
         404 => 3,
         409 => 4,
         401 | 403 => 5,
@@ -483,7 +583,7 @@ fn client_error_code(e: &ClientError) -> i32 {
 pub fn client(conn: &ConnArgs) -> Result<Client, ClientError> {
     match &conn.url {
         Some(url) => Client::https(url, conn.token.clone(), conn.fingerprint.as_deref(), conn.ca.as_deref()),
-        None => Ok(Client::socket(conn.socket.clone())),
+        None => Ok(Client::socket(conn.socket.clone()).with_token(conn.token.clone())),
     }
 }
 
@@ -565,7 +665,17 @@ pub async fn run_client(cli: Cli) -> i32 {
                 q.push(format!("timeout={t}"));
             }
             let qs = if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) };
-            (call(Method::POST, format!("/v1/vms/{vm}/shutdown{qs}"), None).await, output::Kind::Vm)
+            let result = call(Method::POST, format!("/v1/vms/{vm}/shutdown{qs}"), None).await;
+            if let (Some(w), Ok((StatusCode::ACCEPTED, body))) = (wait, &result) {
+                // 202 after a wait: the guest ignored the request so far.
+                output::print(StatusCode::ACCEPTED, body, output::Kind::Vm, json);
+                eprintln!(
+                    "novacron: {vm} is still running {w} s after the shutdown request (the guest has not \
+                     powered off); force it off with `novacron vm stop {vm}`, or give --timeout S"
+                );
+                return EXIT_STILL_RUNNING;
+            }
+            (result, output::Kind::Vm)
         }
         Cmd::Vm(VmCmd::Delete { vm, force }) => {
             let q = if force { "?force=true" } else { "" };
@@ -724,6 +834,31 @@ mod tests {
     #[test]
     fn clap_definition_is_consistent() {
         <Cli as clap::CommandFactory>::command().debug_assert();
+    }
+
+    /// `--help` is the CLI's manual: every command says what it does and
+    /// every flag and argument what it takes.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name()).trim().to_string();
+            if cmd.get_about().is_none() {
+                missing.push(format!("`{path}`: no about"));
+            }
+            for a in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+                if a.get_help().is_none() {
+                    missing.push(format!("`{path}` {}: no help", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &path, missing);
+            }
+        }
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "", &mut missing);
+        assert!(missing.is_empty(), "without help text:\n{}", missing.join("\n"));
     }
 
     #[test]

@@ -7,6 +7,57 @@ use crate::types::{
     SnapshotList, TokenCreated, TokenList, Vm, VmList,
 };
 use hyper::StatusCode;
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set once stdout cannot be written (a closed pipe, a full disk): later
+/// output is dropped instead of failing again.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+/// Set when that was a real failure, not the reader going away.
+static STDOUT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Writes CLI output (the `println!` of `cli/`). A reader that went away
+/// (`| head -1`, `| true`) is normal for a Unix tool: nothing more is
+/// written and the exit code stays what the command decided; any other
+/// write error is reported once and turns success into exit 1 (see
+/// [`exit_code`]).
+pub fn stdout(args: std::fmt::Arguments<'_>) {
+    write_stdout(|out| out.write_fmt(args));
+}
+
+/// Writes bytes to stdout as they are (console logs), like [`stdout`].
+pub fn stdout_bytes(bytes: &[u8]) {
+    write_stdout(|out| out.write_all(bytes));
+}
+
+fn write_stdout(f: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>) {
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = f(&mut out).and_then(|()| out.flush()) {
+        STDOUT_GONE.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            STDOUT_FAILED.store(true, Ordering::Relaxed);
+            stderr(format_args!("novacron: cannot write to stdout: {e}\n"));
+        }
+    }
+}
+
+/// Writes to stderr; if that fails too there is nowhere left to say so.
+pub fn stderr(args: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(args);
+}
+
+/// The process exit code for a command that returned `code`: a command
+/// that succeeded but whose output could not be written failed.
+pub fn exit_code(code: i32) -> i32 {
+    if code == 0 && STDOUT_FAILED.load(Ordering::Relaxed) {
+        1
+    } else {
+        code
+    }
+}
 
 pub enum Kind {
     Vm,
@@ -141,12 +192,8 @@ pub fn print(status: StatusCode, body: &[u8], kind: Kind, json: bool) -> i32 {
     }
     if let Kind::Raw = kind {
         // Console output may end without a newline; keep the bytes as they are.
-        use std::io::Write;
-        let mut out = std::io::stdout();
-        return match out.write_all(body).and_then(|()| out.flush()) {
-            Ok(()) => 0,
-            Err(_) => 1,
-        };
+        stdout_bytes(body);
+        return 0;
     }
     if json {
         if !body.is_empty() {

@@ -35,7 +35,10 @@ pub enum FirmwareCmd {
     /// List the built-in firmware profiles.
     Profiles,
     /// Print a built-in profile (TOML), e.g. to start a custom one.
-    Show { profile: String },
+    Show {
+        /// Profile name (`novacron firmware profiles`).
+        profile: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

@@ -33,8 +33,10 @@ pub enum UpdateCmd {
     Status,
     /// Carry out a pending update request (root; novacron-update.service).
     Install {
+        /// Folder holding the update request and the verified bundle.
         #[arg(long, default_value = "/var/lib/novacron/update")]
         dir: PathBuf,
+        /// Where the ESP is mounted (boot entries are written there).
         #[arg(long, default_value = setup::ESP)]
         esp: PathBuf,
     },
@@ -62,8 +64,10 @@ pub enum SetupCmd {
     /// Print the API address, certificate fingerprint and first admin token
     /// to the console and the journal, once (novacron-firstboot.service).
     Announce {
+        /// Data directory holding initial-admin-token.
         #[arg(long, default_value = "/var/lib/novacron")]
         data_dir: PathBuf,
+        /// Configuration file (for the API's listen addresses).
         #[arg(long, default_value = crate::config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },

@@ -104,7 +104,7 @@ impl Core {
         if bytes <= disk.size_bytes {
             return Err(CoreError::invalid(
                 "size_gib",
-                format!("disks only grow: {device} is already {} bytes", disk.size_bytes),
+                format!("disks only grow: {device} is already {}", gib_text(disk.size_bytes)),
             ));
         }
         let live = self.refresh_state(found.id).await?.is_active();
@@ -252,5 +252,15 @@ impl Core {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+    }
+}
+
+/// A disk size in the unit requests give it (`size_gib`), with the exact
+/// bytes when it is not a whole number of GiB (disks from images).
+fn gib_text(bytes: u64) -> String {
+    if bytes % GIB == 0 {
+        format!("{} GiB", bytes / GIB)
+    } else {
+        format!("{:.2} GiB ({bytes} bytes)", bytes as f64 / GIB as f64)
     }
 }

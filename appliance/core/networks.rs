@@ -16,14 +16,17 @@ pub(super) struct Subnet {
     pub prefix: u8,
 }
 
+/// Prefix lengths of a NAT network: libvirt's dnsmasq serves at most 65535
+/// addresses, so /16 is the largest; /30 is the smallest with a gateway and
+/// a guest.
+pub const NAT_PREFIXES: std::ops::RangeInclusive<u8> = 16..=30;
+
 impl Subnet {
     pub fn parse(s: &str) -> Option<Subnet> {
         let (addr, prefix) = s.split_once('/')?;
         let addr: Ipv4Addr = addr.parse().ok()?;
         let prefix: u8 = prefix.parse().ok()?;
-        // libvirt's dnsmasq serves at most 65535 addresses: /16 is the
-        // largest NAT network.
-        if !(16..=30).contains(&prefix) {
+        if !NAT_PREFIXES.contains(&prefix) {
             return None;
         }
         let sub = Subnet { net: u32::from(addr) & Self::mask_of(prefix), prefix };
@@ -150,7 +153,9 @@ impl Core {
                     CoreError::invalid(
                         "subnet",
                         format!(
-                            "{text:?} is not a network address with a /8 to /30 prefix, like 10.20.0.0/24"
+                            "{text:?} is not a network address with a /{} to /{} prefix, like 10.20.0.0/24",
+                            NAT_PREFIXES.start(),
+                            NAT_PREFIXES.end()
                         ),
                     )
                 })?;

@@ -426,7 +426,7 @@ impl Core {
             .map_err(|e| CoreError::Internal(e.to_string()))??;
         if let Some(n) = &spec.network {
             if !self.network_exists(n).await? {
-                return Err(CoreError::invalid("network", format!("there is no network {n:?}")));
+                return Err(CoreError::NotFound(format!("network {n:?}")));
             }
         }
         let _create = self.create_lock.lock().await;

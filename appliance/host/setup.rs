@@ -279,7 +279,9 @@ pub fn banner(urls: &[String], fingerprint: &str, token: &str) -> String {
     s.push_str(&format!("  fingerprint:  {fingerprint}\n"));
     s.push_str(&format!("  admin token:  {token}\n"));
     s.push_str("  This token is shown once. Create your own tokens with it and revoke it:\n");
-    s.push_str("    novacron --url URL --fingerprint FP --token TOKEN token create NAME --role admin\n");
+    s.push_str(
+        "    novacron --url URL --fingerprint FP --token TOKEN token create --name NAME --role admin\n",
+    );
     s.push_str("================================================================\n");
     s
 }

@@ -179,7 +179,11 @@ pub fn create(opts: &CreateOptions, out: &Path) -> Result<Manifest> {
     let data = &opts.data_dir;
     let db = data.join("state.db");
     if !db.is_file() {
-        return Err(BackupError::Invalid(format!("{} has no state.db", data.display())));
+        return Err(BackupError::Invalid(format!(
+            "{} has no state.db: not a node's data dir (--config or --data-dir name another; \
+             --dev is the dev daemon's ./novacron-dev)",
+            data.display()
+        )));
     }
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let staging = parent.join(format!(".novacron-backup-{}", std::process::id()));

@@ -50,7 +50,14 @@ pub fn init_logging(cfg: &LogConfig) -> Result<(), TelemetryError> {
         let _ = registry.with(layer).try_init();
     } else {
         let _ = registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    // Colour codes only for a person at a terminal, not in
+                    // files, pipes or a log collector.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .try_init();
     }
     Ok(())

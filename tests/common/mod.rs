@@ -349,16 +349,16 @@ pub struct Run {
     pub stderr: String,
 }
 
+/// The CLI against `d`'s local socket, as root on the host would run it.
+pub fn cli_command(d: &Daemon, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("--socket").arg(&d.socket).args(args).env_remove("NOVACRON_URL").env_remove("NOVACRON_TOKEN");
+    c
+}
+
 /// Runs the CLI against `d`'s local socket, as root on the host would.
 pub fn cli(d: &Daemon, args: &[&str]) -> Run {
-    let out = Command::new(BIN)
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .env_remove("NOVACRON_URL")
-        .env_remove("NOVACRON_TOKEN")
-        .output()
-        .unwrap();
+    let out = cli_command(d, args).output().unwrap();
     Run {
         code: out.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
