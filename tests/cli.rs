@@ -365,6 +365,7 @@ fn dev_daemon_prints_what_readme_promises() {
 /// `vm shutdown --wait S` with a real TCG guest that ignores the request:
 /// booted with `acpi=off`, it never sees the power button.
 #[test]
+#[ignore = "boots a real TCG guest: needs libvirtd and QEMU from tests/setup-host.sh"]
 fn shutdown_wait_fails_while_the_guest_keeps_running() {
     let mut opts = Opts::test_driver(45);
     opts.uri = "qemu:///system".into();
