@@ -1,4 +1,13 @@
-//! Small helpers with no better home: time formatting and randomness.
+//! Small helpers with no better home: time, randomness, VM folders. They
+//! use nothing else of the crate, so any module may use them.
+
+/// The current time in unix milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
 
 /// Unix milliseconds as RFC 3339 UTC (`2026-11-26T04:00:00.123Z`).
 pub fn rfc3339(ms: i64) -> String {
@@ -37,7 +46,7 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 
 /// Today's UTC date, offset by `days`.
 pub fn civil_date(days: i64) -> (i64, u32, u32) {
-    civil_from_days(crate::store::now_ms().div_euclid(86_400_000) + days)
+    civil_from_days(now_ms().div_euclid(86_400_000) + days)
 }
 
 /// `n` bytes from the OS CSPRNG.

@@ -376,7 +376,7 @@ fn restore_from(archive: &Path, opts: &RestoreOptions, staging: &Path) -> Result
     }
 
     let data = &opts.data_dir;
-    crate::core::Paths::new(data).create().map_err(io(data))?;
+    super::Paths::new(data).create().map_err(io(data))?;
     if opts.force {
         // A stale WAL next to a restored database would be replayed into it.
         for suffix in ["-wal", "-shm"] {
@@ -445,7 +445,7 @@ mod tests {
         let base = std::env::temp_dir().join(format!("novacron-backup-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         let data = base.join("data");
-        crate::core::Paths::new(&data).create().unwrap();
+        crate::store::Paths::new(&data).create().unwrap();
         {
             let store = Store::open(&data.join("state.db")).unwrap();
             store.node_identity("n1").unwrap();

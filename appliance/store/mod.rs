@@ -9,6 +9,7 @@
 pub mod backup;
 pub mod changes;
 mod migrations;
+mod paths;
 
 pub use changes::{Change, ImageRecord, NetworkRecord, SnapshotRecord, TokenRecord, VmRecord};
 
@@ -56,12 +57,8 @@ pub struct Store {
     conn: Mutex<Connection>,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use crate::util::now_ms;
+pub use paths::Paths;
 
 impl Store {
     /// Opens (creating with mode 0600) and migrates the database at `path`.
