@@ -3,7 +3,8 @@
 //!
 //! Layout: `api` (HTTP edge) → `core` (typed commands) → `store` (SQLite)
 //! and `hypervisor` (libvirt); `host` (procfs), `telemetry` (logs,
-//! metrics, sd_notify) and `cli` (the client side of the same binary).
+//! metrics, sd_notify), `tls` (fingerprints and pinning) and `cli` (the
+//! client side of the same binary).
 
 pub mod api;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod hypervisor;
 pub mod images;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod types;
 pub mod util;
 

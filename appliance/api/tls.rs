@@ -3,7 +3,6 @@
 
 use super::ApiError;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,12 +15,7 @@ pub struct Identity {
     pub not_after: Option<i64>,
 }
 
-/// Colon-separated upper-case hex SHA-256 of a DER certificate, the form
-/// `openssl x509 -fingerprint -sha256` prints.
-pub fn fingerprint(der: &[u8]) -> String {
-    let digest = Sha256::digest(der);
-    digest.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
-}
+pub use crate::tls::fingerprint;
 
 const VALID_YEARS: i64 = 10;
 

@@ -7,9 +7,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -43,100 +41,14 @@ pub struct Client {
     token: Option<String>,
 }
 
-/// Trusts exactly the certificate with the pinned SHA-256 fingerprint, or
-/// with `fingerprint: None` any certificate (BMCs under `--insecure`); the
-/// handshake signatures made with the certificate's key are checked either
-/// way. TLS 1.2 only when `allow_tls12` (many BMCs speak nothing newer).
-#[derive(Debug)]
-pub struct CertPin {
-    pub fingerprint: Option<String>,
-    pub allow_tls12: bool,
-    pub provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for CertPin {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match &self.fingerprint {
-            Some(fp) if crate::api::tls::fingerprint(end_entity) != *fp => {
-                Err(rustls::Error::General("server certificate does not match the pinned fingerprint".into()))
-            }
-            _ => Ok(ServerCertVerified::assertion()),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if !self.allow_tls12 {
-            return Err(rustls::Error::General("TLS 1.2 is not supported".into()));
-        }
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Normalizes a fingerprint to `AB:CD:..` whatever separators were used.
-pub fn normalize_fingerprint(fp: &str) -> String {
-    let hexdigits: String = fp.chars().filter(|c| c.is_ascii_hexdigit()).collect::<String>().to_uppercase();
-    hexdigits
-        .as_bytes()
-        .chunks(2)
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// A TLS 1.3 client config that trusts exactly the certificate with SHA-256
 /// `fingerprint`, offering the `alpn` protocols.
 pub fn pinned_tls_config(
     fingerprint: &str,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ClientConfig>, ClientError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(CertPin {
-            fingerprint: Some(normalize_fingerprint(fingerprint)),
-            allow_tls12: false,
-            provider,
-        }))
-        .with_no_client_auth();
-    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(Arc::new(tls))
+    crate::tls::pinned_client_config(Some(fingerprint), false, alpn)
+        .map_err(|e| ClientError::Tls(e.to_string()))
 }
 
 impl Client {
@@ -309,13 +221,4 @@ pub async fn collect(resp: Response<Incoming>) -> Result<(StatusCode, Bytes), Cl
     let status = resp.status();
     let body = resp.into_body().collect().await.map_err(|e| ClientError::Http(e.to_string()))?.to_bytes();
     Ok((status, body))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn fingerprints_normalize() {
-        assert_eq!(super::normalize_fingerprint("ab:cd ef"), "AB:CD:EF");
-        assert_eq!(super::normalize_fingerprint("ABCDEF"), "AB:CD:EF");
-    }
 }

@@ -151,19 +151,10 @@ impl Bmc {
             if fingerprint.is_none() && !insecure {
                 return Err(RedfishError::NoTrust);
             }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-                .map_err(|e| RedfishError::Connect { target: url.into(), reason: e.to_string() })?
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(crate::cli::client::CertPin {
-                    fingerprint: fingerprint.map(crate::cli::client::normalize_fingerprint),
-                    allow_tls12: true,
-                    provider,
-                }))
-                .with_no_client_auth();
-            tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-            Some(Arc::new(tls))
+            // Many BMCs speak nothing newer than TLS 1.2.
+            let tls = crate::tls::pinned_client_config(fingerprint, true, &[b"http/1.1"])
+                .map_err(|e| RedfishError::Connect { target: url.into(), reason: e.to_string() })?;
+            Some(tls)
         } else {
             None
         };
