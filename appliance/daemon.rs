@@ -2,12 +2,13 @@
 //! together and runs until SIGTERM/SIGINT.
 
 use crate::api::{self, ApiError};
-use crate::cli::ServeArgs;
 use crate::config::{Config, ConfigError};
 use crate::core::{Core, CoreError};
 use crate::hypervisor::libvirt::Libvirt;
 use crate::telemetry::{self, metrics::Metrics, notify};
+use clap::Args;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,41 @@ pub enum DaemonError {
     Api(#[from] ApiError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Where the daemon's configuration comes from; shared by `serve` and the
+/// commands that work on a node's data dir (`backup`).
+#[derive(Args, Debug, Clone)]
+pub struct ConfigSource {
+    /// Configuration file.
+    #[arg(long, short, default_value = crate::config::DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Data directory (overrides the config file).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Development profile: data in ./novacron-dev, API on 127.0.0.1:8443,
+    /// TCG guests, socket in the data dir.
+    #[arg(long)]
+    pub dev: bool,
+}
+
+/// The flags of `novacron serve`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub source: ConfigSource,
+    /// HTTPS listen address (repeatable; overrides the config file).
+    #[arg(long)]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// Unix socket path (overrides the config file).
+    #[arg(long)]
+    pub socket_path: Option<PathBuf>,
+    /// libvirt URI (overrides the config file).
+    #[arg(long)]
+    pub libvirt_uri: Option<String>,
+    /// libvirt domain type: kvm or qemu (overrides the config file).
+    #[arg(long)]
+    pub domain_type: Option<String>,
 }
 
 /// The configuration in effect: file (or dev profile), then flags.

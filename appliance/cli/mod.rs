@@ -142,39 +142,8 @@ pub enum Cmd {
     Setup(update::SetupArgs),
 }
 
-/// Where the daemon's configuration comes from; shared by `serve` and the
-/// commands that work on a node's data dir (`backup`).
-#[derive(Args, Debug, Clone)]
-pub struct ConfigSource {
-    /// Configuration file.
-    #[arg(long, short, default_value = crate::config::DEFAULT_CONFIG_PATH)]
-    pub config: PathBuf,
-    /// Data directory (overrides the config file).
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Development profile: data in ./novacron-dev, API on 127.0.0.1:8443,
-    /// TCG guests, socket in the data dir.
-    #[arg(long)]
-    pub dev: bool,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub source: ConfigSource,
-    /// HTTPS listen address (repeatable; overrides the config file).
-    #[arg(long)]
-    pub listen: Vec<std::net::SocketAddr>,
-    /// Unix socket path (overrides the config file).
-    #[arg(long)]
-    pub socket_path: Option<PathBuf>,
-    /// libvirt URI (overrides the config file).
-    #[arg(long)]
-    pub libvirt_uri: Option<String>,
-    /// libvirt domain type: kvm or qemu (overrides the config file).
-    #[arg(long)]
-    pub domain_type: Option<String>,
-}
+// `serve`'s flags belong to the daemon; the CLI only parses them.
+pub use crate::daemon::{ConfigSource, ServeArgs};
 
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
