@@ -2,6 +2,7 @@
 //! local Unix socket, or HTTPS with the server certificate pinned by its
 //! SHA-256 fingerprint or checked against a CA file.
 
+use crate::tls::normalize_fingerprint;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
