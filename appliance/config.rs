@@ -59,8 +59,18 @@ pub struct ApiConfig {
     /// PEM certificate chain and key; generated under the data dir if unset.
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Network (HTTPS) connections at once, TLS handshakes included.
     pub max_connections: usize,
+    /// Network connections at once from one client address (IPv6: one /64),
+    /// so that a single client cannot take every slot.
+    pub max_connections_per_address: usize,
+    /// Connections at once on the local socket, a budget of its own that no
+    /// network client can use up (root keeps its way in).
+    pub local_connections: usize,
     pub header_timeout_secs: u64,
+    /// A connection with no request in flight (HTTP/2 without an open
+    /// stream, HTTP/1.1 keep-alive between requests) is closed after this.
+    pub idle_timeout_secs: u64,
     /// Requests per second allowed per token (token bucket); 0 disables.
     pub rate_limit_per_sec: u32,
     pub rate_limit_burst: u32,
@@ -114,7 +124,10 @@ impl Default for ApiConfig {
             tls_cert: None,
             tls_key: None,
             max_connections: 1024,
+            max_connections_per_address: 128,
+            local_connections: 64,
             header_timeout_secs: 10,
+            idle_timeout_secs: 30,
             rate_limit_per_sec: 200,
             rate_limit_burst: 400,
             auth_failure_burst: 10,
@@ -191,8 +204,15 @@ impl Config {
         if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
             return Err(ConfigError::Invalid("api.tls_cert and api.tls_key go together".into()));
         }
-        if self.api.max_connections == 0 {
-            return Err(ConfigError::Invalid("api.max_connections must be at least 1".into()));
+        for (name, n) in [
+            ("max_connections", self.api.max_connections),
+            ("max_connections_per_address", self.api.max_connections_per_address),
+            ("local_connections", self.api.local_connections),
+            ("idle_timeout_secs", self.api.idle_timeout_secs as usize),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::Invalid(format!("api.{name} must be at least 1")));
+            }
         }
         Ok(())
     }

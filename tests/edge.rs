@@ -48,9 +48,11 @@ async fn token(d: &Daemon, name: &str, role: &str) -> (String, String) {
 #[tokio::test(flavor = "multi_thread")]
 async fn method_not_allowed_lists_the_paths_methods() {
     let d = Daemon::start("edge-allow", Opts::test_driver(61));
-    for (path, allow) in
-        [("/v1/vms/x", "get, patch, delete"), ("/v1/images", "get, post"), ("/v1/audit", "get")]
-    {
+    for (path, allow) in [
+        ("/v1/vms/x", "get, head, patch, delete"),
+        ("/v1/images", "get, head, post"),
+        ("/v1/audit", "get, head"),
+    ] {
         let (code, head, body) = fetch(&d, "127.0.0.1", &["-X", "PUT"], path);
         assert_eq!((code, error_code(&body)), (405, "method_not_allowed"), "{path}: {body}");
         assert_eq!(header(&head, "allow"), Some(allow), "{path}:\n{head}");

@@ -30,6 +30,9 @@ pub enum ApiError {
     InvalidQuery { name: String, message: String },
     #[error("cannot read the request body: {0}")]
     Body(String),
+    /// hyper refused the request head (HTTP/1.1), see `conn::JsonHeadErrors`.
+    #[error("the request head is malformed: its request line or a header (such as Content-Length) cannot be parsed")]
+    MalformedHead,
     #[error(transparent)]
     Core(#[from] CoreError),
     /// Start-up only: the TLS identity cannot be loaded or created.
@@ -59,7 +62,7 @@ impl ApiError {
             ApiError::MalformedJson(_) | ApiError::InvalidBody(_) | ApiError::InvalidQuery { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::Body(_) => StatusCode::BAD_REQUEST,
+            ApiError::Body(_) | ApiError::MalformedHead => StatusCode::BAD_REQUEST,
             ApiError::Tls(_) | ApiError::Listen { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Core(e) => match e.kind() {
                 ErrorKind::Invalid => StatusCode::BAD_REQUEST,
@@ -86,6 +89,7 @@ impl ApiError {
             ApiError::InvalidBody(_) => "invalid_value",
             ApiError::InvalidQuery { .. } => "invalid_query",
             ApiError::Body(_) => "bad_body",
+            ApiError::MalformedHead => "malformed_request",
             ApiError::Tls(_) | ApiError::Listen { .. } => "internal",
             ApiError::Core(e) => e.code(),
         }

@@ -2,6 +2,7 @@
 //! socket. It parses requests into commands, authenticates callers, and
 //! turns replies and errors into JSON. State lives behind the core.
 
+mod conn;
 mod error;
 #[cfg(test)]
 mod openapi_test;
@@ -15,10 +16,10 @@ pub use error::ApiError;
 use crate::core::{Caller, Command, Core, Reply};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use routes::{Edge, Route};
 use std::convert::Infallible;
@@ -28,13 +29,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 /// Largest JSON request body.
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Oversized bodies up to this size are read (and dropped) before the 413.
 const DRAIN_LIMIT: u64 = 8 * 1024 * 1024;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection closed for idleness may take to finish (an h2 peer
+/// answers the GOAWAY's ping); then it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Longest error message. Messages quote what the client sent (a path, a
+/// name, a JSON value), which can be as long as hyper lets a request be.
+const MAX_MESSAGE: usize = 512;
 
 /// The OpenAPI document, kept in `docs/` and served at `/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("../../docs/openapi.json");
@@ -58,6 +65,7 @@ pub struct Api {
     list_json: Mutex<Option<(u64, Bytes)>>,
     next_request: AtomicU64,
     header_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 type Resp = Response<BoxBody<Bytes, Infallible>>;
@@ -79,13 +87,26 @@ fn error_response(e: &ApiError) -> Resp {
     if status.is_server_error() {
         tracing::error!(error = %e, code = e.code(), "request failed");
     }
-    let mut resp = json_response(status, &e.body());
+    let mut body = e.body();
+    bound_message(&mut body.error.message);
+    let mut resp = json_response(status, &body);
     for (name, value) in e.headers() {
         if let Ok(v) = HeaderValue::from_str(&value) {
             resp.headers_mut().insert(name, v);
         }
     }
     resp
+}
+
+fn bound_message(m: &mut String) {
+    if m.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE;
+        while !m.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        m.truncate(cut);
+        m.push_str("...");
+    }
 }
 
 fn method_label(m: &hyper::Method) -> &'static str {
@@ -110,6 +131,7 @@ impl Api {
                 cfg.auth_failure_burst,
             ),
             header_timeout: Duration::from_secs(cfg.header_timeout_secs.max(1)),
+            idle_timeout: Duration::from_secs(cfg.idle_timeout_secs.max(1)),
             core,
             list_json: Mutex::new(None),
             next_request: AtomicU64::new(1),
@@ -125,22 +147,86 @@ impl Api {
         let started = Instant::now();
         let method = method_label(req.method());
         let request_id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (template, mut resp) = match self.dispatch(peer, req).await {
+        // The body travels apart from the head, so that whatever the route
+        // leaves unread can be dealt with below.
+        let (mut parts, body) = req.into_parts();
+        // HEAD is GET without the body (RFC 9110 9.3.2); over HTTP/1.1 hyper
+        // drops the body, over h2 we must.
+        let head = parts.method == Method::HEAD;
+        if head {
+            parts.method = Method::GET;
+        }
+        let mut req = Request::from_parts(parts, ());
+        let mut body = Some(body);
+        let (template, mut resp) = match self.dispatch(peer, &mut req, &mut body).await {
             Ok(ok) => ok,
-            Err((template, e)) => (template, error_response(&e)),
+            Err((template, mut e)) => {
+                if let ApiError::MethodNotAllowed { method, allow, .. } = &mut e {
+                    // Every GET route takes HEAD too, here at the edge.
+                    if head {
+                        *method = "HEAD".into();
+                    }
+                    *allow = allow.replace("GET", "GET, HEAD");
+                }
+                (template, error_response(&e))
+            }
         };
+        if let Some(rest) = body {
+            // An answer before the body was read (an early error, a body on
+            // a route that takes none). Reading a small body first lets the
+            // client see the answer: over h2 some clients (curl 7.88) report
+            // the stream reset that follows an answer to an unfinished
+            // request as an error. A body left unread ends an HTTP/1.1
+            // connection, and the client is told so.
+            if !self.discard(rest).await && req.version() < Version::HTTP_2 {
+                resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+        }
+        if head {
+            let length = resp.body().size_hint().exact();
+            let (mut parts, _) = resp.into_parts();
+            if let Some(length) = length {
+                parts.headers.entry(CONTENT_LENGTH).or_insert(HeaderValue::from(length));
+            }
+            resp = Response::from_parts(parts, http_body_util::Empty::new().boxed());
+        }
         let status = resp.status().as_u16();
         self.core.metrics.observe_request(template, method, status, started.elapsed());
         tracing::debug!(REQUEST_ID = request_id, route = template, method, status, "request");
+        // Also what tells our answers from hyper's own (conn::JsonHeadErrors).
         resp.headers_mut().insert("x-request-id", HeaderValue::from(request_id));
         Ok(resp)
+    }
+
+    /// Reads and drops what is left of a request body: at most [`MAX_BODY`]
+    /// bytes within the header timeout. True when the body ended.
+    async fn discard(&self, mut body: Incoming) -> bool {
+        if body.is_end_stream() {
+            return true;
+        }
+        if body.size_hint().lower() > MAX_BODY as u64 {
+            return false;
+        }
+        let drain = async {
+            let mut left = MAX_BODY;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { return false };
+                let n = frame.data_ref().map_or(0, |d| d.len());
+                if n > left {
+                    return false;
+                }
+                left -= n;
+            }
+            true
+        };
+        tokio::time::timeout(self.header_timeout, drain).await.unwrap_or(false)
     }
 
     /// Resolves the caller of a request that needs authentication. A client
     /// address whose failures exceed their budget is answered 429 instead
     /// of 401; a valid token always passes, so one client stuck with a
     /// revoked token cannot lock out others behind the same address.
-    fn caller(&self, peer: Peer, req: &Request<Incoming>) -> Result<Caller, ApiError> {
+    fn caller(&self, peer: Peer, req: &Request<()>) -> Result<Caller, ApiError> {
         let client = match peer {
             // Root, or the daemon's own user (which owns the database anyway).
             Peer::Unix { uid } if uid == 0 || uid == nix::unistd::geteuid().as_raw() => {
@@ -161,10 +247,12 @@ impl Api {
         Err(ApiError::Unauthorized)
     }
 
+    /// Answers a request; `body` is taken by the routes that read it.
     async fn dispatch(
         &self,
         peer: Peer,
-        req: Request<Incoming>,
+        req: &mut Request<()>,
+        body: &mut Option<Incoming>,
     ) -> Result<(&'static str, Resp), (&'static str, ApiError)> {
         let matched =
             routes::route(req.method(), req.uri().path(), req.uri().query()).map_err(|e| ("unmatched", e))?;
@@ -179,7 +267,7 @@ impl Api {
         let caller = match matched.action.required_role() {
             None => Caller::anonymous(),
             Some(_) => {
-                let caller = self.caller(peer, &req).map_err(fail)?;
+                let caller = self.caller(peer, req).map_err(fail)?;
                 if let Some(id) = &caller.token_id {
                     if let Err(wait) = self.limiter.take(id) {
                         self.core.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -196,20 +284,40 @@ impl Api {
         };
         let exec = |cmd| async { self.core.execute(&caller, cmd).await.map_err(|e| fail(ApiError::Core(e))) };
         match matched.route {
-            Route::Edge(Edge::UploadImage(name)) => {
-                let (body, length, checksum) = stream::upload_body(req).map_err(fail)?;
-                let reply = exec(Command::UploadImage { name, checksum, length, body }).await?;
-                return Ok((template, self.render(reply)));
-            }
-            Route::Edge(Edge::UploadUpdate { tries }) => {
-                let (body, length, checksum) = stream::upload_body(req).map_err(fail)?;
-                let cmd = Command::ApplyUpdate { checksum, length, tries, body };
-                return Ok((template, self.render(exec(cmd).await?)));
+            Route::Edge(Edge::UploadImage(_)) | Route::Edge(Edge::UploadUpdate { .. }) => {
+                let upload = stream::upload_body(req.headers(), body).map_err(fail)?;
+                let (stream, length, checksum) = (upload.stream, upload.length, upload.checksum);
+                let cmd = match matched.route {
+                    Route::Edge(Edge::UploadImage(name)) => {
+                        Command::UploadImage { name, checksum, length, body: stream }
+                    }
+                    Route::Edge(Edge::UploadUpdate { tries }) => {
+                        Command::ApplyUpdate { checksum, length, tries, body: stream }
+                    }
+                    _ => unreachable!("matched above"),
+                };
+                return match exec(cmd).await {
+                    Ok(reply) => Ok((template, self.render(reply))),
+                    Err((template, e)) => match upload.rest.take() {
+                        // Discarded like any early error's body.
+                        stream::Rest::Unread(rest) => {
+                            *body = Some(rest);
+                            Err((template, e))
+                        }
+                        stream::Rest::Ended => Err((template, e)),
+                        stream::Rest::Partial => {
+                            let mut resp = error_response(&e);
+                            if req.version() < Version::HTTP_2 {
+                                resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                            }
+                            Ok((template, resp))
+                        }
+                    },
+                };
             }
             Route::Edge(Edge::Console(vm)) => {
-                let mut req = req;
-                let accept = stream::websocket_key(&req).map_err(fail)?;
-                let on_upgrade = hyper::upgrade::on(&mut req);
+                let accept = stream::websocket_key(req).map_err(fail)?;
+                let on_upgrade = hyper::upgrade::on(&mut *req);
                 return match exec(Command::Console(vm)).await? {
                     Reply::Console(session) => {
                         Ok((template, stream::websocket_console(on_upgrade, accept, session)))
@@ -218,13 +326,17 @@ impl Api {
                 };
             }
             Route::Edge(Edge::Events) => {
-                let after = last_event_id(&req).map_err(fail)?;
+                let after = last_event_id(req).map_err(fail)?;
                 return Ok((template, self.render(exec(Command::Events { after }).await?)));
             }
             _ => {}
         }
-        let body = if matched.needs_body() { read_json_body(req).await.map_err(fail)? } else { Bytes::new() };
-        let cmd = matched.into_command(&body).map_err(fail)?;
+        let json = if matched.needs_body() {
+            read_json_body(req.headers(), body).await.map_err(fail)?
+        } else {
+            Bytes::new()
+        };
+        let cmd = matched.into_command(&json).map_err(fail)?;
         let reply = exec(cmd).await?;
         Ok((template, self.render(reply)))
     }
@@ -290,7 +402,7 @@ fn bearer(header: &str) -> Option<&str> {
 
 /// Where an event stream resumes: `Last-Event-ID` (what browsers send on
 /// reconnect) or `?after=`.
-fn last_event_id(req: &Request<Incoming>) -> Result<u64, ApiError> {
+fn last_event_id(req: &Request<()>) -> Result<u64, ApiError> {
     let from_query = req.uri().query().and_then(|q| q.split('&').find_map(|p| p.strip_prefix("after=")));
     let raw = match req.headers().get("last-event-id") {
         Some(v) => v.to_str().ok(),
@@ -305,31 +417,40 @@ fn last_event_id(req: &Request<Incoming>) -> Result<u64, ApiError> {
     }
 }
 
-async fn read_json_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+/// Reads a JSON body. A refused body, or the rest of one, stays in `body`
+/// (see `Api::discard`).
+async fn read_json_body(headers: &HeaderMap, body: &mut Option<Incoming>) -> Result<Bytes, ApiError> {
+    let ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let essence = ct.split(';').next().unwrap_or("").trim();
     if !essence.eq_ignore_ascii_case("application/json") {
         return Err(ApiError::UnsupportedMediaType);
     }
-    if let Some(len) = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+    if let Some(len) = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
         if len > MAX_BODY as u64 {
             // Read and drop a bounded amount first: a client still sending
             // when the answer comes often reports a broken pipe instead of
             // the 413. Anything bigger is cut off.
             if len <= DRAIN_LIMIT {
-                let mut body = req.into_body();
-                while let Some(Ok(_)) = body.frame().await {}
+                if let Some(mut rest) = body.take() {
+                    while let Some(Ok(_)) = rest.frame().await {}
+                }
             }
             return Err(ApiError::TooLarge(MAX_BODY));
         }
     }
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            Err(ApiError::TooLarge(MAX_BODY))
+    let Some(mut incoming) = body.take() else { return Ok(Bytes::new()) };
+    let mut json = Vec::new();
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.map_err(|e| ApiError::Body(e.to_string()))?;
+        if let Some(data) = frame.data_ref() {
+            if json.len() + data.len() > MAX_BODY {
+                *body = Some(incoming);
+                return Err(ApiError::TooLarge(MAX_BODY));
+            }
+            json.extend_from_slice(data);
         }
-        Err(e) => Err(ApiError::Body(e.to_string())),
     }
+    Ok(Bytes::from(json))
 }
 
 /// The running listeners.
@@ -338,37 +459,65 @@ pub struct Server {
     pub socket: PathBuf,
 }
 
-/// Serves one connection. The protocol comes from ALPN (h2 only when the
-/// client negotiated it), never from sniffing the first bytes: a client that
-/// connects and sends nothing must still run into the header timeout.
+/// Serves one connection until the client closes it or it stays idle (no
+/// request in flight) for `api.idle_timeout_secs`. The protocol comes from
+/// ALPN (h2 only when the client negotiated it), never from sniffing the
+/// first bytes: a client that connects and sends nothing must still run
+/// into the header timeout.
 async fn serve_conn<IO>(api: Arc<Api>, peer: Peer, io: IO, h2: bool) -> Result<(), hyper::Error>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let header_timeout = api.header_timeout;
-    let svc = hyper::service::service_fn(move |req| api.clone().handle(peer, req));
+    let (header_timeout, idle_timeout) = (api.header_timeout, api.idle_timeout);
+    let activity = conn::Activity::new();
+    let requests = activity.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let in_flight = requests.begin();
+        let api = api.clone();
+        async move {
+            let resp = api.handle(peer, req).await?;
+            // The request counts as in flight until its body is sent.
+            Ok::<_, Infallible>(resp.map(|body| {
+                body.map_frame(move |frame| {
+                    let _counted = &in_flight;
+                    frame
+                })
+            }))
+        }
+    });
+    // Both connection types, run until idle, then shut down gracefully.
+    macro_rules! until_idle {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            tokio::select! {
+                done = conn.as_mut() => done,
+                _ = activity.idle_for(idle_timeout) => {
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(CLOSE_GRACE, conn).await.unwrap_or(Ok(()))
+                }
+            }
+        }};
+    }
     if h2 {
-        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        until_idle!(hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(128)
             // hyper's 64 KiB default windows throttle image uploads over h2
             // to a fraction of HTTP/1.1; let the window follow the link.
             .adaptive_window(true)
             .max_frame_size(256 * 1024)
-            // Dead peers are detected by pings; the connection limit bounds
-            // live but idle ones.
+            // Dead peers are detected by pings, idle ones by the idle timeout.
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10))
-            .serve_connection(TokioIo::new(io), svc)
-            .await
+            .serve_connection(TokioIo::new(io), svc))
     } else {
-        hyper::server::conn::http1::Builder::new()
+        until_idle!(hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(header_timeout)
             .keep_alive(true)
-            .serve_connection(TokioIo::new(io), svc)
-            .with_upgrades()
-            .await
+            .serve_connection(TokioIo::new(conn::JsonHeadErrors::new(io)), svc)
+            .with_upgrades())
     }
 }
 
@@ -380,14 +529,14 @@ pub async fn serve(
     socket: &Path,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Server, ApiError> {
-    let limit = Arc::new(Semaphore::new(api.core.cfg.api.max_connections));
+    let budget = conn::Budget::new(&api.core.cfg.api);
     let mut bound = Vec::new();
     for addr in listen {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|source| ApiError::Listen { addr: addr.to_string(), source })?;
         bound.push(l.local_addr().map_err(|source| ApiError::Listen { addr: addr.to_string(), source })?);
-        tokio::spawn(accept_tcp(l, api.clone(), tls.clone(), limit.clone(), shutdown.clone()));
+        tokio::spawn(accept_tcp(l, api.clone(), tls.clone(), budget.clone(), shutdown.clone()));
     }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
@@ -399,7 +548,7 @@ pub async fn serve(
     // Group members may connect; only root (or the daemon's user) gets admin
     // without a token.
     let _ = std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660));
-    tokio::spawn(accept_unix(ul, api.clone(), limit, shutdown));
+    tokio::spawn(accept_unix(ul, api.clone(), budget, shutdown));
     Ok(Server { tcp: bound, socket: socket.into() })
 }
 
@@ -407,7 +556,7 @@ async fn accept_tcp(
     l: TcpListener,
     api: Arc<Api>,
     tls: Arc<rustls::ServerConfig>,
-    limit: Arc<Semaphore>,
+    budget: Arc<conn::Budget>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -423,7 +572,7 @@ async fn accept_tcp(
             },
             _ = shutdown.changed() => return,
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Some(slot) = budget.network(addr.ip()) else {
             api.core.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
             drop(stream);
             continue;
@@ -432,7 +581,7 @@ async fn accept_tcp(
         let api = api.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -452,7 +601,7 @@ async fn accept_tcp(
 async fn accept_unix(
     l: UnixListener,
     api: Arc<Api>,
-    limit: Arc<Semaphore>,
+    budget: Arc<conn::Budget>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -467,7 +616,7 @@ async fn accept_unix(
             },
             _ = shutdown.changed() => return,
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
+        let Some(slot) = budget.local() else {
             api.core.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
             continue;
         };
@@ -475,7 +624,7 @@ async fn accept_unix(
         let peer = Peer::Unix { uid: cred.uid() };
         let api = api.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let _ = serve_conn(api, peer, stream, false).await;
         });
     }

@@ -714,6 +714,7 @@ fn error_codes_are_documented() {
         ApiError::InvalidBody(s()),
         ApiError::InvalidQuery { name: s(), message: s() },
         ApiError::Body(s()),
+        ApiError::MalformedHead,
         ApiError::Tls(s()),
     ];
     errors.extend(core.into_iter().map(ApiError::Core));

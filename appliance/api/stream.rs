@@ -9,11 +9,13 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_TYPE, UPGRADE};
+use hyper::header::{HeaderMap, HeaderValue, CONNECTION, CONTENT_TYPE, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -36,15 +38,56 @@ impl Body for ChannelBody {
     }
 }
 
+/// An upload on its way into the core.
+pub struct Upload {
+    pub stream: BodyStream,
+    pub length: Option<u64>,
+    pub checksum: Option<String>,
+    pub rest: BodyRest,
+}
+
+/// Tells what is left of the body once the core has answered.
+pub struct BodyRest(Arc<UploadBody>);
+
+/// The body until the core starts reading it, then whether it ended.
+struct UploadBody {
+    unread: Mutex<Option<Incoming>>,
+    ended: AtomicBool,
+}
+
+/// What is left of an upload's body once the core has answered.
+pub enum Rest {
+    /// The core refused before reading any of it.
+    Unread(Incoming),
+    /// Read to its end.
+    Ended,
+    /// Read in part: not worth reading on.
+    Partial,
+}
+
+impl BodyRest {
+    pub fn take(&self) -> Rest {
+        if let Some(body) = self.0.unread.lock().unwrap().take() {
+            return Rest::Unread(body);
+        }
+        if self.0.ended.load(Ordering::Acquire) {
+            Rest::Ended
+        } else {
+            Rest::Partial
+        }
+    }
+}
+
 /// Forwards an upload's body into a bounded channel for the core. The small
-/// bound is what keeps memory flat: a slow disk slows the client down.
-pub fn upload_body(req: Request<Incoming>) -> Result<(BodyStream, Option<u64>, Option<String>), ApiError> {
-    let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+/// bound is what keeps memory flat: a slow disk slows the client down. The
+/// body stays in `body` when the request is refused here.
+pub fn upload_body(headers: &HeaderMap, body: &mut Option<Incoming>) -> Result<Upload, ApiError> {
+    let ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ct.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/octet-stream") {
         return Err(ApiError::UnsupportedMediaType);
     }
-    let length = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
-    let checksum = match req.headers().get("x-checksum-sha256") {
+    let length = headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok());
+    let checksum = match headers.get("x-checksum-sha256") {
         Some(v) => Some(
             v.to_str()
                 .map_err(|_| ApiError::InvalidBody("X-Checksum-Sha256 is not text".into()))?
@@ -52,17 +95,18 @@ pub fn upload_body(req: Request<Incoming>) -> Result<(BodyStream, Option<u64>, O
         ),
         None => None,
     };
+    let shared = Arc::new(UploadBody { unread: Mutex::new(body.take()), ended: AtomicBool::new(false) });
     let (tx, rx) = mpsc::channel(4);
-    let go = std::sync::Arc::new(tokio::sync::Notify::new());
-    let mut body = req.into_body();
-    let started = go.clone();
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (started, forwarder) = (go.clone(), shared.clone());
     tokio::spawn(async move {
-        // Ends without reading when the core refuses the upload and drops
-        // its side before asking for data.
+        // Reads nothing when the core refuses the upload and drops its side
+        // before asking for data; the body then stays for the API.
         tokio::select! {
             _ = started.notified() => {}
             _ = tx.closed() => return,
         }
+        let Some(mut body) = forwarder.unread.lock().unwrap().take() else { return };
         while let Some(frame) = body.frame().await {
             let item = match frame {
                 Ok(f) => match f.into_data() {
@@ -76,13 +120,14 @@ pub fn upload_body(req: Request<Incoming>) -> Result<(BodyStream, Option<u64>, O
                 return;
             }
         }
+        forwarder.ended.store(true, Ordering::Release);
     });
-    let chunks = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
-    Ok((BodyStream { chunks, go }, length, checksum))
+    let chunks = Arc::new(tokio::sync::Mutex::new(rx));
+    Ok(Upload { stream: BodyStream { chunks, go }, length, checksum, rest: BodyRest(shared) })
 }
 
 /// Checks a WebSocket upgrade request; returns the accept key.
-pub fn websocket_key(req: &Request<Incoming>) -> Result<String, ApiError> {
+pub fn websocket_key(req: &Request<()>) -> Result<String, ApiError> {
     let h = req.headers();
     let is = |name, want: &str| {
         h.get(name)

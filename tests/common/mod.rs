@@ -23,6 +23,8 @@ pub struct Opts {
     pub auth_failure_burst: u32,
     pub max_connections: usize,
     pub header_timeout_secs: u64,
+    /// More `[api]` lines, e.g. `idle_timeout_secs = 4`.
+    pub extra_api: String,
     pub data_dir: Option<PathBuf>,
 }
 
@@ -35,6 +37,7 @@ impl Opts {
             auth_failure_burst: 0,
             max_connections: 256,
             header_timeout_secs: 10,
+            extra_api: String::new(),
             data_dir: None,
         }
     }
@@ -80,13 +83,14 @@ impl Daemon {
             &config,
             format!(
                 "data_dir = {data:?}\n[api]\nlisten = [\"{addr}\"]\nsocket = {socket:?}\nrate_limit_per_sec = {rl}\nrate_limit_burst = {rl}\nauth_failure_burst = {afb}\n\
-                 max_connections = {mc}\nheader_timeout_secs = {ht}\n\
+                 max_connections = {mc}\nheader_timeout_secs = {ht}\n{extra}\
                  [hypervisor]\nuri = {uri:?}\ndomain_type = \"qemu\"\nmemory_reserve_mib = 256\n[images]\nimport_dirs = [{import:?}]\n[log]\nlevel = \"info,novacron=debug\"\ntarget = \"stderr\"\n",
                 import = dir.join("import"),
                 rl = opts.rate_limit,
                 afb = opts.auth_failure_burst,
                 mc = opts.max_connections,
                 ht = opts.header_timeout_secs,
+                extra = opts.extra_api,
                 uri = opts.uri,
             ),
         )
