@@ -81,7 +81,7 @@ pub struct ConnArgs {
     /// CA certificate (PEM) to verify the daemon's certificate instead of pinning.
     #[arg(long, global = true, env = "NOVACRON_CA")]
     pub ca: Option<PathBuf>,
-    /// Local API socket.
+    /// Local API socket (a `serve --dev` daemon's is novacron-dev/novacron.sock).
     #[arg(long, global = true, env = "NOVACRON_SOCKET", default_value = crate::config::DEFAULT_SOCKET)]
     pub socket: PathBuf,
 }
