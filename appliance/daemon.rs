@@ -209,7 +209,7 @@ fn announce_first_token(
         tracing::info!(path = %path.display(), "the first admin token was written to a root-only file; delete it once read");
         return Ok(());
     }
-    let mut text = crate::host::setup::banner(urls, fingerprint, secret);
+    let mut text = crate::ops::setup::banner(urls, fingerprint, secret);
     if dev {
         text.push_str(&format!(
             "The token is also in {} (root-only); delete that file once you have it.\n\

@@ -2,7 +2,8 @@
 //! keeps its state in SQLite and serves an HTTPS API and a CLI.
 //!
 //! Layout: `api` (HTTP edge) → `core` (typed commands) → `store` (SQLite)
-//! and `hypervisor` (libvirt); `host` (procfs), `telemetry` (logs,
+//! and `hypervisor` (libvirt); `host` (procfs, admission), `ops` (preflight,
+//! Redfish, setup, the A/B installer), `telemetry` (logs,
 //! metrics, sd_notify), `tls` (fingerprints and pinning) and `cli` (the
 //! client side of the same binary).
 
@@ -14,6 +15,7 @@ pub mod daemon;
 pub mod host;
 pub mod hypervisor;
 pub mod images;
+pub mod ops;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -6,9 +6,9 @@
 //! BIOS matches or was changed, 1 on an error or when the BMC lacks a
 //! required attribute, 2 on bad arguments, 6 when the BMC is unreachable.
 
-use crate::host::firmware::{self, Profile};
-use crate::host::preflight::{self, Root, Status};
-use crate::host::redfish::{self, Bmc, Plan};
+use crate::ops::firmware::{self, Profile};
+use crate::ops::preflight::{self, Root, Status};
+use crate::ops::redfish::{self, Bmc, Plan};
 use clap::{ArgGroup, Args, Subcommand};
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,7 @@
 
 use super::client::Client;
 use super::output;
-use crate::host::{setup, update as hu};
+use crate::ops::{setup, update as hu};
 use crate::types::{ErrorBody, UpdateState, UpdateView};
 use clap::Subcommand;
 use hyper::{Method, StatusCode};

@@ -2,11 +2,11 @@
 //! root installer, shut the guests down cleanly once the new slot is
 //! written, ask for the reboot, and after it tell success from rollback and
 //! start the guests again. The protocol with the installer is in
-//! `host::update`; the record of the latest update is `update/status.json`.
+//! `ops::update`; the record of the latest update is `update/status.json`.
 
 use super::{BodyStream, Core, CoreError, Result};
-use crate::host::update::{self as hu, InstallReport, InstallState, Slot};
 use crate::host::HostError;
+use crate::ops::update::{self as hu, InstallReport, InstallState, Slot};
 use crate::types::{UpdateRecord, UpdateState, UpdateView, VmState};
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,10 +1,6 @@
-//! Host subsystem: facts about this machine from procfs, and admission.
-
-pub mod firmware;
-pub mod preflight;
-pub mod redfish;
-pub mod setup;
-pub mod update;
+//! Host subsystem: what the running daemon knows of this machine (facts
+//! from procfs, KVM) and admission. The tools that change the host (firmware
+//! preflight, Redfish, first-boot setup, the A/B installer) are in `ops`.
 
 use std::path::Path;
 

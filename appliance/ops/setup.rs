@@ -13,8 +13,8 @@
 //! nothing, then renames the folder to `seed.applied`, so a later seed can
 //! be dropped in the same way.
 
-use super::HostError;
 use crate::config::Config;
+use crate::host::HostError;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 

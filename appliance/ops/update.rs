@@ -14,7 +14,7 @@
 //! requires `novacron.service` (the daemon's READY=1), is reached; an entry
 //! whose tries run out sorts last and the previous slot boots again.
 
-use super::HostError;
+use crate::host::HostError;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;

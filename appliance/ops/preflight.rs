@@ -142,7 +142,7 @@ fn cpu_virtualization(profile: &Profile, cpuinfo: &str) -> Finding {
 
 fn kvm_device(profile: &Profile, root: &Root, cpuinfo: &str) -> Finding {
     let dev = root.dev.join("kvm");
-    if super::kvm_usable(&dev) {
+    if crate::host::kvm_usable(&dev) {
         return ok("kvm_device", format!("{} opens read-write", dev.display()));
     }
     let module = &profile.cpu.kvm_module;
@@ -364,7 +364,7 @@ fn disk(profile: &Profile, data_dir: &Path) -> Finding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::firmware;
+    use crate::ops::firmware;
     use std::fs;
 
     struct Fake {
