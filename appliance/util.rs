@@ -66,6 +66,60 @@ pub fn create_vm_dir(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
 }
 
+/// Replaces `path` with `data` so readers see the old or the new content,
+/// never half: writes `<name>.new` beside it with exactly `mode` (not
+/// filtered by the umask), syncs it, renames it over `path` and syncs the
+/// folder. A stale `.new` (crash, planted link) is removed first.
+pub fn write_atomic(path: &std::path::Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".new");
+    let tmp = path.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        sync_dir(dir);
+    }
+    Ok(())
+}
+
+/// Syncs a folder's entries (after a rename), best effort: vfat may refuse
+/// fsync on a directory, and the files themselves are synced.
+pub fn sync_dir(dir: &std::path::Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Size and hex SHA-256 of a file, read in 1 MiB chunks; `on_chunk` hears
+/// each chunk's length (for progress).
+pub fn sha256_file(
+    path: &std::path::Path,
+    mut on_chunk: impl FnMut(usize),
+) -> std::io::Result<(u64, String)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+        on_chunk(n);
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -75,5 +129,26 @@ mod tests {
         assert_eq!(super::rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(super::days_from_civil(2000, 2, 29), 11_016);
         assert_eq!(super::civil_from_days(super::days_from_civil(2031, 12, 31)), (2031, 12, 31));
+    }
+
+    #[test]
+    fn atomic_write_and_file_hash() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("novacron-util-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.json");
+        // A stale temporary from a crash is replaced, not appended to.
+        std::fs::write(dir.join("a.json.new"), "stale stale stale").unwrap();
+        super::write_atomic(&path, b"abc", 0o640).unwrap();
+        super::write_atomic(&path, b"abc", 0o600).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"abc");
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!dir.join("a.json.new").exists());
+        let mut chunks = Vec::new();
+        let (size, hex) = super::sha256_file(&path, |n| chunks.push(n)).unwrap();
+        assert_eq!((size, chunks), (3, vec![3]));
+        // sha256("abc"), FIPS 180-2 appendix B.1.
+        assert_eq!(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

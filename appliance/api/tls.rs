@@ -38,18 +38,8 @@ fn generate(cert: &Path, key: &Path, names: Vec<String>) -> Result<i64, ApiError
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), ApiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| ApiError::Tls(format!("{}: {e}", tmp.display())))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| ApiError::Tls(e.to_string()))?;
-    std::fs::rename(&tmp, path).map_err(|e| ApiError::Tls(e.to_string()))
+    crate::util::write_atomic(path, data, 0o600)
+        .map_err(|e| ApiError::Tls(format!("{}: {e}", path.display())))
 }
 
 fn load(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ApiError> {

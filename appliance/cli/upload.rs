@@ -6,8 +6,7 @@ use super::client::{collect, Client, ClientError};
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::{Method, StatusCode};
-use sha2::{Digest, Sha256};
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -196,18 +195,10 @@ pub async fn sha256_file(path: &Path, total: u64) -> std::io::Result<String> {
     let path = path.to_path_buf();
     let counter = done.clone();
     let hex = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-        let mut f = std::fs::File::open(path)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
+        let count = |n: usize| {
             counter.fetch_add(n as u64, Ordering::Relaxed);
-        }
-        Ok(hex::encode(hasher.finalize()))
+        };
+        Ok(crate::util::sha256_file(&path, count)?.1)
     })
     .await
     .map_err(std::io::Error::other)??;

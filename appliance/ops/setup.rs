@@ -78,14 +78,7 @@ fn read_limited(path: &Path) -> Result<Vec<u8>> {
 }
 
 fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("seed-new");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    Ok(crate::util::write_atomic(path, data, mode)?)
 }
 
 /// A host name systemd and DNS accept: labels of letters, digits and `-`.

@@ -182,17 +182,7 @@ pub fn verify(path: &Path) -> Result<Manifest> {
 
 /// SHA-256 of a whole file, hex.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    Ok(crate::util::sha256_file(path, |_| {})?.1)
 }
 
 // ---- slots -------------------------------------------------------------
@@ -383,20 +373,10 @@ pub fn entries(esp: &Path) -> Result<Vec<Entry>> {
     Ok(out)
 }
 
-fn sync_dir(dir: &Path) {
-    // vfat may refuse fsync on a directory; the files themselves are synced.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-}
+use crate::util::sync_dir;
 
 fn write_file_synced(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("new");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    Ok(crate::util::write_atomic(path, data, 0o644)?)
 }
 
 /// What an installation did.
@@ -534,17 +514,8 @@ pub struct InstallReport {
 
 /// Writes JSON next to its place, syncs, renames: readers never see half.
 pub fn write_json<T: Serialize>(path: &Path, value: &T, mode: u32) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("json.new");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(d) = path.parent() {
-        sync_dir(d);
-    }
-    Ok(())
+    let data = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    Ok(crate::util::write_atomic(path, &data, mode)?)
 }
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {

@@ -13,7 +13,6 @@
 
 use super::{Store, StoreError};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
@@ -91,10 +90,7 @@ impl Store {
 }
 
 pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
-    let mut f = std::fs::File::open(path).map_err(io(path))?;
-    let mut h = Sha256::new();
-    let n = std::io::copy(&mut f, &mut h).map_err(io(path))?;
-    Ok((n, hex::encode(h.finalize())))
+    crate::util::sha256_file(path, |_| {}).map_err(io(path))
 }
 
 fn entry(root: &Path, rel: &str) -> Result<FileEntry> {
