@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/novacron/novacron.toml";
 pub const DEFAULT_SOCKET: &str = "/run/novacron/novacron.sock";
 pub const DEFAULT_PORT: u16 = 8443;
+/// Upper bound of `hypervisor.vcpu_overcommit`.
+pub const MAX_VCPU_OVERCOMMIT: u32 = 16;
 
 /// The embedded default configuration, shown by `novacron config default`.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../docs/novacron.toml.example");
@@ -92,6 +94,10 @@ pub struct HypervisorConfig {
     pub memory_reserve_mib: u64,
     /// Default wait for an ACPI shutdown before `--timeout` forces it off.
     pub shutdown_timeout_secs: u64,
+    /// vCPUs one VM may have per host CPU: 1 refuses a VM with more vCPUs
+    /// than the host has CPUs (it would only run slower); raise it to
+    /// overcommit.
+    pub vcpu_overcommit: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -142,6 +148,7 @@ impl Default for HypervisorConfig {
             domain_type: "kvm".into(),
             memory_reserve_mib: 1024,
             shutdown_timeout_secs: 120,
+            vcpu_overcommit: 1,
         }
     }
 }
@@ -204,6 +211,11 @@ impl Config {
         if self.api.tls_cert.is_some() != self.api.tls_key.is_some() {
             return Err(ConfigError::Invalid("api.tls_cert and api.tls_key go together".into()));
         }
+        if !(1..=MAX_VCPU_OVERCOMMIT).contains(&self.hypervisor.vcpu_overcommit) {
+            return Err(ConfigError::Invalid(format!(
+                "hypervisor.vcpu_overcommit must be between 1 and {MAX_VCPU_OVERCOMMIT}"
+            )));
+        }
         for (name, n) in [
             ("max_connections", self.api.max_connections),
             ("max_connections_per_address", self.api.max_connections_per_address),
@@ -237,6 +249,20 @@ mod tests {
     fn unknown_keys_are_refused() {
         let e = Config::parse("[api]\nlisten_on = []\n", Path::new("x")).unwrap_err();
         assert!(e.to_string().contains("listen_on"), "{e}");
+    }
+
+    #[test]
+    fn vcpu_overcommit_is_bounded() {
+        let cfg = Config::parse("[hypervisor]\nvcpu_overcommit = 4\n", Path::new("x")).unwrap();
+        assert_eq!(cfg.hypervisor.vcpu_overcommit, 4);
+        for bad in ["0", "17", "1.5"] {
+            let text = format!("[hypervisor]\nvcpu_overcommit = {bad}\n");
+            let e = Config::parse(&text, Path::new("x")).unwrap_err();
+            assert!(
+                e.to_string().contains("vcpu_overcommit") || e.to_string().contains("expected u32"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

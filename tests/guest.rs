@@ -44,7 +44,7 @@ async fn real_guest_lifecycle_survives_kill9() {
     let (s, v) = call(&c, Method::POST, &format!("/v1/vms/{id}/start"), None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["state"], "running");
-    let log = d.data().join("logs").join(format!("{id}.console.log"));
+    let log = d.data().join("logs").join(format!("{name}.{id}.console.log"));
     let started = Instant::now();
     wait_for("the guest's marker on its serial console", 90, || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();

@@ -137,7 +137,7 @@ fn sysusers_and_tmpfiles_apply() {
     assert!(user.ends_with(":/var/lib/novacron:/usr/sbin/nologin"), "{user}");
     let uid: u32 = user.split(':').nth(2).unwrap().parse().unwrap();
     let group = std::fs::read_to_string(root.join("etc/group")).unwrap();
-    for g in ["libvirt", "kvm"] {
+    for g in ["libvirt", "kvm", "libvirt-qemu"] {
         let line = group.lines().find(|l| l.starts_with(&format!("{g}:"))).unwrap();
         assert!(line.rsplit(':').next().unwrap().split(',').any(|m| m == "novacron"), "{line}");
     }
@@ -152,6 +152,7 @@ fn sysusers_and_tmpfiles_apply() {
         ("var/lib/novacron", 0o711),
         ("var/lib/novacron/disks", 0o711),
         ("var/lib/novacron/boot", 0o755),
+        ("var/lib/novacron/images", 0o711),
         ("var/lib/novacron/tls", 0o700),
         ("run/novacron", 0o750),
         ("etc/novacron", 0o750),

@@ -206,7 +206,9 @@ pub static ROUTES: &[RouteSpec] = &[
     row("GET", "/v1/events", Action::EventList, &["after"], E(|_| Ok(Edge::Events))),
     row("GET", "/v1/tokens", Action::TokenList, &[], R(|_| Ok(Command::ListTokens))),
     row("POST", "/v1/tokens", Action::TokenCreate, &[], J(|_, b| Ok(Command::CreateToken(json(b)?)))),
-    row("DELETE", "/v1/tokens/{id}", Action::TokenRevoke, &[], R(|a| Ok(Command::RevokeToken(a.param(0))))),
+    row("DELETE", "/v1/tokens/{id}", Action::TokenRevoke, &["force"], R(|a| {
+        Ok(Command::RevokeToken { token: a.param(0), force: a.bool("force")? })
+    })),
     row("GET", "/v1/audit", Action::AuditList, &["limit"], R(|a| {
         let limit = a.number("limit", 10_000, "entries")?.unwrap_or(100) as usize;
         Ok(Command::ListAudit { limit })

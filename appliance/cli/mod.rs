@@ -463,6 +463,10 @@ pub enum TokenCmd {
     Revoke {
         /// Token id or name.
         token: String,
+        /// Also revoke the last admin token (then only root on the host's
+        /// socket is admin).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -751,8 +755,9 @@ pub async fn run_client(cli: Cli) -> i32 {
         Cmd::Token(TokenCmd::List) => {
             (call(Method::GET, "/v1/tokens".into(), None).await, output::Kind::TokenList)
         }
-        Cmd::Token(TokenCmd::Revoke { token }) => {
-            (call(Method::DELETE, format!("/v1/tokens/{token}"), None).await, output::Kind::Deleted(token))
+        Cmd::Token(TokenCmd::Revoke { token, force }) => {
+            let q = if force { "?force=true" } else { "" };
+            (call(Method::DELETE, format!("/v1/tokens/{token}{q}"), None).await, output::Kind::Deleted(token))
         }
         Cmd::Audit { limit } => {
             (call(Method::GET, format!("/v1/audit?limit={limit}"), None).await, output::Kind::Audit)

@@ -106,7 +106,8 @@ pub enum Command {
     },
     ListTokens,
     CreateToken(TokenCreate),
-    RevokeToken(String),
+    /// Refused for the last admin token unless `force`.
+    RevokeToken { token: String, force: bool },
     ListAudit {
         limit: usize,
     },
@@ -282,7 +283,7 @@ impl Command {
             Command::Events { .. } => Action::EventList,
             Command::ListTokens => Action::TokenList,
             Command::CreateToken(_) => Action::TokenCreate,
-            Command::RevokeToken(_) => Action::TokenRevoke,
+            Command::RevokeToken { .. } => Action::TokenRevoke,
             Command::ListAudit { .. } => Action::AuditList,
             Command::UpdateStatus => Action::HostUpdateStatus,
             Command::ApplyUpdate { .. } => Action::HostUpdate,
@@ -324,7 +325,7 @@ impl Command {
             Command::ImportImage(i) => i.name.clone(),
             Command::CreateNetwork(n) => n.name.clone(),
             Command::CreateToken(t) => t.name.clone(),
-            Command::RevokeToken(id) => id.clone(),
+            Command::RevokeToken { token, .. } => token.clone(),
             _ => String::new(),
         }
     }

@@ -204,8 +204,7 @@ impl Core {
                             let _ = std::fs::rename(&base, sp);
                             return Err(e);
                         }
-                        std::fs::set_permissions(&base, std::os::unix::fs::PermissionsExt::from_mode(0o400))
-                            .map_err(disk_err)?;
+                        crate::images::share_with_qemu(&base, 0o440).map_err(disk_err)?;
                         bases.push(base);
                     }
                 }

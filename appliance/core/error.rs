@@ -45,6 +45,9 @@ pub enum CoreError {
     Overlap(String),
     #[error("{what} is in use by {users}")]
     InUse { what: String, users: String },
+    /// Without an admin token only root on the host can administer the node.
+    #[error("token {0} is the last admin token; revoking it leaves only root on the host's socket as admin (use force)")]
+    LastAdmin(String),
     #[error(transparent)]
     Image(#[from] crate::images::ImageError),
     #[error(transparent)]
@@ -84,6 +87,7 @@ impl CoreError {
             CoreError::InsufficientMemory { .. } => (Conflict, "insufficient_memory"),
             CoreError::NotReady(_) => (Unavailable, "not_ready"),
             CoreError::InUse { .. } => (Conflict, "in_use"),
+            CoreError::LastAdmin(_) => (Conflict, "last_admin"),
             CoreError::Overlap(_) => (Conflict, "subnet_overlap"),
             CoreError::Image(e) => match e {
                 ImageError::TooLarge { .. } => (TooLarge, "payload_too_large"),

@@ -9,6 +9,29 @@ use crate::util::rfc3339;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// A claimed image name; released on drop, whatever the outcome.
+struct PendingImage<'a> {
+    core: &'a Core,
+    name: String,
+}
+
+impl Drop for PendingImage<'_> {
+    fn drop(&mut self) {
+        self.core.images_pending.lock().unwrap().remove(&self.name);
+    }
+}
+
+/// The final link found a file of that name (one put there by hand since
+/// the claim): the name is taken, not a storage failure.
+fn name_taken_if_exists(e: ImageError, name: &str) -> CoreError {
+    match e {
+        ImageError::Io(io) if io.kind() == std::io::ErrorKind::AlreadyExists => {
+            CoreError::NameTaken(name.to_string())
+        }
+        e => e.into(),
+    }
+}
+
 impl Core {
     fn image_view(&self, i: &ImageRecord) -> Image {
         let used_by = self
@@ -51,13 +74,18 @@ impl Core {
         self.cfg.images.max_upload_gib.saturating_mul(1 << 30)
     }
 
-    fn new_image_path(&self, name: &str) -> Result<PathBuf> {
+    /// Claims `name` for a new image until the returned guard is dropped.
+    /// The claim, the name checks and the final no-replace link make every
+    /// loser of a race for one name a 409 `name_taken`.
+    fn claim_image_name(&self, name: &str) -> Result<(PathBuf, PendingImage<'_>)> {
         valid_name(name).map_err(|m| CoreError::invalid("name", m))?;
         let path = self.paths.images.join(name);
-        if self.images.read().unwrap().contains_key(name) || path.exists() {
+        let mut pending = self.images_pending.lock().unwrap();
+        if pending.contains(name) || self.images.read().unwrap().contains_key(name) || path.exists() {
             return Err(CoreError::NameTaken(name.to_string()));
         }
-        Ok(path)
+        pending.insert(name.to_string());
+        Ok((path, PendingImage { core: self, name: name.to_string() }))
     }
 
     async fn register_image(&self, name: &str, path: PathBuf, info: img::ImageInfo) -> Result<Image> {
@@ -88,7 +116,7 @@ impl Core {
         body: BodyStream,
     ) -> Result<Image> {
         let expected = checksum.map(|c| img::parse_checksum(&c)).transpose()?;
-        let dest = self.new_image_path(name)?;
+        let (dest, _claim) = self.claim_image_name(name)?;
         let max = self.max_upload();
         if length.is_some_and(|l| l > max) {
             return Err(ImageError::TooLarge { max }.into());
@@ -105,13 +133,14 @@ impl Core {
                 return Err(ImageError::Truncated(format!("got {} of {l} bytes", up.written())).into());
             }
         }
-        let info = tokio::task::block_in_place(|| up.finish(expected.as_deref(), &dest))?;
+        let info = tokio::task::block_in_place(|| up.finish(expected.as_deref(), &dest))
+            .map_err(|e| name_taken_if_exists(e, name))?;
         tracing::info!(IMAGE = name, format = %info.format, bytes = info.file_size, "image uploaded");
         self.register_image(name, dest, info).await
     }
 
     pub(super) async fn import_image(self: &Arc<Self>, req: ImageImport) -> Result<Image> {
-        let dest = self.new_image_path(&req.name)?;
+        let (dest, _claim) = self.claim_image_name(&req.name)?;
         let dirs: Vec<&std::path::Path> = self.cfg.images.import_dirs.iter().map(|p| p.as_path()).collect();
         if dirs.is_empty() {
             return Err(CoreError::invalid("path", "no import folders are configured (images.import_dirs)"));
@@ -121,7 +150,8 @@ impl Core {
         let d = dest.clone();
         let info = tokio::task::spawn_blocking(move || img::import(&src, &images_dir, &d, max))
             .await
-            .map_err(|e| CoreError::Internal(e.to_string()))??;
+            .map_err(|e| CoreError::Internal(e.to_string()))?
+            .map_err(|e| name_taken_if_exists(e, &req.name))?;
         self.register_image(&req.name, dest, info).await
     }
 

@@ -59,7 +59,8 @@ pub struct Core {
     snapshots: RwLock<Vec<SnapshotRecord>>,
     pub events: events::EventBus,
     vm_locks: Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
-    /// Serializes VM creation so name checks and inserts cannot interleave.
+    /// Serializes VM creation so name checks and inserts cannot interleave;
+    /// also token revocations, so two cannot both see another admin left.
     create_lock: tokio::sync::Mutex<()>,
     /// VMs with an ACPI shutdown in flight: shown as shutting_down.
     shutting_down: Mutex<HashMap<Uuid, ()>>,
@@ -72,6 +73,9 @@ pub struct Core {
     last_seq: AtomicU64,
     /// One host update upload at a time.
     update_lock: tokio::sync::Mutex<()>,
+    /// Image names with an upload or import in flight: a second one for the
+    /// same name is refused at once instead of after its whole body.
+    images_pending: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Core {
@@ -117,6 +121,7 @@ impl Core {
             tls_not_after: OnceLock::new(),
             last_seq: AtomicU64::new(last_seq),
             update_lock: tokio::sync::Mutex::new(()),
+            images_pending: Mutex::default(),
         };
         Ok(Arc::new(core))
     }
@@ -295,7 +300,9 @@ impl Core {
                 self.resize_disk(&vm, &device, req).await.map(|v| Reply::Vm(Box::new(v)))
             }
             Command::DeleteImage(name) => self.delete_image(&name).await.map(|_| Reply::Deleted),
-            Command::RevokeToken(id) => self.revoke_token(caller, &id).await.map(|_| Reply::Deleted),
+            Command::RevokeToken { token, force } => {
+                self.revoke_token(caller, &token, force).await.map(|_| Reply::Deleted)
+            }
             Command::ApplyUpdate { checksum, length, tries, body } => self
                 .apply_update(checksum, length, tries, body)
                 .await

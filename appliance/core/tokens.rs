@@ -81,15 +81,22 @@ impl Core {
     }
 
     /// Revokes by id or name. Takes effect on the next request: the cache
-    /// is updated in the same step as the store.
-    pub(super) async fn revoke_token(&self, _caller: &Caller, r: &str) -> Result<()> {
+    /// is updated in the same step as the store. The last admin token goes
+    /// only with `force`.
+    pub(super) async fn revoke_token(&self, _caller: &Caller, r: &str, force: bool) -> Result<()> {
+        // Two revocations at once must not both see another admin left.
+        let _serial = self.create_lock.lock().await;
         let id = {
             let tokens = self.tokens.read().unwrap();
-            tokens
+            let t = tokens
                 .values()
                 .find(|t| t.id == r || t.name == r)
-                .map(|t| t.id.clone())
-                .ok_or_else(|| CoreError::NotFound(format!("token {r:?}")))?
+                .ok_or_else(|| CoreError::NotFound(format!("token {r:?}")))?;
+            let admins = tokens.values().filter(|t| t.role == Role::Admin).count();
+            if t.role == Role::Admin && admins == 1 && !force {
+                return Err(CoreError::LastAdmin(t.name.clone()));
+            }
+            t.id.clone()
         };
         self.commit(Change::TokenDelete { id: id.clone() }).await?;
         self.revoked.send_modify(|ids| {

@@ -186,23 +186,23 @@ impl Core {
     /// Resolves a host path from a VM spec. It must name a regular file
     /// that, after following links, lies inside one of `allowed`: libvirt
     /// relabels what it hands to QEMU, so an arbitrary path would let any
-    /// operator take over host files.
+    /// operator take over host files. Every refusal has the same answer, so
+    /// that it tells nothing about files outside the folders (whether they
+    /// exist, are folders, or are the target of a link).
     pub(super) fn resolve_host_file(&self, field: &str, value: &str, allowed: &[&Path]) -> Result<PathBuf> {
+        let dirs: Vec<String> = allowed.iter().map(|d| d.display().to_string()).collect();
+        let refused =
+            || CoreError::invalid(field, format!("must name an existing file inside {}", dirs.join(" or ")));
         if value.is_empty() || value.contains('\0') {
-            return Err(CoreError::invalid(field, "must be a file path"));
+            return Err(refused());
         }
         let p = Path::new(value);
         let p = if p.is_absolute() { p.to_path_buf() } else { allowed[0].join(p) };
-        let real = std::fs::canonicalize(&p)
-            .map_err(|_| CoreError::invalid(field, format!("{value:?} does not exist")))?;
+        let real = std::fs::canonicalize(&p).map_err(|_| refused())?;
         let inside =
             allowed.iter().filter_map(|dir| std::fs::canonicalize(dir).ok()).any(|dir| real.starts_with(dir));
-        if !inside {
-            let dirs: Vec<String> = allowed.iter().map(|d| d.display().to_string()).collect();
-            return Err(CoreError::invalid(field, format!("must be a file inside {}", dirs.join(" or "))));
-        }
-        if !real.is_file() {
-            return Err(CoreError::invalid(field, format!("{value:?} is not a regular file")));
+        if !inside || !real.is_file() {
+            return Err(refused());
         }
         Ok(real)
     }
@@ -262,10 +262,27 @@ impl Core {
         Core::ensure_disks(vm, seed)
     }
 
+    /// More vCPUs than the host has CPUs (times the configured overcommit)
+    /// only make a guest slower: refused at create and edit.
+    fn check_vcpus(&self, vcpus: Option<u32>) -> Result<()> {
+        let Some(vcpus) = vcpus else { return Ok(()) };
+        crate::host::admit_vcpus(vcpus, self.cfg.hypervisor.vcpu_overcommit).map_err(|max| {
+            CoreError::invalid(
+                "vcpus",
+                format!(
+                    "must be at most {max}: this host has {} CPUs and hypervisor.vcpu_overcommit is {}",
+                    crate::host::online_cpus(),
+                    self.cfg.hypervisor.vcpu_overcommit
+                ),
+            )
+        })
+    }
+
     /// Checks a create request completely before anything is changed.
     fn validate_create(&self, spec: &VmCreate) -> Result<CreatePlan> {
         valid_name(&spec.name).map_err(|m| CoreError::invalid("name", m))?;
         check_limits(Some(spec.vcpus), Some(spec.memory_mib), spec.shutdown_timeout_secs)?;
+        self.check_vcpus(Some(spec.vcpus))?;
         if spec.disks.len() > MAX_DISKS {
             return Err(CoreError::invalid("disks", format!("at most {MAX_DISKS} disks")));
         }
@@ -334,7 +351,7 @@ impl Core {
             kernel: vm.boot.as_ref().map(|b| PathBuf::from(&b.kernel)),
             initrd: vm.boot.as_ref().and_then(|b| b.initrd.as_ref().map(PathBuf::from)),
             cmdline: vm.boot.as_ref().and_then(|b| b.cmdline.clone()),
-            serial_log: self.console_log(vm.id),
+            serial_log: self.console_log(vm),
             node_id: self.node.id,
         }
     }
@@ -343,7 +360,7 @@ impl Core {
     pub(super) fn console_tail(&self, r: &str, bytes: u64) -> Result<bytes::Bytes> {
         use std::io::{Read, Seek, SeekFrom};
         let vm = self.find_record(r)?;
-        let mut f = match std::fs::File::open(self.console_log(vm.id)) {
+        let mut f = match std::fs::File::open(self.console_log(&vm)) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(bytes::Bytes::new()),
             Err(e) => return Err(CoreError::Internal(format!("console log: {e}"))),
@@ -383,8 +400,24 @@ impl Core {
             .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))
     }
 
-    pub fn console_log(&self, id: Uuid) -> PathBuf {
-        self.paths.logs.join(format!("{id}.console.log"))
+    /// `logs/NAME.UUID.console.log`: the name first, so that
+    /// `tail -f logs/NAME.*` finds it; the UUID keeps a later VM of the same
+    /// name from appending to it.
+    pub fn console_log(&self, vm: &VmRecord) -> PathBuf {
+        self.paths.logs.join(format!("{}.{}.console.log", vm.name, vm.id))
+    }
+
+    /// Moves a log from before VMs' names were in the file name
+    /// (`UUID.console.log`) to its current name; called while the VM is
+    /// stopped, so nothing writes to it.
+    fn adopt_old_console_log(&self, vm: &VmRecord) {
+        let old = self.paths.logs.join(format!("{}.console.log", vm.id));
+        let new = self.console_log(vm);
+        if old.exists() && !new.exists() {
+            if let Err(e) = std::fs::rename(&old, &new) {
+                tracing::warn!(VM_ID = %vm.id, error = %e, "cannot rename the console log");
+            }
+        }
     }
 
     /// Creates any disk file of `vm` that does not exist yet, and its
@@ -503,6 +536,7 @@ impl Core {
 
     pub(super) async fn update_vm(self: &Arc<Self>, r: &str, patch: VmPatch) -> Result<Vm> {
         check_limits(patch.vcpus, patch.memory_mib, patch.shutdown_timeout_secs)?;
+        self.check_vcpus(patch.vcpus)?;
         let found = self.find_record(r)?;
         let _guard = self.lock_vm(found.id, &found.name).await?;
         let mut vm = self.find_record(&found.id.to_string())?;
@@ -558,7 +592,7 @@ impl Core {
         self.commit(Change::VmDelete { id }).await?;
         Self::remove_disks(&self.paths.disks.join(id.to_string()));
         self.collect_bases();
-        let _ = std::fs::remove_file(self.console_log(id));
+        let _ = std::fs::remove_file(self.console_log(&vm));
         self.vm_locks.lock().unwrap().remove(&id);
         self.shutting_down.lock().unwrap().remove(&id);
         tracing::info!(VM_ID = %id, VM_NAME = %vm.name, "VM deleted");
@@ -606,6 +640,7 @@ impl Core {
                         reserve_mib,
                     },
                 )?;
+                self.adopt_old_console_log(&found);
                 // Redefine first so the domain always matches the spec.
                 let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&found));
                 let record = found.clone();

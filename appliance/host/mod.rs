@@ -77,6 +77,31 @@ pub fn check_admission(memory_mib: u64, reserve_mib: u64, available_mib: u64) ->
     }
 }
 
+/// CPUs the host has online. Guests share all of them: QEMU runs under
+/// libvirtd, outside the daemon's cgroup and CPU affinity.
+pub fn online_cpus() -> u32 {
+    use nix::unistd::{sysconf, SysconfVar};
+    match sysconf(SysconfVar::_NPROCESSORS_ONLN) {
+        Ok(Some(n)) if n > 0 => n as u32,
+        _ => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+    }
+}
+
+/// Whether a VM of `vcpus` fits this host: at most `overcommit` vCPUs per
+/// host CPU. Returns the largest allowed count on refusal.
+pub fn admit_vcpus(vcpus: u32, overcommit: u32) -> Result<(), u32> {
+    check_vcpus(vcpus, online_cpus(), overcommit)
+}
+
+pub fn check_vcpus(vcpus: u32, host_cpus: u32, overcommit: u32) -> Result<(), u32> {
+    let max = host_cpus.saturating_mul(overcommit.max(1));
+    if vcpus <= max {
+        Ok(())
+    } else {
+        Err(max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +118,15 @@ mod tests {
         assert!(check_admission(512, 1024, 2048).is_ok());
         assert_eq!(check_admission(1025, 1024, 2048), Err((2048, 1024)));
         assert!(check_admission(1, 4096, 1024).is_err());
+    }
+
+    #[test]
+    fn vcpus_stay_within_host_cpus_times_overcommit() {
+        assert!(check_vcpus(2, 2, 1).is_ok());
+        assert_eq!(check_vcpus(3, 2, 1), Err(2));
+        assert_eq!(check_vcpus(64, 2, 1), Err(2));
+        assert!(check_vcpus(8, 2, 4).is_ok());
+        assert_eq!(check_vcpus(9, 2, 4), Err(8));
+        assert!(online_cpus() >= 1);
     }
 }

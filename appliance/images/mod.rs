@@ -6,6 +6,9 @@
 //! external data file (either could make QEMU open any host file, including
 //! through the `json:` pseudo-protocol) is refused: only overlays the daemon
 //! itself creates have backing files.
+//!
+//! Images and cloud-init seeds (user-data holds passwords and keys) are
+//! readable only by their owner and QEMU's group ([`share_with_qemu`]).
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -29,6 +32,10 @@ pub enum ImageError {
     DataFile(String),
     #[error("the upload ended early: {0}")]
     Truncated(String),
+    /// qemu-img calls any file "raw", so a raw image must at least look
+    /// like a disk.
+    #[error("a raw image must be at least {MIN_RAW_BYTES} bytes and a whole number of 512-byte sectors; this file has {0} bytes (not a disk image?)")]
+    NotADisk(u64),
     #[error("cannot inspect the image: {0}")]
     Inspect(String),
     #[error("image storage: {0}")]
@@ -36,6 +43,51 @@ pub enum ImageError {
 }
 
 pub type Result<T> = std::result::Result<T, ImageError>;
+
+/// Smallest raw image accepted: 1 MiB (no bootable disk is smaller; text
+/// files and HTML error pages mostly are).
+pub const MIN_RAW_BYTES: u64 = 1 << 20;
+
+/// Groups QEMU runs as under libvirt, in order of preference: Debian's
+/// `libvirt-qemu`, then `qemu` (Fedora and most others).
+const QEMU_GROUPS: [&str; 2] = ["libvirt-qemu", "qemu"];
+
+/// QEMU's group id, looked up once; `None` when no such group exists.
+fn qemu_gid() -> Option<nix::unistd::Gid> {
+    static GID: std::sync::OnceLock<Option<nix::unistd::Gid>> = std::sync::OnceLock::new();
+    *GID.get_or_init(|| {
+        QEMU_GROUPS.iter().find_map(|name| nix::unistd::Group::from_name(name).ok().flatten().map(|g| g.gid))
+    })
+}
+
+/// Makes a file QEMU reads (an image, a seed, a frozen base) mode `mode`
+/// (0640 or 0440) with QEMU's group, so nobody else can read it. The group
+/// is what keeps the daemon's access when libvirt's DAC labelling hands the
+/// file to QEMU's user and, for read-only disks, never hands it back: the
+/// daemon's user is a member (systemd/sysusers.d). Where the group cannot be
+/// set (no such group, or a daemon user outside it) the file keeps the
+/// daemon's group and QEMU gets it through libvirt's labelling alone.
+pub fn share_with_qemu(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = qemu_gid() {
+        if let Err(e) = nix::unistd::chown(path, None, Some(gid)) {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(error = %e, "cannot give image files QEMU's group; is the daemon's user a member?")
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Creates `path` as an empty 0600 file (failing if it exists), so that a
+/// tool writing into it later never leaves it readable by others, even
+/// briefly.
+fn reserve(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)
+}
 
 /// What the daemon knows about a stored image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +144,14 @@ pub fn inspect(path: &Path) -> Result<(String, u64)> {
         }
     }
     match info.format.as_str() {
-        "raw" | "qcow2" => Ok((info.format, info.virtual_size)),
+        "raw" => {
+            let len = std::fs::metadata(&path)?.len();
+            if len < MIN_RAW_BYTES || len % 512 != 0 {
+                return Err(ImageError::NotADisk(len));
+            }
+            Ok((info.format, info.virtual_size))
+        }
+        "qcow2" => Ok((info.format, info.virtual_size)),
         other => Err(ImageError::UnsupportedFormat(other.to_string())),
     }
 }
@@ -130,9 +189,8 @@ const WRITE_QUEUE: usize = 8;
 
 impl Upload {
     pub fn begin(dir: &Path, max: u64) -> Result<Upload> {
-        use std::os::unix::fs::OpenOptionsExt;
         let tmp = dir.join(format!(".upload-{}", uuid::Uuid::new_v4()));
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&tmp)?;
+        let mut file = reserve(&tmp)?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(WRITE_QUEUE);
         let done = std::thread::Builder::new().name("image-writer".into()).spawn(move || {
             for chunk in rx {
@@ -198,10 +256,13 @@ impl Upload {
         Ok(())
     }
 
-    /// Verifies and moves the upload to `dest` (which must not exist).
+    /// Verifies and moves the upload to `dest`, which must not exist: an
+    /// `io::ErrorKind::AlreadyExists` error means another image took the
+    /// name first.
     pub fn finish(mut self, expected_sha256: Option<&str>, dest: &Path) -> Result<ImageInfo> {
         let actual = self.seal(expected_sha256)?;
         let (format, virtual_size) = inspect(&self.tmp)?;
+        share_with_qemu(&self.tmp, 0o640)?;
         // link + unlink instead of rename: never replace an existing image.
         std::fs::hard_link(&self.tmp, dest)?;
         let _ = std::fs::remove_file(&self.tmp);
@@ -223,6 +284,8 @@ impl Drop for Upload {
 
 /// Makes `dest` an independent qcow2 copy of the image `base`.
 pub fn copy_to_qcow2(base: &Path, format: &str, dest: &Path) -> Result<()> {
+    // qemu-img keeps the mode of the file it overwrites: never 0644.
+    drop(reserve(dest)?);
     let out = Command::new("qemu-img")
         .args(["convert", "-q", "-f", format, "-O", "qcow2"])
         .arg(std::path::absolute(base)?)
@@ -360,9 +423,11 @@ mod tests {
 /// tool cloud-init's own docs use for NoCloud seeds; a seed is a few KiB,
 /// so an external process costs nothing and needs no ISO writer in-tree.
 pub fn build_seed(dest: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
     let work = dest.with_extension("d");
     let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
+    // The user-data is secret from its first byte on disk.
+    std::fs::DirBuilder::new().mode(0o700).create(&work)?;
     let result = (|| {
         let mut names = Vec::new();
         for (name, content) in files {
@@ -370,6 +435,9 @@ pub fn build_seed(dest: &Path, files: &[(&str, &[u8])]) -> Result<()> {
             names.push(work.join(name));
         }
         let tmp = dest.with_extension("iso.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        // genisoimage truncates the file and keeps its 0600 mode.
+        drop(reserve(&tmp)?);
         let out = Command::new("genisoimage")
             .args(["-quiet", "-output"])
             .arg(&tmp)
@@ -379,9 +447,10 @@ pub fn build_seed(dest: &Path, files: &[(&str, &[u8])]) -> Result<()> {
             .output()
             .map_err(|e| ImageError::Inspect(format!("cannot run genisoimage: {e}")))?;
         if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
             return Err(ImageError::Inspect(String::from_utf8_lossy(&out.stderr).trim().to_string()));
         }
-        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+        share_with_qemu(&tmp, 0o640)?;
         std::fs::rename(&tmp, dest)?;
         Ok(())
     })();

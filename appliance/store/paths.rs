@@ -36,7 +36,7 @@ impl Paths {
             (&self.data_dir, 0o711),
             (&self.disks, 0o711),
             (&self.boot, 0o755),
-            (&self.images, 0o755),
+            (&self.images, 0o711),
             (&self.logs, 0o711),
             (&self.tls, 0o700),
         ] {

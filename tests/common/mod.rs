@@ -26,6 +26,9 @@ pub struct Opts {
     /// More `[api]` lines, e.g. `idle_timeout_secs = 4`.
     pub extra_api: String,
     pub data_dir: Option<PathBuf>,
+    /// A command the daemon is started through, e.g. `setpriv ...` to run it
+    /// as another user; empty: started directly.
+    pub wrapper: Vec<String>,
 }
 
 impl Opts {
@@ -39,6 +42,7 @@ impl Opts {
             header_timeout_secs: 10,
             extra_api: String::new(),
             data_dir: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -51,6 +55,7 @@ pub struct Daemon {
     pub admin: String,
     pub fingerprint: String,
     pub socket: PathBuf,
+    wrapper: Vec<String>,
 }
 
 /// The daemons' API port. NOVACRON_TEST_PORT moves it, so that two checkouts
@@ -103,6 +108,7 @@ impl Daemon {
             admin: String::new(),
             fingerprint: String::new(),
             socket,
+            wrapper: opts.wrapper,
         };
         d.spawn(true);
         d
@@ -111,7 +117,15 @@ impl Daemon {
     fn spawn(&mut self, first: bool) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
-        let mut child = Command::new(BIN)
+        let mut cmd = match self.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("NOVACRON_PRINT_TOKEN", "1")
