@@ -107,7 +107,10 @@ pub enum Command {
     ListTokens,
     CreateToken(TokenCreate),
     /// Refused for the last admin token unless `force`.
-    RevokeToken { token: String, force: bool },
+    RevokeToken {
+        token: String,
+        force: bool,
+    },
     ListAudit {
         limit: usize,
     },

@@ -28,7 +28,7 @@ impl Paths {
         }
     }
 
-    /// Creates the folders. Disks and logs must be reachable by QEMU, which
+    /// Creates the folders. Disks, images and logs must be reachable by QEMU, which
     /// may run as another user, so they are traversable but not listable.
     pub fn create(&self) -> std::io::Result<()> {
         use std::os::unix::fs::PermissionsExt;
