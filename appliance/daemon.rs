@@ -109,6 +109,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     // Registers libvirt's event loop: must come before any connection.
     let hv = Arc::new(Libvirt::new(&cfg.hypervisor.uri));
     let metrics = Arc::new(Metrics::default());
+    // Before anything reads the store or touches a domain: a second daemon
+    // on this data dir would reconcile the same guests as the first.
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let _lock = crate::store::lock::lock_data_dir(&cfg.data_dir).map_err(CoreError::from)?;
     let core = Core::open(cfg.clone(), hv, metrics)?;
     let tls_files = cfg.api.tls_cert.clone().zip(cfg.api.tls_key.clone());
     let identity = api::tls::identity(tls_files, &core.paths.tls, &cfg.api.listen)?;
@@ -177,6 +181,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     let _ = stop_tx.send(true);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let _ = std::fs::remove_file(&socket);
+    // The next start continues the event feed right after the last event.
+    core.events.checkpoint();
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! The TLS pieces the API server, the CLI, the Redfish client and the peer
-//! link share: certificate fingerprints and pinning. (The API server's own
+//! link share: certificate fingerprints, expiry and pinning. (The API server's own
 //! certificate is made and loaded in `api/tls.rs`.)
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -13,6 +13,12 @@ use std::sync::Arc;
 pub fn fingerprint(der: &[u8]) -> String {
     let digest = Sha256::digest(der);
     digest.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
+}
+
+/// The `notAfter` of a DER certificate, in unix seconds.
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp())
 }
 
 /// Trusts exactly the certificate with the pinned SHA-256 fingerprint, or

@@ -134,7 +134,12 @@ pub struct SnapshotCreate {
 pub struct Snapshot {
     pub name: String,
     pub description: String,
+    /// The snapshot holds the guest's memory: always for a VM that was
+    /// running or paused (QEMU's internal snapshots cannot leave it out).
     pub memory: bool,
+    /// Reverting resumes the guest from that memory; otherwise only the
+    /// disks come back and the VM is left stopped.
+    pub restores_memory: bool,
     /// The VM's state when the snapshot was taken.
     pub vm_state: VmState,
     pub created_at: String,

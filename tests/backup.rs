@@ -127,3 +127,78 @@ async fn backup_wipe_restore() {
         }
     }
 }
+
+/// `novacron health --json` over the socket: (exit code, the `files` check).
+fn files_check(d: &Daemon) -> (i32, Value) {
+    let r = common::cli(d, &["health", "--json"]);
+    let report: Value =
+        serde_json::from_str(&r.stdout).unwrap_or_else(|_| panic!("{}{}", r.stdout, r.stderr));
+    let check = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "files").cloned();
+    (r.code, check.unwrap_or(Value::Null))
+}
+
+/// A restore into another data dir (another node) brings the paths along:
+/// disks, base images, kernels and image files all point into the new data
+/// dir, not at the old node's. Health then notices files that go missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_elsewhere_rewrites_paths_and_health_sees_missing_files() {
+    let mut from = Daemon::start("backup-from", Opts::test_driver(63));
+    let c = from.admin();
+    let import = from.dir.join("import");
+    std::fs::create_dir_all(&import).unwrap();
+    for img in ["base", "spare"] {
+        let file = import.join(format!("{img}.qcow2"));
+        let st =
+            Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&file).arg("64M").status();
+        assert!(st.unwrap().success());
+        let body = json!({"name": img, "path": file});
+        let (s, v) = call(&c, Method::POST, "/v1/images", Some(body)).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    std::fs::write(from.data().join("boot/vmlinuz-test"), b"not booted on the test driver").unwrap();
+    let spec = json!({"name": "r1", "vcpus": 1, "memory_mib": 64,
+        "disks": [{"image": "base"}, {"size_gib": 1}], "boot": {"kernel": "vmlinuz-test"}});
+    let (s, v) = call(&c, Method::POST, "/v1/vms", Some(spec)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let archive = from.dir.join("node.tar");
+    let r = cli(&from, &["backup", "create", "--include-disks", archive.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+
+    // The other node: a fresh daemon, stopped, its data dir emptied.
+    let mut to = Daemon::start("backup-to", Opts::test_driver(64));
+    to.kill9();
+    std::fs::remove_dir_all(to.data()).unwrap();
+    let r = cli(&to, &["backup", "restore", archive.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains(&format!("now point into {}", to.data().display())), "{}", r.stdout);
+    // The old node is gone.
+    from.kill9();
+    std::fs::remove_dir_all(from.data()).unwrap();
+
+    to.restart();
+    let local = to.local();
+    let (s, vm) = call(&local, Method::GET, "/v1/vms/r1", None).await;
+    assert_eq!(s, StatusCode::OK, "{vm}");
+    let inside = |p: &Value| p.as_str().is_some_and(|p| p.starts_with(&to.data().display().to_string()));
+    for d in vm["disks"].as_array().unwrap() {
+        assert!(inside(&d["path"]), "{vm}");
+        assert!(std::path::Path::new(d["path"].as_str().unwrap()).is_file(), "{vm}");
+    }
+    assert!(inside(&vm["disks"][0]["image"]), "{vm}");
+    assert!(inside(&vm["boot"]["kernel"]), "{vm}");
+    let (code, files) = files_check(&to);
+    assert_eq!((code, files["status"].as_str()), (0, Some("ok")), "{files}");
+    let (s, v) = call(&local, Method::POST, "/v1/vms/r1/start", None).await;
+    assert_eq!(s, StatusCode::OK, "the restored VM starts: {v}");
+    assert_eq!(call(&local, Method::POST, "/v1/vms/r1/stop", None).await.0, StatusCode::OK);
+
+    // An image file gone: a warning; a VM's disk gone: critical.
+    std::fs::remove_file(to.data().join("images/spare")).unwrap();
+    let (code, files) = files_check(&to);
+    assert_eq!((code, files["status"].as_str()), (1, Some("warning")), "{files}");
+    assert!(files["message"].as_str().unwrap().contains("image spare"), "{files}");
+    std::fs::remove_file(vm["disks"][1]["path"].as_str().unwrap()).unwrap();
+    let (code, files) = files_check(&to);
+    assert_eq!((code, files["status"].as_str()), (2, Some("critical")), "{files}");
+    assert!(files["message"].as_str().unwrap().contains("VM r1 disk vdb"), "{files}");
+}

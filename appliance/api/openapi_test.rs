@@ -543,6 +543,7 @@ fn response_schemas_match_the_types() {
         name: "before".into(),
         description: "d".into(),
         memory: true,
+        restores_memory: true,
         vm_state: VmState::Running,
         created_at: "t".into(),
     };
@@ -571,7 +572,7 @@ fn response_schemas_match_the_types() {
         seq: 1,
         kind: "vm.state",
         at: "t".into(),
-        data: json!({"id": uuid, "name": "web", "state": "running"}),
+        data: json!({"vm": {"id": uuid, "name": "web"}, "state": "running"}),
     };
     let cases: Vec<(&str, BTreeSet<String>)> = vec![
         ("Vm", keys(&vm)),

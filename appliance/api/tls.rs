@@ -10,17 +10,17 @@ pub struct Identity {
     pub config: Arc<rustls::ServerConfig>,
     /// SHA-256 of the leaf certificate, `AB:CD:...`.
     pub fingerprint: String,
-    /// Expiry of a generated certificate (unix seconds); unknown for a
-    /// configured one.
+    /// Expiry of the leaf certificate (unix seconds), read from the file
+    /// at every start, generated or configured; None if it cannot be read.
     pub not_after: Option<i64>,
 }
 
-pub use crate::tls::fingerprint;
+pub use crate::tls::{fingerprint, not_after};
 
 const VALID_YEARS: i64 = 10;
 
 /// Writes a self-signed certificate for `names` (host names and IPs).
-fn generate(cert: &Path, key: &Path, names: Vec<String>) -> Result<i64, ApiError> {
+fn generate(cert: &Path, key: &Path, names: Vec<String>) -> Result<(), ApiError> {
     let tls_err = |e: rcgen::Error| ApiError::Tls(e.to_string());
     let key_pair = rcgen::KeyPair::generate().map_err(tls_err)?;
     let mut params = rcgen::CertificateParams::new(names).map_err(tls_err)?;
@@ -33,8 +33,7 @@ fn generate(cert: &Path, key: &Path, names: Vec<String>) -> Result<i64, ApiError
     params.not_after = rcgen::date_time_ymd(ey as i32, em as u8, ed as u8);
     let certificate = params.self_signed(&key_pair).map_err(tls_err)?;
     write_private(key, key_pair.serialize_pem().as_bytes())?;
-    write_private(cert, certificate.pem().as_bytes())?;
-    Ok(crate::util::days_from_civil(ey, em, ed) * 86_400)
+    write_private(cert, certificate.pem().as_bytes())
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), ApiError> {
@@ -67,7 +66,6 @@ pub fn identity(
         Some((c, k)) => (c, k, false),
         None => (tls_dir.join("cert.pem"), tls_dir.join("key.pem"), true),
     };
-    let mut not_after = None;
     if generated && !(cert.exists() && key.exists()) {
         let mut names = vec![crate::host::hostname(), "localhost".to_string()];
         for addr in listen {
@@ -77,17 +75,21 @@ pub fn identity(
         }
         names.push("127.0.0.1".into());
         names.dedup();
-        not_after = Some(generate(&cert, &key, names)?);
+        generate(&cert, &key, names)?;
         tracing::info!(cert = %cert.display(), "generated a self-signed API certificate");
     }
-    let (certs, key) = load(&cert, &key)?;
+    let (certs, key_der) = load(&cert, &key)?;
     let fingerprint = fingerprint(&certs[0]);
+    let not_after = not_after(&certs[0]);
+    if not_after.is_none() {
+        tracing::warn!(cert = %cert.display(), "cannot read the certificate's expiry; it is not monitored");
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ApiError::Tls(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
+        .with_single_cert(certs, key_der)
         .map_err(|e| ApiError::Tls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Identity { config: Arc::new(config), fingerprint, not_after })

@@ -72,7 +72,7 @@ fn api(conn: &ConnArgs, cfg: &crate::config::Config) -> Result<Client, String> {
 
 fn exit_for(e: &BackupError) -> i32 {
     match e {
-        BackupError::NotEmpty(_) => 4,
+        BackupError::NotEmpty(_) | BackupError::Store(crate::store::StoreError::Locked { .. }) => 4,
         _ => 1,
     }
 }
@@ -246,6 +246,14 @@ async fn restore(a: RestoreArgs, conn: &ConnArgs, json: bool) -> i32 {
                     r.manifest.created_at,
                     cfg.data_dir.display()
                 );
+                if r.relocated > 0 {
+                    println!(
+                        "paths of {} VMs and images now point into {} (the backup came from {})",
+                        r.relocated,
+                        cfg.data_dir.display(),
+                        r.manifest.data_dirs.first().map_or("another data dir", String::as_str)
+                    );
+                }
                 if let Some(c) = r.config_written {
                     println!("configuration written to {}", c.display());
                 }

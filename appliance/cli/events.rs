@@ -87,6 +87,15 @@ pub fn event_line(data: &str) -> String {
     }
 }
 
+/// What to tell the user about an `events.lost` event.
+pub fn lost_note(data: &str) -> String {
+    let after = serde_json::from_str::<serde_json::Value>(data).ok().map(|v| v["data"]["after"].clone());
+    let after = after.filter(|a| !a.is_null()).map_or("the last one seen".into(), |a| a.to_string());
+    format!(
+        "events after {after} are lost (daemon restart or too slow a reader); re-read the state you follow"
+    )
+}
+
 /// Follows the feed until Ctrl-C; returns the exit code.
 pub async fn follow(c: &Client, after: Option<u64>, json: bool) -> i32 {
     tokio::select! {
@@ -140,6 +149,9 @@ async fn follow_inner(c: &Client, after: Option<u64>, json: bool) -> i32 {
                 if let Some(seq) = ev.id.as_deref().and_then(|i| i.parse().ok()) {
                     last = Some(seq);
                 }
+                if ev.event.as_deref() == Some("events.lost") {
+                    eprintln!("novacron: {}", lost_note(&ev.data));
+                }
                 let line = if json { ev.data } else { event_line(&ev.data) };
                 let mut out = std::io::stdout().lock();
                 if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
@@ -178,5 +190,7 @@ mod tests {
         let d = r#"{"seq":3,"kind":"vm.state","at":"2025-01-01T00:00:00Z","data":{"vm":"web"}}"#;
         assert_eq!(event_line(d), r#"3 2025-01-01T00:00:00Z vm.state {"vm":"web"}"#);
         assert_eq!(event_line("not json"), "not json");
+        let lost = r#"{"seq":9,"kind":"events.lost","at":"t","data":{"after":300,"next":10}}"#;
+        assert!(lost_note(lost).starts_with("events after 300 are lost"), "{}", lost_note(lost));
     }
 }

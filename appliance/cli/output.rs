@@ -147,7 +147,12 @@ fn kind_str(k: NetworkKind) -> &'static str {
 }
 
 fn snapshot_what(s: &Snapshot) -> String {
-    let mem = if s.memory { "disks and memory" } else { "disks only" };
+    let mem = match (s.memory, s.restores_memory) {
+        (true, true) => "disks and memory",
+        // QEMU saved the memory of the running guest anyway.
+        (true, false) => "disks and memory; revert restores the disks only",
+        (false, _) => "disks only",
+    };
     format!("{mem}, VM {}", s.vm_state.as_str())
 }
 
@@ -315,11 +320,12 @@ pub fn print(status: StatusCode, body: &[u8], kind: Kind, json: bool) -> i32 {
                         s.created_at.clone(),
                         s.vm_state.as_str().to_string(),
                         yes_no(s.memory).into(),
+                        if s.restores_memory { "resume" } else { "disks" }.into(),
                         s.description.clone(),
                     ]
                 })
                 .collect();
-            table(&["NAME", "CREATED", "VM-STATE", "MEMORY", "DESCRIPTION"], rows);
+            table(&["NAME", "CREATED", "VM-STATE", "MEMORY", "REVERT", "DESCRIPTION"], rows);
         }),
     };
     match parsed {

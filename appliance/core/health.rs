@@ -55,7 +55,13 @@ pub fn disk_check(space: Option<(u64, u64)>, dir: &Path) -> HealthCheck {
 
 pub fn cert_check(not_after: Option<i64>, now_secs: i64) -> HealthCheck {
     let Some(t) = not_after else {
-        return check("certificate", CheckStatus::Ok, "expiry unknown (certificate from the configuration)");
+        // Read from the certificate at every start: unknown means it could
+        // not be parsed, and nothing would warn before it expires.
+        return check(
+            "certificate",
+            CheckStatus::Warning,
+            "expiry unknown: cannot read the certificate's validity",
+        );
     };
     let days = (t - now_secs).div_euclid(86_400);
     let when = crate::util::rfc3339(t * 1000);
@@ -70,7 +76,64 @@ pub fn cert_check(not_after: Option<i64>, now_secs: i64) -> HealthCheck {
     }
 }
 
+/// A file the node needs, for the `files` check.
+pub struct NeededFile {
+    /// What it is, for the message: `VM web disk vda`, `image debian12`.
+    pub what: String,
+    pub path: String,
+    /// A VM cannot run without it (else only new VMs need it).
+    pub critical: bool,
+}
+
+/// The `files` check: critical when a VM's disk, base image, kernel or
+/// initrd is missing, warning when only image files are.
+pub fn files_check(needed: &[NeededFile], exists: impl Fn(&str) -> bool) -> HealthCheck {
+    let missing: Vec<&NeededFile> = needed.iter().filter(|f| !exists(&f.path)).collect();
+    if missing.is_empty() {
+        return check(
+            "files",
+            CheckStatus::Ok,
+            format!("{} disk, image and boot files present", needed.len()),
+        );
+    }
+    let status =
+        if missing.iter().any(|f| f.critical) { CheckStatus::Critical } else { CheckStatus::Warning };
+    let shown: Vec<String> = missing.iter().take(5).map(|f| format!("{} ({})", f.what, f.path)).collect();
+    let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
+    check("files", status, format!("missing: {}{more}", shown.join(", ")))
+}
+
 impl Core {
+    /// Every file a managed VM or an image record refers to.
+    fn needed_files(&self) -> Vec<NeededFile> {
+        let mut out = Vec::new();
+        let need =
+            |what: String, path: &str, critical: bool| NeededFile { what, path: path.into(), critical };
+        for vm in self.vms.read().unwrap().values() {
+            // An interrupted create has no files yet; reconciliation makes them.
+            if vm.state == VmState::Missing {
+                continue;
+            }
+            for d in &vm.disks {
+                out.push(need(format!("VM {} disk {}", vm.name, d.device), &d.path, true));
+                if let Some(base) = &d.image {
+                    out.push(need(format!("VM {} base image of {}", vm.name, d.device), base, true));
+                }
+            }
+            if let Some(b) = &vm.boot {
+                out.push(need(format!("VM {} kernel", vm.name), &b.kernel, true));
+                if let Some(i) = &b.initrd {
+                    out.push(need(format!("VM {} initrd", vm.name), i, true));
+                }
+            }
+        }
+        for img in self.images.read().unwrap().values() {
+            out.push(need(format!("image {}", img.name), &img.path, false));
+        }
+        out.sort_by(|a, b| a.what.cmp(&b.what));
+        out
+    }
+
     pub(super) async fn health_report(&self) -> HealthReport {
         let mut checks =
             vec![check("daemon", CheckStatus::Ok, format!("serving, version {}", crate::VERSION))];
@@ -95,6 +158,12 @@ impl Core {
 
         checks.push(disk_check(fs_space(&self.paths.data_dir), &self.paths.data_dir));
         checks.push(cert_check(self.tls_not_after.get().copied(), crate::store::now_ms() / 1000));
+        let needed = self.needed_files();
+        checks.push(
+            tokio::task::spawn_blocking(move || files_check(&needed, |p| Path::new(p).is_file()))
+                .await
+                .unwrap_or_else(|e| check("files", CheckStatus::Critical, e.to_string())),
+        );
 
         let mut crashed: Vec<String> = self
             .vms
@@ -153,8 +222,20 @@ mod tests {
         assert_eq!(cert_check(Some(now + 20 * 86_400), now).status, CheckStatus::Warning);
         assert_eq!(cert_check(Some(now + 3 * 86_400), now).status, CheckStatus::Critical);
         assert_eq!(cert_check(Some(now - 1), now).status, CheckStatus::Critical);
-        assert_eq!(cert_check(None, now).status, CheckStatus::Ok);
+        assert_eq!(cert_check(None, now).status, CheckStatus::Warning);
         assert!(CheckStatus::Critical > CheckStatus::Warning && CheckStatus::Warning > CheckStatus::Ok);
         assert_eq!(CheckStatus::Warning.exit_code(), 1);
+    }
+
+    #[test]
+    fn missing_files() {
+        let f =
+            |what: &str, path: &str, critical| NeededFile { what: what.into(), path: path.into(), critical };
+        let needed = [f("VM web disk vda", "/d/vda", true), f("image deb", "/i/deb", false)];
+        assert_eq!(files_check(&needed, |_| true).status, CheckStatus::Ok);
+        let c = files_check(&needed, |p| p != "/i/deb");
+        assert_eq!((c.status, c.message.as_str()), (CheckStatus::Warning, "missing: image deb (/i/deb)"));
+        assert_eq!(files_check(&needed, |p| p != "/d/vda").status, CheckStatus::Critical);
+        assert_eq!(files_check(&[], |_| false).status, CheckStatus::Ok);
     }
 }

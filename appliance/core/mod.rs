@@ -62,6 +62,10 @@ pub struct Core {
     /// Serializes VM creation so name checks and inserts cannot interleave;
     /// also token revocations, so two cannot both see another admin left.
     create_lock: tokio::sync::Mutex<()>,
+    /// Serializes recording observed VM states: a lifecycle event and the
+    /// operation that caused it both see the change, and only one may
+    /// record (and announce) it.
+    state_lock: tokio::sync::Mutex<()>,
     /// VMs with an ACPI shutdown in flight: shown as shutting_down.
     shutting_down: Mutex<HashMap<Uuid, ()>>,
     hv_info: Mutex<Option<HypervisorInfo>>,
@@ -95,6 +99,13 @@ impl Core {
         let networks = store.networks()?.into_iter().map(|n| (n.name.clone(), n)).collect();
         let snapshots = store.snapshots()?;
         let last_seq = store.last_seq()? as u64;
+        let event_seq = store.reserve_event_seqs(events::SEQ_BLOCK)?;
+        let seq_store = store.clone();
+        let events = events::EventBus::resume(
+            event_seq,
+            event_seq + events::SEQ_BLOCK,
+            Box::new(move |upto| seq_store.set_event_seq(upto).map_err(|e| e.to_string())),
+        );
         let core = Core {
             cfg,
             paths,
@@ -111,7 +122,8 @@ impl Core {
             images: RwLock::new(images),
             networks: RwLock::new(networks),
             snapshots: RwLock::new(snapshots),
-            events: events::EventBus::default(),
+            events,
+            state_lock: tokio::sync::Mutex::new(()),
             vm_locks: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             shutting_down: Mutex::new(HashMap::new()),
@@ -348,8 +360,7 @@ impl Core {
                 if let Some(vm) = vms.get_mut(id) {
                     vm.state = *state;
                     vm.updated_at = *at;
-                    self.events
-                        .publish("vm.state", json!({"id": id, "name": vm.name, "state": state.as_str()}));
+                    self.publish_state(vm);
                 }
             }
             Change::VmDelete { id } => {
@@ -386,16 +397,34 @@ impl Core {
             }
             Change::SnapshotPut(sn) => {
                 self.snapshots.write().unwrap().push(sn.clone());
-                self.events.publish("snapshot.created", json!({"vm": sn.vm_id, "name": sn.name}));
+                self.publish_snapshot("snapshot.created", sn.vm_id, &sn.name);
                 return;
             }
             Change::SnapshotDelete { vm_id, name } => {
                 self.snapshots.write().unwrap().retain(|s| !(s.vm_id == *vm_id && s.name == *name));
-                self.events.publish("snapshot.deleted", json!({"vm": vm_id, "name": name}));
+                self.publish_snapshot("snapshot.deleted", *vm_id, name);
                 return;
             }
         }
         self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// How every event names a VM: `{"id", "name"}` under `vm`.
+    fn vm_ref(id: Uuid, name: &str) -> serde_json::Value {
+        serde_json::json!({"id": id, "name": name})
+    }
+
+    /// Announces the state `vm` is shown in (`GET /v1/vms` agrees).
+    fn publish_state(&self, vm: &VmRecord) {
+        let data =
+            serde_json::json!({"vm": Self::vm_ref(vm.id, &vm.name), "state": self.shown_state(vm).as_str()});
+        self.events.publish("vm.state", data);
+    }
+
+    fn publish_snapshot(&self, kind: &'static str, vm_id: Uuid, snapshot: &str) {
+        let name = self.vms.read().unwrap().get(&vm_id).map(|v| v.name.clone()).unwrap_or_default();
+        self.events
+            .publish(kind, serde_json::json!({"vm": Self::vm_ref(vm_id, &name), "snapshot": snapshot}));
     }
 
     async fn host_info(&self) -> HostInfo {

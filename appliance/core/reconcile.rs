@@ -6,7 +6,6 @@
 use super::vm::vm_state;
 use super::{Core, Result};
 use crate::hypervisor::LifecycleEvent;
-use crate::store::{now_ms, Change};
 use crate::types::VmState;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -29,13 +28,10 @@ impl Core {
             match domains.iter().find(|d| d.uuid == vm.id) {
                 Some(d) => {
                     let state = vm_state(d.state);
-                    if !state.is_active() {
-                        self.shutting_down.lock().unwrap().remove(&vm.id);
-                    }
                     if state != vm.state {
                         tracing::info!(VM_ID = %vm.id, VM_NAME = %vm.name, from = vm.state.as_str(), to = state.as_str(), "state follows libvirt");
-                        self.commit(Change::VmState { id: vm.id, state, at: now_ms() }).await?;
                     }
+                    self.record_state(vm.id, state).await?;
                 }
                 None => self.redefine(vm.id).await,
             }
@@ -72,15 +68,11 @@ impl Core {
         match result {
             Ok(()) => {
                 tracing::warn!(VM_ID = %id, VM_NAME = %vm.name, "VM was missing from libvirt; redefined it");
-                if vm.state != VmState::Stopped {
-                    let _ = self.commit(Change::VmState { id, state: VmState::Stopped, at: now_ms() }).await;
-                }
+                let _ = self.record_state(id, VmState::Stopped).await;
             }
             Err(e) => {
                 tracing::error!(VM_ID = %id, VM_NAME = %vm.name, error = %e, "cannot redefine missing VM");
-                if vm.state != VmState::Missing {
-                    let _ = self.commit(Change::VmState { id, state: VmState::Missing, at: now_ms() }).await;
-                }
+                let _ = self.record_state(id, VmState::Missing).await;
             }
         }
     }

@@ -11,7 +11,8 @@ fn view(s: &SnapshotRecord) -> Snapshot {
     Snapshot {
         name: s.name.clone(),
         description: s.description.clone(),
-        memory: s.memory,
+        memory: s.memory || s.vm_state.is_active(),
+        restores_memory: s.memory,
         vm_state: s.vm_state,
         created_at: rfc3339(s.created_at),
     }
@@ -47,9 +48,11 @@ impl Core {
         }
         let state = self.refresh_state(id).await?;
         // QEMU's internal snapshot of a running guest always saves its
-        // memory too. Without `memory` it is still taken that way, and a
-        // revert brings back the disks only: the VM is reverted paused and
-        // then switched off, so the guest never runs on the restored RAM.
+        // memory too (libvirt refuses a disk-only internal snapshot of a
+        // running VM). Without `memory` it is still taken that way (and
+        // shown so), and a revert brings back the disks only: the VM is
+        // reverted paused and then switched off, so the guest never runs
+        // on the restored RAM.
         let with_memory = match (state, req.memory) {
             (VmState::Running | VmState::Paused, _) => true,
             (VmState::Stopped, true) => {
@@ -103,7 +106,7 @@ impl Core {
         .await?;
         self.shutting_down.lock().unwrap().remove(&id);
         self.refresh_state(id).await?;
-        self.events.publish("snapshot.reverted", serde_json::json!({"vm": id, "name": name}));
+        self.publish_snapshot("snapshot.reverted", id, name);
         Ok(self.view(&self.find_record(&id.to_string())?))
     }
 

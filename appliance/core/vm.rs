@@ -530,8 +530,9 @@ impl Core {
             return Err(e);
         }
         vm.state = VmState::Stopped;
-        vm.updated_at = now_ms();
-        self.commit(Change::VmState { id, state: vm.state, at: vm.updated_at }).await
+        self.record_state(id, vm.state).await?;
+        vm.updated_at = self.vms.read().unwrap().get(&id).map_or(vm.updated_at, |v| v.updated_at);
+        Ok(())
     }
 
     pub(super) async fn update_vm(self: &Arc<Self>, r: &str, patch: VmPatch) -> Result<Vm> {
@@ -603,6 +604,16 @@ impl Core {
     pub(super) async fn refresh_state(&self, id: Uuid) -> Result<VmState> {
         let live = self.hv_call(move |hv| hv.state(id)).await?;
         let state = live.map(vm_state).unwrap_or(VmState::Missing);
+        self.record_state(id, state).await?;
+        Ok(state)
+    }
+
+    /// Records an observed state of a managed VM unless it is already the
+    /// recorded one. Checked and committed under `state_lock`, so a change
+    /// seen twice at once (the operation and its libvirt event) is recorded
+    /// and announced once.
+    pub(super) async fn record_state(&self, id: Uuid, state: VmState) -> Result<()> {
+        let _serial = self.state_lock.lock().await;
         if !state.is_active() {
             self.shutting_down.lock().unwrap().remove(&id);
         }
@@ -610,7 +621,7 @@ impl Core {
         if current.is_some() && current != Some(state) {
             self.commit(Change::VmState { id, state, at: now_ms() }).await?;
         }
-        Ok(state)
+        Ok(())
     }
 
     pub(super) async fn vm_action(self: &Arc<Self>, r: &str, action: VmAction) -> Result<Reply> {
@@ -681,8 +692,7 @@ impl Core {
                     return Err(wrong(state));
                 }
                 self.hv_call(move |hv| hv.shutdown(id)).await?;
-                self.shutting_down.lock().unwrap().insert(id, ());
-                self.generation.fetch_add(1, Ordering::Release);
+                self.set_shutting_down(id, true);
                 drop(guard);
                 // The VM's own graceful-shutdown limit applies when the
                 // request names none.
@@ -712,11 +722,32 @@ impl Core {
         Ok(Reply::Vm(Box::new(self.view(&vm))))
     }
 
+    /// Marks `vm` as shutting down (shown instead of running) or not, and
+    /// announces the change.
+    pub(super) fn set_shutting_down(&self, id: Uuid, on: bool) {
+        let changed = {
+            let mut set = self.shutting_down.lock().unwrap();
+            if on {
+                set.insert(id, ()).is_none()
+            } else {
+                set.remove(&id).is_some()
+            }
+        };
+        if changed {
+            self.generation.fetch_add(1, Ordering::Release);
+            if let Some(vm) = self.vms.read().unwrap().get(&id) {
+                self.publish_state(vm);
+            }
+        }
+    }
+
     /// Follows an ACPI shutdown until the guest is off; forces it off after
     /// `timeout` if one was given, else gives up following after
-    /// `hypervisor.shutdown_timeout_secs`.
+    /// `hypervisor.shutdown_timeout_secs`. Pausing and resuming the VM in
+    /// between (as `backup create --pause-running` does) changes neither.
     async fn watch_shutdown(self: Arc<Self>, id: Uuid, timeout: Option<Duration>) {
         let started = Instant::now();
+        let give_up = Duration::from_secs(self.cfg.hypervisor.shutdown_timeout_secs);
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             match self.refresh_state(id).await {
@@ -727,20 +758,27 @@ impl Core {
             if !self.shutting_down.lock().unwrap().contains_key(&id) {
                 return;
             }
-            if timeout.is_some_and(|t| started.elapsed() >= t) {
-                let Ok(vm) = self.find_record(&id.to_string()) else { return };
-                let Ok(_guard) = self.lock_vm(id, &vm.name).await else { continue };
-                tracing::warn!(VM_ID = %id, VM_NAME = %vm.name, "guest did not shut down in time; forcing it off");
-                let _ = self.hv_call(move |hv| hv.destroy(id)).await;
-                let _ = self.refresh_state(id).await;
-                return;
-            }
-            // Without a timeout the guest may ignore the request; stop
-            // showing it as shutting down after the configured wait.
-            if started.elapsed() > Duration::from_secs(self.cfg.hypervisor.shutdown_timeout_secs) {
-                self.shutting_down.lock().unwrap().remove(&id);
-                self.generation.fetch_add(1, Ordering::Release);
-                return;
+            match timeout {
+                Some(t) if started.elapsed() >= t => {
+                    let Ok(vm) = self.find_record(&id.to_string()) else { return };
+                    let Ok(_guard) = self.lock_vm(id, &vm.name).await else { continue };
+                    tracing::warn!(VM_ID = %id, VM_NAME = %vm.name, "guest did not shut down in time; forcing it off");
+                    if let Err(e) = self.hv_call(move |hv| hv.destroy(id)).await {
+                        tracing::error!(VM_ID = %id, VM_NAME = %vm.name, error = %e, "cannot force the guest off");
+                    }
+                    let _ = self.refresh_state(id).await;
+                    return;
+                }
+                // The forced shutdown is due later: keep following, however
+                // long that is.
+                Some(_) => {}
+                // Without a timeout the guest may ignore the request; stop
+                // showing it as shutting down after the configured wait.
+                None if started.elapsed() > give_up => {
+                    self.set_shutting_down(id, false);
+                    return;
+                }
+                None => {}
             }
         }
     }

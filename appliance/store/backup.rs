@@ -67,6 +67,12 @@ pub struct Manifest {
     pub novacron_version: String,
     pub schema_version: u32,
     pub include_disks: bool,
+    /// The data dir on the node backed up: as configured, then with links
+    /// resolved if that differs. A restore elsewhere rewrites the paths in
+    /// the database from these prefixes to the new data dir. Archives
+    /// before this field have none; their prefix is read off disk paths.
+    #[serde(default)]
+    pub data_dirs: Vec<String>,
     pub files: Vec<FileEntry>,
 }
 
@@ -223,6 +229,7 @@ fn create_in(opts: &CreateOptions, out: &Path, staging: &Path) -> Result<Manifes
         novacron_version: crate::VERSION.to_string(),
         schema_version,
         include_disks: opts.include_disks,
+        data_dirs: data_dir_names(data),
         files,
     };
     let mpath = staging.join(MANIFEST);
@@ -272,6 +279,16 @@ fn create_in(opts: &CreateOptions, out: &Path, staging: &Path) -> Result<Manifes
     Ok(manifest)
 }
 
+fn data_dir_names(data: &Path) -> Vec<String> {
+    let mut names = vec![data.display().to_string()];
+    if let Ok(real) = std::fs::canonicalize(data) {
+        if real != data {
+            names.push(real.display().to_string());
+        }
+    }
+    names
+}
+
 /// Unix seconds of the last successful backup of `data_dir`, if any.
 pub fn last_backup(data_dir: &Path) -> Option<i64> {
     std::fs::read_to_string(data_dir.join(LAST_BACKUP_MARKER)).ok()?.trim().parse().ok()
@@ -296,13 +313,22 @@ pub struct RestoreOptions {
 pub struct Restored {
     pub manifest: Manifest,
     pub config_written: Option<PathBuf>,
+    /// VMs and images whose paths were rewritten into the new data dir.
+    pub relocated: usize,
 }
 
 /// Files that may be in a data dir that counts as empty: nothing a daemon
 /// would read.
 fn is_empty_dir(dir: &Path) -> Result<bool> {
     match std::fs::read_dir(dir) {
-        Ok(mut rd) => Ok(rd.next().is_none()),
+        Ok(rd) => {
+            for e in rd {
+                if e.map_err(io(dir))?.file_name() != super::lock::LOCK_FILE {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(io(dir)(e)),
     }
@@ -371,8 +397,15 @@ fn restore_from(archive: &Path, opts: &RestoreOptions, staging: &Path) -> Result
         }
     }
 
+    // Paths in the database name the node's data dir: make them name this
+    // one (a restore onto another node or into another folder), or refuse
+    // before anything is written.
+    let relocated = relocate(&staging.join("state.db"), &manifest, &opts.data_dir)?;
+
     let data = &opts.data_dir;
     super::Paths::new(data).create().map_err(io(data))?;
+    // No daemon may start on the data dir while it is being filled.
+    let _lock = super::lock::lock_data_dir(data)?;
     if opts.force {
         // A stale WAL next to a restored database would be replayed into it.
         for suffix in ["-wal", "-shm"] {
@@ -419,7 +452,75 @@ fn restore_from(archive: &Path, opts: &RestoreOptions, staging: &Path) -> Result
             "the restored database fails its integrity check: {check}"
         )));
     }
-    Ok(Restored { manifest, config_written })
+    Ok(Restored { manifest, config_written, relocated })
+}
+
+/// Rewrites the absolute paths in the database at `db` (VM disks, their
+/// base images, kernels and initrds, image files) from the backed-up
+/// node's data dir to `data_dir`, through the change stream like every
+/// other change. Returns how many records changed. Refuses when a path
+/// lies outside the old data dir: it could not be brought along.
+fn relocate(db: &Path, manifest: &Manifest, data_dir: &Path) -> Result<usize> {
+    let store = Store::open(db)?;
+    let vms = store.vms()?;
+    let images = store.images()?;
+    let mut roots: Vec<PathBuf> = manifest.data_dirs.iter().map(PathBuf::from).collect();
+    if roots.is_empty() {
+        // Older archives: a disk is always DATA/disks/<vm id>/<file>.
+        for vm in &vms {
+            for d in &vm.disks {
+                let root = Path::new(&d.path).parent().and_then(Path::parent).and_then(Path::parent);
+                if let Some(r) = root.filter(|r| !roots.iter().any(|x| x == r)) {
+                    roots.push(r.to_path_buf());
+                }
+            }
+        }
+    }
+    let rebase = |p: &str| -> Result<String> {
+        let path = Path::new(p);
+        if path.starts_with(data_dir) {
+            return Ok(p.to_string());
+        }
+        for root in &roots {
+            if let Ok(rest) = path.strip_prefix(root) {
+                return Ok(data_dir.join(rest).display().to_string());
+            }
+        }
+        Err(BackupError::Invalid(format!(
+            "the backup refers to {p}, outside the data dir it was taken from ({});              it cannot be restored into {}",
+            if roots.is_empty() { "unknown".to_string() } else { roots[0].display().to_string() },
+            data_dir.display()
+        )))
+    };
+    let mut changes = Vec::new();
+    for vm in &vms {
+        let mut new = vm.clone();
+        for d in &mut new.disks {
+            d.path = rebase(&d.path)?;
+            if let Some(i) = &d.image {
+                d.image = Some(rebase(i)?);
+            }
+        }
+        if let Some(b) = &mut new.boot {
+            b.kernel = rebase(&b.kernel)?;
+            if let Some(i) = &b.initrd {
+                b.initrd = Some(rebase(i)?);
+            }
+        }
+        if new != *vm {
+            changes.push(super::Change::VmPut(new));
+        }
+    }
+    for img in &images {
+        let path = rebase(&img.path)?;
+        if path != img.path {
+            changes.push(super::Change::ImageDelete { name: img.name.clone() });
+            changes.push(super::Change::ImagePut(super::ImageRecord { path, ..img.clone() }));
+        }
+    }
+    let count = changes.iter().filter(|c| !matches!(c, super::Change::ImageDelete { .. })).count();
+    store.replay(&changes)?;
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -434,6 +535,93 @@ mod tests {
         for bad in ["", "/etc/passwd", "../x", "tls/../../x", "./x"] {
             assert!(!safe_relative(bad), "{bad}");
         }
+    }
+
+    fn manifest(data_dirs: Vec<String>) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            node_id: "n".into(),
+            node_name: "n".into(),
+            created_at: "t".into(),
+            created_unix: 0,
+            novacron_version: "0".into(),
+            schema_version: 1,
+            include_disks: true,
+            data_dirs,
+            files: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn relocate_rewrites_paths_or_refuses() {
+        use crate::types::{BootSpec, Disk, VmState};
+        let base = std::env::temp_dir().join(format!("novacron-relocate-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&base).unwrap();
+        let (old, new, db) = (base.join("old"), base.join("new"), base.join("state.db"));
+        let store = Store::open(&db).unwrap();
+        let node = store.node_identity("n").unwrap();
+        let id = uuid::Uuid::new_v4();
+        let at = |p: &str| old.join(p).display().to_string();
+        let vm = super::super::VmRecord {
+            id,
+            name: "web".into(),
+            vcpus: 1,
+            memory_mib: 64,
+            disks: vec![Disk {
+                device: "vda".into(),
+                path: at(&format!("disks/{id}/vda.qcow2")),
+                size_bytes: 1,
+                image: Some(at("images/base")),
+            }],
+            boot: Some(BootSpec { kernel: at("boot/k"), initrd: Some(at("boot/i")), cmdline: None }),
+            nics: Vec::new(),
+            cloud_init: None,
+            shutdown_timeout_secs: None,
+            autostart: false,
+            owner_node: node.id,
+            epoch: 1,
+            state: VmState::Stopped,
+            created_at: 1,
+            updated_at: 1,
+        };
+        let image = super::super::ImageRecord {
+            name: "base".into(),
+            path: at("images/base"),
+            format: "qcow2".into(),
+            virtual_size: 1,
+            file_size: 1,
+            sha256: "0".into(),
+            created_at: 1,
+        };
+        store.commit(&super::super::Change::VmPut(vm.clone())).unwrap();
+        store.commit(&super::super::Change::ImagePut(image)).unwrap();
+        drop(store);
+        // An archive from before `data_dirs`: the old root is read off the disks.
+        assert_eq!(relocate(&db, &manifest(Vec::new()), &new).unwrap(), 2);
+        let store = Store::open(&db).unwrap();
+        let moved = store.vms().unwrap().remove(0);
+        let to = |p: &str| new.join(p).display().to_string();
+        assert_eq!(moved.disks[0].path, to(&format!("disks/{id}/vda.qcow2")));
+        assert_eq!(moved.disks[0].image, Some(to("images/base")));
+        assert_eq!(moved.boot.as_ref().unwrap().kernel, to("boot/k"));
+        assert_eq!(moved.boot.as_ref().unwrap().initrd, Some(to("boot/i")));
+        assert_eq!(store.images().unwrap()[0].path, to("images/base"));
+        // Through the change stream: a replay rebuilds the moved state.
+        let last = store.changes_since(0, 100).unwrap().pop().unwrap();
+        assert!(matches!(last.change, super::super::Change::ImagePut(ref i) if i.path == to("images/base")));
+        drop(store);
+        // Already in place: nothing to do.
+        assert_eq!(relocate(&db, &manifest(vec![old.display().to_string()]), &new).unwrap(), 0);
+        // A path outside the old data dir cannot follow: refused.
+        let store = Store::open(&db).unwrap();
+        let mut stray = moved.clone();
+        stray.boot.as_mut().unwrap().kernel = "/srv/kernels/k".into();
+        store.commit(&super::super::Change::VmPut(stray)).unwrap();
+        drop(store);
+        let other = base.join("other");
+        let err = relocate(&db, &manifest(vec![new.display().to_string()]), &other).unwrap_err();
+        assert!(err.to_string().contains("/srv/kernels/k"), "{err}");
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct SnapshotRecord {
     pub vm_id: Uuid,
     pub name: String,
     pub description: String,
+    /// Asked for with `memory`: reverting resumes the saved memory. (A
+    /// snapshot of a running VM holds memory either way; see `vm_state`.)
     pub memory: bool,
     pub vm_state: VmState,
     pub created_at: i64,

@@ -1,9 +1,10 @@
 //! Numbered schema migrations. `PRAGMA user_version` holds the number of the
 //! last one applied; a migration is never edited once released, only added.
 
-pub const MIGRATIONS: &[(u32, &str)] = &[(
-    1,
-    r#"
+pub const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE node (
     id          INTEGER PRIMARY KEY CHECK (id = 1),
     uuid        TEXT NOT NULL,
@@ -87,4 +88,17 @@ CREATE TABLE changes (
     payload     BLOB NOT NULL
 );
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- This node's own counters, not replicated state (not in the change
+-- stream). `event_seq`: event sequence numbers up to here may have been
+-- handed out, so the next run of the daemon continues above it.
+CREATE TABLE counters (
+    name        TEXT PRIMARY KEY,
+    value       INTEGER NOT NULL
+);
+"#,
+    ),
+];

@@ -8,6 +8,7 @@
 
 pub mod backup;
 pub mod changes;
+pub mod lock;
 mod migrations;
 mod paths;
 
@@ -35,6 +36,11 @@ pub enum StoreError {
     TooNew { found: u32, supported: u32 },
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// Another process (a second daemon, a restore) uses the data dir.
+    #[error("{dir} is in use by another novacron process (PID {pid}); stop it first")]
+    Locked { dir: PathBuf, pid: String },
+    #[error("cannot lock {path}: {message}")]
+    Lock { path: PathBuf, message: String },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -188,6 +194,31 @@ impl Store {
     /// Sequence number of the newest change, 0 for an empty stream.
     pub fn last_seq(&self) -> Result<i64> {
         Ok(self.lock().query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?)
+    }
+
+    /// Reserves `block` event sequence numbers above those a previous run
+    /// may have used: returns that run's high-water mark, and records the
+    /// mark plus `block`, in one transaction.
+    pub fn reserve_event_seqs(&self, block: u64) -> Result<u64> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let last: i64 = tx
+            .query_row("SELECT value FROM counters WHERE name = 'event_seq'", [], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let last = last.max(0) as u64;
+        set_counter(&tx, "event_seq", last.saturating_add(block))?;
+        tx.commit()?;
+        Ok(last)
+    }
+
+    /// Records the event sequence high-water mark (see `reserve_event_seqs`).
+    pub fn set_event_seq(&self, value: u64) -> Result<()> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        set_counter(&tx, "event_seq", value)?;
+        tx.commit()?;
+        Ok(())
     }
 
     pub fn vms(&self) -> Result<Vec<VmRecord>> {
@@ -405,6 +436,17 @@ impl Store {
     pub fn ping(&self) -> bool {
         self.lock().query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok()
     }
+}
+
+fn set_counter(tx: &Transaction<'_>, name: &str, value: u64) -> Result<()> {
+    // SQLite integers are signed; a mark beyond i64 is clamped (never reached).
+    let value = i64::try_from(value).unwrap_or(i64::MAX);
+    tx.execute(
+        "INSERT INTO counters (name, value) VALUES (?1, ?2)
+         ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+        params![name, value],
+    )?;
+    Ok(())
 }
 
 fn unique_violation(e: &rusqlite::Error) -> bool {

@@ -191,3 +191,15 @@ fn replay_reproduces_state() {
     let again: Vec<Change> = b.changes_since(0, 10_000).unwrap().into_iter().map(|r| r.change).collect();
     assert_eq!(again, stream);
 }
+
+#[test]
+fn event_seqs_are_reserved_above_the_last_run() {
+    let path = tmp_db("seq");
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.reserve_event_seqs(100).unwrap(), 0);
+    // A run that dies without a checkpoint may have used all 100.
+    assert_eq!(store.reserve_event_seqs(100).unwrap(), 100);
+    store.set_event_seq(142).unwrap();
+    drop(store);
+    assert_eq!(Store::open(&path).unwrap().reserve_event_seqs(100).unwrap(), 142);
+}

@@ -383,3 +383,15 @@ pub fn cli(d: &Daemon, args: &[&str]) -> Run {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// What `GET /v1/events` sends over `d`'s socket in two seconds, resuming
+/// after `after` (0: everything the daemon holds).
+pub fn read_events(d: &Daemon, after: u64) -> String {
+    let out = Command::new("curl")
+        .args(["-s", "-N", "--max-time", "2", "--unix-socket"])
+        .arg(&d.socket)
+        .args(["-H", &format!("Last-Event-ID: {after}"), "http://localhost/v1/events"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
