@@ -91,14 +91,21 @@ pub struct BootSpec {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct VmPatch {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "not_null")]
     pub vcpus: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "not_null")]
     pub memory_mib: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "not_null")]
     pub autostart: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "not_null")]
     pub shutdown_timeout_secs: Option<u64>,
+}
+
+/// A PATCH field that is present must have a value: `null` could mean
+/// "reset to the default", which PATCH does not do, so it is refused instead
+/// of being read as "leave it" (an omitted field, `#[serde(default)]`).
+fn not_null<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// Body of `POST /v1/vms/{id}/clone`.
@@ -508,6 +515,16 @@ mod tests {
         let e = serde_json::from_str::<VmCreate>(r#"{"name":"a","vcpus":1,"memory_mib":64,"colour":1}"#)
             .unwrap_err();
         assert!(e.to_string().contains("colour"));
+    }
+
+    #[test]
+    fn patch_refuses_null_and_keeps_omitted_fields() {
+        let p: VmPatch = serde_json::from_str(r#"{"autostart":true}"#).unwrap();
+        assert_eq!(p, VmPatch { autostart: Some(true), ..VmPatch::default() });
+        for field in ["vcpus", "memory_mib", "autostart", "shutdown_timeout_secs"] {
+            let e = serde_json::from_str::<VmPatch>(&format!(r#"{{"{field}":null}}"#)).unwrap_err();
+            assert!(e.to_string().contains("null"), "{field}: {e}");
+        }
     }
 
     #[test]

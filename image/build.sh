@@ -7,6 +7,7 @@
 #   novacron-appliance-VERSION-x86_64.raw and .raw.zst   (the disk image to flash)
 #   novacron-update-VERSION-x86_64.tar and .tar.sha256   (the A/B update bundle)
 # --rootfs-only stops after rootfs/, --bundle-only skips the disk image.
+# --check only checks this host's tools (what tests/setup-host.sh installs).
 # The Debian mirror is taken from this machine's apt sources (tests/setup-host.sh).
 # NOVACRON_BIN=path skips `cargo build --release`; IMAGE_VERSION=v overrides
 # the version (default: the crate version); NOVACRON_BOOT_TIMEOUT=s sets how
@@ -15,11 +16,45 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
-rootfs_only=0 bundle_only=0
+rootfs_only=0 bundle_only=0 check_only=0
 case "${1:-}" in
     --rootfs-only) rootfs_only=1; shift ;;
     --bundle-only) bundle_only=1; shift ;;
+    --check) check_only=1; shift ;;
 esac
+
+# ---- what this host needs, before any work ----------------------------------
+# Debian 12's own systemd is 252; the raw image needs systemd-repart
+# --offline (254), which bookworm-backports has.
+host_ok=1
+need_tool() { # need_tool CMD PACKAGE
+    command -v "$1" >/dev/null 2>&1 && return 0
+    echo "image: $1 is missing (package $2)" >&2; host_ok=0
+}
+[ "$(id -u)" = 0 ] || { echo "image: run as root (debootstrap, chroot, mounts)" >&2; host_ok=0; }
+need_tool debootstrap debootstrap
+need_tool flock util-linux
+[ -n "${NOVACRON_BIN:-}" ] || need_tool cargo "the Rust toolchain, or set NOVACRON_BIN"
+if [ $rootfs_only = 0 ]; then
+    need_tool mkfs.erofs erofs-utils
+fi
+if [ $rootfs_only = 0 ] && [ $bundle_only = 0 ]; then
+    for t in "mkfs.vfat dosfstools" "mcopy mtools" "mkfs.ext4 e2fsprogs" "zstd zstd" "partx util-linux"; do
+        need_tool $t
+    done
+    if need_tool systemd-repart "systemd >= 254"; then
+        repart_v="$(systemd-repart --version | awk 'NR == 1 {print $2}')"
+        case "$repart_v" in
+            ''|*[!0-9]*) echo "image: cannot read systemd-repart's version ($repart_v)" >&2; host_ok=0 ;;
+            *) [ "$repart_v" -ge 254 ] || { echo "image: systemd-repart is $repart_v, the image needs >= 254 (--offline)" >&2; host_ok=0; } ;;
+        esac
+    fi
+fi
+if [ $host_ok = 0 ]; then
+    echo "image: this host lacks what the build needs: run bash tests/setup-host.sh (systemd and systemd-container from bookworm-backports, debootstrap, erofs-utils, dosfstools, mtools, zstd)" >&2
+    exit 1
+fi
+[ $check_only = 0 ] || { echo "image: host ok${repart_v:+ (systemd-repart $repart_v)}"; exit 0; }
 out="$(realpath -m "${1:-$repo/target/image}")"
 mkdir -p "$out"
 # One build per OUTDIR at a time (tests may run concurrently).

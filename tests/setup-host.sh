@@ -90,17 +90,24 @@ start_libvirt() {
     exit 1
 }
 
-# sushy-emulator (Redfish BMC emulator) for tests/firmware.rs, with the
-# libvirt bindings its BIOS resource needs (libvirt's in-process test driver).
-install_sushy() {
-    local venv=/opt/novacron-test-venv
-    "$venv/bin/python" -c 'import libvirt, sushy_tools' 2>/dev/null && [ -x "$venv/bin/sushy-emulator" ] && return 0
+# The test venv, pinned: sushy-emulator (Redfish BMC emulator) for
+# tests/firmware.rs with the libvirt bindings its BIOS resource needs
+# (libvirt's in-process test driver), and schemathesis for
+# tests/schemathesis.rs (its findings depend on its version).
+pip_pins=(sushy-tools==2.2.0 libvirt-python==12.8.0 schemathesis==4.32.5)
+install_venv() {
+    local venv=/opt/novacron-test-venv have pin missing=()
+    have="$("$venv/bin/pip" freeze 2>/dev/null || true)"
+    for pin in "${pip_pins[@]}"; do
+        grep -qixF "$pin" <<<"$have" || missing+=("$pin")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
     [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
-    "$venv/bin/pip" install -q sushy-tools libvirt-python
+    "$venv/bin/pip" install -q "${pip_pins[@]}"
 }
 
 install_packages
 check_versions
-install_sushy
+install_venv
 start_libvirt
 echo "setup: host ready ($(virsh -c qemu:///system version 2>/dev/null | awk '/Running hypervisor/ {print $3,$4}'))"

@@ -403,17 +403,18 @@ fn bearer(header: &str) -> Option<&str> {
 /// Where an event stream resumes: `Last-Event-ID` (what browsers send on
 /// reconnect) or `?after=`.
 fn last_event_id(req: &Request<()>) -> Result<u64, ApiError> {
-    let from_query = req.uri().query().and_then(|q| q.split('&').find_map(|p| p.strip_prefix("after=")));
-    let raw = match req.headers().get("last-event-id") {
-        Some(v) => v.to_str().ok(),
-        None => from_query,
-    };
-    match raw {
-        None => Ok(0),
-        Some(v) => v.trim().parse().map_err(|_| ApiError::InvalidQuery {
-            name: "Last-Event-ID".into(),
+    let parse = |name: &str, v: &str| {
+        v.trim().parse().map_err(|_| ApiError::InvalidQuery {
+            name: name.into(),
             message: "must be an event sequence number".into(),
-        }),
+        })
+    };
+    // Both are checked, so a bad `after` is refused even when the header wins.
+    let from_query = req.uri().query().and_then(|q| q.split('&').find_map(|p| p.strip_prefix("after=")));
+    let after = from_query.map(|v| parse("after", v)).transpose()?.unwrap_or(0);
+    match req.headers().get("last-event-id") {
+        Some(v) => parse("Last-Event-ID", v.to_str().unwrap_or("")),
+        None => Ok(after),
     }
 }
 

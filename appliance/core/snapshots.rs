@@ -37,7 +37,10 @@ impl Core {
 
     pub(super) async fn create_snapshot(self: &Arc<Self>, r: &str, req: SnapshotCreate) -> Result<Snapshot> {
         valid_name(&req.name).map_err(|m| CoreError::invalid("name", m))?;
-        if req.description.len() > 1024 || req.description.chars().any(|c| c.is_control() && c != '\n') {
+        // Characters, as the message (and the OpenAPI maxLength) say, not bytes.
+        if req.description.chars().count() > 1024
+            || req.description.chars().any(|c| c.is_control() && c != '\n')
+        {
             return Err(CoreError::invalid("description", "must be at most 1024 printable characters"));
         }
         let found = self.find_record(r)?;

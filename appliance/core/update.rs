@@ -79,7 +79,8 @@ impl Core {
         tries: u32,
         body: BodyStream,
     ) -> Result<UpdateView> {
-        let slots = blocking(hu::detect).await?.map_err(CoreError::Host)?;
+        // The request first, then the host: a malformed request is 400 on
+        // any host, as the OpenAPI document says.
         let Some(checksum) = checksum else {
             return Err(CoreError::invalid(
                 "X-Checksum-Sha256",
@@ -90,6 +91,7 @@ impl Core {
         if !(1..=9).contains(&tries) {
             return Err(CoreError::invalid("tries", "must be from 1 to 9"));
         }
+        let slots = blocking(hu::detect).await?.map_err(CoreError::Host)?;
         let _guard = self
             .update_lock
             .try_lock()
