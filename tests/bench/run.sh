@@ -18,11 +18,16 @@
 #   SKIP_PROVISION=1    skip the provisioning section (upload, create, console)
 #   ONLY_PROVISION=1    run only the provisioning section (no oha needed)
 #   UPLOAD_MIB=1024     size of the random-data file used for the upload runs
+#   SKIP_BASELINE=1     skip the limit: the bare hyper + rustls server
+#                       (tests/bench/baseline.rs) loaded like our daemon
+#   BASELINE_ROUNDS=3   rounds of ours/baseline in turns; BASELINE_DURATION=5 s each
+#   BASELINE_BIN=PATH   prebuilt baseline (default: cargo build --release --example baseline)
 #   INCUS_CLEAN=1       delete the Incus benchmark instances at the end (they
 #                       are kept by default so a re-run need not recreate them)
 #   RESULTS=DIR         where raw results go (default /tmp/ncbench-results)
 #
-# Needs (as root): oha (cargo install oha --locked) or wrk, curl, jq, openssl,
+# Needs (as root): oha (`cargo install oha --locked`: a benchmark tool, not
+# a test dependency, so tests/setup-host.sh does not install it), curl, jq, openssl,
 # python3, virsh + a running libvirtd (tests/setup-host.sh), qemu-img, and for
 # the comparison the Debian package incus from bookworm-backports. The console
 # benchmark installs the PyPI package websockets into a venv in
@@ -32,7 +37,7 @@
 # driver), 127.0.0.4 (our daemon, qemu:///system) and 127.0.0.3 inside a
 # private network namespace that holds incusd (so incusd has no route off the
 # machine either); the provisioning section uses 127.0.0.5 (test driver) and
-# 127.0.0.6 (qemu:///system). Every load run is bounded by time or request count.
+# 127.0.0.6 (qemu:///system); the baseline server listens on 127.0.0.7. Every load run is bounded by time or request count.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -45,6 +50,9 @@ SKIP_INCUS="${SKIP_INCUS:-0}"
 SKIP_QEMU="${SKIP_QEMU:-0}"
 SKIP_PROVISION="${SKIP_PROVISION:-0}"
 ONLY_PROVISION="${ONLY_PROVISION:-0}"
+SKIP_BASELINE="${SKIP_BASELINE:-0}"
+BASELINE_ROUNDS="${BASELINE_ROUNDS:-3}"
+BASELINE_DURATION="${BASELINE_DURATION:-5}"
 UPLOAD_MIB="${UPLOAD_MIB:-1024}"
 if [ "$ONLY_PROVISION" = 1 ]; then
     [ "$SKIP_PROVISION" = 1 ] && { echo "bench: ONLY_PROVISION=1 and SKIP_PROVISION=1 leave nothing to run" >&2; exit 2; }
@@ -64,6 +72,8 @@ Q_ADDR=127.0.0.4:8443
 Q_CONF=/var/tmp/ncbench-qemu.toml
 Q_SOCK="$Q_DIR/novacron.sock"
 Q_VM=ncbench-guest
+# The baseline server (tests/bench/baseline.rs).
+B_ADDR=127.0.0.7:8443
 GUEST_SRC=/tmp/ncguest
 # Incus, inside its own network namespace.
 I_NS=ncbench-incus
@@ -113,7 +123,7 @@ fi
 PY=/usr/bin/python3; [ -x "$PY" ] || PY="$(command -v python3)"
 
 # ---------------------------------------------------------------- cleanup
-T_PID=""; Q_PID=""; I_PID=""; P_T_PID=""; P_Q_PID=""
+T_PID=""; Q_PID=""; I_PID=""; P_T_PID=""; P_Q_PID=""; B_PID=""
 stop_pid() {
     local pid="$1" i
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
@@ -152,7 +162,7 @@ cleanup() {
     fi
     virsh -c qemu:///system destroy "$Q_VM" >/dev/null 2>&1
     virsh -c qemu:///system undefine "$Q_VM" >/dev/null 2>&1
-    stop_pid "$T_PID"; stop_pid "$Q_PID"; stop_pid "$I_PID"
+    stop_pid "$T_PID"; stop_pid "$Q_PID"; stop_pid "$I_PID"; stop_pid "$B_PID"
     ip netns del "$I_NS" 2>/dev/null
     prov_cleanup
     exit $rc
@@ -284,6 +294,52 @@ c1="$(cpu_ticks "$T_PID")"
 R[cpu_us_per_req]="$(awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", (b - a) / hz * 1e6 / 50000 }')"
 R[oha_cpu_share]="$(jq -r '.summary.total' "$RESULTS/ours_cpu.json" | awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" '{ printf "%.0f%%", (b - a) / hz / ($1 * 2) * 100 }')"
 log "footprint: start ${R[rss_start]} / after ${DURATION}s runs ${R[rss_after_load]} / +100k ${R[rss_after_100k]} / +200k ${R[rss_after_200k]}"
+
+# ------------------------------------------------ the limit: a bare hyper + rustls server
+# tests/bench/baseline.rs (same crates, Cargo.lock and TLS setup as the daemon)
+# serves the body our daemon just answered, from memory, on $B_ADDR. The two
+# are loaded in turns, BASELINE_ROUNDS times, so drift on a shared machine
+# hits both alike; the ratios are of the medians, the spread is min-max.
+if [ "$SKIP_BASELINE" != 1 ]; then
+    curl -sf -k "${AUTH[@]}" -o "$RESULTS/vms_body.json" "$URL" || die "could not fetch $URL for the baseline"
+    B_BIN="${BASELINE_BIN:-$repo/target/release/examples/baseline}"
+    if [ -z "${BASELINE_BIN:-}" ]; then
+        log "cargo build --release --example baseline"
+        (cd "$repo" && cargo build --release --locked --quiet --example baseline) || die "baseline build failed"
+    fi
+    cp -f "$B_BIN" "$RESULTS/baseline"
+    rm -rf "$RESULTS/baseline-tls"
+    "$RESULTS/baseline" "$B_ADDR" "$RESULTS/vms_body.json" "$RESULTS/baseline-tls" > "$RESULTS/baseline.out" 2>&1 &
+    B_PID=$!
+    for i in $(seq 1 100); do
+        curl -sfk -o /dev/null "https://$B_ADDR/v1/vms" && break
+        kill -0 "$B_PID" 2>/dev/null || die "baseline exited: $(tail -3 "$RESULTS/baseline.out")"
+        sleep 0.1
+    done
+    BURL="https://$B_ADDR/v1/vms"
+    cmp -s <(curl -sfk "$BURL") "$RESULTS/vms_body.json" || die "the baseline does not serve our body"
+    run_oha base_warmup -n 2000 -c 8 "${AUTH[@]}" "$BURL" >/dev/null
+    R[b_load]="$(loadavg)"
+    b_o64=(); b_b64=(); b_o1=(); b_b1=(); b_r64=(); b_r1=()
+    for round in $(seq 1 "$BASELINE_ROUNDS"); do
+        log "limit round $round/$BASELINE_ROUNDS: ours and baseline, 64c then 1c, ${BASELINE_DURATION}s each (load avg $(loadavg))"
+        read -r o _ _ _ _ < <(run_oha "lim_ours_c64_$round" -z "${BASELINE_DURATION}s" -c 64 "${AUTH[@]}" "$URL")
+        read -r b _ _ _ _ < <(run_oha "lim_base_c64_$round" -z "${BASELINE_DURATION}s" -c 64 "${AUTH[@]}" "$BURL")
+        b_o64+=("$o"); b_b64+=("$b"); b_r64+=("$(ratio "$o" "$b")")
+        read -r _ _ o _ _ < <(run_oha "lim_ours_c1_$round" -z "${BASELINE_DURATION}s" -c 1 "${AUTH[@]}" "$URL")
+        read -r _ _ b _ _ < <(run_oha "lim_base_c1_$round" -z "${BASELINE_DURATION}s" -c 1 "${AUTH[@]}" "$BURL")
+        b_o1+=("$o"); b_b1+=("$b"); b_r1+=("$(ratio "$o" "$b")")
+    done
+    spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { print lo "-" hi }'; }
+    for k in o64 b64 o1 b1 r64 r1; do
+        eval "vals=(\"\${b_$k[@]}\")"
+        R[lim_$k]="$(printf '%s\n' "${vals[@]}" | median)"; R[lim_${k}_spread]="$(spread "${vals[@]}")"
+        R[lim_${k}_runs]="${vals[*]}"
+    done
+    R[lim_tput]="$(ratio "${R[lim_o64]}" "${R[lim_b64]}")"; R[lim_p99]="$(ratio "${R[lim_o1]}" "${R[lim_b1]}")"
+    log "limit: 64c req/s ours ${R[lim_o64]} / baseline ${R[lim_b64]} = ${R[lim_tput]} (rounds ${R[lim_r64_runs]}); 1c p99 ms ours ${R[lim_o1]} / baseline ${R[lim_b1]} = ${R[lim_p99]} (rounds ${R[lim_r1_runs]})"
+    stop_pid "$B_PID"; B_PID=""
+fi
 stop_pid "$T_PID"; T_PID=""
 
 # ------------------------------------------------ startup time (exec -> ready)
@@ -601,6 +657,10 @@ EOF
     R[p_sha]="$(printf '%s\n' "${sha_t[@]}" | median)"; R[p_ossl]="$(printf '%s\n' "${ossl_t[@]}" | median)"; R[p_dd]="$(printf '%s\n' "${dd_t[@]}" | median)"
     R[p_ddf]="$(printf '%s\n' "${ddf_t[@]}" | median)"
     R[p_sha_runs]="${sha_t[*]}"; R[p_dd_runs]="${dd_t[*]}"; R[p_ddf_runs]="${ddf_t[*]}"
+    # The upload's limit: it must both hash and write every byte, so it can be
+    # no faster than the slower of the two alone.
+    R[p_limit]="$(printf '%s\n' "${R[p_ossl]}" "${R[p_dd]}" | sort -g | tail -n1)"
+    R[p_ossl_runs]="${ossl_t[*]}"
     rm -f "$P_FILE"
     log "upload medians (s): cat ${R[p_cat]}, HTTPS ${R[p_https]} (${R[p_https_proto]}), HTTPS ${R[p_https11]} (${R[p_https11_proto]}), socket ${R[p_sock]}, CLI ${R[p_cli]}; sha256sum ${R[p_sha]}, openssl sha256 ${R[p_ossl]}, dd ${R[p_dd]}, dd+fsync ${R[p_ddf]}"
 
@@ -846,6 +906,15 @@ printf '%-52s %-28s %-12s %s\n' "  local socket 64c p50/p99 ms; 1c p50/p99 ms" "
 printf '%-52s %-28s %-12s %s\n' "ours /v1/health over HTTPS (no auth): 64c req/s" "${R[h64_rps]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "  /v1/health 1c p50/p99 ms" "${R[h1_p50]}/${R[h1_p99]}" "" ""
 printf '%-52s %-28s %-12s %s\n' "ours daemon CPU per HTTPS /v1/vms request (us)" "${R[cpu_us_per_req]} (daemon used ${R[oha_cpu_share]} of 2 cores)" "" ""
+if [ "$SKIP_BASELINE" != 1 ]; then
+printf '%-52s %-28s %-12s %s\n' "limit: $BASELINE_ROUNDS rounds of ${BASELINE_DURATION}s, load avg at start" "${R[b_load]}" "" ""
+printf '%-52s %-28s %-12s %s\n' "  ours 64c req/s: median (min-max)" "${R[lim_o64]} (${R[lim_o64_spread]})" "" ""
+printf '%-52s %-28s %-12s %s\n' "  baseline 64c req/s: median (min-max)" "${R[lim_b64]} (${R[lim_b64_spread]})" "" ""
+printf '%-52s %-28s %-12s %s\n' "  throughput ours / baseline (per round)" "${R[lim_tput]} (${R[lim_r64_runs]})" "" ""
+printf '%-52s %-28s %-12s %s\n' "  ours 1c p99 ms: median (min-max)" "${R[lim_o1]} (${R[lim_o1_spread]})" "" ""
+printf '%-52s %-28s %-12s %s\n' "  baseline 1c p99 ms: median (min-max)" "${R[lim_b1]} (${R[lim_b1_spread]})" "" ""
+printf '%-52s %-28s %-12s %s\n' "  p99 ours / baseline (per round)" "${R[lim_p99]} (${R[lim_r1_runs]})" "" ""
+fi
 fi
 if [ "$SKIP_INCUS" != 1 ]; then
 printf '%-52s %-28s %-12s %s\n' "incus GET /1.0/instances ($NVMS, URLs), 64c req/s" "${R[i64_rps]}" "" ""
@@ -908,6 +977,11 @@ printf '%-52s %-28s %-12s %s\n' "sha256sum FILE: median s; MB/s" "${R[p_sha]}; $
 printf '%-52s %-28s %-12s %s\n' "openssl dgst -sha256 FILE (SHA-NI): median s; MB/s" "${R[p_ossl]}; $(mbps "${R[p_ossl]}")" "" ""
 printf '%-52s %-28s %-12s %s\n' "dd bs=1M to /var/tmp: median s; MB/s" "${R[p_dd]}; $(mbps "${R[p_dd]}")" "" ""
 printf '%-52s %-28s %-12s %s\n' "dd bs=1M conv=fsync to /var/tmp: median s; MB/s" "${R[p_ddf]}; $(mbps "${R[p_ddf]}")" "" ""
+printf '%-52s %-28s %-12s %s\n' "upload limit: slower of openssl dgst and dd: s; MB/s" "${R[p_limit]}; $(mbps "${R[p_limit]}")" "" ""
+printf '%-52s %-28s %-12s %s\n' "  runs s: openssl | dd" "${R[p_ossl_runs]} | ${R[p_dd_runs]}" "" ""
+for k in https https11 sock cli; do
+    printf '%-52s %-28s %-12s %s\n' "  upload $k: limit / ours (1.00 = at the limit)" "$(ratio "${R[p_limit]}" "${R[p_$k]}")" "" ""
+done
 for k in t q; do
     [ -n "${R[pc_${k}s_med]:-}" ] || continue
     [ "$k" = t ] && where="test:///default" || where="qemu:///system"
