@@ -229,6 +229,7 @@ async fn head_answers_like_get_without_a_body() {
             assert_eq!(head.0, get.0, "{what}: status");
             assert!(head.2.is_empty(), "{what}: a body of {} bytes", head.2.len());
             assert_eq!(head.1.get("content-type"), get.1.get("content-type"), "{what}: content type");
+            assert!(get.1.get("transfer-encoding").is_none(), "GET {path} over {proto} is chunked");
             if path != "/v1/events" && !varies.contains(&path) {
                 let len = head.1.get("content-length").map(|v| v.to_str().unwrap().parse::<usize>().unwrap());
                 assert_eq!(len, Some(get.2.len()), "{what}: content-length");

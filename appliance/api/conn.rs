@@ -4,7 +4,10 @@
 
 use super::ApiError;
 use crate::config::ApiConfig;
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr};
 use std::pin::Pin;
@@ -120,6 +123,34 @@ impl Activity {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is
+/// sent or dropped. (It forwards the size hint, so Content-Length stays;
+/// `BodyExt::map_frame` would turn every answer into a chunked one.)
+pub struct Tracked {
+    pub body: super::RespBody,
+    pub _in_flight: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -68,7 +68,8 @@ pub struct Api {
     idle_timeout: Duration,
 }
 
-type Resp = Response<BoxBody<Bytes, Infallible>>;
+type RespBody = BoxBody<Bytes, Infallible>;
+type Resp = Response<RespBody>;
 
 fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Resp {
     let body = serde_json::to_vec(value).expect("API types serialize");
@@ -477,13 +478,7 @@ where
         let api = api.clone();
         async move {
             let resp = api.handle(peer, req).await?;
-            // The request counts as in flight until its body is sent.
-            Ok::<_, Infallible>(resp.map(|body| {
-                body.map_frame(move |frame| {
-                    let _counted = &in_flight;
-                    frame
-                })
-            }))
+            Ok::<_, Infallible>(resp.map(|body| conn::Tracked { body, _in_flight: in_flight }))
         }
     });
     // Both connection types, run until idle, then shut down gracefully.
