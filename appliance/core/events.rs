@@ -124,7 +124,7 @@ impl EventBus {
         let inner = self.lock();
         let oldest = inner.ring.front().map_or(inner.seq + 1, |e| e.seq);
         let mut backlog = Vec::new();
-        if after != 0 && (after + 1 < oldest || after > inner.seq) {
+        if after != 0 && (after.saturating_add(1) < oldest || after > inner.seq) {
             backlog.push(Event {
                 seq: oldest - 1,
                 kind: "events.lost",
