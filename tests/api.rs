@@ -586,15 +586,16 @@ async fn hostile_requests_change_nothing() {
             "name_taken",
         ),
         ("revoke unknown token", Method::DELETE, "/v1/tokens/nope".into(), vec![], None, 404, "not_found"),
-        // This host was not booted from the appliance image (no A/B slots).
+        // The request is checked before the host (item 13): no checksum is
+        // a 400 on any host; `not_appliance` is checked below.
         (
-            "host update off the appliance",
+            "host update without a checksum",
             Method::POST,
             "/v1/host/update".into(),
             b"bundle".to_vec(),
             Some("application/octet-stream"),
-            409,
-            "not_appliance",
+            400,
+            "invalid_value",
         ),
         (
             "host update, tries out of range",
@@ -627,6 +628,18 @@ async fn hostile_requests_change_nothing() {
         assert!(!v["error"]["message"].as_str().unwrap().is_empty(), "{what}: no message");
         assert_eq!(snapshot(&c).await, before, "{what} changed state");
     }
+    // A well-formed update on a host not booted from the appliance image
+    // (no A/B slots).
+    let req = c
+        .builder(Method::POST, "/v1/host/update")
+        .header("content-type", "application/octet-stream")
+        .header("x-checksum-sha256", "0".repeat(64))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(b"bundle")))
+        .unwrap();
+    let (s, bytes) = novacron::cli::client::collect(c.send(req, false).await.unwrap()).await.unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!((s.as_u16(), error_code(&v)), (409, "not_appliance"), "{v}");
+    assert_eq!(snapshot(&c).await, before, "host update off the appliance changed state");
     // Error messages name the offending field.
     let (_, v) = call(&c, Method::POST, "/v1/vms", Some(spec(json!({"vcpus": 0})))).await;
     assert!(v["error"]["message"].as_str().unwrap().contains("vcpus"), "{v}");

@@ -358,9 +358,14 @@ impl Core {
             Change::VmState { id, state, at } => {
                 let mut vms = self.vms.write().unwrap();
                 if let Some(vm) = vms.get_mut(id) {
+                    let shown = self.shown_state(vm);
                     vm.state = *state;
                     vm.updated_at = *at;
-                    self.publish_state(vm);
+                    // "Running with an ACPI shutdown pending" and libvirt's
+                    // own "in shutdown" look alike to a client: one event.
+                    if self.shown_state(vm) != shown {
+                        self.publish_state(vm);
+                    }
                 }
             }
             Change::VmDelete { id } => {
