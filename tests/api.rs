@@ -631,7 +631,7 @@ async fn hostile_requests_change_nothing() {
     // A well-formed update on a host not booted from the appliance image
     // (no A/B slots).
     let req = c
-        .builder(Method::POST, "/v1/host/update")
+        .builder(novacron::core::Action::HostUpdate, &[], "")
         .header("content-type", "application/octet-stream")
         .header("x-checksum-sha256", "0".repeat(64))
         .body(http_body_util::Full::new(bytes::Bytes::from_static(b"bundle")))

@@ -289,9 +289,9 @@ fn document_is_openapi_3() {
 fn every_route_is_documented() {
     let doc = doc();
     for r in ROUTES {
-        let concrete = fill(r.template);
-        let op = operation(&doc, r.template, r.method);
-        check_operation(&doc, r.method, &concrete, r.template, op);
+        let concrete = fill(r.template());
+        let op = operation(&doc, r.template(), r.method());
+        check_operation(&doc, r.method(), &concrete, r.template(), op);
     }
 }
 
@@ -309,7 +309,8 @@ fn every_documented_operation_routes() {
             seen.insert((key.to_ascii_uppercase(), template.clone()));
         }
     }
-    let table: BTreeSet<_> = ROUTES.iter().map(|r| (r.method.to_string(), r.template.to_string())).collect();
+    let table: BTreeSet<_> =
+        ROUTES.iter().map(|r| (r.method().to_string(), r.template().to_string())).collect();
     assert_eq!(seen, table, "the document and the route table differ");
 }
 

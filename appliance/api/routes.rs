@@ -7,11 +7,8 @@ use super::ApiError;
 use crate::core::{Action, Command, VmAction};
 use hyper::Method;
 
-/// One row of the route table.
+/// One row of the route table; the method and path come from the action.
 pub struct RouteSpec {
-    pub method: &'static str,
-    /// Path template, also the metrics label: `/v1/vms/{id}`.
-    pub template: &'static str,
     pub action: Action,
     /// Query parameters the route accepts; any other is a 400.
     pub query: &'static [&'static str],
@@ -128,14 +125,19 @@ fn vm_action(a: &Args, action: VmAction) -> Result<Command, ApiError> {
     Ok(Command::VmAction { vm: a.param(0), action })
 }
 
-const fn row(
-    method: &'static str,
-    template: &'static str,
-    action: Action,
-    query: &'static [&'static str],
-    build: Build,
-) -> RouteSpec {
-    RouteSpec { method, template, action, query, build }
+impl RouteSpec {
+    pub fn method(&self) -> &'static str {
+        self.action.method()
+    }
+
+    /// Path template, also the metrics label: `/v1/vms/{id}`.
+    pub fn template(&self) -> &'static str {
+        self.action.template()
+    }
+}
+
+const fn row(action: Action, query: &'static [&'static str], build: Build) -> RouteSpec {
+    RouteSpec { action, query, build }
 }
 
 use Build::{Edge as E, Json as J, Ready as R};
@@ -143,73 +145,73 @@ use Build::{Edge as E, Json as J, Ready as R};
 /// Every route, one row each.
 #[rustfmt::skip]
 pub static ROUTES: &[RouteSpec] = &[
-    row("GET", "/metrics", Action::Metrics, &[], R(|_| Ok(Command::Metrics))),
-    row("GET", "/v1/health", Action::Health, &[], R(|_| Ok(Command::Health))),
-    row("GET", "/v1/health/details", Action::HealthDetails, &[], R(|_| Ok(Command::HealthReport))),
-    row("GET", "/v1/ready", Action::Ready, &[], R(|_| Ok(Command::Ready))),
-    row("GET", "/v1/host", Action::HostInfo, &[], R(|_| Ok(Command::HostInfo))),
-    row("GET", "/v1/host/update", Action::HostUpdateStatus, &[], R(|_| Ok(Command::UpdateStatus))),
-    row("POST", "/v1/host/update", Action::HostUpdate, &["tries"], E(|a| {
+    row(Action::Metrics, &[], R(|_| Ok(Command::Metrics))),
+    row(Action::Health, &[], R(|_| Ok(Command::Health))),
+    row(Action::HealthDetails, &[], R(|_| Ok(Command::HealthReport))),
+    row(Action::Ready, &[], R(|_| Ok(Command::Ready))),
+    row(Action::HostInfo, &[], R(|_| Ok(Command::HostInfo))),
+    row(Action::HostUpdateStatus, &[], R(|_| Ok(Command::UpdateStatus))),
+    row(Action::HostUpdate, &["tries"], E(|a| {
         let tries = a.number("tries", 9, "boot attempts")?.unwrap_or(3) as u32;
         Ok(Edge::UploadUpdate { tries })
     })),
-    row("GET", "/v1/openapi.json", Action::OpenApi, &[], E(|_| Ok(Edge::OpenApi))),
-    row("GET", "/v1/vms", Action::VmList, &[], R(|_| Ok(Command::ListVms))),
-    row("POST", "/v1/vms", Action::VmCreate, &[], J(|_, b| Ok(Command::CreateVm(json(b)?)))),
-    row("GET", "/v1/vms/{id}", Action::VmGet, &[], R(|a| Ok(Command::GetVm(a.param(0))))),
-    row("PATCH", "/v1/vms/{id}", Action::VmUpdate, &[], J(|a, b| Ok(Command::UpdateVm(a.param(0), json(b)?)))),
-    row("DELETE", "/v1/vms/{id}", Action::VmDelete, &["force"], R(|a| {
+    row(Action::OpenApi, &[], E(|_| Ok(Edge::OpenApi))),
+    row(Action::VmList, &[], R(|_| Ok(Command::ListVms))),
+    row(Action::VmCreate, &[], J(|_, b| Ok(Command::CreateVm(json(b)?)))),
+    row(Action::VmGet, &[], R(|a| Ok(Command::GetVm(a.param(0))))),
+    row(Action::VmUpdate, &[], J(|a, b| Ok(Command::UpdateVm(a.param(0), json(b)?)))),
+    row(Action::VmDelete, &["force"], R(|a| {
         Ok(Command::DeleteVm { vm: a.param(0), force: a.bool("force")? })
     })),
-    row("POST", "/v1/vms/{id}/start", Action::VmStart, &[], R(|a| vm_action(a, VmAction::Start))),
-    row("POST", "/v1/vms/{id}/stop", Action::VmStop, &[], R(|a| vm_action(a, VmAction::Stop))),
-    row("POST", "/v1/vms/{id}/reboot", Action::VmReboot, &[], R(|a| vm_action(a, VmAction::Reboot))),
-    row("POST", "/v1/vms/{id}/pause", Action::VmPause, &[], R(|a| vm_action(a, VmAction::Pause))),
-    row("POST", "/v1/vms/{id}/resume", Action::VmResume, &[], R(|a| vm_action(a, VmAction::Resume))),
-    row("POST", "/v1/vms/{id}/shutdown", Action::VmShutdown, &["wait", "timeout"], R(|a| {
+    row(Action::VmStart, &[], R(|a| vm_action(a, VmAction::Start))),
+    row(Action::VmStop, &[], R(|a| vm_action(a, VmAction::Stop))),
+    row(Action::VmReboot, &[], R(|a| vm_action(a, VmAction::Reboot))),
+    row(Action::VmPause, &[], R(|a| vm_action(a, VmAction::Pause))),
+    row(Action::VmResume, &[], R(|a| vm_action(a, VmAction::Resume))),
+    row(Action::VmShutdown, &["wait", "timeout"], R(|a| {
         let wait = a.number("wait", 3600, "seconds")?;
         let timeout = a.number("timeout", 86_400, "seconds")?;
         vm_action(a, VmAction::Shutdown { wait, timeout })
     })),
-    row("POST", "/v1/vms/{id}/clone", Action::VmClone, &[], J(|a, b| Ok(Command::CloneVm(a.param(0), json(b)?)))),
-    row("GET", "/v1/vms/{id}/console", Action::VmConsole, &[], E(|a| Ok(Edge::Console(a.param(0))))),
-    row("GET", "/v1/vms/{id}/console/log", Action::VmConsoleLog, &["bytes"], R(|a| {
+    row(Action::VmClone, &[], J(|a, b| Ok(Command::CloneVm(a.param(0), json(b)?)))),
+    row(Action::VmConsole, &[], E(|a| Ok(Edge::Console(a.param(0))))),
+    row(Action::VmConsoleLog, &["bytes"], R(|a| {
         let bytes = a.number("bytes", 1 << 20, "bytes")?.unwrap_or(64 * 1024);
         Ok(Command::ConsoleLog { vm: a.param(0), bytes })
     })),
-    row("GET", "/v1/vms/{id}/snapshots", Action::VmSnapshotList, &[], R(|a| Ok(Command::ListSnapshots(a.param(0))))),
-    row("POST", "/v1/vms/{id}/snapshots", Action::VmSnapshotCreate, &[], J(|a, b| {
+    row(Action::VmSnapshotList, &[], R(|a| Ok(Command::ListSnapshots(a.param(0))))),
+    row(Action::VmSnapshotCreate, &[], J(|a, b| {
         Ok(Command::CreateSnapshot(a.param(0), json(b)?))
     })),
-    row("DELETE", "/v1/vms/{id}/snapshots/{snapshot}", Action::VmSnapshotDelete, &[], R(|a| {
+    row(Action::VmSnapshotDelete, &[], R(|a| {
         Ok(Command::DeleteSnapshot { vm: a.param(0), name: a.param(1) })
     })),
-    row("POST", "/v1/vms/{id}/snapshots/{snapshot}/revert", Action::VmSnapshotRevert, &[], R(|a| {
+    row(Action::VmSnapshotRevert, &[], R(|a| {
         Ok(Command::RevertSnapshot { vm: a.param(0), name: a.param(1) })
     })),
-    row("POST", "/v1/vms/{id}/disks", Action::VmDiskAttach, &[], J(|a, b| Ok(Command::AttachDisk(a.param(0), json(b)?)))),
-    row("DELETE", "/v1/vms/{id}/disks/{device}", Action::VmDiskDetach, &[], R(|a| {
+    row(Action::VmDiskAttach, &[], J(|a, b| Ok(Command::AttachDisk(a.param(0), json(b)?)))),
+    row(Action::VmDiskDetach, &[], R(|a| {
         Ok(Command::DetachDisk { vm: a.param(0), device: a.param(1) })
     })),
-    row("POST", "/v1/vms/{id}/disks/{device}/resize", Action::VmDiskResize, &[], J(|a, b| {
+    row(Action::VmDiskResize, &[], J(|a, b| {
         Ok(Command::ResizeDisk { vm: a.param(0), device: a.param(1), req: json(b)? })
     })),
-    row("GET", "/v1/images", Action::ImageList, &[], R(|_| Ok(Command::ListImages))),
-    row("POST", "/v1/images", Action::ImageImport, &[], J(|_, b| Ok(Command::ImportImage(json(b)?)))),
-    row("GET", "/v1/images/{name}", Action::ImageGet, &[], R(|a| Ok(Command::GetImage(a.param(0))))),
-    row("PUT", "/v1/images/{name}", Action::ImageUpload, &[], E(|a| Ok(Edge::UploadImage(a.param(0))))),
-    row("DELETE", "/v1/images/{name}", Action::ImageDelete, &[], R(|a| Ok(Command::DeleteImage(a.param(0))))),
-    row("GET", "/v1/networks", Action::NetworkList, &[], R(|_| Ok(Command::ListNetworks))),
-    row("POST", "/v1/networks", Action::NetworkCreate, &[], J(|_, b| Ok(Command::CreateNetwork(json(b)?)))),
-    row("DELETE", "/v1/networks/{name}", Action::NetworkDelete, &[], R(|a| Ok(Command::DeleteNetwork(a.param(0))))),
+    row(Action::ImageList, &[], R(|_| Ok(Command::ListImages))),
+    row(Action::ImageImport, &[], J(|_, b| Ok(Command::ImportImage(json(b)?)))),
+    row(Action::ImageGet, &[], R(|a| Ok(Command::GetImage(a.param(0))))),
+    row(Action::ImageUpload, &[], E(|a| Ok(Edge::UploadImage(a.param(0))))),
+    row(Action::ImageDelete, &[], R(|a| Ok(Command::DeleteImage(a.param(0))))),
+    row(Action::NetworkList, &[], R(|_| Ok(Command::ListNetworks))),
+    row(Action::NetworkCreate, &[], J(|_, b| Ok(Command::CreateNetwork(json(b)?)))),
+    row(Action::NetworkDelete, &[], R(|a| Ok(Command::DeleteNetwork(a.param(0))))),
     // `after` is read with Last-Event-ID in `api::last_event_id`.
-    row("GET", "/v1/events", Action::EventList, &["after"], E(|_| Ok(Edge::Events))),
-    row("GET", "/v1/tokens", Action::TokenList, &[], R(|_| Ok(Command::ListTokens))),
-    row("POST", "/v1/tokens", Action::TokenCreate, &[], J(|_, b| Ok(Command::CreateToken(json(b)?)))),
-    row("DELETE", "/v1/tokens/{id}", Action::TokenRevoke, &["force"], R(|a| {
+    row(Action::EventList, &["after"], E(|_| Ok(Edge::Events))),
+    row(Action::TokenList, &[], R(|_| Ok(Command::ListTokens))),
+    row(Action::TokenCreate, &[], J(|_, b| Ok(Command::CreateToken(json(b)?)))),
+    row(Action::TokenRevoke, &["force"], R(|a| {
         Ok(Command::RevokeToken { token: a.param(0), force: a.bool("force")? })
     })),
-    row("GET", "/v1/audit", Action::AuditList, &["limit"], R(|a| {
+    row(Action::AuditList, &["limit"], R(|a| {
         let limit = a.number("limit", 10_000, "entries")?.unwrap_or(100) as usize;
         Ok(Command::ListAudit { limit })
     })),
@@ -241,7 +243,7 @@ fn segments(path: &str) -> Vec<&str> {
 /// The methods the route table has for `path`, as an `Allow` header lists them.
 pub fn allowed_methods(path: &str) -> Vec<&'static str> {
     let segs = segments(path);
-    ROUTES.iter().filter(|r| bind(r.template, &segs).is_some()).map(|r| r.method).collect()
+    ROUTES.iter().filter(|r| bind(r.template(), &segs).is_some()).map(|r| r.method()).collect()
 }
 
 /// Query parameters, refusing any the route does not know.
@@ -262,8 +264,8 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
     let segs = segments(path);
     let mut path_known = false;
     for spec in ROUTES {
-        let Some(params) = bind(spec.template, &segs) else { continue };
-        if spec.method != method.as_str() {
+        let Some(params) = bind(spec.template(), &segs) else { continue };
+        if spec.method() != method.as_str() {
             path_known = true;
             continue;
         }
@@ -276,7 +278,7 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
             Build::Json(build) => Route::Json(args, build),
             Build::Edge(build) => Route::Edge(build(&args)?),
         };
-        return Ok(Matched { template: spec.template, action: spec.action, route });
+        return Ok(Matched { template: spec.template(), action: spec.action, route });
     }
     if path_known {
         return Err(ApiError::MethodNotAllowed {
@@ -286,26 +288,6 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
         });
     }
     Err(ApiError::NoRoute(path.to_string()))
-}
-
-/// The route of `action`.
-pub fn spec(action: Action) -> &'static RouteSpec {
-    ROUTES.iter().find(|r| r.action == action).expect("every action has a route")
-}
-
-/// The method and path of `action` with `params` filled into its template
-/// in order (for clients: the CLI builds its requests with this).
-pub fn request(action: Action, params: &[&str]) -> (Method, String) {
-    let spec = spec(action);
-    let mut params = params.iter();
-    let path = spec
-        .template
-        .split('/')
-        .map(|s| if s.starts_with('{') { params.next().expect("a value for every parameter") } else { s })
-        .collect::<Vec<_>>()
-        .join("/");
-    assert!(params.next().is_none(), "{}: more parameters than the template has", spec.template);
-    (Method::from_bytes(spec.method.as_bytes()).expect("table methods are valid"), path)
 }
 
 #[cfg(test)]
@@ -367,20 +349,22 @@ mod tests {
         // A path built from each template routes back to that row, so no
         // row shadows another.
         for spec in ROUTES {
-            let n = spec.template.matches('{').count();
-            let (method, path) = request(spec.action, &vec!["p"; n]);
+            let n = spec.template().matches('{').count();
+            let path = spec.action.path(&vec!["p"; n]);
+            let method = Method::from_bytes(spec.method().as_bytes()).unwrap();
             let m = route(&method, &path, None).unwrap_or_else(|e| panic!("{path}: {e}"));
             assert_eq!(m.action, spec.action, "{path}");
-            assert_eq!(m.template, spec.template);
+            assert_eq!(m.template, spec.template());
         }
     }
 
     #[test]
-    fn request_fills_the_template() {
-        assert_eq!(
-            request(Action::VmDiskResize, &["web", "vdb"]),
-            (Method::POST, "/v1/vms/web/disks/vdb/resize".into())
-        );
-        assert_eq!(request(Action::VmList, &[]), (Method::GET, "/v1/vms".into()));
+    fn paths_fill_the_template_encoded() {
+        assert_eq!(Action::VmDiskResize.path(&["web", "vdb"]), "/v1/vms/web/disks/vdb/resize");
+        assert_eq!(Action::VmList.path(&[]), "/v1/vms");
+        // A name cannot reach another route: `/` and `?` stay inside the segment.
+        let path = Action::VmGet.path(&["../tokens?x"]);
+        assert_eq!(path, "/v1/vms/..%2Ftokens%3Fx");
+        assert_eq!(route(&Method::GET, &path, None).unwrap().action, Action::VmGet);
     }
 }

@@ -7,10 +7,11 @@
 use super::client::Client;
 use super::ConnArgs;
 use crate::cli::{ConfigSource, ServeArgs};
+use crate::core::Action;
 use crate::store::backup::{self, BackupError, CreateOptions, RestoreOptions};
 use crate::types::{VmList, VmState};
 use clap::{Args, Subcommand};
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use std::path::PathBuf;
 
 #[derive(Subcommand, Debug)]
@@ -115,7 +116,7 @@ async fn create(a: CreateArgs, conn: &ConnArgs, json: bool) -> i32 {
                 return 2;
             }
         };
-        match c.request(Method::GET, "/v1/vms", None).await {
+        match c.call(Action::VmList, &[], "", None).await {
             Ok((StatusCode::OK, body)) => {
                 let vms: VmList = match serde_json::from_slice(&body) {
                     Ok(v) => v,
@@ -135,7 +136,7 @@ async fn create(a: CreateArgs, conn: &ConnArgs, json: bool) -> i32 {
                     return 4;
                 }
                 for (id, name) in running {
-                    match c.request(Method::POST, &format!("/v1/vms/{id}/pause"), None).await {
+                    match c.call(Action::VmPause, &[id.as_str()], "", None).await {
                         Ok((StatusCode::OK, _)) => paused.push((id, name)),
                         Ok((status, body)) => {
                             eprintln!(
@@ -202,7 +203,7 @@ async fn create(a: CreateArgs, conn: &ConnArgs, json: bool) -> i32 {
 
 async fn resume(c: &Client, vms: &[(String, String)]) {
     for (id, name) in vms {
-        match c.request(Method::POST, &format!("/v1/vms/{id}/resume"), None).await {
+        match c.call(Action::VmResume, &[id.as_str()], "", None).await {
             Ok((StatusCode::OK, _)) => {}
             Ok((status, _)) => eprintln!("novacron: warning: cannot resume {name}: HTTP {status}"),
             Err(e) => eprintln!("novacron: warning: cannot resume {name}: {e}"),
@@ -220,7 +221,7 @@ async fn restore(a: RestoreArgs, conn: &ConnArgs, json: bool) -> i32 {
     };
     // Never under a running daemon: it would keep serving the old state.
     if let Ok(c) = api(conn, &cfg) {
-        if let Ok((StatusCode::OK, _)) = c.request(Method::GET, "/v1/health", None).await {
+        if let Ok((StatusCode::OK, _)) = c.call(Action::Health, &[], "", None).await {
             eprintln!("novacron: a daemon answers on {}; stop it before restoring", c.describe());
             return 4;
         }

@@ -2,6 +2,7 @@
 //! local Unix socket, or HTTPS with the server certificate pinned by its
 //! SHA-256 fingerprint or checked against a CA file.
 
+use crate::core::Action;
 use crate::tls::normalize_fingerprint;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -116,7 +117,25 @@ impl Client {
         }
     }
 
-    /// Sends one request; returns status and body. `body` is sent as JSON.
+    /// Sends `action`'s request: its method and path from the action table,
+    /// `params` filled into the path, then `query` ("" or "?k=v&...").
+    /// Returns status and body; `body` is sent as JSON.
+    pub async fn call(
+        &self,
+        action: Action,
+        params: &[&str],
+        query: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let mut req = self.builder(action, params, query);
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        self.finish(req, body).await
+    }
+
+    /// A raw request to any path, for tests that send what the action
+    /// table would not; commands use [`Client::call`].
     pub async fn request(
         &self,
         method: Method,
@@ -135,10 +154,18 @@ impl Client {
         body: Option<Vec<u8>>,
         content_type: Option<&str>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
-        let mut req = self.builder(method, path);
+        let mut req = self.raw_builder(method, path);
         if let Some(ct) = content_type {
             req = req.header(hyper::header::CONTENT_TYPE, ct);
         }
+        self.finish(req, body).await
+    }
+
+    async fn finish(
+        &self,
+        req: hyper::http::request::Builder,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let req = req
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| ClientError::Http(e.to_string()))?;
@@ -146,8 +173,15 @@ impl Client {
         collect(resp).await
     }
 
-    /// A request builder with the Host and Authorization headers set.
-    pub fn builder(&self, method: Method, path: &str) -> hyper::http::request::Builder {
+    /// A request builder for `action` (see [`Client::call`]) with the Host
+    /// and Authorization headers set.
+    pub fn builder(&self, action: Action, params: &[&str], query: &str) -> hyper::http::request::Builder {
+        let method =
+            Method::from_bytes(action.method().as_bytes()).expect("the action table's methods are valid");
+        self.raw_builder(method, &(action.path(params) + query))
+    }
+
+    fn raw_builder(&self, method: Method, path: &str) -> hyper::http::request::Builder {
         let mut req = Request::builder().method(method).uri(path);
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));

@@ -4,10 +4,11 @@
 
 use super::client::{collect, Client, ClientError};
 use super::output;
+use crate::core::Action;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper::header::{CONNECTION, UPGRADE};
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use hyper_util::rt::TokioIo;
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg, Termios};
 use std::io::{IsTerminal, Read, Write};
@@ -87,7 +88,7 @@ enum End {
 pub async fn run(c: &Client, vm: &str, json: bool) -> i32 {
     let key = generate_key();
     let req = c
-        .builder(Method::GET, &format!("/v1/vms/{vm}/console"))
+        .builder(Action::VmConsole, &[vm], "")
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "Upgrade")
         .header("sec-websocket-key", &key)

@@ -3,8 +3,9 @@
 //! number if the stream ends.
 
 use super::client::{Client, ClientError};
+use crate::core::Action;
 use http_body_util::BodyExt;
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use std::io::Write;
 use std::time::Duration;
 
@@ -108,12 +109,9 @@ async fn follow_inner(c: &Client, after: Option<u64>, json: bool) -> i32 {
     let mut last = after;
     let mut connected_once = false;
     loop {
-        let path = match last {
-            Some(n) => format!("/v1/events?after={n}"),
-            None => "/v1/events".to_string(),
-        };
+        let query = last.map(|n| format!("?after={n}")).unwrap_or_default();
         let req = c
-            .builder(Method::GET, &path)
+            .builder(Action::EventList, &[], &query)
             .header(hyper::header::ACCEPT, "text/event-stream")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .expect("static request parts are valid");

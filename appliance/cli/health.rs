@@ -3,8 +3,9 @@
 //! cannot be asked is critical.
 
 use super::client::Client;
+use crate::core::Action;
 use crate::types::{CheckStatus, ErrorBody, HealthCheck, HealthReport};
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 
 fn unreachable_report(message: String) -> HealthReport {
     HealthReport {
@@ -16,7 +17,7 @@ fn unreachable_report(message: String) -> HealthReport {
 }
 
 pub async fn run(c: &Client, json: bool) -> i32 {
-    let report = match c.request(Method::GET, "/v1/health/details", None).await {
+    let report = match c.call(Action::HealthDetails, &[], "", None).await {
         Ok((StatusCode::OK, body)) => match serde_json::from_slice::<HealthReport>(&body) {
             Ok(r) => r,
             Err(e) => unreachable_report(format!("unreadable answer from {}: {e}", c.describe())),

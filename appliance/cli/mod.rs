@@ -45,13 +45,14 @@ pub mod preflight;
 mod update;
 mod upload;
 
+use crate::core::Action;
 use crate::types::{
     CloudInit, DiskResize, DiskSpec, ImageImport, NetworkCreate, NetworkKind, Role, SnapshotCreate,
     TokenCreate, VmClone, VmCreate, VmPatch,
 };
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use client::{Client, ClientError};
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
@@ -570,10 +571,6 @@ pub async fn run_client(cli: Cli) -> i32 {
         }
     };
     let json = cli.json;
-    let call = |method: Method, path: String, body: Option<Vec<u8>>| {
-        let c = c.clone();
-        async move { c.request(method, &path, body).await }
-    };
     let enc = |v: &dyn erased::Json| Some(v.to_json());
     let (result, kind) = match cli.command {
         Cmd::Serve(_) | Cmd::Config(_) | Cmd::Preflight(_) | Cmd::Firmware(_) => {
@@ -584,10 +581,8 @@ pub async fn run_client(cli: Cli) -> i32 {
         Cmd::Backup(cmd) => return backup::run(cmd, &cli.conn, json).await,
         Cmd::Update(cmd) => return update::run(cmd, &c, json).await,
         Cmd::Setup(args) => return update::run_setup(args, &c).await,
-        Cmd::Vm(VmCmd::List) => (call(Method::GET, "/v1/vms".into(), None).await, output::Kind::VmList),
-        Cmd::Vm(VmCmd::Show { vm }) => {
-            (call(Method::GET, format!("/v1/vms/{vm}"), None).await, output::Kind::Vm)
-        }
+        Cmd::Vm(VmCmd::List) => (c.call(Action::VmList, &[], "", None).await, output::Kind::VmList),
+        Cmd::Vm(VmCmd::Show { vm }) => (c.call(Action::VmGet, &[&vm], "", None).await, output::Kind::Vm),
         Cmd::Vm(VmCmd::Create(a)) => {
             let parsed = a.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>, _>>();
             let (disks, cloud_init) = match parsed.and_then(|d| Ok((d, cloud_init(&a)?))) {
@@ -612,23 +607,13 @@ pub async fn run_client(cli: Cli) -> i32 {
                 cloud_init,
                 shutdown_timeout_secs: a.shutdown_timeout,
             };
-            (call(Method::POST, "/v1/vms".into(), enc(&spec)).await, output::Kind::Vm)
+            (c.call(Action::VmCreate, &[], "", enc(&spec)).await, output::Kind::Vm)
         }
-        Cmd::Vm(VmCmd::Start { vm }) => {
-            (call(Method::POST, format!("/v1/vms/{vm}/start"), None).await, output::Kind::Vm)
-        }
-        Cmd::Vm(VmCmd::Stop { vm }) => {
-            (call(Method::POST, format!("/v1/vms/{vm}/stop"), None).await, output::Kind::Vm)
-        }
-        Cmd::Vm(VmCmd::Reboot { vm }) => {
-            (call(Method::POST, format!("/v1/vms/{vm}/reboot"), None).await, output::Kind::Vm)
-        }
-        Cmd::Vm(VmCmd::Pause { vm }) => {
-            (call(Method::POST, format!("/v1/vms/{vm}/pause"), None).await, output::Kind::Vm)
-        }
-        Cmd::Vm(VmCmd::Resume { vm }) => {
-            (call(Method::POST, format!("/v1/vms/{vm}/resume"), None).await, output::Kind::Vm)
-        }
+        Cmd::Vm(VmCmd::Start { vm }) => (c.call(Action::VmStart, &[&vm], "", None).await, output::Kind::Vm),
+        Cmd::Vm(VmCmd::Stop { vm }) => (c.call(Action::VmStop, &[&vm], "", None).await, output::Kind::Vm),
+        Cmd::Vm(VmCmd::Reboot { vm }) => (c.call(Action::VmReboot, &[&vm], "", None).await, output::Kind::Vm),
+        Cmd::Vm(VmCmd::Pause { vm }) => (c.call(Action::VmPause, &[&vm], "", None).await, output::Kind::Vm),
+        Cmd::Vm(VmCmd::Resume { vm }) => (c.call(Action::VmResume, &[&vm], "", None).await, output::Kind::Vm),
         Cmd::Vm(VmCmd::Shutdown { vm, wait, timeout }) => {
             let mut q = Vec::new();
             if let Some(w) = wait {
@@ -638,7 +623,7 @@ pub async fn run_client(cli: Cli) -> i32 {
                 q.push(format!("timeout={t}"));
             }
             let qs = if q.is_empty() { String::new() } else { format!("?{}", q.join("&")) };
-            let result = call(Method::POST, format!("/v1/vms/{vm}/shutdown{qs}"), None).await;
+            let result = c.call(Action::VmShutdown, &[&vm], &qs, None).await;
             if let (Some(w), Ok((StatusCode::ACCEPTED, body))) = (wait, &result) {
                 // 202 after a wait: the guest ignored the request so far.
                 output::print(StatusCode::ACCEPTED, body, output::Kind::Vm, json);
@@ -652,47 +637,45 @@ pub async fn run_client(cli: Cli) -> i32 {
         }
         Cmd::Vm(VmCmd::Delete { vm, force }) => {
             let q = if force { "?force=true" } else { "" };
-            (call(Method::DELETE, format!("/v1/vms/{vm}{q}"), None).await, output::Kind::Deleted(vm))
+            (c.call(Action::VmDelete, &[&vm], q, None).await, output::Kind::Deleted(vm))
         }
         Cmd::Vm(VmCmd::Edit { vm, vcpus, memory_mib, autostart, shutdown_timeout }) => {
             let patch = VmPatch { vcpus, memory_mib, autostart, shutdown_timeout_secs: shutdown_timeout };
-            (call(Method::PATCH, format!("/v1/vms/{vm}"), enc(&patch)).await, output::Kind::Vm)
+            (c.call(Action::VmUpdate, &[&vm], "", enc(&patch)).await, output::Kind::Vm)
         }
         Cmd::Vm(VmCmd::Console { vm }) => return console::run(&c, &vm, json).await,
         Cmd::Vm(VmCmd::ConsoleLog { vm, bytes }) => {
             let q = bytes.map(|b| format!("?bytes={b}")).unwrap_or_default();
-            (call(Method::GET, format!("/v1/vms/{vm}/console/log{q}"), None).await, output::Kind::Raw)
+            (c.call(Action::VmConsoleLog, &[&vm], &q, None).await, output::Kind::Raw)
         }
         Cmd::Vm(VmCmd::Clone { vm, new_name, copy }) => {
             let req = VmClone { name: new_name, copy };
-            (call(Method::POST, format!("/v1/vms/{vm}/clone"), enc(&req)).await, output::Kind::Vm)
+            (c.call(Action::VmClone, &[&vm], "", enc(&req)).await, output::Kind::Vm)
         }
         Cmd::Vm(VmCmd::Snapshot(SnapshotCmd::Create { vm, name, description, memory })) => {
             let req = SnapshotCreate { name, description, memory };
-            (call(Method::POST, format!("/v1/vms/{vm}/snapshots"), enc(&req)).await, output::Kind::Snapshot)
+            (c.call(Action::VmSnapshotCreate, &[&vm], "", enc(&req)).await, output::Kind::Snapshot)
         }
         Cmd::Vm(VmCmd::Snapshot(SnapshotCmd::List { vm })) => {
-            (call(Method::GET, format!("/v1/vms/{vm}/snapshots"), None).await, output::Kind::SnapshotList)
+            (c.call(Action::VmSnapshotList, &[&vm], "", None).await, output::Kind::SnapshotList)
         }
-        Cmd::Vm(VmCmd::Snapshot(SnapshotCmd::Revert { vm, name })) => (
-            call(Method::POST, format!("/v1/vms/{vm}/snapshots/{name}/revert"), None).await,
-            output::Kind::Vm,
-        ),
+        Cmd::Vm(VmCmd::Snapshot(SnapshotCmd::Revert { vm, name })) => {
+            (c.call(Action::VmSnapshotRevert, &[&vm, &name], "", None).await, output::Kind::Vm)
+        }
         Cmd::Vm(VmCmd::Snapshot(SnapshotCmd::Delete { vm, name })) => (
-            call(Method::DELETE, format!("/v1/vms/{vm}/snapshots/{name}"), None).await,
+            c.call(Action::VmSnapshotDelete, &[&vm, &name], "", None).await,
             output::Kind::Deleted(format!("snapshot {name} of {vm}")),
         ),
         Cmd::Vm(VmCmd::Disk(DiskCmd::Attach { vm, size, image, copy })) => {
             let spec = DiskSpec { size_gib: size, image, copy };
-            (call(Method::POST, format!("/v1/vms/{vm}/disks"), enc(&spec)).await, output::Kind::Vm)
+            (c.call(Action::VmDiskAttach, &[&vm], "", enc(&spec)).await, output::Kind::Vm)
         }
         Cmd::Vm(VmCmd::Disk(DiskCmd::Detach { vm, device })) => {
-            (call(Method::DELETE, format!("/v1/vms/{vm}/disks/{device}"), None).await, output::Kind::Vm)
+            (c.call(Action::VmDiskDetach, &[&vm, &device], "", None).await, output::Kind::Vm)
         }
         Cmd::Vm(VmCmd::Disk(DiskCmd::Resize { vm, device, size })) => {
             let req = DiskResize { size_gib: size };
-            let path = format!("/v1/vms/{vm}/disks/{device}/resize");
-            (call(Method::POST, path, enc(&req)).await, output::Kind::Vm)
+            (c.call(Action::VmDiskResize, &[&vm, &device], "", enc(&req)).await, output::Kind::Vm)
         }
         Cmd::Image(ImageCmd::Upload { name, file, no_checksum }) => {
             match upload::upload(&c, &name, &file, !no_checksum).await {
@@ -724,43 +707,43 @@ pub async fn run_client(cli: Cli) -> i32 {
         }
         Cmd::Image(ImageCmd::Import { name, path }) => {
             let req = ImageImport { name, path };
-            (call(Method::POST, "/v1/images".into(), enc(&req)).await, output::Kind::Image)
+            (c.call(Action::ImageImport, &[], "", enc(&req)).await, output::Kind::Image)
         }
         Cmd::Image(ImageCmd::List) => {
-            (call(Method::GET, "/v1/images".into(), None).await, output::Kind::ImageList)
+            (c.call(Action::ImageList, &[], "", None).await, output::Kind::ImageList)
         }
         Cmd::Image(ImageCmd::Show { name }) => {
-            (call(Method::GET, format!("/v1/images/{name}"), None).await, output::Kind::Image)
+            (c.call(Action::ImageGet, &[&name], "", None).await, output::Kind::Image)
         }
         Cmd::Image(ImageCmd::Delete { name }) => (
-            call(Method::DELETE, format!("/v1/images/{name}"), None).await,
+            c.call(Action::ImageDelete, &[&name], "", None).await,
             output::Kind::Deleted(format!("image {name}")),
         ),
         Cmd::Network(NetworkCmd::List) => {
-            (call(Method::GET, "/v1/networks".into(), None).await, output::Kind::NetworkList)
+            (c.call(Action::NetworkList, &[], "", None).await, output::Kind::NetworkList)
         }
         Cmd::Network(NetworkCmd::Create(a)) => {
             let req = network_create(a);
-            (call(Method::POST, "/v1/networks".into(), enc(&req)).await, output::Kind::Network)
+            (c.call(Action::NetworkCreate, &[], "", enc(&req)).await, output::Kind::Network)
         }
         Cmd::Network(NetworkCmd::Delete { name }) => (
-            call(Method::DELETE, format!("/v1/networks/{name}"), None).await,
+            c.call(Action::NetworkDelete, &[&name], "", None).await,
             output::Kind::Deleted(format!("network {name}")),
         ),
         Cmd::Events { after } => return events::follow(&c, after, json).await,
         Cmd::Token(TokenCmd::Create { name, role }) => {
             let req = TokenCreate { name, role: Role::parse(&role).expect("clap checked the role") };
-            (call(Method::POST, "/v1/tokens".into(), enc(&req)).await, output::Kind::TokenCreated)
+            (c.call(Action::TokenCreate, &[], "", enc(&req)).await, output::Kind::TokenCreated)
         }
         Cmd::Token(TokenCmd::List) => {
-            (call(Method::GET, "/v1/tokens".into(), None).await, output::Kind::TokenList)
+            (c.call(Action::TokenList, &[], "", None).await, output::Kind::TokenList)
         }
         Cmd::Token(TokenCmd::Revoke { token, force }) => {
             let q = if force { "?force=true" } else { "" };
-            (call(Method::DELETE, format!("/v1/tokens/{token}{q}"), None).await, output::Kind::Deleted(token))
+            (c.call(Action::TokenRevoke, &[&token], q, None).await, output::Kind::Deleted(token))
         }
         Cmd::Audit { limit } => {
-            (call(Method::GET, format!("/v1/audit?limit={limit}"), None).await, output::Kind::Audit)
+            (c.call(Action::AuditList, &[], &format!("?limit={limit}"), None).await, output::Kind::Audit)
         }
     };
     match result {
@@ -773,7 +756,7 @@ pub async fn run_client(cli: Cli) -> i32 {
 }
 
 async fn status(c: &Client, json: bool) -> i32 {
-    let host = match c.request(Method::GET, "/v1/host", None).await {
+    let host = match c.call(Action::HostInfo, &[], "", None).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("novacron: {e}");
@@ -783,9 +766,8 @@ async fn status(c: &Client, json: bool) -> i32 {
     if host.0 != StatusCode::OK {
         return output::print(host.0, &host.1, output::Kind::Host, json);
     }
-    let ready =
-        c.request(Method::GET, "/v1/ready", None).await.map(|r| r.0 == StatusCode::OK).unwrap_or(false);
-    let vms = c.request(Method::GET, "/v1/vms", None).await.ok();
+    let ready = c.call(Action::Ready, &[], "", None).await.map(|r| r.0 == StatusCode::OK).unwrap_or(false);
+    let vms = c.call(Action::VmList, &[], "", None).await.ok();
     output::status(&host.1, ready, vms.as_ref().map(|v| &v.1[..]), json, &c.describe())
 }
 

@@ -3,10 +3,11 @@
 
 use super::client::Client;
 use super::output;
+use crate::core::Action;
 use crate::ops::{setup, update as hu};
 use crate::types::{ErrorBody, UpdateState, UpdateView};
 use clap::Subcommand;
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -111,7 +112,7 @@ fn state_word(s: UpdateState) -> &'static str {
 }
 
 async fn get_view(c: &Client) -> Result<(StatusCode, bytes::Bytes), super::client::ClientError> {
-    c.request(Method::GET, "/v1/host/update", None).await
+    c.call(Action::HostUpdateStatus, &[], "", None).await
 }
 
 pub async fn run(cmd: UpdateCmd, c: &Client, json: bool) -> i32 {
@@ -161,19 +162,24 @@ pub async fn run(cmd: UpdateCmd, c: &Client, json: bool) -> i32 {
                 );
                 return 2;
             };
-            let path = format!("/v1/host/update?tries={tries}");
-            let (status, body) =
-                match super::upload::send_file(c, Method::POST, &path, &file, Some(sha)).await {
-                    Ok(r) => r,
-                    Err(super::upload::UploadError::Client(e)) => {
-                        eprintln!("novacron: {e}");
-                        return super::client_error_code(&e);
-                    }
-                    Err(e) => {
-                        eprintln!("novacron: {e}");
-                        return 2;
-                    }
-                };
+            let (status, body) = match super::upload::send_file(
+                c,
+                (Action::HostUpdate, &[], &format!("?tries={tries}")),
+                &file,
+                Some(sha),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(super::upload::UploadError::Client(e)) => {
+                    eprintln!("novacron: {e}");
+                    return super::client_error_code(&e);
+                }
+                Err(e) => {
+                    eprintln!("novacron: {e}");
+                    return 2;
+                }
+            };
             if status != StatusCode::ACCEPTED {
                 return output::print(status, &body, output::Kind::Raw, json);
             }
@@ -269,7 +275,7 @@ async fn announce(c: &Client, data_dir: &Path, config: &Path) -> i32 {
             return 1;
         }
     };
-    let host = match c.request(Method::GET, "/v1/host", None).await {
+    let host = match c.call(Action::HostInfo, &[], "", None).await {
         Ok((StatusCode::OK, body)) => serde_json::from_slice::<crate::types::HostInfo>(&body).ok(),
         Ok((_, body)) => {
             let msg = serde_json::from_slice::<ErrorBody>(&body).map(|e| e.error.message).unwrap_or_default();

@@ -3,9 +3,10 @@
 //! the image size), with progress on stderr.
 
 use super::client::{collect, Client, ClientError};
+use crate::core::Action;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
-use hyper::{Method, StatusCode};
+use hyper::StatusCode;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::pin::Pin;
@@ -234,7 +235,7 @@ pub async fn upload(
     // Refusals the daemon makes while the body is already flowing can reach
     // us only as a broken pipe, so the likely ones (name taken, no access)
     // are asked first, which also spares hashing a large file for nothing.
-    let (status, body) = c.request(Method::GET, &format!("/v1/images/{name}"), None).await?;
+    let (status, body) = c.call(Action::ImageGet, &[name], "", None).await?;
     if status.is_success() {
         return Err(UploadError::Exists(name.to_string()));
     }
@@ -246,16 +247,15 @@ pub async fn upload(
     } else {
         None
     };
-    send_file(c, Method::PUT, &format!("/v1/images/{name}"), file, sha).await
+    send_file(c, (Action::ImageUpload, &[name], ""), file, sha).await
 }
 
-/// Streams `file` as the body of `method path` (octet-stream, with
+/// Streams `file` as the body of `action`'s request (octet-stream, with
 /// `X-Checksum-Sha256: sha` when given) showing progress; returns the
 /// daemon's answer.
 pub async fn send_file(
     c: &Client,
-    method: Method,
-    path: &str,
+    (action, params, query): (Action, &[&str], &str),
     file: &Path,
     sha: Option<String>,
 ) -> Result<(StatusCode, Bytes), UploadError> {
@@ -276,7 +276,7 @@ pub async fn send_file(
         sent: sent.clone(),
     };
     let mut req = c
-        .builder(method, path)
+        .builder(action, params, query)
         .header(hyper::header::CONTENT_TYPE, "application/octet-stream")
         .header(hyper::header::CONTENT_LENGTH, total)
         .header(hyper::header::EXPECT, "100-continue");

@@ -159,11 +159,14 @@ impl VmAction {
     }
 }
 
-/// Declares [`Action`]: each action's variant, stable name, weakest role
-/// (`None`: no authentication) and whether it is audited, once.
+/// Declares [`Action`] once: each action's variant, stable name, weakest
+/// role (`None`: no authentication), whether it is audited, and its HTTP
+/// route (method and path template). The API's router, its role check, the
+/// OpenAPI test and the CLI all read this table; `api::routes` adds how each
+/// route's command is built.
 macro_rules! actions {
-    ($($variant:ident = $name:literal, $role:expr, $audited:literal;)*) => {
-        /// Every action the API offers; `api::routes` maps each to one route.
+    ($($variant:ident = $name:literal, $role:expr, $audited:literal, $method:ident $path:literal;)*) => {
+        /// Every action the API offers, one route each.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub enum Action {
             $($variant,)*
@@ -188,6 +191,21 @@ macro_rules! actions {
                 }
             }
 
+            /// The HTTP method of the action's route.
+            pub fn method(self) -> &'static str {
+                match self {
+                    $(Action::$variant => stringify!($method),)*
+                }
+            }
+
+            /// The route's path template: `/v1/vms/{id}`; also the label
+            /// of the request metrics.
+            pub fn template(self) -> &'static str {
+                match self {
+                    $(Action::$variant => $path,)*
+                }
+            }
+
             /// Audited, with `operation.*` events. The console counts: it can
             /// change the guest.
             pub fn is_mutation(self) -> bool {
@@ -199,6 +217,32 @@ macro_rules! actions {
     };
 }
 
+impl Action {
+    /// The action's path with `params` filled into its template in order,
+    /// each percent-encoded so a name can never add a path segment.
+    pub fn path(self, params: &[&str]) -> String {
+        let mut params = params.iter();
+        let mut out = String::new();
+        for seg in self.template().split('/').skip(1) {
+            out.push('/');
+            if seg.starts_with('{') {
+                let p = params.next().unwrap_or_else(|| panic!("{}: a value for {seg}", self.template()));
+                for b in p.bytes() {
+                    if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                        out.push(b as char);
+                    } else {
+                        out.push_str(&format!("%{b:02X}"));
+                    }
+                }
+            } else {
+                out.push_str(seg);
+            }
+        }
+        assert!(params.next().is_none(), "{}: more parameters than the template has", self.template());
+        out
+    }
+}
+
 const NONE: Option<Role> = None;
 const VIEWER: Option<Role> = Some(Role::Viewer);
 // The console (and its log) can show secrets: operator, like lifecycle.
@@ -207,48 +251,48 @@ const OPERATOR: Option<Role> = Some(Role::Operator);
 const ADMIN: Option<Role> = Some(Role::Admin);
 
 actions! {
-    Health = "health", NONE, false;
-    OpenApi = "openapi", NONE, false;
-    HealthDetails = "health.details", VIEWER, false;
-    Ready = "ready", VIEWER, false;
-    HostInfo = "host.info", VIEWER, false;
-    Metrics = "metrics", VIEWER, false;
-    VmList = "vm.list", VIEWER, false;
-    VmGet = "vm.get", VIEWER, false;
-    VmCreate = "vm.create", OPERATOR, true;
-    VmUpdate = "vm.update", OPERATOR, true;
-    VmDelete = "vm.delete", OPERATOR, true;
-    VmStart = "vm.start", OPERATOR, true;
-    VmStop = "vm.stop", OPERATOR, true;
-    VmShutdown = "vm.shutdown", OPERATOR, true;
-    VmReboot = "vm.reboot", OPERATOR, true;
-    VmPause = "vm.pause", OPERATOR, true;
-    VmResume = "vm.resume", OPERATOR, true;
-    VmClone = "vm.clone", OPERATOR, true;
-    VmDiskAttach = "vm.disk.attach", OPERATOR, true;
-    VmDiskDetach = "vm.disk.detach", OPERATOR, true;
-    VmDiskResize = "vm.disk.resize", OPERATOR, true;
-    VmSnapshotList = "vm.snapshot.list", VIEWER, false;
-    VmSnapshotCreate = "vm.snapshot.create", OPERATOR, true;
-    VmSnapshotRevert = "vm.snapshot.revert", OPERATOR, true;
-    VmSnapshotDelete = "vm.snapshot.delete", OPERATOR, true;
-    VmConsoleLog = "vm.console.log", OPERATOR, false;
-    VmConsole = "vm.console", OPERATOR, true;
-    ImageList = "image.list", VIEWER, false;
-    ImageGet = "image.get", VIEWER, false;
-    ImageUpload = "image.upload", OPERATOR, true;
-    ImageImport = "image.import", OPERATOR, true;
-    ImageDelete = "image.delete", OPERATOR, true;
-    NetworkList = "network.list", VIEWER, false;
-    NetworkCreate = "network.create", ADMIN, true;
-    NetworkDelete = "network.delete", ADMIN, true;
-    EventList = "event.list", VIEWER, false;
-    TokenList = "token.list", ADMIN, false;
-    TokenCreate = "token.create", ADMIN, true;
-    TokenRevoke = "token.revoke", ADMIN, true;
-    AuditList = "audit.list", ADMIN, false;
-    HostUpdateStatus = "host.update.status", VIEWER, false;
-    HostUpdate = "host.update", ADMIN, true;
+    Health = "health", NONE, false, GET "/v1/health";
+    OpenApi = "openapi", NONE, false, GET "/v1/openapi.json";
+    HealthDetails = "health.details", VIEWER, false, GET "/v1/health/details";
+    Ready = "ready", VIEWER, false, GET "/v1/ready";
+    HostInfo = "host.info", VIEWER, false, GET "/v1/host";
+    Metrics = "metrics", VIEWER, false, GET "/metrics";
+    VmList = "vm.list", VIEWER, false, GET "/v1/vms";
+    VmGet = "vm.get", VIEWER, false, GET "/v1/vms/{id}";
+    VmCreate = "vm.create", OPERATOR, true, POST "/v1/vms";
+    VmUpdate = "vm.update", OPERATOR, true, PATCH "/v1/vms/{id}";
+    VmDelete = "vm.delete", OPERATOR, true, DELETE "/v1/vms/{id}";
+    VmStart = "vm.start", OPERATOR, true, POST "/v1/vms/{id}/start";
+    VmStop = "vm.stop", OPERATOR, true, POST "/v1/vms/{id}/stop";
+    VmShutdown = "vm.shutdown", OPERATOR, true, POST "/v1/vms/{id}/shutdown";
+    VmReboot = "vm.reboot", OPERATOR, true, POST "/v1/vms/{id}/reboot";
+    VmPause = "vm.pause", OPERATOR, true, POST "/v1/vms/{id}/pause";
+    VmResume = "vm.resume", OPERATOR, true, POST "/v1/vms/{id}/resume";
+    VmClone = "vm.clone", OPERATOR, true, POST "/v1/vms/{id}/clone";
+    VmDiskAttach = "vm.disk.attach", OPERATOR, true, POST "/v1/vms/{id}/disks";
+    VmDiskDetach = "vm.disk.detach", OPERATOR, true, DELETE "/v1/vms/{id}/disks/{device}";
+    VmDiskResize = "vm.disk.resize", OPERATOR, true, POST "/v1/vms/{id}/disks/{device}/resize";
+    VmSnapshotList = "vm.snapshot.list", VIEWER, false, GET "/v1/vms/{id}/snapshots";
+    VmSnapshotCreate = "vm.snapshot.create", OPERATOR, true, POST "/v1/vms/{id}/snapshots";
+    VmSnapshotRevert = "vm.snapshot.revert", OPERATOR, true, POST "/v1/vms/{id}/snapshots/{snapshot}/revert";
+    VmSnapshotDelete = "vm.snapshot.delete", OPERATOR, true, DELETE "/v1/vms/{id}/snapshots/{snapshot}";
+    VmConsoleLog = "vm.console.log", OPERATOR, false, GET "/v1/vms/{id}/console/log";
+    VmConsole = "vm.console", OPERATOR, true, GET "/v1/vms/{id}/console";
+    ImageList = "image.list", VIEWER, false, GET "/v1/images";
+    ImageGet = "image.get", VIEWER, false, GET "/v1/images/{name}";
+    ImageUpload = "image.upload", OPERATOR, true, PUT "/v1/images/{name}";
+    ImageImport = "image.import", OPERATOR, true, POST "/v1/images";
+    ImageDelete = "image.delete", OPERATOR, true, DELETE "/v1/images/{name}";
+    NetworkList = "network.list", VIEWER, false, GET "/v1/networks";
+    NetworkCreate = "network.create", ADMIN, true, POST "/v1/networks";
+    NetworkDelete = "network.delete", ADMIN, true, DELETE "/v1/networks/{name}";
+    EventList = "event.list", VIEWER, false, GET "/v1/events";
+    TokenList = "token.list", ADMIN, false, GET "/v1/tokens";
+    TokenCreate = "token.create", ADMIN, true, POST "/v1/tokens";
+    TokenRevoke = "token.revoke", ADMIN, true, DELETE "/v1/tokens/{id}";
+    AuditList = "audit.list", ADMIN, false, GET "/v1/audit";
+    HostUpdateStatus = "host.update.status", VIEWER, false, GET "/v1/host/update";
+    HostUpdate = "host.update", ADMIN, true, POST "/v1/host/update";
 }
 
 impl Command {
