@@ -8,16 +8,6 @@ use hyper::{Method, StatusCode};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// Removes the test's domain from libvirt even when an assertion fails.
-struct DomainGuard(String);
-
-impl Drop for DomainGuard {
-    fn drop(&mut self) {
-        virsh(&["destroy", &self.0]);
-        virsh(&["undefine", &self.0]);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "boots a real TCG guest: needs libvirtd and QEMU from tests/setup-host.sh"]
 async fn real_guest_lifecycle_survives_kill9() {
@@ -38,7 +28,7 @@ async fn real_guest_lifecycle_survives_kill9() {
     assert_eq!(s, StatusCode::CREATED, "{vm}");
     let id = vm["id"].as_str().unwrap().to_string();
     let name = vm["name"].as_str().unwrap().to_string();
-    let _cleanup = DomainGuard(name.clone());
+    let _cleanup = common::DomainGuard(vec![name.clone()]);
     let disk = vm["disks"][0]["path"].as_str().unwrap().to_string();
 
     let (s, v) = call(&c, Method::POST, &format!("/v1/vms/{id}/start"), None).await;

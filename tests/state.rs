@@ -217,16 +217,6 @@ async fn certificate_expiry_is_read_at_every_start() {
     assert_eq!(expiry_metric(&metrics(&d).await), Some(end));
 }
 
-/// Removes the test's domain (and its snapshots) even when an assertion fails.
-struct DomainGuard(String);
-
-impl Drop for DomainGuard {
-    fn drop(&mut self) {
-        virsh(&["destroy", &self.0]);
-        virsh(&["undefine", &self.0, "--snapshots-metadata"]);
-    }
-}
-
 /// A real guest that ignores ACPI (`acpi=off`): `vm shutdown --timeout`
 /// must force it off when the timeout is up, even though a backup with
 /// `--pause-running` paused and resumed it in between, and even though the
@@ -254,7 +244,7 @@ async fn forced_shutdown_outlives_a_backup_pause() {
     let (s, vm) = call(&c, Method::POST, "/v1/vms", Some(spec)).await;
     assert_eq!(s, StatusCode::CREATED, "{vm}");
     let id = vm["id"].as_str().unwrap().to_string();
-    let _cleanup = DomainGuard(name.clone());
+    let _cleanup = common::DomainGuard(vec![name.clone()]);
     let (s, v) = call(&c, Method::POST, &format!("/v1/vms/{id}/start"), None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let log = d.data().join("logs").join(format!("{name}.{id}.console.log"));

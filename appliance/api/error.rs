@@ -132,4 +132,18 @@ mod tests {
         assert_eq!(e.status(), StatusCode::CONFLICT);
         assert_eq!(e.body().error.code, "wrong_state");
     }
+
+    #[test]
+    fn a_replica_is_409_naming_its_owner() {
+        let owner = uuid::Uuid::new_v4();
+        let e = ApiError::Core(CoreError::NotOwner { vm: "web".into(), owner, epoch: 4 });
+        assert_eq!(e.status(), StatusCode::CONFLICT);
+        let body = e.body().error;
+        assert_eq!(body.code, "not_owner");
+        assert!(
+            body.message.contains(&owner.to_string()) && body.message.contains("epoch 4"),
+            "{}",
+            body.message
+        );
+    }
 }

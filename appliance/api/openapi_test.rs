@@ -674,6 +674,8 @@ fn error_codes_are_documented() {
         CoreError::WrongState { vm: s(), state: "running", action: "a" },
         CoreError::Busy(s()),
         CoreError::Unmanaged(s()),
+        CoreError::NotOwner { vm: s(), owner: uuid::Uuid::nil(), epoch: 1 },
+        CoreError::StaleEpoch { vm: s(), had: 1, now: 2 },
         CoreError::InsufficientMemory { vm: s(), need_mib: 1, available_mib: 0, reserve_mib: 0 },
         CoreError::NotReady(s()),
         CoreError::InUse { what: s(), users: s() },

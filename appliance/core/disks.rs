@@ -16,15 +16,15 @@ fn disk_err(e: impl std::fmt::Display) -> HypervisorError {
 
 impl Core {
     pub(super) async fn attach_disk(self: &Arc<Self>, r: &str, spec: DiskSpec) -> Result<Vm> {
-        let found = self.find_record(r)?;
+        // Checked before the (slow) plan, so a replica is refused at once.
+        self.find_owned(r)?;
         let plan = {
             let core = self.clone();
             tokio::task::spawn_blocking(move || core.plan_disk("disk", &spec))
                 .await
                 .map_err(|e| CoreError::Internal(e.to_string()))??
         };
-        let _guard = self.lock_vm(found.id, &found.name).await?;
-        let vm = self.find_record(&found.id.to_string())?;
+        let (_guard, vm) = self.owned_vm(r).await?;
         if vm.disks.len() >= MAX_DISKS {
             return Err(CoreError::invalid("disk", format!("a VM has at most {MAX_DISKS} disks")));
         }
@@ -65,9 +65,7 @@ impl Core {
     }
 
     pub(super) async fn detach_disk(self: &Arc<Self>, r: &str, device: &str) -> Result<Vm> {
-        let found = self.find_record(r)?;
-        let _guard = self.lock_vm(found.id, &found.name).await?;
-        let mut vm = self.find_record(&found.id.to_string())?;
+        let (_guard, mut vm) = self.owned_vm(r).await?;
         let idx = vm
             .disks
             .iter()
@@ -92,14 +90,13 @@ impl Core {
         if req.size_gib == 0 || req.size_gib > MAX_DISK_GIB {
             return Err(CoreError::invalid("size_gib", format!("must be between 1 and {MAX_DISK_GIB}")));
         }
-        let found = self.find_record(r)?;
-        let _guard = self.lock_vm(found.id, &found.name).await?;
-        let mut vm = self.find_record(&found.id.to_string())?;
+        let (_guard, mut vm) = self.owned_vm(r).await?;
+        let (id, name) = (vm.id, vm.name.clone());
         let disk = vm
             .disks
             .iter_mut()
             .find(|d| d.device == device)
-            .ok_or_else(|| CoreError::NotFound(format!("disk {device:?} of VM {}", found.name)))?;
+            .ok_or_else(|| CoreError::NotFound(format!("disk {device:?} of VM {name}")))?;
         let bytes = req.size_gib * GIB;
         if bytes <= disk.size_bytes {
             return Err(CoreError::invalid(
@@ -107,8 +104,8 @@ impl Core {
                 format!("disks only grow: {device} is already {}", gib_text(disk.size_bytes)),
             ));
         }
-        let live = self.refresh_state(found.id).await?.is_active();
-        let (id, dev, path) = (found.id, device.to_string(), disk.path.clone());
+        let live = self.refresh_state(id).await?.is_active();
+        let (dev, path) = (device.to_string(), disk.path.clone());
         self.hv_call(move |hv| {
             if live {
                 hv.block_resize(id, &dev, bytes)
@@ -129,15 +126,14 @@ impl Core {
     /// neither can change what the other sees.
     pub(super) async fn clone_vm(self: &Arc<Self>, r: &str, req: VmClone) -> Result<Vm> {
         valid_name(&req.name).map_err(|m| CoreError::invalid("name", m))?;
-        let found = self.find_record(r)?;
+        self.find_owned(r)?;
         let _create = self.create_lock.lock().await;
         if self.vms.read().unwrap().values().any(|v| v.name == req.name)
             || self.unmanaged.read().unwrap().iter().any(|d| d.name == req.name)
         {
             return Err(CoreError::NameTaken(req.name));
         }
-        let _guard = self.lock_vm(found.id, &found.name).await?;
-        let mut src = self.find_record(&found.id.to_string())?;
+        let (_guard, mut src) = self.owned_vm(r).await?;
         let state = self.refresh_state(src.id).await?;
         if state != VmState::Stopped {
             return Err(CoreError::WrongState {

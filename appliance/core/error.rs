@@ -38,6 +38,13 @@ pub enum CoreError {
     Busy(String),
     #[error("{0} is not managed by NovaCron and is never changed by it")]
     Unmanaged(String),
+    /// The VM is a replica of another node's: only its owner changes or
+    /// starts it.
+    #[error("VM {vm} is owned by node {owner} (epoch {epoch}); this node holds only a replica of it")]
+    NotOwner { vm: String, owner: uuid::Uuid, epoch: u64 },
+    /// Ownership moved on while the operation ran.
+    #[error("the ownership of VM {vm} moved from epoch {had} to {now} during the operation; try again")]
+    StaleEpoch { vm: String, had: u64, now: u64 },
     #[error("starting {vm} needs {need_mib} MiB but only {available_mib} MiB is available with {reserve_mib} MiB kept for the host")]
     InsufficientMemory { vm: String, need_mib: u64, available_mib: u64, reserve_mib: u64 },
     /// A new network's subnet collides with one that exists.
@@ -84,6 +91,8 @@ impl CoreError {
             CoreError::WrongState { .. } => (Conflict, "wrong_state"),
             CoreError::Busy(_) => (Conflict, "busy"),
             CoreError::Unmanaged(_) => (Conflict, "unmanaged"),
+            CoreError::NotOwner { .. } => (Conflict, "not_owner"),
+            CoreError::StaleEpoch { .. } => (Conflict, "stale_epoch"),
             CoreError::InsufficientMemory { .. } => (Conflict, "insufficient_memory"),
             CoreError::NotReady(_) => (Unavailable, "not_ready"),
             CoreError::InUse { .. } => (Conflict, "in_use"),

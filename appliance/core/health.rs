@@ -110,8 +110,9 @@ impl Core {
         let need =
             |what: String, path: &str, critical: bool| NeededFile { what, path: path.into(), critical };
         for vm in self.vms.read().unwrap().values() {
-            // An interrupted create has no files yet; reconciliation makes them.
-            if vm.state == VmState::Missing {
+            // An interrupted create has no files yet; reconciliation makes
+            // them. A replica's disks live on its owner.
+            if vm.state == VmState::Missing || !self.owns(vm) {
                 continue;
             }
             for d in &vm.disks {

@@ -11,6 +11,9 @@ pub mod events;
 mod health;
 mod images;
 mod networks;
+mod owner;
+#[cfg(test)]
+mod owner_tests;
 mod reconcile;
 mod snapshots;
 mod tokens;

@@ -25,6 +25,11 @@ impl Core {
         let managed: Vec<_> = self.vms.read().unwrap().values().cloned().collect();
         let managed_ids: HashSet<_> = managed.iter().map(|v| v.id).collect();
         for vm in &managed {
+            // A replica of the peer's VM: its state is the owner's to
+            // report, and defining it here would run it twice.
+            if !self.owns(vm) {
+                continue;
+            }
             match domains.iter().find(|d| d.uuid == vm.id) {
                 Some(d) => {
                     let state = vm_state(d.state);
@@ -49,13 +54,17 @@ impl Core {
         Ok(())
     }
 
-    /// Defines a VM that is in the store but missing from libvirt (an
-    /// interrupted create, or someone ran `virsh undefine`). Skips VMs with
-    /// an operation in flight: that operation owns them.
+    /// Defines a VM of this node's that is in the store but missing from
+    /// libvirt (an interrupted create, or someone ran `virsh undefine`).
+    /// Skips VMs with an operation in flight (that operation has them) and
+    /// replicas of the peer's VMs.
     async fn redefine(self: &Arc<Self>, id: uuid::Uuid) {
         let m = self.vm_locks.lock().unwrap().entry(id).or_default().clone();
         let Ok(_guard) = m.try_lock_owned() else { return };
         let Some(vm) = self.vms.read().unwrap().get(&id).cloned() else { return };
+        if self.still_owned(&vm).is_err() {
+            return;
+        }
         let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&vm));
         let record = vm.clone();
         let seed = self.seed_path(id);
@@ -99,8 +108,12 @@ impl Core {
                     Some(ev) = rx.recv() => {
                         core.metrics.lifecycle_events.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(VM_ID = %ev.uuid, VM_NAME = %ev.name, "libvirt lifecycle event");
-                        let known = core.vms.read().unwrap().contains_key(&ev.uuid);
-                        let result = if known {
+                        let known = core.vms.read().unwrap().get(&ev.uuid).map(|v| core.owns(v));
+                        let result = if known == Some(false) {
+                            // A domain of a VM the peer owns: not ours to follow.
+                            tracing::warn!(VM_ID = %ev.uuid, VM_NAME = %ev.name, "lifecycle event for a VM another node owns; ignored");
+                            Ok(())
+                        } else if known == Some(true) {
                             core.refresh_state(ev.uuid).await.map(|_| ())
                         } else {
                             core.reconcile_all().await
@@ -130,7 +143,7 @@ impl Core {
             .read()
             .unwrap()
             .values()
-            .filter(|v| v.autostart && v.state == VmState::Stopped)
+            .filter(|v| v.autostart && v.state == VmState::Stopped && self.owns(v))
             .map(|v| v.id)
             .collect();
         let caller = Core::local_admin(0);

@@ -43,8 +43,7 @@ impl Core {
         {
             return Err(CoreError::invalid("description", "must be at most 1024 printable characters"));
         }
-        let found = self.find_record(r)?;
-        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let (_guard, found) = self.owned_vm(r).await?;
         let id = found.id;
         if self.find_snapshot(id, &req.name).is_ok() {
             return Err(CoreError::NameTaken(format!("snapshot {}", req.name)));
@@ -92,8 +91,7 @@ impl Core {
     /// they were. A memory snapshot comes back running, a disk snapshot
     /// stopped.
     pub(super) async fn revert_snapshot(self: &Arc<Self>, r: &str, name: &str) -> Result<crate::types::Vm> {
-        let found = self.find_record(r)?;
-        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let (_guard, found) = self.owned_vm(r).await?;
         let id = found.id;
         let snap = self.find_snapshot(id, name)?;
         let n = name.to_string();
@@ -114,8 +112,7 @@ impl Core {
     }
 
     pub(super) async fn delete_snapshot(self: &Arc<Self>, r: &str, name: &str) -> Result<()> {
-        let found = self.find_record(r)?;
-        let _guard = self.lock_vm(found.id, &found.name).await?;
+        let (_guard, found) = self.owned_vm(r).await?;
         let id = found.id;
         self.find_snapshot(id, name)?;
         let n = name.to_string();
@@ -129,7 +126,7 @@ impl Core {
     /// Opens the serial console of a running VM. Output flows until the
     /// session ends; input is typed into the guest.
     pub(super) async fn open_console(self: &Arc<Self>, r: &str) -> Result<ConsoleSession> {
-        let vm = self.find_record(r)?;
+        let vm = self.find_owned(r)?;
         let id = vm.id;
         let state = self.refresh_state(id).await?;
         if !state.is_active() {

@@ -256,7 +256,8 @@ impl Core {
             .read()
             .unwrap()
             .values()
-            .filter(|v| matches!(v.state, VmState::Running | VmState::Paused))
+            // The peer's VMs run there, whatever their replica says.
+            .filter(|v| self.owns(v) && matches!(v.state, VmState::Running | VmState::Paused))
             .map(|v| (v.id, self.shutdown_timeout(v)))
             .collect();
         let caller = Core::local_admin(0);

@@ -538,9 +538,7 @@ impl Core {
     pub(super) async fn update_vm(self: &Arc<Self>, r: &str, patch: VmPatch) -> Result<Vm> {
         check_limits(patch.vcpus, patch.memory_mib, patch.shutdown_timeout_secs)?;
         self.check_vcpus(patch.vcpus)?;
-        let found = self.find_record(r)?;
-        let _guard = self.lock_vm(found.id, &found.name).await?;
-        let mut vm = self.find_record(&found.id.to_string())?;
+        let (_guard, mut vm) = self.owned_vm(r).await?;
         let resizes = patch.vcpus.is_some_and(|v| v != vm.vcpus)
             || patch.memory_mib.is_some_and(|m| m != vm.memory_mib);
         if resizes && vm.state.is_active() {
@@ -564,9 +562,7 @@ impl Core {
     }
 
     pub(super) async fn delete_vm(self: &Arc<Self>, r: &str, force: bool) -> Result<()> {
-        let found = self.find_record(r)?;
-        let _guard = self.lock_vm(found.id, &found.name).await?;
-        let vm = self.find_record(&found.id.to_string())?;
+        let (_guard, vm) = self.owned_vm(r).await?;
         let id = vm.id;
         let live = self.hv_call(move |hv| hv.state(id)).await?;
         let active = live.map(vm_state).is_some_and(VmState::is_active);
@@ -625,8 +621,7 @@ impl Core {
     }
 
     pub(super) async fn vm_action(self: &Arc<Self>, r: &str, action: VmAction) -> Result<Reply> {
-        let found = self.find_record(r)?;
-        let guard = self.lock_vm(found.id, &found.name).await?;
+        let (guard, found) = self.owned_vm(r).await?;
         let id = found.id;
         let name = found.name.clone();
         let state = self.refresh_state(id).await?;
@@ -652,6 +647,7 @@ impl Core {
                     },
                 )?;
                 self.adopt_old_console_log(&found);
+                self.still_owned(&found)?;
                 // Redefine first so the domain always matches the spec.
                 let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&found));
                 let record = found.clone();
@@ -760,8 +756,12 @@ impl Core {
             }
             match timeout {
                 Some(t) if started.elapsed() >= t => {
-                    let Ok(vm) = self.find_record(&id.to_string()) else { return };
-                    let Ok(_guard) = self.lock_vm(id, &vm.name).await else { continue };
+                    let (_guard, vm) = match self.owned_vm(&id.to_string()).await {
+                        Ok(owned) => owned,
+                        Err(CoreError::Busy(_)) => continue,
+                        // Gone, or no longer ours: nothing to force.
+                        Err(_) => return,
+                    };
                     tracing::warn!(VM_ID = %id, VM_NAME = %vm.name, "guest did not shut down in time; forcing it off");
                     if let Err(e) = self.hv_call(move |hv| hv.destroy(id)).await {
                         tracing::error!(VM_ID = %id, VM_NAME = %vm.name, error = %e, "cannot force the guest off");

@@ -32,6 +32,11 @@ pub struct Opts {
 }
 
 impl Opts {
+    /// The system libvirt (qemu:///system): real TCG guests.
+    pub fn qemu(ip_octet: u8) -> Opts {
+        Opts { uri: "qemu:///system".into(), ..Opts::test_driver(ip_octet) }
+    }
+
     pub fn test_driver(ip_octet: u8) -> Opts {
         Opts {
             ip_octet,
@@ -300,6 +305,19 @@ pub fn which(cmd: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Removes the named domains (and their snapshots' metadata) from the
+/// system libvirt even when an assertion fails.
+pub struct DomainGuard(pub Vec<String>);
+
+impl Drop for DomainGuard {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            virsh(&["destroy", name]);
+            virsh(&["undefine", name, "--snapshots-metadata"]);
+        }
+    }
 }
 
 pub fn virsh(args: &[&str]) -> String {
