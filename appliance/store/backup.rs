@@ -607,7 +607,7 @@ mod tests {
         assert_eq!(moved.boot.as_ref().unwrap().initrd, Some(to("boot/i")));
         assert_eq!(store.images().unwrap()[0].path, to("images/base"));
         // Through the change stream: a replay rebuilds the moved state.
-        let last = store.changes_since(0, 100).unwrap().pop().unwrap();
+        let last = store.stream(0, 100).unwrap().pop().unwrap();
         assert!(matches!(last.change, super::super::Change::ImagePut(ref i) if i.path == to("images/base")));
         drop(store);
         // Already in place: nothing to do.

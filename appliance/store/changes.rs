@@ -4,15 +4,13 @@
 //! the stream on an empty store rebuilds the same state — the property the
 //! peer replication (a later subsystem) relies on.
 
+use super::wire;
 use crate::types::{BootSpec, CloudInit, Disk, NetworkKind, Nic, Role, VmState};
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Wire/disk format version of an encoded change. Bump on any change to the
-/// types below, and keep a decoder for the old version.
-pub const CHANGE_FORMAT: u8 = 1;
+pub use wire::{CHANGE_FORMAT, CHANGE_FORMAT_V1};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct VmRecord {
     pub id: Uuid,
     pub name: String,
@@ -34,7 +32,7 @@ pub struct VmRecord {
     pub updated_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
     pub id: String,
     pub name: String,
@@ -44,7 +42,7 @@ pub struct TokenRecord {
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageRecord {
     pub name: String,
     /// Absolute path under the data dir's `images/`.
@@ -56,7 +54,7 @@ pub struct ImageRecord {
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkRecord {
     pub name: String,
     pub kind: NetworkKind,
@@ -71,7 +69,7 @@ pub struct NetworkRecord {
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotRecord {
     pub vm_id: Uuid,
     pub name: String,
@@ -83,7 +81,7 @@ pub struct SnapshotRecord {
     pub created_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Change {
     /// Insert or replace a VM with all its disks.
     VmPut(VmRecord),
@@ -116,16 +114,26 @@ pub enum Change {
 }
 
 impl Change {
+    /// The format version byte, then the postcard encoding of the store's
+    /// own wire types (`store/wire.rs`).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![CHANGE_FORMAT];
-        // Serializing plain structs into a Vec cannot fail.
-        out.extend(postcard::to_allocvec(self).expect("postcard encoding of a Change"));
+        out.extend(wire::to_bytes(&wire::Change::from(self.clone())));
         out
     }
 
+    /// Decodes either format: 1 (rows written by the first release) has
+    /// the same layout as 2 (see `wire.rs`). Trailing bytes are refused: a
+    /// record is exactly one change.
     pub fn decode(bytes: &[u8]) -> Result<Change, String> {
         match bytes.split_first() {
-            Some((&CHANGE_FORMAT, rest)) => postcard::from_bytes(rest).map_err(|e| e.to_string()),
+            Some((&(CHANGE_FORMAT | CHANGE_FORMAT_V1), rest)) => {
+                let (c, tail) = postcard::take_from_bytes::<wire::Change>(rest).map_err(|e| e.to_string())?;
+                if !tail.is_empty() {
+                    return Err(format!("{} bytes after the change", tail.len()));
+                }
+                Ok(c.into())
+            }
             Some((v, _)) => Err(format!("unsupported change format version {v}")),
             None => Err("empty change record".into()),
         }

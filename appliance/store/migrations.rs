@@ -101,4 +101,47 @@ CREATE TABLE counters (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+-- Replication (issue 9). Each change row names the node it was made on
+-- and its number there; this node's own rows have origin_seq = seq (rows
+-- from before this migration are this node's: the first release was
+-- single-node, so its seqs are this node's dense numbering).
+ALTER TABLE changes ADD COLUMN origin TEXT;
+ALTER TABLE changes ADD COLUMN origin_seq INTEGER;
+UPDATE changes SET origin = (SELECT uuid FROM node WHERE id = 1), origin_seq = seq;
+CREATE UNIQUE INDEX changes_by_origin ON changes (origin, origin_seq);
+-- This node's own changes are numbered densely from here, so a receiver
+-- that sees a number skipped knows it missed one.
+INSERT INTO counters (name, value) SELECT 'local_seq', COALESCE(MAX(seq), 0) FROM changes;
+CREATE INDEX changes_by_at ON changes (at);
+-- Per remote origin: the highest of its seqs applied here. Written in the
+-- same transaction as the apply, so a change is applied exactly once.
+CREATE TABLE applied (
+    origin      TEXT PRIMARY KEY,
+    seq         INTEGER NOT NULL
+);
+-- What the peer acknowledged of this node's changes (pruning keeps the rest).
+CREATE TABLE peer_acks (
+    peer        TEXT PRIMARY KEY,
+    seq         INTEGER NOT NULL,
+    at          INTEGER NOT NULL
+);
+-- Name conflicts between the two nodes, resolved when applying (see
+-- docs/design/replication-state.md). `record`: the encoded put of the
+-- record that lost its name (or was set aside), so nothing is lost.
+CREATE TABLE conflicts (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    kept        TEXT NOT NULL,
+    loser       TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    record      BLOB NOT NULL,
+    UNIQUE (kind, loser, outcome)
+);
+"#,
+    ),
 ];

@@ -11,8 +11,11 @@ pub mod changes;
 pub mod lock;
 mod migrations;
 mod paths;
+mod replication;
+pub mod wire;
 
 pub use changes::{Change, ImageRecord, NetworkRecord, SnapshotRecord, TokenRecord, VmRecord};
+pub use replication::{Applied, ConflictRecord, EncodedChange, Retention, Snapshot, Tail};
 
 use crate::types::{AuditEntry, Disk, NetworkKind, Role, VmState};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -31,11 +34,18 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0} not found")]
     NotFound(String),
+    /// Observed state is written only by the VM's owner node.
+    #[error("{0} is owned by another node")]
+    NotOwner(String),
     /// The database was written by a newer NovaCron.
     #[error("database schema version {found} is newer than this binary supports ({supported})")]
     TooNew { found: u32, supported: u32 },
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// A peer's change arrived before one it depends on: the sender must
+    /// resend from `expected`.
+    #[error("change {got} of node {origin} arrived before {expected}")]
+    Gap { origin: Uuid, expected: u64, got: u64 },
     /// Another process (a second daemon, a restore) uses the data dir.
     #[error("{dir} is in use by another novacron process (PID {pid}); stop it first")]
     Locked { dir: PathBuf, pid: String },
@@ -54,13 +64,20 @@ pub struct NodeRecord {
 /// One row of the change stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangeRow {
+    /// This store's own sequence number of the row.
     pub seq: i64,
     pub at: i64,
+    /// The node the change was made on, and its number there (equal to
+    /// `seq` for this node's own changes).
+    pub origin: Uuid,
+    pub origin_seq: i64,
     pub change: Change,
 }
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// This node's id: the origin of its own changes.
+    node: Uuid,
 }
 
 pub use crate::util::now_ms;
@@ -95,9 +112,42 @@ impl Store {
             p.push(suffix);
             let _ = std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         }
-        let store = Store { conn: Mutex::new(conn) };
+        let mut store = Store { conn: Mutex::new(conn), node: Uuid::nil() };
         store.migrate()?;
+        store.node = store.ensure_node()?;
         Ok(store)
+    }
+
+    /// The node row, created (with an empty name, see `node_identity`) the
+    /// first time: every change needs its origin. Change rows older than
+    /// migration 3 whose node row did not exist yet get it now.
+    fn ensure_node(&self) -> Result<Uuid> {
+        let conn = self.lock();
+        let existing: Option<String> =
+            conn.query_row("SELECT uuid FROM node WHERE id = 1", [], |r| r.get(0)).optional()?;
+        let id = match existing {
+            Some(u) => Uuid::parse_str(&u).map_err(|e| StoreError::Corrupt(format!("node id: {e}")))?,
+            None => {
+                let id = Uuid::new_v4();
+                conn.execute(
+                    "INSERT INTO node (id, uuid, name, created_at) VALUES (1, ?1, '', ?2)",
+                    params![id.to_string(), now_ms()],
+                )?;
+                id
+            }
+        };
+        // Rows migrated before any node row existed (a store only ever
+        // used by tests): this node's, numbered as migration 3 does.
+        conn.execute(
+            "UPDATE changes SET origin = ?1, origin_seq = seq WHERE origin IS NULL",
+            [id.to_string()],
+        )?;
+        Ok(id)
+    }
+
+    /// This node's id, the origin of the changes committed here.
+    pub fn node_id(&self) -> Uuid {
+        self.node
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -130,70 +180,72 @@ impl Store {
     /// The node identity, created on first call and kept forever after.
     pub fn node_identity(&self, default_name: &str) -> Result<NodeRecord> {
         let conn = self.lock();
-        let existing = conn
-            .query_row("SELECT uuid, name FROM node WHERE id = 1", [], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })
-            .optional()?;
-        if let Some((uuid, name)) = existing {
-            let id = Uuid::parse_str(&uuid).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            return Ok(NodeRecord { id, name });
+        let (uuid, name): (String, String) =
+            conn.query_row("SELECT uuid, name FROM node WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let id = Uuid::parse_str(&uuid).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        if name.is_empty() {
+            // Created by `Store::open` before anyone named the node.
+            conn.execute("UPDATE node SET name = ?1 WHERE id = 1", [default_name])?;
+            return Ok(NodeRecord { id, name: default_name.to_string() });
         }
-        let node = NodeRecord { id: Uuid::new_v4(), name: default_name.to_string() };
-        conn.execute(
-            "INSERT INTO node (id, uuid, name, created_at) VALUES (1, ?1, ?2, ?3)",
-            params![node.id.to_string(), node.name, now_ms()],
-        )?;
-        Ok(node)
+        Ok(NodeRecord { id, name })
     }
 
-    /// Applies `change` and appends it to the change stream, atomically.
-    /// Returns the change's sequence number.
+    /// Applies `change` (made on this node) and appends it to the change
+    /// stream, atomically. Returns its number in this node's own sequence.
     pub fn commit(&self, change: &Change) -> Result<i64> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        apply(&tx, change)?;
-        tx.execute("INSERT INTO changes (at, payload) VALUES (?1, ?2)", params![now_ms(), change.encode()])?;
-        let seq = tx.last_insert_rowid();
+        apply(&tx, self.node, change)?;
+        let seq = append_local(&tx, self.node, change)?;
         tx.commit()?;
         Ok(seq)
     }
 
-    /// Applies a stream of changes (from a peer or a dump) in one
-    /// transaction, recording them in this store's own stream too.
+    /// Commits a batch of this node's own changes (a dump, a restore's
+    /// path rewrite) in one transaction.
     pub fn replay(&self, changes: &[Change]) -> Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         for change in changes {
-            apply(&tx, change)?;
-            tx.execute(
-                "INSERT INTO changes (at, payload) VALUES (?1, ?2)",
-                params![now_ms(), change.encode()],
-            )?;
+            apply(&tx, self.node, change)?;
+            append_local(&tx, self.node, change)?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    pub fn changes_since(&self, after_seq: i64, limit: usize) -> Result<Vec<ChangeRow>> {
+    /// Every row of the stream after this store's `after_seq`, whatever its
+    /// origin, decoded (replay, backups, tests). The peer's feed is
+    /// [`Store::changes_since`].
+    pub fn stream(&self, after_seq: i64, limit: usize) -> Result<Vec<ChangeRow>> {
         let conn = self.lock();
-        let mut stmt =
-            conn.prepare_cached("SELECT seq, at, payload FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, at, origin, origin_seq, payload FROM changes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
         let rows = stmt.query_map(params![after_seq, limit as i64], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Vec<u8>>(2)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Vec<u8>>(4)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, at, payload) = row?;
+            let (seq, at, origin, origin_seq, payload) = row?;
             let change = Change::decode(&payload).map_err(StoreError::Corrupt)?;
-            out.push(ChangeRow { seq, at, change });
+            let origin = Uuid::parse_str(&origin).map_err(|e| StoreError::Corrupt(format!("origin: {e}")))?;
+            out.push(ChangeRow { seq, at, origin, origin_seq, change });
         }
         Ok(out)
     }
 
-    /// Sequence number of the newest change, 0 for an empty stream.
+    /// The number of this node's newest change, 0 before the first. A
+    /// counter, so it keeps growing after old rows are pruned.
     pub fn last_seq(&self) -> Result<i64> {
-        Ok(self.lock().query_row("SELECT COALESCE(MAX(seq), 0) FROM changes", [], |r| r.get(0))?)
+        last_seq(&self.lock())
     }
 
     /// Reserves `block` event sequence numbers above those a previous run
@@ -222,7 +274,10 @@ impl Store {
     }
 
     pub fn vms(&self) -> Result<Vec<VmRecord>> {
-        let conn = self.lock();
+        Self::read_vms(&self.lock())
+    }
+
+    fn read_vms(conn: &Connection) -> Result<Vec<VmRecord>> {
         let mut stmt = conn.prepare_cached(
             "SELECT id, name, vcpus, memory_mib, boot, nics, autostart, owner_node, epoch,
                     state, created_at, updated_at, cloud_init, shutdown_timeout_secs
@@ -257,12 +312,22 @@ impl Store {
                     memory_mib: mem as u64,
                     disks: Vec::new(),
                     boot: match boot {
-                        Some(b) => Some(postcard::from_bytes(&b).map_err(|_| corrupt("boot"))?),
+                        Some(b) => {
+                            Some(postcard::from_bytes::<wire::Boot>(&b).map_err(|_| corrupt("boot"))?.into())
+                        }
                         None => None,
                     },
-                    nics: postcard::from_bytes(&nics).map_err(|_| corrupt("nics"))?,
+                    nics: postcard::from_bytes::<Vec<wire::Nic>>(&nics)
+                        .map_err(|_| corrupt("nics"))?
+                        .into_iter()
+                        .map(Into::into)
+                        .collect(),
                     cloud_init: match ci {
-                        Some(b) => Some(postcard::from_bytes(&b).map_err(|_| corrupt("cloud_init"))?),
+                        Some(b) => Some(
+                            postcard::from_bytes::<wire::CloudInit>(&b)
+                                .map_err(|_| corrupt("cloud_init"))?
+                                .into(),
+                        ),
                         None => None,
                     },
                     shutdown_timeout_secs: sto.map(|v| v as u64),
@@ -298,7 +363,10 @@ impl Store {
     }
 
     pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let conn = self.lock();
+        Self::read_tokens(&self.lock())
+    }
+
+    fn read_tokens(conn: &Connection) -> Result<Vec<TokenRecord>> {
         let mut stmt =
             conn.prepare_cached("SELECT id, name, role, hash, created_at FROM tokens ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
@@ -325,7 +393,10 @@ impl Store {
     }
 
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
-        let conn = self.lock();
+        Self::read_images(&self.lock())
+    }
+
+    fn read_images(conn: &Connection) -> Result<Vec<ImageRecord>> {
         let mut stmt = conn.prepare_cached(
             "SELECT name, path, format, virtual_size, file_size, sha256, created_at FROM images ORDER BY name",
         )?;
@@ -344,7 +415,10 @@ impl Store {
     }
 
     pub fn networks(&self) -> Result<Vec<NetworkRecord>> {
-        let conn = self.lock();
+        Self::read_networks(&self.lock())
+    }
+
+    fn read_networks(conn: &Connection) -> Result<Vec<NetworkRecord>> {
         let mut stmt = conn.prepare_cached(
             "SELECT name, kind, bridge, prefix, gateway, dhcp_start, dhcp_end, vlan, created_at
              FROM networks ORDER BY name",
@@ -367,7 +441,10 @@ impl Store {
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
-        let conn = self.lock();
+        Self::read_snapshots(&self.lock())
+    }
+
+    fn read_snapshots(conn: &Connection) -> Result<Vec<SnapshotRecord>> {
         let mut stmt = conn.prepare_cached(
             "SELECT vm_id, name, description, memory, vm_state, created_at FROM snapshots
              ORDER BY created_at, name",
@@ -463,13 +540,43 @@ fn conflict(e: rusqlite::Error, what: impl FnOnce() -> String) -> StoreError {
     }
 }
 
-/// Writes one change into the state tables. The single place they change.
-fn apply(tx: &Transaction<'_>, change: &Change) -> Result<()> {
+fn last_seq(conn: &Connection) -> Result<i64> {
+    get_counter(conn, "local_seq")
+}
+
+fn get_counter(conn: &Connection, name: &str) -> Result<i64> {
+    Ok(conn
+        .query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Appends a change made on this node, numbered densely (`local_seq`)
+/// so the peer can tell a missed change from a skipped number. Returns
+/// that number.
+fn append_local(tx: &Transaction<'_>, node: Uuid, change: &Change) -> Result<i64> {
+    let local: i64 = tx.query_row(
+        "INSERT INTO counters (name, value) VALUES ('local_seq', 1)
+         ON CONFLICT(name) DO UPDATE SET value = value + 1 RETURNING value",
+        [],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "INSERT INTO changes (at, payload, origin, origin_seq) VALUES (?1, ?2, ?3, ?4)",
+        params![now_ms(), change.encode(), node.to_string(), local],
+    )?;
+    Ok(local)
+}
+
+/// Writes one change made on `origin` into the state tables. The single
+/// place they change. A VM's observed state is written only when `origin`
+/// owns the VM: each node reports the state of the VMs it runs.
+fn apply(tx: &Transaction<'_>, origin: Uuid, change: &Change) -> Result<()> {
     match change {
         Change::VmPut(vm) => {
-            let boot = vm.boot.as_ref().map(|b| postcard::to_allocvec(b).expect("encode boot"));
-            let nics = postcard::to_allocvec(&vm.nics).expect("encode nics");
-            let ci = vm.cloud_init.as_ref().map(|c| postcard::to_allocvec(c).expect("encode cloud_init"));
+            let boot = vm.boot.clone().map(|b| wire::to_bytes(&wire::Boot::from(b)));
+            let nics = wire::to_bytes(&vm.nics.iter().cloned().map(wire::Nic::from).collect::<Vec<_>>());
+            let ci = vm.cloud_init.clone().map(|c| wire::to_bytes(&wire::CloudInit::from(c)));
             tx.execute(
                 "INSERT INTO vms (id, name, vcpus, memory_mib, boot, nics, autostart,
                                   owner_node, epoch, state, created_at, updated_at, cloud_init,
@@ -524,11 +631,14 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<()> {
         }
         Change::VmState { id, state, at } => {
             let n = tx.execute(
-                "UPDATE vms SET state = ?2, updated_at = ?3 WHERE id = ?1",
-                params![id.to_string(), state.as_str(), at],
+                "UPDATE vms SET state = ?2, updated_at = ?3 WHERE id = ?1 AND owner_node = ?4",
+                params![id.to_string(), state.as_str(), at, origin.to_string()],
             )?;
             if n == 0 {
-                return Err(StoreError::NotFound(format!("VM {id}")));
+                return Err(match replication::vm_owner(tx, *id)? {
+                    Some(_) => StoreError::NotOwner(format!("VM {id}")),
+                    None => StoreError::NotFound(format!("VM {id}")),
+                });
             }
         }
         Change::VmDelete { id } => {
@@ -624,5 +734,7 @@ fn apply(tx: &Transaction<'_>, change: &Change) -> Result<()> {
     Ok(())
 }
 
+#[cfg(test)]
+mod golden;
 #[cfg(test)]
 mod tests;
