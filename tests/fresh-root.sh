@@ -114,6 +114,9 @@ image/build.sh: zstd
 tests/monitoring.rs: promtool
 tests: curl
 tests: ip
+tests/common/pair.rs: tc
+tests/common/pair.rs: timeout
+tests/common/pair.rs: bash
 tests: pgrep
 tests: tar
 tests: sha256sum

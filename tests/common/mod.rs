@@ -1,7 +1,10 @@
 //! Test driver: starts the real `novacron` binary (execve) with its own
 //! data dir and loopback address, and talks to it over HTTPS or the socket.
+//! `pair.rs`: two daemons in network namespaces joined by veth links.
 
 #![allow(dead_code)]
+
+pub mod pair;
 
 use hyper::{Method, StatusCode};
 use novacron::cli::client::Client;
@@ -29,6 +32,11 @@ pub struct Opts {
     /// A command the daemon is started through, e.g. `setpriv ...` to run it
     /// as another user; empty: started directly.
     pub wrapper: Vec<String>,
+    /// Addresses to listen on (port: [`api_port`]) instead of 127.0.0.X,
+    /// e.g. a network namespace's (see `pair.rs`).
+    pub listen: Vec<std::net::IpAddr>,
+    /// Appended to the config file: more sections, e.g. `[cluster]`.
+    pub extra: String,
 }
 
 impl Opts {
@@ -48,6 +56,8 @@ impl Opts {
             extra_api: String::new(),
             data_dir: None,
             wrapper: Vec::new(),
+            listen: Vec::new(),
+            extra: String::new(),
         }
     }
 }
@@ -87,14 +97,20 @@ impl Daemon {
         let dir = opts.data_dir.clone().unwrap_or_else(|| scratch_dir(tag));
         let data = dir.join("data");
         let socket = data.join("novacron.sock");
-        let addr = format!("127.0.0.{}:{}", opts.ip_octet, api_port());
+        let addrs: Vec<String> = if opts.listen.is_empty() {
+            vec![format!("127.0.0.{}:{}", opts.ip_octet, api_port())]
+        } else {
+            opts.listen.iter().map(|ip| std::net::SocketAddr::new(*ip, api_port()).to_string()).collect()
+        };
+        let addr = addrs[0].clone();
+        let listen = addrs.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
         let config = dir.join("novacron.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = {data:?}\n[api]\nlisten = [\"{addr}\"]\nsocket = {socket:?}\nrate_limit_per_sec = {rl}\nrate_limit_burst = {rl}\nauth_failure_burst = {afb}\n\
+                "data_dir = {data:?}\n[api]\nlisten = [{listen}]\nsocket = {socket:?}\nrate_limit_per_sec = {rl}\nrate_limit_burst = {rl}\nauth_failure_burst = {afb}\n\
                  max_connections = {mc}\nheader_timeout_secs = {ht}\n{extra}\
-                 [hypervisor]\nuri = {uri:?}\ndomain_type = \"qemu\"\nmemory_reserve_mib = 256\n[images]\nimport_dirs = [{import:?}]\n[log]\nlevel = \"info,novacron=debug\"\ntarget = \"stderr\"\n",
+                 [hypervisor]\nuri = {uri:?}\ndomain_type = \"qemu\"\nmemory_reserve_mib = 256\n[images]\nimport_dirs = [{import:?}]\n[log]\nlevel = \"info,novacron=debug\"\ntarget = \"stderr\"\n{more}",
                 import = dir.join("import"),
                 rl = opts.rate_limit,
                 afb = opts.auth_failure_burst,
@@ -102,6 +118,7 @@ impl Daemon {
                 ht = opts.header_timeout_secs,
                 extra = opts.extra_api,
                 uri = opts.uri,
+                more = opts.extra,
             ),
         )
         .unwrap();
