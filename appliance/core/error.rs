@@ -109,6 +109,7 @@ impl CoreError {
             CoreError::Store(e) => match e {
                 StoreError::Conflict(_) => (Conflict, "conflict"),
                 StoreError::NotFound(_) => (NotFound, "not_found"),
+                StoreError::NotOwner(_) => (Conflict, "not_owner"),
                 _ => (Internal, "store_error"),
             },
             CoreError::Hypervisor(e) => match e {

@@ -103,6 +103,28 @@ pub fn files_check(needed: &[NeededFile], exists: impl Fn(&str) -> bool) -> Heal
     check("files", status, format!("missing: {}{more}", shown.join(", ")))
 }
 
+/// Name conflicts between the two nodes shown by the `conflicts` check.
+const CONFLICTS_SHOWN: usize = 5;
+/// A resolved conflict warns for this long (someone holds a renamed token
+/// or VM and should know), then only counts.
+pub const CONFLICT_WARN_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// The `conflicts` check: the newest name conflicts resolved when applying
+/// the peer's changes (`conflicts` newest first).
+pub fn conflicts_check(conflicts: &[crate::store::ConflictRecord], now_ms: i64) -> HealthCheck {
+    let Some(newest) = conflicts.first() else {
+        return check("conflicts", CheckStatus::Ok, "no name conflicts between the nodes");
+    };
+    let shown: Vec<String> = conflicts
+        .iter()
+        .take(CONFLICTS_SHOWN)
+        .map(|c| format!("{} {:?} {}", c.kind, c.name, c.outcome))
+        .collect();
+    let more = if conflicts.len() > CONFLICTS_SHOWN { " and older ones" } else { "" };
+    let status = if now_ms - newest.at < CONFLICT_WARN_MS { CheckStatus::Warning } else { CheckStatus::Ok };
+    check("conflicts", status, format!("resolved: {}{more}", shown.join("; ")))
+}
+
 impl Core {
     /// Every file a managed VM or an image record refers to.
     fn needed_files(&self) -> Vec<NeededFile> {
@@ -202,6 +224,11 @@ impl Core {
         // Two-node HA (peer link, witness, replication) is not built yet.
         checks.push(check("peer", CheckStatus::Ok, "not paired"));
 
+        checks.push(match self.conflicts(CONFLICTS_SHOWN + 1).await {
+            Ok(c) => conflicts_check(&c, crate::store::now_ms()),
+            Err(e) => check("conflicts", CheckStatus::Warning, format!("cannot read: {e}")),
+        });
+
         let status = checks.iter().map(|c| c.status).max().unwrap_or(CheckStatus::Ok);
         HealthReport { status, node: self.node.id, version: crate::VERSION.into(), checks }
     }
@@ -226,6 +253,24 @@ mod tests {
         assert_eq!(cert_check(None, now).status, CheckStatus::Warning);
         assert!(CheckStatus::Critical > CheckStatus::Warning && CheckStatus::Warning > CheckStatus::Ok);
         assert_eq!(CheckStatus::Warning.exit_code(), 1);
+    }
+
+    #[test]
+    fn conflicts_warn_for_a_week() {
+        let c = |at| crate::store::ConflictRecord {
+            at,
+            kind: "token".into(),
+            name: "admin".into(),
+            kept: "a".into(),
+            loser: "b".into(),
+            outcome: "renamed to admin-bbbbbb".into(),
+        };
+        assert_eq!(conflicts_check(&[], 0).status, CheckStatus::Ok);
+        let fresh = conflicts_check(&[c(100)], 200);
+        assert_eq!(fresh.status, CheckStatus::Warning);
+        assert_eq!(fresh.message, "resolved: token \"admin\" renamed to admin-bbbbbb");
+        assert_eq!(conflicts_check(&[c(0)], CONFLICT_WARN_MS).status, CheckStatus::Ok);
+        assert!(conflicts_check(&vec![c(0); 6], 1).message.ends_with("and older ones"));
     }
 
     #[test]

@@ -15,6 +15,9 @@ mod owner;
 #[cfg(test)]
 mod owner_tests;
 mod reconcile;
+pub mod replica;
+#[cfg(test)]
+mod replica_tests;
 mod snapshots;
 mod tokens;
 mod update;
@@ -78,6 +81,11 @@ pub struct Core {
     tls_fingerprint: OnceLock<String>,
     tls_not_after: OnceLock<i64>,
     last_seq: AtomicU64,
+    /// The number of this node's newest change, for the peer link.
+    local_seq: tokio::sync::watch::Sender<u64>,
+    /// Held from a store commit (or a peer change's apply) until the cache
+    /// follows it, so the cache sees changes in the store's order.
+    commit_lock: tokio::sync::Mutex<()>,
     /// One host update upload at a time.
     update_lock: tokio::sync::Mutex<()>,
     /// Image names with an upload or import in flight: a second one for the
@@ -135,6 +143,8 @@ impl Core {
             tls_fingerprint: OnceLock::new(),
             tls_not_after: OnceLock::new(),
             last_seq: AtomicU64::new(last_seq),
+            local_seq: tokio::sync::watch::Sender::new(last_seq),
+            commit_lock: tokio::sync::Mutex::new(()),
             update_lock: tokio::sync::Mutex::new(()),
             images_pending: Mutex::default(),
         };
@@ -342,15 +352,18 @@ impl Core {
     async fn commit(&self, change: crate::store::Change) -> Result<()> {
         let store = self.store.clone();
         let c = change.clone();
+        let _order = self.commit_lock.lock().await;
         let seq = tokio::task::spawn_blocking(move || store.commit(&c))
             .await
             .map_err(|e| CoreError::Internal(e.to_string()))??;
         self.last_seq.fetch_max(seq as u64, Ordering::Relaxed);
         self.apply_to_cache(&change);
+        self.local_seq.send_replace(seq as u64);
         Ok(())
     }
 
-    /// Applies a committed change to the in-memory view and announces it.
+    /// Applies a committed change (local, or the peer's as applied here) to
+    /// the in-memory view and announces it.
     fn apply_to_cache(&self, change: &crate::store::Change) {
         use crate::store::Change;
         use serde_json::json;
@@ -381,6 +394,10 @@ impl Core {
             }
             Change::TokenDelete { id } => {
                 self.tokens.write().unwrap().remove(id);
+                // Open streams of the token end, wherever it was revoked.
+                self.revoked.send_modify(|ids| {
+                    ids.insert(id.clone());
+                });
                 return;
             }
             Change::ImagePut(i) => {

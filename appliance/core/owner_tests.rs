@@ -10,7 +10,7 @@ use crate::types::VmState;
 
 const URI: &str = "test:///default";
 
-fn test_config(tag: &str) -> Config {
+pub(super) fn test_config(tag: &str) -> Config {
     let mut cfg = Config {
         data_dir: std::env::temp_dir().join(format!("novacron-core-{tag}-{}", Uuid::new_v4())),
         ..Config::default()
@@ -21,12 +21,12 @@ fn test_config(tag: &str) -> Config {
     cfg
 }
 
-fn open(cfg: &Config) -> Arc<Core> {
+pub(super) fn open(cfg: &Config) -> Arc<Core> {
     Core::open(cfg.clone(), Arc::new(Libvirt::new(URI)), Arc::new(Metrics::default())).unwrap()
 }
 
 /// A VM record as the peer's stream delivers it: owned by `owner`.
-fn replica(name: &str, owner: Uuid, state: VmState) -> VmRecord {
+pub(super) fn replica(name: &str, owner: Uuid, state: VmState) -> VmRecord {
     let now = now_ms();
     VmRecord {
         id: Uuid::new_v4(),
@@ -80,7 +80,7 @@ async fn create(core: &Arc<Core>, name: &str, autostart: bool) -> Uuid {
     }
 }
 
-async fn cleanup(core: &Core, ids: &[Uuid]) {
+pub(super) async fn cleanup(core: &Core, ids: &[Uuid]) {
     for &id in ids {
         let _ = core.hv_call(move |hv| hv.destroy(id)).await;
         let _ = core.hv_call(move |hv| hv.undefine(id)).await;

@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const PERIOD: Duration = Duration::from_secs(10);
+/// How often change rows past the retention are deleted (see
+/// `store::Retention`): a scan of the table, so not on every tick.
+const PRUNE_PERIOD: Duration = Duration::from_secs(600);
 
 impl Core {
     /// Brings every managed VM in line with libvirt and refreshes the list
@@ -93,8 +96,16 @@ impl Core {
         tokio::spawn(async move {
             let mut subscribed = false;
             let mut tick = tokio::time::interval(PERIOD);
+            let mut prune = tokio::time::interval(PRUNE_PERIOD);
             loop {
                 tokio::select! {
+                    _ = prune.tick() => {
+                        match core.prune_changes().await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(rows = n, "pruned replicated change rows"),
+                            Err(e) => tracing::warn!(error = %e, "cannot prune the change stream"),
+                        }
+                    }
                     _ = tick.tick() => {
                         if !subscribed {
                             let tx = tx.clone();

@@ -98,10 +98,8 @@ impl Core {
             }
             t.id.clone()
         };
-        self.commit(Change::TokenDelete { id: id.clone() }).await?;
-        self.revoked.send_modify(|ids| {
-            ids.insert(id);
-        });
+        // The commit also ends the token's open streams (apply_to_cache).
+        self.commit(Change::TokenDelete { id }).await?;
         Ok(())
     }
 

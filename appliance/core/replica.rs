@@ -1,0 +1,119 @@
+//! The core's replication interface: what the cluster subsystem (the peer
+//! link) calls to stream this node's changes and apply the peer's.
+//!
+//! For the link, a change is opaque bytes (`Vec<u8>`, the format version
+//! byte first): it carries them as they are and never decodes them.
+//!
+//! Sending (this node -> peer):
+//! - [`Core::local_seq`]: a watch of the number of this node's newest
+//!   committed change; it moves after every local commit, never for a
+//!   change applied from the peer. Wait on it instead of polling.
+//! - [`Core::changes_since`]`(after, limit)`: this node's own changes after
+//!   `after`, in order, densely numbered (`seq` = previous + 1). Changes
+//!   that came from the peer are never in it (no echo).
+//!   [`Tail::Reseed`] when the rows the peer needs were pruned: send a
+//!   [`Core::snapshot`] instead, then follow the tail from its `seq`.
+//! - [`Core::record_peer_ack`]`(peer, seq)`: the peer has applied up to
+//!   `seq`; rows at or below it become prunable (after the retention).
+//!
+//! Receiving (peer -> this node):
+//! - [`Core::applied_mark`]`(origin)`: the peer's highest seq applied here;
+//!   ask the peer to resume after it (after a cut or a restart).
+//! - [`Core::apply_remote`]`(origin, seq, bytes)`: applies one change
+//!   exactly once. `Duplicate` for a seq at or below the mark (a resend:
+//!   harmless, ack it again), an error [`CoreError::Store`] with
+//!   `StoreError::Gap` when `seq` skips one (resend from the mark), other
+//!   errors for undecodable or corrupt input. The mark moves in the same
+//!   SQLite transaction as the apply: acknowledge `seq` to the peer only
+//!   after this returned `Ok`.
+//! - [`Core::apply_snapshot`]`(origin, snapshot)`: seeds from a snapshot.
+//!
+//! Applied changes update the in-memory view and publish the same events
+//! as a local change; name conflicts between the nodes are resolved as
+//! docs/design/replication-state.md says and listed by [`Core::conflicts`].
+
+use super::{Core, CoreError, Result};
+use crate::store::{Applied, Change, ConflictRecord, Retention, Snapshot, Store, Tail};
+use std::sync::Arc;
+use uuid::Uuid;
+
+impl Core {
+    /// Runs a blocking store call on the blocking pool.
+    async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> crate::store::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| CoreError::Internal(e.to_string()))?
+            .map_err(CoreError::from)
+    }
+
+    /// The number of this node's newest committed change (see module doc).
+    pub fn local_seq(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.local_seq.subscribe()
+    }
+
+    /// This node's own changes after `after` (see module doc).
+    pub async fn changes_since(&self, after: u64, limit: usize) -> Result<Tail> {
+        self.store_call(move |s| s.changes_since(after, limit)).await
+    }
+
+    /// Current state as put-changes plus the seq it corresponds to.
+    pub async fn snapshot(&self) -> Result<Snapshot> {
+        self.store_call(|s| s.snapshot()).await
+    }
+
+    pub async fn record_peer_ack(&self, peer: Uuid, seq: u64) -> Result<()> {
+        self.store_call(move |s| s.record_peer_ack(peer, seq)).await
+    }
+
+    pub async fn applied_mark(&self, origin: Uuid) -> Result<u64> {
+        self.store_call(move |s| s.applied_mark(origin)).await
+    }
+
+    /// Applies the peer's change `seq` (encoded), exactly once.
+    pub async fn apply_remote(&self, origin: Uuid, seq: u64, bytes: Vec<u8>) -> Result<Applied> {
+        let change = Change::decode(&bytes)
+            .map_err(|e| CoreError::invalid("change", format!("change {seq} of node {origin}: {e}")))?;
+        let _order = self.commit_lock.lock().await;
+        let applied = self.store_call(move |s| s.apply_remote(origin, seq, &change)).await?;
+        self.after_remote(&applied);
+        Ok(applied)
+    }
+
+    /// Applies the peer's snapshot (see [`Core::snapshot`]).
+    pub async fn apply_snapshot(&self, origin: Uuid, snapshot: Snapshot) -> Result<Applied> {
+        let changes = snapshot
+            .changes
+            .iter()
+            .map(|b| Change::decode(b))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| CoreError::invalid("snapshot", format!("snapshot of node {origin}: {e}")))?;
+        let _order = self.commit_lock.lock().await;
+        let seq = snapshot.seq;
+        let applied = self.store_call(move |s| s.apply_snapshot(origin, seq, &changes)).await?;
+        self.after_remote(&applied);
+        Ok(applied)
+    }
+
+    fn after_remote(&self, applied: &Applied) {
+        if let Applied::Applied(effects) = applied {
+            for effect in effects {
+                self.apply_to_cache(effect);
+            }
+        }
+    }
+
+    /// Name conflicts resolved on this node, newest first.
+    pub async fn conflicts(&self, limit: usize) -> Result<Vec<ConflictRecord>> {
+        self.store_call(move |s| s.conflicts(limit)).await
+    }
+
+    /// Drops change rows the retention no longer keeps (run periodically).
+    pub async fn prune_changes(self: &Arc<Self>) -> Result<usize> {
+        let now = crate::store::now_ms();
+        self.store_call(move |s| s.prune(now, &Retention::default())).await
+    }
+}
