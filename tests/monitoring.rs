@@ -115,7 +115,11 @@ async fn assets_use_exported_metrics_and_health_reports() {
     let report: Value = serde_json::from_str(&out).unwrap();
     let checks = report["checks"].as_array().unwrap();
     let names: Vec<&str> = checks.iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["daemon", "libvirt", "store", "disk", "certificate", "files", "vms", "peer", "conflicts"], "{out}");
+    assert_eq!(
+        names,
+        ["daemon", "libvirt", "store", "disk", "certificate", "files", "vms", "peer", "conflicts"],
+        "{out}"
+    );
     for c in checks.iter().filter(|c| c["name"] != "disk") {
         assert_eq!(c["status"], "ok", "{c}");
     }
