@@ -5,6 +5,7 @@ use crate::api::{self, ApiError};
 use crate::config::{Config, ConfigError};
 use crate::core::{Core, CoreError};
 use crate::hypervisor::libvirt::Libvirt;
+use crate::tasks::{Policy, Stage, Supervisor};
 use crate::telemetry::{self, metrics::Metrics, notify};
 use clap::Args;
 use std::io::IsTerminal;
@@ -24,6 +25,8 @@ pub enum DaemonError {
     Api(#[from] ApiError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("a background task failed: {0}")]
+    TaskFailed(String),
 }
 
 /// Where the daemon's configuration comes from; shared by `serve` and the
@@ -126,12 +129,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     }
     // After a host update's reboot: success or rollback, guests back on.
     core.recover_update().await;
-    core.spawn_reconciler();
+    // Every long-lived task runs under `tasks` and is stopped in order
+    // (api, cluster, core) before the store is closed. The cluster
+    // subsystem registers its tasks in `Stage::Cluster`.
+    let tasks = Supervisor::default();
+    core.spawn_reconciler(&tasks);
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let socket = cfg.socket_path();
     let api = api::Api::new(core.clone());
-    let server = api::serve(api.clone(), identity.config.clone(), &cfg.api.listen, &socket, stop_rx).await?;
+    let server = api::serve(api.clone(), identity.config.clone(), &cfg.api.listen, &socket, &tasks).await?;
     let urls: Vec<String> = server.tcp.iter().map(|a| format!("https://{a}")).collect();
     tracing::info!(
         NODE_ID = %core.node.id,
@@ -153,37 +159,91 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     }
     notify::notify(&format!("READY=1\nSTATUS=serving, {} VMs managed", core.vm_count()));
     if let Some(interval) = notify::watchdog_interval() {
+        // Restarted if it ever fails: a daemon that stops petting the
+        // watchdog is killed by systemd, which is the fallback, not the plan.
         let core = core.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval / 2);
-            loop {
-                tick.tick().await;
-                // Only a daemon whose store answers is alive.
-                if core.store_answers().await {
-                    notify::notify("WATCHDOG=1");
+        tasks.spawn(Stage::Core, "daemon.watchdog", Policy::Restart, move |mut stop| {
+            let core = core.clone();
+            async move {
+                let mut tick = tokio::time::interval(interval / 2);
+                loop {
+                    tokio::select! {
+                        _ = stop.wait() => return Ok(()),
+                        _ = tick.tick() => {}
+                    }
+                    // Only a daemon whose store answers is alive.
+                    if core.store_answers().await {
+                        notify::notify("WATCHDOG=1");
+                    }
                 }
             }
         });
     }
 
     // SIGHUP (`systemctl reload`) re-reads the configuration; SIGTERM
-    // (`systemctl stop`) or SIGINT ends the daemon. Neither touches guests.
+    // (`systemctl stop`) or SIGINT ends the daemon, and so does a fatal task
+    // failure (with an error, for systemd's Restart=on-failure). None of it
+    // touches guests.
     let mut live = cfg.clone();
-    while signals.next().await == Signal::Hup {
-        notify::reloading();
-        reload(&args, &mut live, &api);
-        notify::notify(&format!("READY=1\nSTATUS=serving, {} VMs managed", core.vm_count()));
-    }
+    let failure = loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Hup => {
+                    notify::reloading();
+                    reload(&args, &mut live, &api);
+                    notify::notify(&format!("READY=1\nSTATUS=serving, {} VMs managed", core.vm_count()));
+                }
+                Signal::Stop => break None,
+            },
+            reason = tasks.failed() => break Some(reason),
+        }
+    };
     // Guests belong to libvirt: nothing on the way out calls libvirt on a
     // domain; the next start re-adopts them.
     tracing::info!("stopping; guests keep running");
     notify::notify("STOPPING=1");
-    let _ = stop_tx.send(true);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let _ = std::fs::remove_file(&socket);
+    stop_in_order(&tasks, &core, &socket).await;
+    match failure {
+        Some(reason) => Err(DaemonError::TaskFailed(reason)),
+        None => Ok(()),
+    }
+}
+
+/// How long each stage's tasks get to finish once asked to stop; together
+/// well inside the unit's TimeoutStopSec (20 s). The cluster's is the
+/// longest: releasing a lease needs a round trip to the peer or witness.
+fn stop_grace(stage: Stage) -> Duration {
+    match stage {
+        Stage::Api => Duration::from_secs(2),
+        Stage::Cluster => Duration::from_secs(8),
+        Stage::Core => Duration::from_secs(5),
+    }
+}
+
+/// The shutdown order: the API stops accepting (no new commands), then the
+/// cluster tasks (a lease is released while the store and the link still
+/// work), then the core's (the reconciler finishes its pass), and only
+/// then is the store closed, so that no task loses a write halfway.
+async fn stop_in_order(tasks: &Supervisor, core: &Core, socket: &std::path::Path) {
+    for stage in Stage::ALL {
+        let (ended, aborted) = tasks.shutdown(stage, stop_grace(stage)).await;
+        if stage == Stage::Api {
+            let _ = std::fs::remove_file(socket);
+        }
+        tracing::info!(
+            STAGE = stage.name(),
+            tasks = %ended.join(","),
+            aborted = %aborted.join(","),
+            "stopped the {} tasks",
+            stage.name()
+        );
+    }
     // The next start continues the event feed right after the last event.
     core.events.checkpoint();
-    Ok(())
+    match core.close_store().await {
+        Ok(()) => tracing::info!("store closed"),
+        Err(e) => tracing::error!(error = %e, "cannot close the store cleanly"),
+    }
 }
 
 /// Shows the first admin token once. On a terminal, with logs on stderr or

@@ -4,8 +4,9 @@
 //! Layout: `api` (HTTP edge) → `core` (typed commands) → `store` (SQLite)
 //! and `hypervisor` (libvirt); `host` (procfs, admission), `ops` (preflight,
 //! Redfish, setup, the A/B installer), `telemetry` (logs,
-//! metrics, sd_notify), `tls` (fingerprints and pinning) and `cli` (the
-//! client side of the same binary).
+//! metrics, sd_notify), `tasks` (supervised background tasks), `tls`
+//! (fingerprints and pinning) and `cli` (the client side of the same
+//! binary).
 
 pub mod api;
 pub mod cli;
@@ -18,6 +19,7 @@ pub mod hypervisor;
 pub mod images;
 pub mod ops;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;
 pub mod tls;
 pub mod types;

@@ -14,6 +14,7 @@ pub mod tls;
 pub use error::ApiError;
 
 use crate::core::{Caller, Command, Core, Reply};
+use crate::tasks::{Stage, Stop, Supervisor};
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
@@ -29,7 +30,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::watch;
 
 /// Largest JSON request body.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -517,13 +517,15 @@ where
     }
 }
 
-/// Binds every listener and serves until `shutdown` turns true.
+/// Binds every listener and serves until the supervisor stops the API
+/// stage. Each accept loop is a fatal task: it owns its bound listener, and
+/// a daemon that no longer accepts is better restarted whole by systemd.
 pub async fn serve(
     api: Arc<Api>,
     tls: Arc<rustls::ServerConfig>,
     listen: &[SocketAddr],
     socket: &Path,
-    shutdown: watch::Receiver<bool>,
+    tasks: &Supervisor,
 ) -> Result<Server, ApiError> {
     let budget = conn::Budget::new(&api.core.cfg.api);
     let mut bound = Vec::new();
@@ -532,7 +534,8 @@ pub async fn serve(
             .await
             .map_err(|source| ApiError::Listen { addr: addr.to_string(), source })?;
         bound.push(l.local_addr().map_err(|source| ApiError::Listen { addr: addr.to_string(), source })?);
-        tokio::spawn(accept_tcp(l, api.clone(), tls.clone(), budget.clone(), shutdown.clone()));
+        let (api, tls, budget) = (api.clone(), tls.clone(), budget.clone());
+        tasks.spawn_once(Stage::Api, "api.https", move |stop| accept_tcp(l, api, tls, budget, stop));
     }
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
@@ -544,7 +547,8 @@ pub async fn serve(
     // Group members may connect; only root (or the daemon's user) gets admin
     // without a token.
     let _ = std::fs::set_permissions(socket, std::os::unix::fs::PermissionsExt::from_mode(0o660));
-    tokio::spawn(accept_unix(ul, api.clone(), budget, shutdown));
+    let api = api.clone();
+    tasks.spawn_once(Stage::Api, "api.socket", move |stop| accept_unix(ul, api, budget, stop));
     Ok(Server { tcp: bound, socket: socket.into() })
 }
 
@@ -553,8 +557,8 @@ async fn accept_tcp(
     api: Arc<Api>,
     tls: Arc<rustls::ServerConfig>,
     budget: Arc<conn::Budget>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    mut stop: Stop,
+) -> std::result::Result<(), String> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
         let (stream, addr) = tokio::select! {
@@ -566,7 +570,7 @@ async fn accept_tcp(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = stop.wait() => return Ok(()),
         };
         let Some(slot) = budget.network(addr.ip()) else {
             api.core.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);
@@ -598,8 +602,8 @@ async fn accept_unix(
     l: UnixListener,
     api: Arc<Api>,
     budget: Arc<conn::Budget>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+    mut stop: Stop,
+) -> std::result::Result<(), String> {
     loop {
         let stream = tokio::select! {
             r = l.accept() => match r {
@@ -610,7 +614,7 @@ async fn accept_unix(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = stop.wait() => return Ok(()),
         };
         let Some(slot) = budget.local() else {
             api.core.metrics.connections_refused.fetch_add(1, Ordering::Relaxed);

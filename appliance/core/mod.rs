@@ -88,6 +88,8 @@ pub struct Core {
     commit_lock: tokio::sync::Mutex<()>,
     /// One host update upload at a time.
     update_lock: tokio::sync::Mutex<()>,
+    /// Set at shutdown, once nothing else may write: commits are refused.
+    closed: std::sync::atomic::AtomicBool,
     /// Image names with an upload or import in flight: a second one for the
     /// same name is refused at once instead of after its whole body.
     images_pending: Mutex<std::collections::HashSet<String>>,
@@ -147,6 +149,7 @@ impl Core {
             commit_lock: tokio::sync::Mutex::new(()),
             update_lock: tokio::sync::Mutex::new(()),
             images_pending: Mutex::default(),
+            closed: Default::default(),
         };
         Ok(Arc::new(core))
     }
@@ -350,6 +353,9 @@ impl Core {
 
     /// Commits a change to the store, then to the in-memory view.
     async fn commit(&self, change: crate::store::Change) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(CoreError::NotReady("the daemon is stopping".into()));
+        }
         let store = self.store.clone();
         let c = change.clone();
         let _order = self.commit_lock.lock().await;
@@ -536,6 +542,20 @@ impl Core {
     pub async fn store_answers(&self) -> bool {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.ping()).await.unwrap_or(false)
+    }
+
+    /// The last step of a shutdown, after every task that writes has
+    /// stopped: later commits (a request still in flight on an open
+    /// connection) are refused, and the store's log is checkpointed.
+    pub async fn close_store(&self) -> Result<()> {
+        self.closed.store(true, Ordering::SeqCst);
+        // A state being recorded finishes first.
+        let _serial = self.state_lock.lock().await;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.checkpoint())
+            .await
+            .map_err(|e| CoreError::Internal(e.to_string()))??;
+        Ok(())
     }
 
     /// A caller for the admin on the local socket.

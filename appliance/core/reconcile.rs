@@ -6,6 +6,7 @@
 use super::vm::vm_state;
 use super::{Core, Result};
 use crate::hypervisor::LifecycleEvent;
+use crate::tasks::{Policy, Stage, Stop, Supervisor};
 use crate::types::VmState;
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -89,53 +90,75 @@ impl Core {
         }
     }
 
-    /// Starts event following and periodic reconciliation.
-    pub fn spawn_reconciler(self: &Arc<Self>) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<LifecycleEvent>();
+    /// Starts event following and periodic reconciliation as a supervised
+    /// core task. Restarted after a panic or error (with backoff): every
+    /// pass re-reads libvirt, so a fresh start loses nothing, and one odd
+    /// domain must not take the API down with it.
+    pub fn spawn_reconciler(self: &Arc<Self>, tasks: &Supervisor) {
         let core = self.clone();
-        tokio::spawn(async move {
-            let mut subscribed = false;
-            let mut tick = tokio::time::interval(PERIOD);
-            let mut prune = tokio::time::interval(PRUNE_PERIOD);
-            loop {
-                tokio::select! {
-                    _ = prune.tick() => {
-                        match core.prune_changes().await {
-                            Ok(0) => {}
-                            Ok(n) => tracing::info!(rows = n, "pruned replicated change rows"),
-                            Err(e) => tracing::warn!(error = %e, "cannot prune the change stream"),
-                        }
+        tasks.spawn(Stage::Core, "core.reconciler", Policy::Restart, move |stop| {
+            core.clone().reconciler(stop)
+        });
+        // Its own task: a scan of the change table must not hold up
+        // following libvirt, and a failure of either leaves the other.
+        let core = self.clone();
+        tasks.spawn(Stage::Core, "core.prune", Policy::Restart, move |mut stop| {
+            let core = core.clone();
+            async move {
+                let mut prune = tokio::time::interval(PRUNE_PERIOD);
+                loop {
+                    tokio::select! {
+                        _ = stop.wait() => return Ok(()),
+                        _ = prune.tick() => {}
                     }
-                    _ = tick.tick() => {
-                        if !subscribed {
-                            let tx = tx.clone();
-                            subscribed = core.hv_call(move |hv| hv.subscribe(tx)).await.is_ok();
-                        }
-                        if let Err(e) = core.reconcile_all().await {
-                            core.metrics.libvirt_connected.store(false, Ordering::Relaxed);
-                            tracing::warn!(error = %e, "reconciliation failed");
-                        }
-                    }
-                    Some(ev) = rx.recv() => {
-                        core.metrics.lifecycle_events.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(VM_ID = %ev.uuid, VM_NAME = %ev.name, "libvirt lifecycle event");
-                        let known = core.vms.read().unwrap().get(&ev.uuid).map(|v| core.owns(v));
-                        let result = if known == Some(false) {
-                            // A domain of a VM the peer owns: not ours to follow.
-                            tracing::warn!(VM_ID = %ev.uuid, VM_NAME = %ev.name, "lifecycle event for a VM another node owns; ignored");
-                            Ok(())
-                        } else if known == Some(true) {
-                            core.refresh_state(ev.uuid).await.map(|_| ())
-                        } else {
-                            core.reconcile_all().await
-                        };
-                        if let Err(e) = result {
-                            tracing::warn!(VM_ID = %ev.uuid, error = %e, "cannot follow lifecycle event");
-                        }
+                    match core.prune_changes().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(rows = n, "pruned replicated change rows"),
+                        Err(e) => tracing::warn!(error = %e, "cannot prune the change stream"),
                     }
                 }
             }
         });
+    }
+
+    async fn reconciler(self: Arc<Self>, mut stop: Stop) -> std::result::Result<(), String> {
+        // A fresh channel per run; libvirt drops the dead sender of a
+        // previous run at its next event.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<LifecycleEvent>();
+        let mut subscribed = false;
+        let mut tick = tokio::time::interval(PERIOD);
+        loop {
+            tokio::select! {
+                _ = stop.wait() => return Ok(()),
+                _ = tick.tick() => {
+                    if !subscribed {
+                        let tx = tx.clone();
+                        subscribed = self.hv_call(move |hv| hv.subscribe(tx)).await.is_ok();
+                    }
+                    if let Err(e) = self.reconcile_all().await {
+                        self.metrics.libvirt_connected.store(false, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "reconciliation failed");
+                    }
+                }
+                Some(ev) = rx.recv() => {
+                    self.metrics.lifecycle_events.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(VM_ID = %ev.uuid, VM_NAME = %ev.name, "libvirt lifecycle event");
+                    let known = self.vms.read().unwrap().get(&ev.uuid).map(|v| self.owns(v));
+                    let result = if known == Some(false) {
+                        // A domain of a VM the peer owns: not ours to follow.
+                        tracing::warn!(VM_ID = %ev.uuid, VM_NAME = %ev.name, "lifecycle event for a VM another node owns; ignored");
+                        Ok(())
+                    } else if known == Some(true) {
+                        self.refresh_state(ev.uuid).await.map(|_| ())
+                    } else {
+                        self.reconcile_all().await
+                    };
+                    if let Err(e) = result {
+                        tracing::warn!(VM_ID = %ev.uuid, error = %e, "cannot follow lifecycle event");
+                    }
+                }
+            }
+        }
     }
 }
 
