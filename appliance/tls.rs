@@ -3,6 +3,8 @@
 //! certificate is made and loaded in `api/tls.rs`.)
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+#[cfg(test)]
+use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use sha2::{Digest, Sha256};
@@ -123,11 +125,82 @@ pub fn pinned_client_config(
     Ok(Arc::new(tls))
 }
 
+/// A certificate's SHA-256 fingerprint as a user, a config file or a join
+/// code gives it, normalized to `AB:CD:..`; `None` unless it is exactly 32
+/// bytes of hex (separated by `:`, `-` or spaces, or not at all): anything
+/// else can never match and is a typo, not an unreachable server.
+pub fn parse_fingerprint(fp: &str) -> Option<String> {
+    let n = normalize_fingerprint(fp);
+    let clean = fp.chars().all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '-' | ' '));
+    (clean && n.len() == 32 * 3 - 1).then_some(n)
+}
+
+/// What every pin refusal of [`CertPin`] says, as server or client.
+const PIN_MISMATCH: &str = "does not match the pinned fingerprint";
+
+/// True when a TLS handshake (as tokio-rustls reports it) failed because
+/// the other side's certificate is not the pinned one, rather than for a
+/// network or protocol reason: the one answer that must not be retried on
+/// another address.
+pub fn is_pin_mismatch(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::General(m) if m.contains(PIN_MISMATCH)))
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn fingerprints_normalize() {
         assert_eq!(super::normalize_fingerprint("ab:cd ef"), "AB:CD:EF");
         assert_eq!(super::normalize_fingerprint("ABCDEF"), "AB:CD:EF");
+    }
+
+    #[test]
+    fn fingerprints_parse_only_when_whole() {
+        let fp = fingerprint(b"x");
+        assert_eq!(parse_fingerprint(&fp), Some(fp.clone()));
+        assert_eq!(parse_fingerprint(&fp.replace(':', "").to_lowercase()), Some(fp.clone()));
+        assert_eq!(parse_fingerprint(&fp.replace(':', "-")), Some(fp.clone()));
+        assert_eq!(parse_fingerprint(&fp[3..]), None, "31 bytes");
+        assert_eq!(parse_fingerprint(&format!("{fp}:00")), None, "33 bytes");
+        assert_eq!(parse_fingerprint(&format!("zz{fp}")), None, "stray characters");
+        assert_eq!(parse_fingerprint(""), None);
+    }
+
+    /// A self-signed server and a client pinned to `pin`, handshaking over
+    /// an in-memory pipe: what the client's handshake returned.
+    async fn handshake(pin: impl FnOnce(&str) -> String) -> std::io::Result<()> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["node-a".into()]).unwrap().self_signed(&key).unwrap();
+        let der = cert.der().clone();
+        let key = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let server =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![der.clone()], key)
+                .unwrap();
+        let client = pinned_client_config(Some(&pin(&fingerprint(&der))), false, &[]).unwrap();
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let accept =
+            tokio::spawn(async move { tokio_rustls::TlsAcceptor::from(Arc::new(server)).accept(s).await });
+        let name = ServerName::try_from("node-a").unwrap();
+        let result = tokio_rustls::TlsConnector::from(client).connect(name, c).await.map(|_| ());
+        let _ = accept.await;
+        result
+    }
+
+    #[tokio::test]
+    async fn only_the_pinned_certificate_is_trusted() {
+        handshake(|fp| fp.to_string()).await.expect("the pinned certificate was refused");
+        // The same fingerprint as a user might type it.
+        handshake(|fp| fp.replace(':', "").to_lowercase()).await.expect("a lower-case pin was refused");
+        let e = handshake(|fp| format!("00{}", &fp[2..])).await.expect_err("another certificate was trusted");
+        assert!(is_pin_mismatch(&e), "{e}");
+        assert!(!is_pin_mismatch(&std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
     }
 }

@@ -122,3 +122,37 @@ fn top_level_modules_form_no_cycle_and_never_import_upwards() {
         }
     }
 }
+
+/// Certificate pinning lives in `appliance/tls.rs` only: the API server,
+/// the CLI, the Redfish client and the peer link use it, and nothing else
+/// builds a certificate verifier of its own (issue 9, item 7).
+#[test]
+fn certificate_pinning_lives_in_tls_rs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("appliance");
+    let mut files = Vec::new();
+    rust_files(&root, &mut files);
+    let own = [
+        "ServerCertVerifier for",
+        "ClientCertVerifier for",
+        ".dangerous()",
+        "with_custom_certificate_verifier",
+    ];
+    let mut found = Vec::new();
+    for file in files.iter().filter(|f| !f.ends_with("appliance/tls.rs")) {
+        for (n, line) in std::fs::read_to_string(file).unwrap().lines().enumerate() {
+            if own.iter().any(|w| line.contains(w)) {
+                found.push(format!(
+                    "{}:{}: {}",
+                    file.strip_prefix(&root).unwrap().display(),
+                    n + 1,
+                    line.trim()
+                ));
+            }
+        }
+    }
+    assert!(found.is_empty(), "certificate verification outside tls.rs:\n{}", found.join("\n"));
+    let uses = |f: &str| std::fs::read_to_string(root.join(f)).unwrap().contains("crate::tls::");
+    for f in ["cli/client.rs", "ops/redfish.rs", "api/tls.rs"] {
+        assert!(uses(f), "{f} does not use crate::tls");
+    }
+}

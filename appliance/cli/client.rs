@@ -3,7 +3,6 @@
 //! SHA-256 fingerprint or checked against a CA file.
 
 use crate::core::Action;
-use crate::tls::normalize_fingerprint;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
@@ -85,12 +84,9 @@ impl Client {
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         let mut tls = match (fingerprint, ca) {
             (Some(fp), _) => {
-                // A SHA-256 is 32 bytes; anything else can never match and
-                // is a typo, not an unreachable daemon.
-                if normalize_fingerprint(fp).len() != 32 * 3 - 1 {
-                    return Err(ClientError::Fingerprint(fp.into()));
-                }
-                let tls = pinned_tls_config(fp, &[b"http/1.1"])?;
+                let fp =
+                    crate::tls::parse_fingerprint(fp).ok_or_else(|| ClientError::Fingerprint(fp.into()))?;
+                let tls = pinned_tls_config(&fp, &[b"http/1.1"])?;
                 return Ok(Client { target: Target::Https { host, port, tls }, token });
             }
             (None, Some(ca)) => {

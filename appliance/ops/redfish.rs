@@ -28,6 +28,8 @@ pub enum RedfishError {
     Url(String),
     #[error("an https BMC needs --fingerprint (SHA-256 of its certificate) or --insecure")]
     NoTrust,
+    #[error("invalid --fingerprint {0:?}: give the BMC certificate's SHA-256 as 32 hex bytes (AB:CD:...)")]
+    Fingerprint(String),
     #[error("cannot connect to the BMC at {target}: {reason}")]
     Connect { target: String, reason: String },
     #[error("{method} {path}: {reason}")]
@@ -151,8 +153,14 @@ impl Bmc {
             if fingerprint.is_none() && !insecure {
                 return Err(RedfishError::NoTrust);
             }
+            let fingerprint = match fingerprint {
+                Some(fp) => Some(
+                    crate::tls::parse_fingerprint(fp).ok_or_else(|| RedfishError::Fingerprint(fp.into()))?,
+                ),
+                None => None,
+            };
             // Many BMCs speak nothing newer than TLS 1.2.
-            let tls = crate::tls::pinned_client_config(fingerprint, true, &[b"http/1.1"])
+            let tls = crate::tls::pinned_client_config(fingerprint.as_deref(), true, &[b"http/1.1"])
                 .map_err(|e| RedfishError::Connect { target: url.into(), reason: e.to_string() })?;
             Some(tls)
         } else {
@@ -428,7 +436,13 @@ mod tests {
     fn https_needs_trust() {
         assert!(matches!(Bmc::new("https://h", None, None, false, None), Err(RedfishError::NoTrust)));
         assert!(Bmc::new("https://h", None, None, true, None).is_ok());
-        assert!(Bmc::new("https://h", None, None, false, Some("AB:CD")).is_ok());
+        // A fingerprint that can never match is a typo, said at once.
+        assert!(matches!(
+            Bmc::new("https://h", None, None, false, Some("AB:CD")),
+            Err(RedfishError::Fingerprint(f)) if f == "AB:CD"
+        ));
+        let fp = crate::tls::fingerprint(b"bmc");
+        assert!(Bmc::new("https://h", None, None, false, Some(&fp.to_lowercase())).is_ok());
         assert_eq!(
             Bmc::new("http://[::1]:81", None, None, false, None).unwrap().describe(),
             "http://[::1]:81"
