@@ -213,3 +213,21 @@ async fn ownership_moving_during_an_operation_stops_it() {
     assert_eq!(domain_state(&core, id).await, Some(DomainState::Stopped), "a fenced VM was started");
     cleanup(&core, &[id]).await;
 }
+
+/// The last step of a shutdown (daemon.rs `stop_in_order`): once the store
+/// is closed, a request still in flight on an open connection changes
+/// nothing and is told the daemon is stopping.
+#[tokio::test]
+async fn a_closed_store_takes_no_more_changes() {
+    let core = core_with("closed", &[]);
+    let id = create(&core, "before", false).await;
+    core.close_store().await.unwrap();
+    let spec: crate::types::VmCreate =
+        serde_json::from_value(serde_json::json!({"name": "after", "vcpus": 1, "memory_mib": 64})).unwrap();
+    let e = core.execute(&Core::local_admin(0), Command::CreateVm(spec)).await.err().unwrap();
+    assert_eq!(e.code(), "not_ready", "{e}");
+    assert!(core.find_record("after").is_err());
+    let stored = Store::open(&core.paths.db).unwrap().vms().unwrap();
+    assert_eq!(stored.iter().map(|v| v.id).collect::<Vec<_>>(), [id], "a change reached the store");
+    cleanup(&core, &[id]).await;
+}

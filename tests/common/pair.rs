@@ -123,6 +123,25 @@ impl Drop for Netns {
     }
 }
 
+/// Deletes this prefix's namespaces left by test processes that are gone
+/// (killed before their `Drop` ran): `PREFIX-PID-...` with no such PID.
+fn sweep_stale() {
+    let out = Command::new("ip").args(["netns", "list"]).output().map(|o| o.stdout).unwrap_or_default();
+    let head = format!("{}-", prefix());
+    for line in String::from_utf8_lossy(&out).lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let pid = name
+            .strip_prefix(&head)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+}
+
 /// Joins `a` and `b` with a veth pair named `ifname` on both sides, with
 /// `a_ip`/`b_ip` as /30 addresses.
 fn veth(a: &Netns, b: &Netns, ifname: &str, a_ip: Ipv4Addr, b_ip: Ipv4Addr) {
@@ -226,6 +245,9 @@ impl Pair {
     /// node's two addresses.
     pub fn start(tag: &str, mut opts: impl FnMut(&str) -> Opts) -> Pair {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        if n == 0 {
+            sweep_stale();
+        }
         // Slot n gets its own /30s within the /24s, so that packet captures
         // of parallel pairs are told apart (the namespaces isolate them anyway).
         assert!(n < 16, "at most 16 pairs per test process");
