@@ -134,6 +134,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     // subsystem registers its tasks in `Stage::Cluster`.
     let tasks = Supervisor::default();
     core.spawn_reconciler(&tasks);
+    // A join cut short by a lost answer or a crash: settled with the inviter.
+    core.spawn_peer_resolver(&tasks);
 
     let socket = cfg.socket_path();
     let api = api::Api::new(core.clone());

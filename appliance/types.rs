@@ -592,3 +592,89 @@ pub struct UpdateView {
     /// The latest update, if any.
     pub update: Option<UpdateRecord>,
 }
+
+/// `POST /v1/peer/invite` (`novacron peer invite`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerInvite {
+    /// How long the code is valid, seconds (default 600, at most 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_secs: Option<u64>,
+}
+
+/// A one-time join code, shown once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerInvitation {
+    pub code: String,
+    pub expires_at: String,
+    /// What the code tells the joiner to connect to (`IP:port`).
+    pub addresses: Vec<String>,
+    /// This node's certificate, which the joiner pins.
+    pub fingerprint: String,
+}
+
+/// `POST /v1/peer/join` (`novacron peer join CODE`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerJoin {
+    pub code: String,
+}
+
+/// The paired node as this one pins it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerNode {
+    pub node_id: Uuid,
+    pub name: String,
+    pub addresses: Vec<String>,
+    pub api_port: u16,
+    pub link_port: u16,
+    pub fingerprint: String,
+    pub paired_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerLink {
+    /// `up` or `down`.
+    pub state: String,
+    pub detail: String,
+    pub last_heartbeat: Option<String>,
+    pub rtt_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerReplication {
+    /// Changes made here that the peer has not acknowledged; unknown while
+    /// the link is down.
+    pub lag_records: Option<u64>,
+    pub lag_seconds: Option<f64>,
+}
+
+/// A replicated disk's state (disk replication comes with issue 10).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReplicatedDisk {
+    pub vm: String,
+    pub device: String,
+    pub state: String,
+}
+
+/// `GET /v1/peer` (`novacron peer status`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerView {
+    pub paired: bool,
+    /// `not_paired`, `joining` (a join waits for the inviter's answer) or `paired`.
+    pub state: String,
+    pub peer: Option<PeerNode>,
+    pub link: Option<PeerLink>,
+    pub replication: Option<PeerReplication>,
+    pub disks: Vec<ReplicatedDisk>,
+}
+
+/// `DELETE /v1/peer`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerUnpaired {
+    pub peer: PeerNode,
+    /// False when the peer did not take the request (unpaired with force):
+    /// it still lists this node until it is unpaired there too.
+    pub peer_notified: bool,
+    pub message: String,
+}

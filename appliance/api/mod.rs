@@ -388,6 +388,10 @@ impl Api {
             Reply::Events(feed) => stream::sse(feed),
             Reply::Update(v) => json_response(StatusCode::OK, &v),
             Reply::UpdateAccepted(v) => json_response(StatusCode::ACCEPTED, &v),
+            Reply::PeerInvitation(i) => json_response(StatusCode::CREATED, &i),
+            Reply::Peer(v) => json_response(StatusCode::OK, &v),
+            Reply::PeerHandshake(r) => json_response(StatusCode::OK, &r),
+            Reply::PeerUnpaired(u) => json_response(StatusCode::OK, &u),
             // Consoles are answered in dispatch, where the upgrade is.
             Reply::Console(_) => error_response(&ApiError::NoRoute("console".into())),
         }

@@ -63,6 +63,10 @@ fn successes(action: &str) -> &'static [(&'static str, &'static str, &'static st
         "audit.list" => &[("200", JSON, "AuditList")],
         "host.update.status" => &[("200", JSON, "UpdateView")],
         "host.update" => &[("202", JSON, "UpdateView")],
+        "peer.get" | "peer.join" => &[("200", JSON, "PeerView")],
+        "peer.invite" => &[("201", JSON, "PeerInvitation")],
+        "peer.handshake" => &[("200", JSON, "PeerHandshakeReply")],
+        "peer.unpair" => &[("200", JSON, "PeerUnpaired")],
         other => panic!("add {other} to successes()"),
     }
 }
@@ -213,6 +217,9 @@ fn check_operation(doc: &Value, m: &str, concrete: &str, template: &str, op: &Va
             assert_eq!(types, ["application/json"], "{what}: JSON media type");
             let name = ref_name(&content["application/json"]["schema"])
                 .unwrap_or_else(|| panic!("{what}: request schema must be a $ref"));
+            // A body that is one of named types (the peer handshake) is
+            // tried with the first.
+            let name = schema(doc, name).get("oneOf").and_then(|v| ref_name(&v[0])).unwrap_or(name);
             let sample = request_samples()
                 .into_iter()
                 .find(|(n, _)| *n == name)
@@ -387,6 +394,28 @@ fn request_samples() -> Vec<(&'static str, Value)> {
         vlan: Some(10),
     };
     let token = TokenCreate { name: "ci".into(), role: Role::Operator };
+    let node = crate::cluster::pairing::NodeInfo {
+        node_id: uuid::Uuid::nil(),
+        name: "b".into(),
+        addresses: vec!["10.0.0.2".parse().unwrap()],
+        api_port: 8443,
+        link_port: 8444,
+        fingerprint: "AB:CD".into(),
+    };
+    use crate::cluster::pairing::Handshake as H;
+    let (inv, proof, nonce) = ("00".repeat(8), "00".repeat(32), "00".repeat(16));
+    let prepare = H::Prepare {
+        version: 1,
+        invite: inv.clone(),
+        joiner: node.clone(),
+        nonce: nonce.clone(),
+        proof: proof.clone(),
+    };
+    let commit = H::Commit { invite: inv.clone(), joiner: uuid::Uuid::nil(), proof: proof.clone() };
+    let abort = H::Abort { invite: inv, joiner: uuid::Uuid::nil(), proof: proof.clone() };
+    let resolve =
+        H::Resolve { from: uuid::Uuid::nil(), at_ms: 1, nonce: nonce.clone(), proof: proof.clone() };
+    let unpair = H::Unpair { from: uuid::Uuid::nil(), at_ms: 1, nonce, proof };
     fn v<T: serde::Serialize>(x: &T) -> Value {
         serde_json::to_value(x).unwrap()
     }
@@ -402,6 +431,14 @@ fn request_samples() -> Vec<(&'static str, Value)> {
         ("ImageImport", v(&import)),
         ("NetworkCreate", v(&network)),
         ("TokenCreate", v(&token)),
+        ("PeerInvite", v(&PeerInvite { expires_secs: Some(60) })),
+        ("PeerJoin", v(&PeerJoin { code: "ncj...".into() })),
+        ("NodeInfo", v(&node)),
+        ("PeerHandshakePrepare", v(&prepare)),
+        ("PeerHandshakeCommit", v(&commit)),
+        ("PeerHandshakeAbort", v(&abort)),
+        ("PeerHandshakeResolve", v(&resolve)),
+        ("PeerHandshakeUnpair", v(&unpair)),
     ]
 }
 
@@ -422,6 +459,10 @@ fn parse_request(name: &str, v: &Value) -> Result<(), serde_json::Error> {
         "ImageImport" => p::<ImageImport>(v),
         "NetworkCreate" => p::<NetworkCreate>(v),
         "TokenCreate" => p::<TokenCreate>(v),
+        "PeerInvite" => p::<PeerInvite>(v),
+        "PeerJoin" => p::<PeerJoin>(v),
+        "NodeInfo" => p::<crate::cluster::pairing::NodeInfo>(v),
+        n if n.starts_with("PeerHandshake") => p::<crate::cluster::pairing::Handshake>(v),
         _ => panic!("no parser for {name}"),
     }
 }
@@ -575,7 +616,47 @@ fn response_schemas_match_the_types() {
         at: "t".into(),
         data: json!({"vm": {"id": uuid, "name": "web"}, "state": "running"}),
     };
+    let peer_node = PeerNode {
+        node_id: uuid,
+        name: "b".into(),
+        addresses: vec!["10.0.0.2".into()],
+        api_port: 8443,
+        link_port: 8444,
+        fingerprint: "AB".into(),
+        paired_at: "t".into(),
+    };
+    let link = PeerLink { state: "down".into(), detail: "d".into(), last_heartbeat: None, rtt_ms: None };
+    let repl = PeerReplication { lag_records: Some(1), lag_seconds: None };
+    let disk = ReplicatedDisk { vm: "web".into(), device: "vda".into(), state: "up_to_date".into() };
+    let peer_view = PeerView {
+        paired: true,
+        state: "paired".into(),
+        peer: Some(peer_node.clone()),
+        link: Some(link.clone()),
+        replication: Some(repl.clone()),
+        disks: vec![disk.clone()],
+    };
+    let reply = crate::cluster::pairing::HandshakeReply { paired: false, inviter: None, proof: None };
     let cases: Vec<(&str, BTreeSet<String>)> = vec![
+        ("PeerNode", keys(&peer_node)),
+        ("PeerLink", keys(&link)),
+        ("PeerReplication", keys(&repl)),
+        ("ReplicatedDisk", keys(&disk)),
+        ("PeerView", keys(&peer_view)),
+        (
+            "PeerInvitation",
+            keys(&PeerInvitation {
+                code: "c".into(),
+                expires_at: "t".into(),
+                addresses: vec![],
+                fingerprint: "f".into(),
+            }),
+        ),
+        (
+            "PeerUnpaired",
+            keys(&PeerUnpaired { peer: peer_node.clone(), peer_notified: true, message: "m".into() }),
+        ),
+        ("PeerHandshakeReply", keys(&reply)),
         ("Vm", keys(&vm)),
         ("Disk", keys(&vm.disks[0])),
         ("NicView", keys(&vm.nics[0])),
@@ -708,6 +789,35 @@ fn error_codes_are_documented() {
         CoreError::UpdateInProgress(s()),
         CoreError::Internal(s()),
     ];
+    use crate::cluster::pairing::PairError as P;
+    let pair = vec![
+        P::MalformedCode(s()),
+        P::CodeVersion(2),
+        P::Malformed(s()),
+        P::ProtocolVersion(2),
+        P::Expired,
+        P::Used,
+        P::UnknownInvite,
+        P::WrongSecret,
+        P::InviterProof,
+        P::AlreadyPaired(s()),
+        P::SelfPair,
+        P::FingerprintMismatch { addr: s() },
+        P::Unreachable(s()),
+        P::refused("no_such_code", "m"),
+        P::NotPaired,
+        P::NotPeer,
+        P::Incomplete(s()),
+    ];
+    // Every code a pairing error has is one of those relayed with its own.
+    for e in &pair {
+        assert!(
+            crate::cluster::pairing::CODES.contains(&e.code()) || e.code() == "peer_refused",
+            "{}",
+            e.code()
+        );
+    }
+    let core: Vec<CoreError> = core.into_iter().chain(pair.into_iter().map(CoreError::Pair)).collect();
     let mut errors: Vec<ApiError> = vec![
         ApiError::NoRoute(s()),
         ApiError::MethodNotAllowed { method: s(), path: s(), allow: s() },

@@ -211,6 +211,11 @@ pub static ROUTES: &[RouteSpec] = &[
     row(Action::TokenRevoke, &["force"], R(|a| {
         Ok(Command::RevokeToken { token: a.param(0), force: a.bool("force")? })
     })),
+    row(Action::PeerGet, &[], R(|_| Ok(Command::PeerStatus))),
+    row(Action::PeerUnpair, &["force"], R(|a| Ok(Command::PeerUnpair { force: a.bool("force")? }))),
+    row(Action::PeerInvite, &[], J(|_, b| Ok(Command::PeerInvite(json(b)?)))),
+    row(Action::PeerJoin, &[], J(|_, b| Ok(Command::PeerJoin(json(b)?)))),
+    row(Action::PeerHandshake, &[], J(|_, b| Ok(Command::PeerHandshake(json(b)?)))),
     row(Action::AuditList, &["limit"], R(|a| {
         let limit = a.number("limit", 10_000, "entries")?.unwrap_or(100) as usize;
         Ok(Command::ListAudit { limit })

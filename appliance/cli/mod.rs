@@ -41,6 +41,7 @@ mod console;
 mod events;
 mod health;
 pub mod output;
+mod peer;
 pub mod preflight;
 mod update;
 mod upload;
@@ -120,6 +121,9 @@ pub enum Cmd {
     /// Manage API tokens (admin).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Pair this node with a second one: invite, join, status, unpair.
+    #[command(subcommand)]
+    Peer(peer::PeerCmd),
     /// Show the audit log (admin).
     Audit {
         /// How many of the newest entries.
@@ -578,6 +582,7 @@ pub async fn run_client(cli: Cli) -> i32 {
         }
         Cmd::Status => return status(&c, json).await,
         Cmd::Health => return health::run(&c, json).await,
+        Cmd::Peer(cmd) => return peer::run(cmd, &c, json).await,
         Cmd::Backup(cmd) => return backup::run(cmd, &cli.conn, json).await,
         Cmd::Update(cmd) => return update::run(cmd, &c, json).await,
         Cmd::Setup(args) => return update::run_setup(args, &c).await,

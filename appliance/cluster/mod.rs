@@ -7,6 +7,10 @@
 
 pub mod frame;
 pub mod link;
+pub mod pairing;
+
+/// The peer link's port when the configuration does not name one.
+pub const DEFAULT_LINK_PORT: u16 = 8444;
 
 use std::net::SocketAddr;
 use uuid::Uuid;

@@ -116,6 +116,17 @@ pub enum Command {
     },
     /// Slots, running version and the latest host update.
     UpdateStatus,
+    /// A one-time join code for a second node.
+    PeerInvite(crate::types::PeerInvite),
+    /// Pair with the node whose code this is.
+    PeerJoin(crate::types::PeerJoin),
+    /// A step of the node-to-node handshake (no token: proven by HMAC).
+    PeerHandshake(crate::cluster::pairing::Handshake),
+    PeerStatus,
+    /// Unpair on both nodes; alone with `force` when the peer does not answer.
+    PeerUnpair {
+        force: bool,
+    },
     /// A host update bundle (`novacron update apply`).
     ApplyUpdate {
         checksum: Option<String>,
@@ -293,6 +304,13 @@ actions! {
     AuditList = "audit.list", ADMIN, false, GET "/v1/audit";
     HostUpdateStatus = "host.update.status", VIEWER, false, GET "/v1/host/update";
     HostUpdate = "host.update", ADMIN, true, POST "/v1/host/update";
+    PeerGet = "peer.get", VIEWER, false, GET "/v1/peer";
+    PeerUnpair = "peer.unpair", ADMIN, true, DELETE "/v1/peer";
+    PeerInvite = "peer.invite", ADMIN, true, POST "/v1/peer/invite";
+    PeerJoin = "peer.join", ADMIN, true, POST "/v1/peer/join";
+    // Not audited per request (anyone may send one); the steps that change
+    // state are audited in core/peer.rs.
+    PeerHandshake = "peer.handshake", NONE, false, POST "/v1/peer/handshake";
 }
 
 impl Command {
@@ -334,6 +352,11 @@ impl Command {
             Command::ListAudit { .. } => Action::AuditList,
             Command::UpdateStatus => Action::HostUpdateStatus,
             Command::ApplyUpdate { .. } => Action::HostUpdate,
+            Command::PeerInvite(_) => Action::PeerInvite,
+            Command::PeerJoin(_) => Action::PeerJoin,
+            Command::PeerHandshake(_) => Action::PeerHandshake,
+            Command::PeerStatus => Action::PeerGet,
+            Command::PeerUnpair { .. } => Action::PeerUnpair,
         }
     }
 
@@ -373,6 +396,7 @@ impl Command {
             Command::CreateNetwork(n) => n.name.clone(),
             Command::CreateToken(t) => t.name.clone(),
             Command::RevokeToken { token, .. } => token.clone(),
+            Command::PeerHandshake(h) => h.step().to_string(),
             _ => String::new(),
         }
     }
@@ -428,6 +452,10 @@ pub enum Reply {
     Console(ConsoleSession),
     Events(EventFeed),
     Update(Box<crate::types::UpdateView>),
+    PeerInvitation(crate::types::PeerInvitation),
+    Peer(Box<crate::types::PeerView>),
+    PeerHandshake(crate::cluster::pairing::HandshakeReply),
+    PeerUnpaired(crate::types::PeerUnpaired),
     /// An update was verified and handed to the installer.
     UpdateAccepted(Box<crate::types::UpdateView>),
 }

@@ -64,6 +64,8 @@ pub enum CoreError {
     #[error("not ready: {0}")]
     NotReady(String),
     #[error(transparent)]
+    Pair(#[from] crate::cluster::pairing::PairError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
@@ -130,6 +132,7 @@ impl CoreError {
                 HostError::Proc(_) | HostError::Io(_) => (Internal, "host_error"),
             },
             CoreError::UpdateInProgress(_) => (Conflict, "update_in_progress"),
+            CoreError::Pair(e) => (pair_kind(e.code()), e.code()),
             CoreError::Internal(_) => (Internal, "internal"),
         }
     }
@@ -140,5 +143,27 @@ impl CoreError {
 
     pub fn code(&self) -> &'static str {
         self.classify().1
+    }
+}
+
+/// The kind of a pairing error by its code, so a refusal relayed from the
+/// other node keeps its status too.
+fn pair_kind(code: &str) -> ErrorKind {
+    match code {
+        "malformed_code" | "unsupported_code_version" | "invalid_value" | "protocol_version" => {
+            ErrorKind::Invalid
+        }
+        // The code is well-formed but does not get this node paired.
+        "invite_expired"
+        | "invite_used"
+        | "invite_unknown"
+        | "wrong_secret"
+        | "inviter_proof"
+        | "fingerprint_mismatch"
+        | "peer_refused" => ErrorKind::Unprocessable,
+        "already_paired" | "pair_self" | "not_paired" | "pairing_incomplete" => ErrorKind::Conflict,
+        "not_peer" => ErrorKind::Forbidden,
+        "peer_unreachable" => ErrorKind::Unavailable,
+        _ => ErrorKind::Internal,
     }
 }

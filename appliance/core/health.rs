@@ -125,6 +125,23 @@ pub fn conflicts_check(conflicts: &[crate::store::ConflictRecord], now_ms: i64) 
     check("conflicts", status, format!("resolved: {}{more}", shown.join("; ")))
 }
 
+/// The `peer` check: fine alone or paired with the link up; a warning when
+/// paired and the link is down (the pair cannot fail over), or when a join
+/// waits for the inviter's answer.
+pub fn peer_check(peer: Option<&crate::store::PeerRecord>, link_up: bool) -> HealthCheck {
+    use crate::store::PeerState;
+    match peer {
+        None => check("peer", CheckStatus::Ok, "not paired"),
+        Some(p) if p.state == PeerState::Joining => check(
+            "peer",
+            CheckStatus::Warning,
+            format!("pairing with {} is not finished: waiting for its answer", p.name),
+        ),
+        Some(p) if link_up => check("peer", CheckStatus::Ok, format!("paired with {}, link up", p.name)),
+        Some(p) => check("peer", CheckStatus::Warning, format!("paired with {}, link down", p.name)),
+    }
+}
+
 impl Core {
     /// Every file a managed VM or an image record refers to.
     fn needed_files(&self) -> Vec<NeededFile> {
@@ -221,8 +238,8 @@ impl Core {
             checks.push(check("update", status, format!("{word}: {}", msg.trim_end_matches([' ', ':']))));
         }
 
-        // Two-node HA (peer link, witness, replication) is not built yet.
-        checks.push(check("peer", CheckStatus::Ok, "not paired"));
+        checks
+            .push(peer_check(self.peer_record().as_ref(), self.metrics.peer_link_up.load(Ordering::Relaxed)));
 
         checks.push(match self.conflicts(CONFLICTS_SHOWN + 1).await {
             Ok(c) => conflicts_check(&c, crate::store::now_ms()),

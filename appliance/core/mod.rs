@@ -14,6 +14,7 @@ mod networks;
 mod owner;
 #[cfg(test)]
 mod owner_tests;
+mod peer;
 mod reconcile;
 pub mod replica;
 #[cfg(test)]
@@ -93,6 +94,8 @@ pub struct Core {
     /// Image names with an upload or import in flight: a second one for the
     /// same name is refused at once instead of after its whole body.
     images_pending: Mutex<std::collections::HashSet<String>>,
+    /// Pairing: outstanding invitations and the peer row.
+    peer: peer::PeerSide,
 }
 
 impl Core {
@@ -111,6 +114,11 @@ impl Core {
         let images = store.images()?.into_iter().map(|i| (i.name.clone(), i)).collect();
         let networks = store.networks()?.into_iter().map(|n| (n.name.clone(), n)).collect();
         let snapshots = store.snapshots()?;
+        let peer_row = store.peer()?;
+        metrics.peer_paired.store(
+            peer_row.as_ref().is_some_and(|p| p.state == crate::store::PeerState::Paired),
+            Ordering::Relaxed,
+        );
         let last_seq = store.last_seq()? as u64;
         let event_seq = store.reserve_event_seqs(events::SEQ_BLOCK)?;
         let seq_store = store.clone();
@@ -150,6 +158,7 @@ impl Core {
             update_lock: tokio::sync::Mutex::new(()),
             images_pending: Mutex::default(),
             closed: Default::default(),
+            peer: peer::PeerSide::load(peer_row),
         };
         Ok(Arc::new(core))
     }
@@ -280,6 +289,9 @@ impl Core {
                 Ok(Reply::Events(EventFeed { backlog, live, audit_detail, ends: self.until_revoked(caller) }))
             }
             Command::UpdateStatus => Ok(Reply::Update(Box::new(self.update_view().await))),
+            Command::PeerStatus => Ok(Reply::Peer(Box::new(self.peer_view()))),
+            // Not audited per request; see core/peer.rs.
+            Command::PeerHandshake(req) => self.peer_handshake(req).await.map(Reply::PeerHandshake),
             Command::ListAudit { limit } => {
                 let store = self.store.clone();
                 let entries = tokio::task::spawn_blocking(move || store.audit(limit))
@@ -298,6 +310,9 @@ impl Core {
             Command::DeleteVm { vm, force } => self.delete_vm(&vm, force).await.map(|_| Reply::Deleted),
             Command::VmAction { vm, action } => self.vm_action(&vm, action).await,
             Command::CreateToken(req) => self.create_token(req).await.map(Reply::TokenCreated),
+            Command::PeerInvite(req) => self.peer_invite(req).await.map(Reply::PeerInvitation),
+            Command::PeerJoin(req) => self.peer_join(req).await.map(|v| Reply::Peer(Box::new(v))),
+            Command::PeerUnpair { force } => self.peer_unpair(force).await.map(Reply::PeerUnpaired),
             Command::UploadImage { name, checksum, length, body } => {
                 self.upload_image(&name, checksum, length, body).await.map(Reply::ImageCreated)
             }

@@ -144,4 +144,26 @@ CREATE TABLE conflicts (
 );
 "#,
     ),
+    (
+        4,
+        r#"
+-- The paired node (issue 9), node-local like `node`: each side holds the
+-- other. At most one row. `state`: 'joining' on the joiner between its own
+-- write and the inviter's commit (settled at start by asking the inviter),
+-- then 'paired'. `pair_key` authenticates node-to-node requests (resolve,
+-- unpair); `addresses` is a JSON array of IPs.
+CREATE TABLE peer (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    node_id     TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    addresses   TEXT NOT NULL,
+    api_port    INTEGER NOT NULL,
+    link_port   INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    pair_key    BLOB NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('joining', 'paired')),
+    paired_at   INTEGER NOT NULL
+);
+"#,
+    ),
 ];

@@ -11,10 +11,12 @@ pub mod changes;
 pub mod lock;
 mod migrations;
 mod paths;
+mod peer;
 mod replication;
 pub mod wire;
 
 pub use changes::{Change, ImageRecord, NetworkRecord, SnapshotRecord, TokenRecord, VmRecord};
+pub use peer::{PeerRecord, PeerState};
 pub use replication::{Applied, ConflictRecord, EncodedChange, Retention, Snapshot, Tail};
 
 use crate::types::{AuditEntry, Disk, NetworkKind, Role, VmState};

@@ -35,6 +35,10 @@ pub struct Metrics {
     /// (operation, result) -> count.
     operations: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     pub libvirt_connected: AtomicBool,
+    /// This node has a peer (pairing finished on both sides).
+    pub peer_paired: AtomicBool,
+    /// The peer link is up (set by the link's driver).
+    pub peer_link_up: AtomicBool,
     pub libvirt_reconnects: AtomicU64,
     pub rate_limited: AtomicU64,
     pub auth_failures: AtomicU64,
@@ -138,6 +142,20 @@ impl Metrics {
             "1 when the libvirt connection is usable.",
             "gauge",
             u8::from(self.libvirt_connected.load(Ordering::Relaxed)).to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_peer_paired",
+            "1 when this node is paired with a peer.",
+            "gauge",
+            u8::from(self.peer_paired.load(Ordering::Relaxed)).to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_peer_link_up",
+            "1 when the link to the paired peer is up.",
+            "gauge",
+            u8::from(self.peer_link_up.load(Ordering::Relaxed)).to_string(),
         );
         gauge(
             &mut out,
