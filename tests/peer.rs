@@ -111,6 +111,24 @@ async fn pairing_succeeds_code_is_single_use_and_unpair_reaches_both() {
     assert_eq!(metric(&b, "novacron_peer_paired").await, "novacron_peer_paired 1");
     // journald fields (stderr here): the pairing names the peer.
     assert!(a.log().contains(&format!("PEER_ID={}", node_id(&b).await)), "{}", a.log());
+    // Audit: B's admin joined; A records the commit as the peer's.
+    let audit = |d: &Daemon| {
+        let c = d.local();
+        async move { call(&c, Method::GET, "/v1/audit", None).await.1["entries"].clone() }
+    };
+    let on_a = audit(&a).await;
+    let b_id = node_id(&b).await;
+    assert!(
+        on_a.as_array().unwrap().iter().any(|e| e["actor"] == format!("peer:{b_id}")
+            && e["action"] == "peer.handshake"
+            && e["target"] == "commit"),
+        "{on_a}"
+    );
+    let on_b = audit(&b).await;
+    assert!(
+        on_b.as_array().unwrap().iter().any(|e| e["action"] == "peer.join" && e["result"] == "ok"),
+        "{on_b}"
+    );
     let status = cli(&a, &["--json", "peer", "status"]);
     let v: Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["peer"]["name"], "pair-b");
@@ -196,6 +214,9 @@ async fn refused_codes_leave_neither_node_paired() {
     }
     // The code itself still works after all that (wrong secrets up to the limit).
     assert!(a.log().contains("peer handshake refused"), "refusals are logged");
+    // ... in the journal, not the audit log, which anonymous callers must not fill.
+    let (_, audit) = call(&a.local(), Method::GET, "/v1/audit", None).await;
+    assert!(!audit.to_string().contains("peer.handshake"), "{audit}");
 
     // Expired.
     let short = cli(&a, &["peer", "invite", "--expires", "1s"]);

@@ -57,6 +57,10 @@ const INTENDED: &[(&str, &str, u16, &str, &str)] = &[
      "a memory snapshot needs a running or paused VM (SnapshotCreate.memory says so)"),
     ("ST202", "PUT /v1/images/{name}", 400, "a raw image must be at least",
      "an upload must be a disk image (qcow2, or raw of at least 1 MiB in whole sectors), not any bytes"),
+    ("ST202", "POST /v1/peer/join", 400, "malformed join code",
+     "a join code carries a checksum and a format version, which a schema cannot check (tests/peer.rs pairs real nodes)"),
+    ("ST202", "POST /v1/peer/handshake", 422, "no such invitation on this node",
+     "a handshake step names an invitation this node made, which random data never does (tests/peer.rs)"),
     ("ST202", "PUT /v1/images/{name}", 400, "checksum mismatch",
      "X-Checksum-Sha256 must be the SHA-256 of the body, which a schema cannot tie to it"),
 ];

@@ -315,6 +315,28 @@ pub enum Handshake {
 }
 
 impl Handshake {
+    /// Refuses malformed fields before anything is looked up, so a bad
+    /// request is a 400 whatever state this node is in.
+    pub fn check(&self) -> Result<()> {
+        let proof = match self {
+            Handshake::Prepare { invite, joiner, nonce, proof, .. } => {
+                hex_field::<8>("invite", invite)?;
+                hex_field::<16>("nonce", nonce)?;
+                ident(joiner)?;
+                proof
+            }
+            Handshake::Commit { invite, proof, .. } | Handshake::Abort { invite, proof, .. } => {
+                hex_field::<8>("invite", invite)?;
+                proof
+            }
+            Handshake::Resolve { nonce, proof, .. } | Handshake::Unpair { nonce, proof, .. } => {
+                hex_field::<16>("nonce", nonce)?;
+                proof
+            }
+        };
+        hex_field::<32>("proof", proof).map(drop)
+    }
+
     pub fn step(&self) -> &'static str {
         match self {
             Handshake::Prepare { .. } => "prepare",

@@ -225,6 +225,19 @@ impl Core {
         Ok(())
     }
 
+    /// An audit entry for a handshake step that changed this node's state,
+    /// by the peer (anonymous requests are not audited: anyone can send one).
+    async fn audit_peer(&self, peer: uuid::Uuid, step: &'static str) {
+        let store = self.store.clone();
+        let actor = format!("peer:{peer}");
+        let res =
+            tokio::task::spawn_blocking(move || store.record_audit(&actor, "peer.handshake", step, "ok"))
+                .await;
+        if let Ok(Err(e)) = res {
+            tracing::error!(error = %e, "cannot write the audit log");
+        }
+    }
+
     pub(super) async fn peer_invite(&self, req: PeerInvite) -> Result<PeerInvitation> {
         let ttl = req.expires_secs.unwrap_or(pairing::DEFAULT_TTL_SECS);
         if ttl == 0 || ttl > pairing::MAX_TTL_SECS {
@@ -331,6 +344,7 @@ impl Core {
     }
 
     async fn peer_handshake_step(&self, req: Handshake) -> Result<HandshakeReply> {
+        req.check()?;
         let current = self.peer_record();
         match &req {
             Handshake::Prepare { joiner, .. } => {
@@ -349,6 +363,7 @@ impl Core {
                 let rec = record_of(&paired, PeerState::Paired);
                 self.store_peer(move |s| s.peer_insert(&rec)).await?;
                 let peer = &paired.peer;
+                self.audit_peer(peer.node_id, "commit").await;
                 tracing::info!(PEER_ID = %peer.node_id, PEER_NAME = %peer.name, "paired with peer (invited)");
                 self.events.publish(
                     "peer.paired",
@@ -360,6 +375,7 @@ impl Core {
                 let _g = self.peer.lock.lock().await;
                 if let Some(id) = self.with_inviter(|i| i.abort(&req))? {
                     self.store_peer(move |s| s.peer_delete(id).map(drop)).await?;
+                    self.audit_peer(id, "abort").await;
                     tracing::info!(PEER_ID = %id, "pairing rolled back at the joiner's request");
                 }
                 Ok(HandshakeReply { paired: false, inviter: None, proof: None })
@@ -379,6 +395,7 @@ impl Core {
                     });
                 }
                 self.store_peer(move |s| s.peer_delete(p.node_id).map(drop)).await?;
+                self.audit_peer(p.node_id, "unpair").await;
                 tracing::info!(PEER_ID = %p.node_id, PEER_NAME = %p.name, "unpaired at the peer's request");
                 self.events.publish(
                     "peer.unpaired",
