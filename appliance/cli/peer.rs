@@ -1,10 +1,11 @@
 //! `novacron peer`: pair this node with a second one, show and end the pairing.
 
 use super::client::Client;
+use super::erased::Json;
 use super::output;
+use crate::core::Action;
 use crate::types::{PeerInvitation, PeerInvite, PeerJoin, PeerUnpaired, PeerView};
 use clap::Subcommand;
-use hyper::Method;
 
 #[derive(Subcommand, Debug)]
 pub enum PeerCmd {
@@ -48,21 +49,16 @@ fn parse_duration(s: &str) -> Result<u64, String> {
 }
 
 pub async fn run(cmd: PeerCmd, c: &Client, json: bool) -> i32 {
-    let (method, path, body) = match &cmd {
+    let json_body = |v: &dyn Json| Some(v.to_json());
+    let (action, query, body) = match &cmd {
         PeerCmd::Invite { expires } => {
-            let req = PeerInvite { expires_secs: Some(*expires) };
-            (Method::POST, "/v1/peer/invite".to_string(), Some(serde_json::to_vec(&req).expect("serializes")))
+            (Action::PeerInvite, "", json_body(&PeerInvite { expires_secs: Some(*expires) }))
         }
-        PeerCmd::Join { code } => {
-            let req = PeerJoin { code: code.clone() };
-            (Method::POST, "/v1/peer/join".into(), Some(serde_json::to_vec(&req).expect("serializes")))
-        }
-        PeerCmd::Status => (Method::GET, "/v1/peer".into(), None),
-        PeerCmd::Unpair { force } => {
-            (Method::DELETE, format!("/v1/peer{}", if *force { "?force=true" } else { "" }), None)
-        }
+        PeerCmd::Join { code } => (Action::PeerJoin, "", json_body(&PeerJoin { code: code.clone() })),
+        PeerCmd::Status => (Action::PeerGet, "", None),
+        PeerCmd::Unpair { force } => (Action::PeerUnpair, if *force { "?force=true" } else { "" }, None),
     };
-    let (status, body) = match c.request(method, &path, body).await {
+    let (status, body) = match c.call(action, &[], query, body).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("novacron: {e}");
