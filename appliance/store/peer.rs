@@ -1,4 +1,4 @@
-//! The paired node's row (`peer` table, migration 3): node-local state, not
+//! The paired node's row (`peer` table, migration 4): node-local state, not
 //! in the change stream (each side holds the other).
 
 use super::{Result, Store, StoreError};
