@@ -39,6 +39,8 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection closed for idleness may take to finish (an h2 peer
 /// answers the GOAWAY's ping); then it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// HTTP/2 receive window, per stream and per connection.
+const H2_WINDOW: u32 = 2 << 20;
 /// Longest error message. Messages quote what the client sent (a path, a
 /// name, a JSON value), which can be as long as hyper lets a request be.
 const MAX_MESSAGE: usize = 512;
@@ -503,9 +505,13 @@ where
         until_idle!(hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_concurrent_streams(128)
-            // hyper's 64 KiB default windows throttle image uploads over h2
-            // to a fraction of HTTP/1.1; let the window follow the link.
-            .adaptive_window(true)
+            // Uploads: the spec's 64 KiB window (where hyper's adaptive
+            // window starts, and stays on a fast link) makes curl wait for a
+            // WINDOW_UPDATE every few frames. One stream may run a full
+            // window ahead of our reads; the connection's window bounds what
+            // one client can make us buffer.
+            .initial_stream_window_size(H2_WINDOW)
+            .initial_connection_window_size(H2_WINDOW)
             .max_frame_size(256 * 1024)
             // Dead peers are detected by pings, idle ones by the idle timeout.
             .keep_alive_interval(Some(Duration::from_secs(30)))

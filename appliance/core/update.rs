@@ -113,7 +113,7 @@ impl Core {
         let mut rx = body.chunks.lock().await;
         while let Some(chunk) = rx.recv().await {
             let chunk = chunk.map_err(crate::images::ImageError::Truncated)?;
-            tokio::task::block_in_place(|| up.write(chunk))?;
+            up.write_async(chunk).await?;
         }
         if let Some(l) = length {
             if up.written() != l {

@@ -180,7 +180,10 @@ pub struct Upload {
 }
 
 struct Writer {
-    tx: std::sync::mpsc::SyncSender<bytes::Bytes>,
+    // tokio's channel: the async upload path awaits a full queue instead of
+    // parking a runtime worker (a `block_in_place` per 16 KiB HTTP/2 frame
+    // cost more CPU than hashing it).
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
     done: std::thread::JoinHandle<std::io::Result<std::fs::File>>,
 }
 
@@ -191,9 +194,9 @@ impl Upload {
     pub fn begin(dir: &Path, max: u64) -> Result<Upload> {
         let tmp = dir.join(format!(".upload-{}", uuid::Uuid::new_v4()));
         let mut file = reserve(&tmp)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(WRITE_QUEUE);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
         let done = std::thread::Builder::new().name("image-writer".into()).spawn(move || {
-            for chunk in rx {
+            while let Some(chunk) = rx.blocking_recv() {
                 file.write_all(&chunk)?;
             }
             Ok(file)
@@ -202,21 +205,37 @@ impl Upload {
     }
 
     /// Appends one chunk; blocks while the writer is `WRITE_QUEUE` behind.
+    /// Not for async code: use [`Upload::write_async`] there.
     pub fn write(&mut self, chunk: bytes::Bytes) -> Result<()> {
+        self.account(&chunk)?;
+        let sent = self.writer.as_ref().expect("upload is open").tx.blocking_send(chunk);
+        self.sent(sent.is_ok())
+    }
+
+    /// Appends one chunk from async code; waits while the writer is
+    /// `WRITE_QUEUE` behind. Hashes in place: a chunk is one network frame
+    /// or read, tens of microseconds of SHA-256.
+    pub async fn write_async(&mut self, chunk: bytes::Bytes) -> Result<()> {
+        self.account(&chunk)?;
+        let sent = self.writer.as_ref().expect("upload is open").tx.send(chunk).await;
+        self.sent(sent.is_ok())
+    }
+
+    fn account(&mut self, chunk: &[u8]) -> Result<()> {
         self.written += chunk.len() as u64;
         if self.written > self.max {
             return Err(ImageError::TooLarge { max: self.max });
         }
-        self.hasher.update(&chunk);
-        let writer = self.writer.as_ref().expect("upload is open");
-        if writer.tx.send(chunk).is_err() {
-            // The writer stopped on an I/O error; finish() reports it.
-            return Err(self
-                .close_writer()
-                .err()
-                .unwrap_or_else(|| std::io::Error::other("writer stopped").into()));
-        }
+        self.hasher.update(chunk);
         Ok(())
+    }
+
+    fn sent(&mut self, ok: bool) -> Result<()> {
+        if ok {
+            return Ok(());
+        }
+        // The writer stopped on an I/O error; closing it reports the error.
+        Err(self.close_writer().err().unwrap_or_else(|| std::io::Error::other("writer stopped").into()))
     }
 
     pub fn written(&self) -> u64 {
