@@ -25,6 +25,30 @@ pub struct Config {
     pub hypervisor: HypervisorConfig,
     pub images: ImagesConfig,
     pub log: LogConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// The pair: the peer link (docs/design/peer-link.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Peer-link listen addresses (mutual TLS 1.3 with the pinned peer only).
+    pub listen: Vec<SocketAddr>,
+    /// Heartbeat interval, both ways.
+    pub heartbeat_ms: u64,
+    /// The link is down after this many heartbeat intervals with nothing
+    /// heard from the peer.
+    pub heartbeat_misses: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], crate::cluster::DEFAULT_LINK_PORT))],
+            heartbeat_ms: 500,
+            heartbeat_misses: 4,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -118,6 +142,7 @@ impl Default for Config {
             hypervisor: HypervisorConfig::default(),
             images: ImagesConfig::default(),
             log: LogConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -191,6 +216,7 @@ impl Config {
     pub fn dev() -> Config {
         let mut cfg = Config { data_dir: PathBuf::from("novacron-dev"), ..Config::default() };
         cfg.api.listen = vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))];
+        cfg.cluster.listen = vec![SocketAddr::from(([127, 0, 0, 1], crate::cluster::DEFAULT_LINK_PORT))];
         cfg.hypervisor.domain_type = "qemu".into();
         cfg.hypervisor.memory_reserve_mib = 256;
         cfg
@@ -215,6 +241,25 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "hypervisor.vcpu_overcommit must be between 1 and {MAX_VCPU_OVERCOMMIT}"
             )));
+        }
+        if !(50..=60_000).contains(&self.cluster.heartbeat_ms) {
+            return Err(ConfigError::Invalid("cluster.heartbeat_ms must be between 50 and 60000".into()));
+        }
+        if !(2..=100).contains(&self.cluster.heartbeat_misses) {
+            return Err(ConfigError::Invalid("cluster.heartbeat_misses must be between 2 and 100".into()));
+        }
+        // Pairing tells the peer one link port for all of this node's
+        // addresses, so every listen address uses the same one.
+        match self.cluster.listen.first() {
+            None => return Err(ConfigError::Invalid("cluster.listen must name at least one address".into())),
+            Some(first)
+                if first.port() == 0 || self.cluster.listen.iter().any(|a| a.port() != first.port()) =>
+            {
+                return Err(ConfigError::Invalid(
+                    "cluster.listen addresses must share one port, not 0".into(),
+                ))
+            }
+            Some(_) => {}
         }
         for (name, n) in [
             ("max_connections", self.api.max_connections),
@@ -262,6 +307,27 @@ mod tests {
                 e.to_string().contains("vcpu_overcommit") || e.to_string().contains("expected u32"),
                 "{bad}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn cluster_section_is_strict_and_bounded() {
+        let cfg = Config::parse(
+            "[cluster]\nlisten = [\"10.0.0.1:9444\", \"192.168.9.1:9444\"]\nheartbeat_ms = 200\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(cfg.cluster.listen.len(), 2);
+        assert_eq!(cfg.cluster.heartbeat_ms, 200);
+        for bad in [
+            "heartbeat_ms = 0",
+            "heartbeat_misses = 1",
+            "listen = []",
+            "listen = [\"10.0.0.1:9444\", \"10.0.0.2:9445\"]",
+            "port = 1",
+        ] {
+            let e = Config::parse(&format!("[cluster]\n{bad}\n"), Path::new("x")).unwrap_err();
+            assert!(e.to_string().contains(bad.split(' ').next().unwrap()), "{bad}: {e}");
         }
     }
 

@@ -3,10 +3,9 @@
 //! certificate is made and loaded in `api/tls.rs`.)
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-#[cfg(test)]
-use rustls::pki_types::PrivateKeyDer;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
@@ -87,6 +86,51 @@ impl ServerCertVerifier for CertPin {
     }
 }
 
+/// As the server side of the peer link: a client must present exactly the
+/// pinned certificate (no CA, no other certificate; without a fingerprint,
+/// none is trusted), and prove its key in the TLS 1.3 handshake.
+impl ClientCertVerifier for CertPin {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match &self.fingerprint {
+            Some(fp) if fingerprint(end_entity) == *fp => Ok(ClientCertVerified::assertion()),
+            _ => {
+                Err(rustls::Error::General("client certificate does not match the pinned fingerprint".into()))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls12_signature(self, message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ServerCertVerifier::verify_tls13_signature(self, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        ServerCertVerifier::supported_verify_schemes(self)
+    }
+}
+
 /// Normalizes a fingerprint to `AB:CD:..` whatever separators were used.
 pub fn normalize_fingerprint(fp: &str) -> String {
     let hexdigits: String = fp.chars().filter(|c| c.is_ascii_hexdigit()).collect::<String>().to_uppercase();
@@ -106,22 +150,63 @@ pub fn pinned_client_config(
     allow_tls12: bool,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let mut tls = pinned_client_builder(fingerprint, allow_tls12)?.with_no_client_auth();
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(tls))
+}
+
+fn pinned_client_builder(
+    fingerprint: Option<&str>,
+    allow_tls12: bool,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {
         &[&rustls::version::TLS13]
     };
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+    Ok(rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(CertPin {
             fingerprint: fingerprint.map(normalize_fingerprint),
             allow_tls12,
             provider,
-        }))
-        .with_no_client_auth();
-    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        })))
+}
+
+/// Mutual TLS 1.3 for the peer link, client side: trusts only the peer's
+/// pinned certificate and presents this node's own (`chain`, `key`).
+pub fn mutual_client_config(
+    fingerprint: &str,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let mut tls = pinned_client_builder(Some(fingerprint), false)?.with_client_auth_cert(chain, key)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(tls))
+}
+
+/// Mutual TLS 1.3 for the peer link, server side: presents this node's
+/// certificate and requires the client to present the pinned one.
+pub fn mutual_server_config(
+    fingerprint: &str,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let pin = CertPin {
+        fingerprint: Some(normalize_fingerprint(fingerprint)),
+        allow_tls12: false,
+        provider: provider.clone(),
+    };
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(pin))
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(tls))
 }
 

@@ -13,6 +13,9 @@ pub struct Identity {
     /// Expiry of the leaf certificate (unix seconds), read from the file
     /// at every start, generated or configured; None if it cannot be read.
     pub not_after: Option<i64>,
+    /// The certificate chain and key: also the node's identity on the peer link.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
 }
 
 pub use crate::tls::{fingerprint, not_after};
@@ -89,8 +92,8 @@ pub fn identity(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| ApiError::Tls(e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key_der)
+        .with_single_cert(certs.clone(), key_der.clone_key())
         .map_err(|e| ApiError::Tls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Identity { config: Arc::new(config), fingerprint, not_after })
+    Ok(Identity { config: Arc::new(config), fingerprint, not_after, chain: certs, key: key_der })
 }

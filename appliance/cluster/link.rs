@@ -308,18 +308,18 @@ impl Link {
         let mut out = Vec::new();
         match input {
             Input::Tick => self.tick(now, &mut out),
-            Input::Connected { conn } => {
-                if let State::Connecting { conn: c, addr, .. } = self.state {
-                    if c == conn {
-                        out.push(Output::Send { conn, msg: self.hello() });
-                        self.state = State::Handshaking {
-                            conn,
-                            addr: Some(addr),
-                            deadline: now + self.cfg.handshake_timeout,
-                        };
-                    }
+            Input::Connected { conn } => match self.state {
+                State::Connecting { conn: c, addr, .. } if c == conn => {
+                    out.push(Output::Send { conn, msg: self.hello() });
+                    self.state = State::Handshaking {
+                        conn,
+                        addr: Some(addr),
+                        deadline: now + self.cfg.handshake_timeout,
+                    };
                 }
-            }
+                // Established after its attempt timed out: not wanted any more.
+                _ => out.push(Output::Close { conn, reason: "connected too late".into() }),
+            },
             Input::ConnectFailed { conn, error } => {
                 if let State::Connecting { conn: c, addr, .. } = self.state {
                     if c == conn {
@@ -336,7 +336,15 @@ impl Link {
             }
             Input::Closed { conn, error } => {
                 if self.current() == Some(conn) {
-                    self.lost(now, conn, format!("connection lost: {error}"), false, &mut out);
+                    // Closed in the handshake is how a TLS 1.3 client learns
+                    // that the server refused its certificate.
+                    let failed = matches!(self.state, State::Handshaking { .. });
+                    let reason = if failed {
+                        format!("closed by the peer in the handshake ({error}): does it have this node's certificate pinned?")
+                    } else {
+                        format!("connection lost: {error}")
+                    };
+                    self.lost(now, conn, reason, failed, &mut out);
                 }
             }
         }

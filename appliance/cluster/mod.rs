@@ -8,6 +8,7 @@
 pub mod frame;
 pub mod link;
 pub mod pairing;
+pub mod transport;
 
 /// The peer link's port when the configuration does not name one.
 pub const DEFAULT_LINK_PORT: u16 = 8444;
@@ -36,6 +37,8 @@ pub enum ClusterError {
     Malformed(String),
     #[error("frame of wire version {theirs}; this node speaks {ours}")]
     WireVersion { ours: u8, theirs: u8 },
+    #[error("the peer link is down")]
+    LinkDown,
     #[error("TLS: {0}")]
     Tls(String),
     #[error("{0}")]

@@ -186,7 +186,12 @@ impl Core {
             name: self.node.name.clone(),
             addresses: advertised_addresses(&self.cfg.api.listen),
             api_port: self.cfg.api.listen.first().map(|a| a.port()).unwrap_or(crate::config::DEFAULT_PORT),
-            link_port: crate::cluster::DEFAULT_LINK_PORT,
+            link_port: self
+                .cfg
+                .cluster
+                .listen
+                .first()
+                .map_or(crate::cluster::DEFAULT_LINK_PORT, |a| a.port()),
             fingerprint: self.tls_fingerprint().to_string(),
         }
     }
