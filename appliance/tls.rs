@@ -102,9 +102,7 @@ impl ClientCertVerifier for CertPin {
     ) -> Result<ClientCertVerified, rustls::Error> {
         match &self.fingerprint {
             Some(fp) if fingerprint(end_entity) == *fp => Ok(ClientCertVerified::assertion()),
-            _ => {
-                Err(rustls::Error::General("client certificate does not match the pinned fingerprint".into()))
-            }
+            _ => Err(rustls::Error::General(format!("client certificate {PIN_MISMATCH}"))),
         }
     }
 
