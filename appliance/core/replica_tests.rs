@@ -7,15 +7,15 @@ use super::*;
 use crate::store::{Applied, Change, Tail};
 use crate::types::{Role, TokenCreate, VmState};
 
-/// Applies everything `to` has not applied yet of `from`'s changes, as the
-/// link would; returns how many.
+/// Applies everything `to` has not applied yet of `from`'s changes in one
+/// batch, as the link would; returns how many.
 async fn sync(from: &Core, to: &Core) -> usize {
     let mark = to.applied_mark(from.node.id).await.unwrap();
     let Tail::Changes(tail) = from.changes_since(mark, 1000).await.unwrap() else { panic!("reseed") };
-    for c in &tail {
-        to.apply_remote(from.node.id, c.seq, c.bytes.clone()).await.unwrap();
-    }
-    tail.len()
+    let n = tail.len();
+    let applied = to.apply_remote_batch(from.node.id, tail).await.unwrap();
+    assert!(applied.iter().all(|a| matches!(a, Applied::Applied(_))));
+    n
 }
 
 async fn new_token(core: &Arc<Core>, name: &str) -> String {

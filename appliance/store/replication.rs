@@ -147,27 +147,44 @@ impl Store {
     /// Applies change `seq` made on `origin` (a peer), exactly once: the
     /// origin's mark moves in the same transaction. See [`Applied`].
     pub fn apply_remote(&self, origin: Uuid, seq: u64, change: &Change) -> Result<Applied> {
+        let mut one = self.apply_remote_batch(origin, &[(seq, change.clone())])?;
+        Ok(one.remove(0))
+    }
+
+    /// Applies a batch of `origin`'s changes in one transaction (one disk
+    /// flush for all), each exactly once, with one result per change. A
+    /// gap anywhere fails the whole batch: nothing of it is applied.
+    pub fn apply_remote_batch(&self, origin: Uuid, batch: &[(u64, Change)]) -> Result<Vec<Applied>> {
         if origin == self.node {
-            // Our own change coming back: already here by definition.
-            return Ok(Applied::Duplicate);
+            // Our own changes coming back: already here by definition.
+            return Ok(vec![Applied::Duplicate; batch.len()]);
         }
         let mut conn = self.lock();
         let tx = conn.transaction()?;
-        let m = mark(&tx, origin)?;
-        if seq <= m {
-            return Ok(Applied::Duplicate);
+        let before = mark(&tx, origin)?;
+        let mut m = before;
+        let mut out = Vec::with_capacity(batch.len());
+        for (seq, change) in batch {
+            if *seq <= m {
+                out.push(Applied::Duplicate);
+                continue;
+            }
+            if *seq != m + 1 {
+                return Err(StoreError::Gap { origin, expected: m + 1, got: *seq });
+            }
+            let effects = apply_from_peer(&tx, self.node, origin, change)?;
+            tx.execute(
+                "INSERT INTO changes (at, payload, origin, origin_seq) VALUES (?1, ?2, ?3, ?4)",
+                params![now_ms(), change.encode(), origin.to_string(), *seq as i64],
+            )?;
+            m = *seq;
+            out.push(Applied::Applied(effects));
         }
-        if seq != m + 1 {
-            return Err(StoreError::Gap { origin, expected: m + 1, got: seq });
+        if m > before {
+            set_mark(&tx, origin, m)?;
+            tx.commit()?;
         }
-        let effects = apply_from_peer(&tx, self.node, origin, change)?;
-        tx.execute(
-            "INSERT INTO changes (at, payload, origin, origin_seq) VALUES (?1, ?2, ?3, ?4)",
-            params![now_ms(), change.encode(), origin.to_string(), seq as i64],
-        )?;
-        set_mark(&tx, origin, seq)?;
-        tx.commit()?;
-        Ok(Applied::Applied(effects))
+        Ok(out)
     }
 
     /// Applies a peer's [`Snapshot`] (decoded) in one transaction and sets

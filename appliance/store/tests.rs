@@ -540,3 +540,66 @@ fn name_conflicts_resolve_identically_on_both_nodes() {
     sync(&a, &b);
     assert_eq!(b.conflicts(10).unwrap().len(), 3);
 }
+
+/// A batch is one transaction: an overlapping resend applies only what is
+/// new, and a gap anywhere applies nothing of it.
+#[test]
+fn batches_apply_all_or_nothing() {
+    let a = Store::open(&tmp_db("batch-a")).unwrap();
+    let b = Store::open(&tmp_db("batch-b")).unwrap();
+    for i in 0..6 {
+        a.commit(&Change::TokenPut(token(&format!("aaaa00000000000{i}"), &format!("t{i}"), i))).unwrap();
+    }
+    let Tail::Changes(tail) = a.changes_since(0, 100).unwrap() else { panic!() };
+    let batch: Vec<(u64, Change)> = tail.iter().map(|c| (c.seq, Change::decode(&c.bytes).unwrap())).collect();
+    let first = b.apply_remote_batch(a.node_id(), &batch[..4]).unwrap();
+    assert!(first.iter().all(|r| matches!(r, Applied::Applied(v) if v.len() == 1)));
+    // Resent from 3: 3 and 4 are duplicates, 5 and 6 are new.
+    let again = b.apply_remote_batch(a.node_id(), &batch[2..]).unwrap();
+    assert_eq!(again.iter().filter(|r| **r == Applied::Duplicate).count(), 2);
+    assert_eq!(b.tokens().unwrap(), a.tokens().unwrap());
+    // A batch with a hole: 8 is missing, so 7 is not applied either.
+    let c = Store::open(&tmp_db("batch-c")).unwrap();
+    let holey = [batch[0].clone(), (3, batch[2].1.clone())];
+    assert!(matches!(c.apply_remote_batch(a.node_id(), &holey), Err(StoreError::Gap { expected: 2, .. })));
+    assert_eq!((c.tokens().unwrap().len(), c.applied_mark(a.node_id()).unwrap()), (0, 0));
+}
+
+#[test]
+#[ignore = "a measurement, not a check: prints rates for docs/performance.md"]
+fn measure_apply_rate() {
+    let a = Store::open(&tmp_db("rate-a")).unwrap();
+    let v = vm("busy", a.node_id());
+    a.commit(&Change::VmPut(v.clone())).unwrap();
+    let burst: Vec<Change> = (0..2000)
+        .map(|i| Change::VmState {
+            id: v.id,
+            state: if i % 2 == 0 { VmState::Running } else { VmState::Stopped },
+            at: i,
+        })
+        .collect();
+    a.replay(&burst).unwrap();
+    let Tail::Changes(tail) = a.changes_since(0, 10_000).unwrap() else { panic!() };
+    let all: Vec<(u64, Change)> = tail.iter().map(|c| (c.seq, Change::decode(&c.bytes).unwrap())).collect();
+    let b = Store::open(&tmp_db("rate-b")).unwrap();
+    let t = std::time::Instant::now();
+    for (seq, c) in &all[..500] {
+        b.apply_remote(a.node_id(), *seq, c).unwrap();
+    }
+    let single = 500.0 / t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    for chunk in all[500..].chunks(100) {
+        b.apply_remote_batch(a.node_id(), chunk).unwrap();
+    }
+    let batched = (all.len() - 500) as f64 / t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    for _ in 0..500 {
+        a.commit(&Change::VmState { id: v.id, state: VmState::Running, at: 1 }).unwrap();
+        a.commit(&Change::VmState { id: v.id, state: VmState::Stopped, at: 1 }).unwrap();
+    }
+    let local = 1000.0 / t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let Tail::Changes(t2) = a.changes_since(0, 10_000).unwrap() else { panic!() };
+    let feed = t2.len() as f64 / t.elapsed().as_secs_f64();
+    println!("apply_remote one per tx: {single:.0}/s; batches of 100: {batched:.0}/s; local commit: {local:.0}/s; changes_since read: {feed:.0} rows/s");
+}
