@@ -37,6 +37,17 @@ async fn two_daemons_in_namespaces_reach_each_other_until_the_link_is_cut() {
     let status: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(status["host"]["node_id"], ha["node"], "B reached someone else: {status}");
 
+    // The library's HTTPS client from inside B: a token A made works on A
+    // over link 1; a bad one is refused.
+    let (s, v) = pair.b.call_to(&pair.a, 1, &pair.a.daemon.admin, Method::GET, "/v1/host", None);
+    assert_eq!((s, v["node_id"].clone()), (StatusCode::OK, ha["node"].clone()), "{v}");
+    let (s, _) = pair.b.call_to(&pair.a, 1, "nc_bogus", Method::GET, "/v1/host", None);
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // A's HTTPS address does not exist in the root namespace: the root-side
+    // client refuses to try it.
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pair.a.daemon.admin()));
+    assert!(refused.is_err(), "a root-namespace client was made for a namespace address");
+
     // Cut the primary link: A is unreachable from B there, still reachable
     // over the redundant one; plugged back in, reachable again.
     pair.cut(0);

@@ -232,11 +232,26 @@ impl Daemon {
         self.spawn(false);
     }
 
+    /// A daemon in a network namespace (pair.rs) listens on addresses
+    /// that exist only there: from the root namespace a connection to them
+    /// would go out of the machine instead.
+    fn not_in_netns(&self) {
+        if let ["ip", "netns", "exec", ns, ..] =
+            self.wrapper.iter().map(String::as_str).collect::<Vec<_>>()[..]
+        {
+            panic!(
+                "{} is inside network namespace {ns}: use pair.rs's Node::call_to / cli_to, or local()",
+                self.url
+            );
+        }
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
 
     pub fn https(&self, token: Option<&str>) -> Client {
+        self.not_in_netns();
         Client::https(&self.url, token.map(String::from), Some(&self.fingerprint), None).unwrap()
     }
 
@@ -294,6 +309,7 @@ pub async fn websocket(
     path: &str,
     token: &str,
 ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    d.not_in_netns();
     let tls = novacron::cli::client::pinned_tls_config(&d.fingerprint, &[b"http/1.1"]).unwrap();
     let addr = d.url.trim_start_matches("https://").to_string();
     let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();

@@ -103,6 +103,19 @@ impl Netns {
         self.command(prog).args(args).output().unwrap_or_else(|e| panic!("ip netns exec {prog}: {e}"))
     }
 
+    /// Runs `f` on a thread that has entered this namespace (only that
+    /// thread moves): every socket it opens belongs to the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
     fn exec_ok(&self, prog: &str, args: &[&str]) -> Output {
         let out = self.exec(prog, args);
         assert!(
@@ -199,6 +212,28 @@ impl Node {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
+    }
+
+    /// One HTTPS request from this node's namespace to `to`'s API on link
+    /// `link` with `token` (`to`'s certificate pinned), through the
+    /// library's client: for status codes and JSON bodies the CLI does not
+    /// show. Blocks (its own thread and runtime inside the namespace).
+    pub fn call_to(
+        &self,
+        to: &Node,
+        link: usize,
+        token: &str,
+        method: hyper::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (hyper::StatusCode, serde_json::Value) {
+        let (url, fp, token, path) =
+            (to.url(link), to.daemon.fingerprint.clone(), token.to_string(), path.to_string());
+        self.ns.run(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let c = novacron::cli::client::Client::https(&url, Some(token), Some(&fp), None).unwrap();
+            rt.block_on(super::call(&c, method, &path, body))
+        })
     }
 
     /// True when `novacron status` from this namespace reaches `to` over
