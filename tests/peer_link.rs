@@ -3,7 +3,7 @@
 //! apart; ports chosen by the OS), real TCP and mutual TLS.
 //! Raw TLS clients play a hostile or broken peer.
 
-use novacron::cluster::frame::{Channel, Message, PROTOCOL_VERSION};
+use novacron::cluster::frame::{Channel, Message, PROTOCOL_VERSION, WIRE_VERSION};
 use novacron::cluster::link::{LinkConfig, LinkState};
 use novacron::cluster::transport::{LocalNode, PeerLink, TransportConfig, TransportStatus, ALPN};
 use novacron::cluster::{ClusterError, PeerTarget};
@@ -225,7 +225,7 @@ async fn garbage_and_oversized_frames_are_refused_without_harm() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (u32::MAX.to_be_bytes().to_vec(), "over the limit"),
         (((4 << 20) + 1u32).to_be_bytes().to_vec(), "over the limit"),
-        ([&5u32.to_be_bytes()[..], &[1, 0xFF, 0xFF, 0xFF, 0xFF]].concat(), "malformed"),
+        ([&5u32.to_be_bytes()[..], &[WIRE_VERSION, 0xFF, 0xFF, 0xFF, 0xFF]].concat(), "malformed"),
         ([&3u32.to_be_bytes()[..], &[9, 3, 1]].concat(), "wire version 9"),
         ([&0u32.to_be_bytes()[..]].concat(), "empty frame"),
     ];

@@ -15,11 +15,14 @@ use uuid::Uuid;
 
 /// Encoding of the frame body. Bump on any change to [`Message`] (the
 /// frozen handshake variants excepted, which never change).
-pub const WIRE_VERSION: u8 = 1;
+/// 2: `SnapshotAck` and `Resend` (state replication's window and repair).
+pub const WIRE_VERSION: u8 = 2;
 
 /// The link protocol a node speaks, exchanged in `Hello`/`HelloOk`; both
-/// sides must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// sides must speak the same one. 2: state replication (the window of
+/// snapshot chunks, `Resend`); bumped with the wire version so a node of
+/// protocol 1 is refused in the handshake instead of failing on a frame.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame body (version byte + message). A change record is at most
 /// about the API's 1 MiB body; batches and snapshot chunks are cut far
@@ -104,6 +107,19 @@ pub enum Message {
         last: bool,
         data: Vec<u8>,
     },
+    /// Chunk `index` of the snapshot as of `seq` arrived: the sender's
+    /// window of chunks moves on.
+    SnapshotAck {
+        origin: Uuid,
+        seq: u64,
+        index: u32,
+    },
+    /// A batch of `origin` did not follow what is applied here (`after` is
+    /// the mark): send again from `after + 1`.
+    Resend {
+        origin: Uuid,
+        after: u64,
+    },
 }
 
 /// The frozen prefix of [`Message`]: decodes a handshake of any wire version.
@@ -164,6 +180,8 @@ impl Message {
             Message::Ack { .. } => "ack",
             Message::NeedSnapshot { .. } => "need_snapshot",
             Message::SnapshotChunk { .. } => "snapshot_chunk",
+            Message::SnapshotAck { .. } => "snapshot_ack",
+            Message::Resend { .. } => "resend",
         }
     }
 }
@@ -230,6 +248,8 @@ mod tests {
             Message::Ack { origin: id(0xA1), seq: 130 },
             Message::NeedSnapshot { origin: id(0xB2) },
             Message::SnapshotChunk { origin: id(0xB2), seq: 5, index: 1, last: true, data: vec![0xFF] },
+            Message::SnapshotAck { origin: id(0xB2), seq: 5, index: 1 },
+            Message::Resend { origin: id(0xA1), after: 129 },
         ]
     }
 
@@ -238,16 +258,18 @@ mod tests {
         let b2 = "10b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
         vec![
             // Hello: variant 0, protocol 1, uuid (length 16 + bytes), "a", Control.
-            format!("0000001701 00 01 {a1} 0161 00"),
-            format!("0000001601 01 01 {b2} 0162"),
-            "0000000501 02 026e6f".into(),
-            "0000000501 03 07 ac02".into(),
-            "0000000501 04 07 ac02".into(),
+            format!("0000001702 00 01 {a1} 0161 00"),
+            format!("0000001602 01 01 {b2} 0162"),
+            "0000000502 02 026e6f".into(),
+            "0000000502 03 07 ac02".into(),
+            "0000000502 04 07 ac02".into(),
             // Changes: origin, seq 130 (varint 8201), 2 entries.
-            format!("0000001f01 05 {a1} 8201 02 8101 02 0209 8201 01 02"),
-            format!("0000001501 06 {a1} 8201"),
-            format!("0000001301 07 {b2}"),
-            format!("0000001801 08 {b2} 05 01 01 01 ff"),
+            format!("0000001f02 05 {a1} 8201 02 8101 02 0209 8201 01 02"),
+            format!("0000001502 06 {a1} 8201"),
+            format!("0000001302 07 {b2}"),
+            format!("0000001802 08 {b2} 05 01 01 01 ff"),
+            format!("0000001502 09 {b2} 05 01"),
+            format!("0000001502 0a {a1} 8101"),
         ]
     }
 
@@ -278,9 +300,9 @@ mod tests {
         let refused = Message::Refused { reason: "old".into() };
         assert_eq!(split(&refused.encode_as(0), MAX_FRAME).unwrap().unwrap().0, refused);
         // Anything else of another version is refused by its version.
-        let hb = Message::Heartbeat { seq: 1, sent_at: 2 }.encode_as(2);
+        let hb = Message::Heartbeat { seq: 1, sent_at: 2 }.encode_as(3);
         let e = split(&hb, MAX_FRAME).unwrap_err();
-        assert!(matches!(e, ClusterError::WireVersion { ours: 1, theirs: 2 }), "{e}");
+        assert!(matches!(e, ClusterError::WireVersion { ours: 2, theirs: 3 }), "{e}");
     }
 
     #[test]
@@ -306,7 +328,7 @@ mod tests {
             matches!(split(&longer, MAX_FRAME), Err(ClusterError::Malformed(m)) if m.contains("trailing"))
         );
         assert!(matches!(split(&[0, 0, 0, 0], MAX_FRAME), Err(ClusterError::Malformed(_))));
-        assert!(matches!(split(&[0, 0, 0, 1, 1], MAX_FRAME), Err(ClusterError::Malformed(_))));
+        assert!(matches!(split(&[0, 0, 0, 1, WIRE_VERSION], MAX_FRAME), Err(ClusterError::Malformed(_))));
     }
 
     fn random_message(rng: &mut SeededRng) -> Message {
@@ -316,7 +338,7 @@ mod tests {
         let text = |rng: &mut SeededRng| String::from_utf8_lossy(&bytes(rng, 40)).into_owned();
         let uuid = |rng: &mut SeededRng| Uuid::from_u64_pair(rng.next_u64(), rng.next_u64());
         let channel = |rng: &mut SeededRng| if rng.below(2) == 0 { Channel::Control } else { Channel::Bulk };
-        match rng.below(9) {
+        match rng.below(11) {
             0 => Message::Hello {
                 protocol_version: rng.next_u64() as u32,
                 node_id: uuid(rng),
@@ -338,6 +360,10 @@ mod tests {
             },
             6 => Message::Ack { origin: uuid(rng), seq: rng.next_u64() },
             7 => Message::NeedSnapshot { origin: uuid(rng) },
+            8 => {
+                Message::SnapshotAck { origin: uuid(rng), seq: rng.next_u64(), index: rng.next_u64() as u32 }
+            }
+            9 => Message::Resend { origin: uuid(rng), after: rng.next_u64() },
             _ => Message::SnapshotChunk {
                 origin: uuid(rng),
                 seq: rng.next_u64(),

@@ -214,7 +214,9 @@ fn protocol_version_mismatch_is_refused_on_both_sides() {
     b.handle(t0, Input::Accepted { conn: 1 });
     let hello = a.handle(t0, Input::Connected { conn: 1 });
     let refused = deliver(&mut b, t0, 1, &hello);
-    let why = "protocol version mismatch: the peer speaks 2, this node 1";
+    let (theirs, ours) = (PROTOCOL_VERSION + 1, PROTOCOL_VERSION);
+    let why = format!("protocol version mismatch: the peer speaks {theirs}, this node {ours}");
+    let why = why.as_str();
     assert_eq!(sends(&refused), vec![Message::Refused { reason: why.into() }]);
     assert!(refused.contains(&Output::Close { conn: 1, reason: why.into() }));
     assert!(refused.contains(&Output::Failed { reason: why.into() }));
