@@ -136,6 +136,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     core.spawn_reconciler(&tasks);
     // A join cut short by a lost answer or a crash: settled with the inviter.
     core.spawn_peer_resolver(&tasks);
+    // The peer link, while paired; the API certificate is the node's
+    // identity on it, pinned by the peer at pairing.
+    let local = crate::cluster::transport::LocalNode {
+        node_id: core.node.id,
+        name: core.node.name.clone(),
+        chain: identity.chain.clone(),
+        key: identity.key.clone_key(),
+    };
+    core.spawn_peer_link(&tasks, local);
 
     let socket = cfg.socket_path();
     let api = api::Api::new(core.clone());
@@ -396,6 +405,7 @@ fn needs_restart(live: &Config, new: &Config) -> Vec<&'static str> {
         ),
         ("images", a.images != b.images),
         ("log.target", a.log.target != b.log.target),
+        ("cluster", a.cluster != b.cluster),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))

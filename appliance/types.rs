@@ -636,8 +636,16 @@ pub struct PeerNode {
 pub struct PeerLink {
     /// `up` or `down`.
     pub state: String,
+    /// What the link is doing (connecting, waiting for the peer) and why it
+    /// is down.
     pub detail: String,
+    /// The peer address the link runs over: the one this node dialed, or on
+    /// the accepting node where the peer's connection came from. None while
+    /// down.
+    pub address: Option<String>,
+    /// When a heartbeat (or its answer) last came from the peer.
     pub last_heartbeat: Option<String>,
+    /// Smoothed heartbeat round-trip time; None while down.
     pub rtt_ms: Option<f64>,
 }
 

@@ -625,7 +625,13 @@ fn response_schemas_match_the_types() {
         fingerprint: "AB".into(),
         paired_at: "t".into(),
     };
-    let link = PeerLink { state: "down".into(), detail: "d".into(), last_heartbeat: None, rtt_ms: None };
+    let link = PeerLink {
+        state: "up".into(),
+        detail: "d".into(),
+        address: Some("10.0.0.2:8444".into()),
+        last_heartbeat: Some("t".into()),
+        rtt_ms: Some(0.4),
+    };
     let repl = PeerReplication { lag_records: Some(1), lag_seconds: None };
     let disk = ReplicatedDisk { vm: "web".into(), device: "vda".into(), state: "up_to_date".into() };
     let peer_view = PeerView {

@@ -111,6 +111,7 @@ fn show(v: &PeerView) {
     println!("paired at:   {}", p.paired_at);
     if let Some(l) = &v.link {
         println!("link:        {} ({})", l.state, l.detail);
+        println!("address:     {}", l.address.as_deref().unwrap_or("-"));
         println!("heartbeat:   {}", l.last_heartbeat.as_deref().unwrap_or("none"));
         println!("rtt:         {}", l.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into()));
     }

@@ -584,16 +584,27 @@ impl Link {
     /// is reported as such; losing an up link as `Down`.
     fn lost(&mut self, now: Instant, conn: ConnId, reason: String, failed: bool, out: &mut Vec<Output>) {
         out.push(Output::Close { conn, reason: reason.clone() });
-        if matches!(self.state, State::Up { .. }) {
+        let was_up = match self.state {
+            State::Up { addr, .. } => Some(addr),
+            _ => None,
+        };
+        if was_up.is_some() {
             self.downs += 1;
             out.push(Output::Down { reason: reason.clone() });
         } else if failed {
             out.push(Output::Failed { reason: reason.clone() });
         }
         self.last_error = Some(reason);
-        match self.role {
-            Role::Acceptor => self.state = State::Idle,
-            Role::Dialer => self.backoff(now),
+        match (self.role, was_up) {
+            (Role::Acceptor, _) => self.state = State::Idle,
+            // A path that carried the link died (a cable, a NIC): the
+            // redundant one is tried at once, not after a backoff, so the
+            // link is back within a connect of noticing.
+            (Role::Dialer, Some(Some(addr))) if !failed && self.peer.addresses.len() > 1 => {
+                self.tried = 1;
+                self.connect(now, addr + 1, out);
+            }
+            (Role::Dialer, _) => self.backoff(now),
         }
     }
 }

@@ -97,7 +97,7 @@ fn handshake_heartbeats_and_rtt() {
 }
 
 #[test]
-fn down_after_missed_heartbeats_then_reconnect_with_backoff() {
+fn down_after_missed_heartbeats_then_the_redundant_path_at_once_then_backoff() {
     let t0 = Instant::now();
     let (mut a, mut b) = pair(t0);
     bring_up(&mut a, &mut b, t0);
@@ -113,17 +113,23 @@ fn down_after_missed_heartbeats_then_reconnect_with_backoff() {
                 reason: "nothing heard from the peer for 2000 ms".into()
             }));
             assert!(out.iter().any(|o| matches!(o, Output::Down { .. })));
+            // The path died: the redundant address is dialed in the same
+            // step, without a backoff.
+            assert_eq!(out.last(), Some(&Output::Connect { conn: 2, addr: addr(12) }));
         }
     }
     assert_eq!(now - t0, ms(2000));
-    assert_eq!(a.state(), LinkState::Backoff);
+    assert_eq!(a.state(), LinkState::Connecting);
     let st = a.status(now);
     assert_eq!((st.downs, st.last_error.as_deref()), (1, Some("nothing heard from the peer for 2000 ms")));
+    // That fails too: every address was tried, so back off.
+    assert!(a.handle(now, Input::ConnectFailed { conn: 2, error: "unreachable".into() }).is_empty());
+    assert_eq!(a.state(), LinkState::Backoff);
     // First retry within the first backoff step (125-250 ms), to the
     // address that worked.
     let retry = a.next_timeout().unwrap();
     assert!((ms(125)..=ms(250)).contains(&(retry - now)), "{:?}", retry - now);
-    assert_eq!(a.handle(retry, Input::Tick), vec![Output::Connect { conn: 2, addr: addr(2) }]);
+    assert_eq!(a.handle(retry, Input::Tick), vec![Output::Connect { conn: 3, addr: addr(2) }]);
     // The acceptor saw the same silence.
     let mut bnow = t0;
     while b.state() == LinkState::Up {
@@ -200,8 +206,12 @@ fn the_address_that_worked_is_tried_first() {
     assert_eq!((a.state(), a.status(t0).address), (LinkState::Up, Some(addr(12))));
     let out = a.handle(t0 + ms(10), Input::Closed { conn: 2, error: "reset".into() });
     assert!(out.contains(&Output::Down { reason: "connection lost: reset".into() }));
+    // The other path at once; when it fails too, the next round starts
+    // with the one that worked.
+    assert_eq!(out.last(), Some(&Output::Connect { conn: 3, addr: addr(2) }));
+    a.handle(t0 + ms(10), Input::ConnectFailed { conn: 3, error: "down".into() });
     let retry = a.next_timeout().unwrap();
-    assert_eq!(a.handle(retry, Input::Tick), vec![Output::Connect { conn: 3, addr: addr(12) }]);
+    assert_eq!(a.handle(retry, Input::Tick), vec![Output::Connect { conn: 4, addr: addr(12) }]);
 }
 
 #[test]

@@ -59,6 +59,17 @@ pub struct TransportConfig {
     pub max_frame: usize,
 }
 
+impl Clone for LocalNode {
+    fn clone(&self) -> LocalNode {
+        LocalNode {
+            node_id: self.node_id,
+            name: self.name.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
 impl TransportConfig {
     pub fn from_config(cfg: &crate::config::ClusterConfig) -> TransportConfig {
         TransportConfig {
@@ -187,12 +198,18 @@ impl PeerLink {
 
     /// The current status (heartbeat age as of now).
     pub fn status(&self) -> TransportStatus {
-        let (mut st, at) = self.status.borrow().clone();
-        let since = at.elapsed().as_millis() as u64;
-        if let Some(age) = st.link.last_heartbeat_age_ms.as_mut() {
-            *age += since;
+        status_now(&self.status)
+    }
+
+    /// A handle for the rest of the daemon (status, data out, data in),
+    /// taking over the queue of received data `start` returned.
+    pub fn handle(&self, peer_id: Uuid, incoming: mpsc::Receiver<Message>) -> LinkHandle {
+        LinkHandle {
+            peer_id,
+            status: self.status.clone(),
+            up: self.up.clone(),
+            incoming: Arc::new(tokio::sync::Mutex::new(incoming)),
         }
-        st
     }
 
     /// Changes whenever the link comes up (`Some`, the sender for data on
@@ -213,6 +230,49 @@ impl PeerLink {
     }
 }
 
+fn status_now(rx: &watch::Receiver<(TransportStatus, Instant)>) -> TransportStatus {
+    let (mut st, at) = rx.borrow().clone();
+    let since = at.elapsed().as_millis() as u64;
+    if let Some(age) = st.link.last_heartbeat_age_ms.as_mut() {
+        *age += since;
+    }
+    st
+}
+
+/// What the daemon hands the rest of the node for one running link (one
+/// peer, from start to stop): cheap to clone. The replication driver uses
+/// [`LinkHandle::data`] to send and [`LinkHandle::incoming`] to receive;
+/// see docs/design/peer-link.md, "In the daemon".
+#[derive(Clone)]
+pub struct LinkHandle {
+    /// The peer this link is pinned to.
+    pub peer_id: Uuid,
+    status: watch::Receiver<(TransportStatus, Instant)>,
+    up: watch::Receiver<Option<DataSender>>,
+    incoming: Arc<tokio::sync::Mutex<mpsc::Receiver<Message>>>,
+}
+
+impl LinkHandle {
+    /// The current status (heartbeat age as of now).
+    pub fn status(&self) -> TransportStatus {
+        status_now(&self.status)
+    }
+
+    /// `Some(sender)` while the link is up (a new sender each time it comes
+    /// up: one per connection), `None` while it is down.
+    pub fn data(&self) -> watch::Receiver<Option<DataSender>> {
+        self.up.clone()
+    }
+
+    /// The data messages received from the peer (changes, acks, snapshot
+    /// chunks), in order, across reconnections. One consumer at a time:
+    /// the guard is the queue, held for as long as the consumer runs.
+    /// Ends (`recv` gives `None`) when the link stops.
+    pub async fn incoming(&self) -> tokio::sync::OwnedMutexGuard<mpsc::Receiver<Message>> {
+        self.incoming.clone().lock_owned().await
+    }
+}
+
 impl Drop for PeerLink {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
@@ -230,6 +290,8 @@ enum Event {
 }
 
 struct Conn {
+    /// The peer's end of the TCP connection.
+    remote: Option<SocketAddr>,
     control: mpsc::Sender<Vec<u8>>,
     data: mpsc::Sender<Vec<u8>>,
     close: Option<oneshot::Sender<()>>,
@@ -274,8 +336,14 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline.into()) => self.step(Input::Tick),
             }
             let now = Instant::now();
+            let mut link = self.link.status(now);
+            // The acceptor does not choose the address: it is where the
+            // peer's connection came from.
+            if link.address.is_none() {
+                link.address = self.link.up_conn().and_then(|c| self.conns.get(&c)).and_then(|c| c.remote);
+            }
             let status = TransportStatus {
-                link: self.link.status(now),
+                link,
                 refused_connections: self.refused,
                 last_refusal: self.last_refusal.clone(),
             };
@@ -311,7 +379,7 @@ impl Driver {
             Event::Incoming { stream, remote } => {
                 let conn = self.next_accepted;
                 self.next_accepted += 1;
-                tracing::debug!(peer_id = %self.peer_id, %remote, conn, "peer connection accepted");
+                tracing::debug!(PEER_ID = %self.peer_id, %remote, conn, "peer connection accepted");
                 self.attach(conn, stream);
                 self.step(Input::Accepted { conn });
             }
@@ -321,7 +389,7 @@ impl Driver {
                 // A flood of bad connections logs once a second at most.
                 if self.last_refusal_log.map_or(true, |t| t.elapsed() >= Duration::from_secs(1)) {
                     self.last_refusal_log = Some(Instant::now());
-                    tracing::warn!(peer_id = %self.peer_id, %remote, refused = self.refused, "refused a peer-link connection: {error}");
+                    tracing::warn!(PEER_ID = %self.peer_id, %remote, refused = self.refused, "refused a peer-link connection: {error}");
                 }
                 self.last_refusal = Some(message);
             }
@@ -363,21 +431,22 @@ impl Driver {
                 }
             }
             Output::Close { conn, reason } => {
-                tracing::debug!(peer_id = %self.peer_id, conn, "closing a peer connection: {reason}");
+                tracing::debug!(PEER_ID = %self.peer_id, conn, "closing a peer connection: {reason}");
                 self.close(conn);
             }
             Output::Up { conn, addr, peer_name } => {
                 let Some(c) = self.conns.get(&conn) else { return };
                 let sender = DataSender { conn, data: c.data.clone(), control: c.control.clone() };
-                tracing::info!(peer_id = %self.peer_id, peer = %peer_name, address = ?addr, "peer link up");
+                let address = addr.or(c.remote).map(|a| a.to_string()).unwrap_or_default();
+                tracing::info!(PEER_ID = %self.peer_id, PEER_NAME = %peer_name, LINK_STATE = "up", %address, "peer link up");
                 self.up_tx.send_replace(Some(sender));
             }
             Output::Down { reason } => {
-                tracing::warn!(peer_id = %self.peer_id, "peer link down: {reason}");
+                tracing::warn!(PEER_ID = %self.peer_id, LINK_STATE = "down", %reason, "peer link down: {reason}");
                 self.up_tx.send_replace(None);
             }
             Output::Failed { reason } => {
-                tracing::warn!(peer_id = %self.peer_id, "peer link handshake failed: {reason}");
+                tracing::warn!(PEER_ID = %self.peer_id, "peer link handshake failed: {reason}");
             }
             Output::Deliver { msg } => match self.incoming_tx.try_send(msg) {
                 Ok(()) => {}
@@ -398,6 +467,7 @@ impl Driver {
 
     /// Starts the reader and writer of a new connection.
     fn attach(&mut self, conn: ConnId, stream: TlsStream<TcpStream>) {
+        let remote = stream.get_ref().0.peer_addr().ok();
         let (rd, wr) = tokio::io::split(stream);
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (data, data_rx) = mpsc::channel(DATA_QUEUE);
@@ -405,7 +475,7 @@ impl Driver {
         let events = self.events_tx.clone();
         tokio::spawn(write_frames(conn, wr, control_rx, data_rx, close_rx, events.clone()));
         let reader = tokio::spawn(read_frames(conn, rd, self.cfg.max_frame, events));
-        self.conns.insert(conn, Conn { control, data, close: Some(close), reader });
+        self.conns.insert(conn, Conn { remote, control, data, close: Some(close), reader });
     }
 
     fn close(&mut self, conn: ConnId) {

@@ -126,19 +126,30 @@ pub fn conflicts_check(conflicts: &[crate::store::ConflictRecord], now_ms: i64) 
 }
 
 /// The `peer` check: fine alone or paired with the link up; a warning when
-/// paired and the link is down (the pair cannot fail over), or when a join
-/// waits for the inviter's answer.
-pub fn peer_check(peer: Option<&crate::store::PeerRecord>, link_up: bool) -> HealthCheck {
+/// paired and the link is down (the node still runs its own guests, but
+/// the pair cannot fail over and changes are not replicated), or when a
+/// join waits for the inviter's answer. `link` is the link as
+/// `GET /v1/peer` shows it.
+pub fn peer_check(
+    peer: Option<&crate::store::PeerRecord>,
+    link: Option<&crate::types::PeerLink>,
+) -> HealthCheck {
     use crate::store::PeerState;
-    match peer {
-        None => check("peer", CheckStatus::Ok, "not paired"),
-        Some(p) if p.state == PeerState::Joining => check(
+    match (peer, link) {
+        (None, _) => check("peer", CheckStatus::Ok, "not paired"),
+        (Some(p), _) if p.state == PeerState::Joining => check(
             "peer",
             CheckStatus::Warning,
             format!("pairing with {} is not finished: waiting for its answer", p.name),
         ),
-        Some(p) if link_up => check("peer", CheckStatus::Ok, format!("paired with {}, link up", p.name)),
-        Some(p) => check("peer", CheckStatus::Warning, format!("paired with {}, link down", p.name)),
+        (Some(p), Some(l)) if l.state == "up" => {
+            let rtt = l.rtt_ms.map(|r| format!(", rtt {r:.1} ms")).unwrap_or_default();
+            check("peer", CheckStatus::Ok, format!("paired with {}, link {}{rtt}", p.name, l.detail))
+        }
+        (Some(p), l) => {
+            let why = l.map(|l| l.detail.as_str()).unwrap_or("not running");
+            check("peer", CheckStatus::Warning, format!("paired with {}, link down: {why}", p.name))
+        }
     }
 }
 
@@ -238,8 +249,9 @@ impl Core {
             checks.push(check("update", status, format!("{word}: {}", msg.trim_end_matches([' ', ':']))));
         }
 
-        checks
-            .push(peer_check(self.peer_record().as_ref(), self.metrics.peer_link_up.load(Ordering::Relaxed)));
+        let peer = self.peer_record();
+        let link = peer.as_ref().map(|p| self.link_view(p));
+        checks.push(peer_check(peer.as_ref(), link.as_ref()));
 
         checks.push(match self.conflicts(CONFLICTS_SHOWN + 1).await {
             Ok(c) => conflicts_check(&c, crate::store::now_ms()),

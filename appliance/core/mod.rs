@@ -15,6 +15,7 @@ mod owner;
 #[cfg(test)]
 mod owner_tests;
 mod peer;
+mod peer_link;
 mod reconcile;
 pub mod replica;
 #[cfg(test)]
@@ -532,6 +533,16 @@ impl Core {
             tls_cert_not_after: self.tls_not_after.get().copied(),
             data_dir_space: health::fs_space(&self.paths.data_dir),
             last_backup: crate::store::backup::last_backup(&self.paths.data_dir),
+            peer_link: self.peer_link_status().map(|st| {
+                let up = st.link.state == crate::cluster::link::LinkState::Up;
+                crate::telemetry::metrics::PeerLinkSample {
+                    up,
+                    rtt_seconds: st.link.rtt_ms.filter(|_| up).map(|ms| ms / 1000.0),
+                    heartbeat_age_seconds: st.link.last_heartbeat_age_ms.map(|ms| ms as f64 / 1000.0),
+                    downs: st.link.downs,
+                    refused: st.refused_connections,
+                }
+            }),
         };
         self.metrics.render(&snap)
     }

@@ -8,9 +8,7 @@ use crate::cluster::pairing::{
 };
 use crate::store::{PeerRecord, PeerState};
 use crate::tasks::{Policy, Stage, Supervisor};
-use crate::types::{
-    PeerInvitation, PeerInvite, PeerJoin, PeerLink, PeerNode, PeerReplication, PeerUnpaired, PeerView,
-};
+use crate::types::{PeerInvitation, PeerInvite, PeerJoin, PeerNode, PeerReplication, PeerUnpaired, PeerView};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use std::net::{IpAddr, SocketAddr};
@@ -30,7 +28,12 @@ const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 pub struct PeerSide {
     /// Created on first use, when the TLS identity is known.
     inviter: std::sync::Mutex<Option<Inviter>>,
-    record: std::sync::RwLock<Option<PeerRecord>>,
+    /// A watch, so the peer link starts and stops with the pairing.
+    pub(super) record: tokio::sync::watch::Sender<Option<PeerRecord>>,
+    /// The running peer link, if any (see core/peer_link.rs).
+    pub(super) link: tokio::sync::watch::Sender<Option<crate::cluster::transport::LinkHandle>>,
+    /// Why the link could not start (its listen address taken, say).
+    pub(super) link_error: std::sync::Mutex<Option<String>>,
     /// One pairing step (join, commit, abort, unpair) at a time, so two
     /// cannot both see "not paired" and both write.
     lock: tokio::sync::Mutex<()>,
@@ -40,7 +43,7 @@ pub struct PeerSide {
 
 impl PeerSide {
     pub fn load(record: Option<PeerRecord>) -> PeerSide {
-        PeerSide { record: std::sync::RwLock::new(record), ..Default::default() }
+        PeerSide { record: tokio::sync::watch::Sender::new(record), ..Default::default() }
     }
 }
 
@@ -197,7 +200,7 @@ impl Core {
     }
 
     pub(crate) fn peer_record(&self) -> Option<PeerRecord> {
-        self.peer.record.read().unwrap().clone()
+        self.peer.record.borrow().clone()
     }
 
     fn with_inviter<T>(&self, f: impl FnOnce(&mut Inviter) -> T) -> T {
@@ -226,7 +229,7 @@ impl Core {
         self.metrics
             .peer_paired
             .store(rec.as_ref().is_some_and(|r| r.state == PeerState::Paired), Ordering::Relaxed);
-        *self.peer.record.write().unwrap() = rec;
+        self.peer.record.send_replace(rec);
         Ok(())
     }
 
@@ -510,13 +513,7 @@ impl Core {
             Some(PeerState::Joining) => "joining",
             Some(PeerState::Paired) => "paired",
         };
-        // No peer link runs yet: the link is down, with nothing measured.
-        let link = rec.as_ref().map(|_| PeerLink {
-            state: "down".into(),
-            detail: "not connected".into(),
-            last_heartbeat: None,
-            rtt_ms: None,
-        });
+        let link = rec.as_ref().map(|r| self.link_view(r));
         let replication = rec.as_ref().map(|_| PeerReplication { lag_records: None, lag_seconds: None });
         PeerView {
             paired: rec.as_ref().is_some_and(|r| r.state == PeerState::Paired),

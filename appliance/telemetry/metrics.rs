@@ -37,8 +37,6 @@ pub struct Metrics {
     pub libvirt_connected: AtomicBool,
     /// This node has a peer (pairing finished on both sides).
     pub peer_paired: AtomicBool,
-    /// The peer link is up (set by the link's driver).
-    pub peer_link_up: AtomicBool,
     pub libvirt_reconnects: AtomicU64,
     pub rate_limited: AtomicU64,
     pub auth_failures: AtomicU64,
@@ -60,6 +58,22 @@ pub struct Snapshot<'a> {
     pub data_dir_space: Option<(u64, u64)>,
     /// Unix seconds of the last `novacron backup create`.
     pub last_backup: Option<i64>,
+    /// The peer link, when one runs (this node is paired).
+    pub peer_link: Option<PeerLinkSample>,
+}
+
+/// The peer link at scrape time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PeerLinkSample {
+    pub up: bool,
+    /// Smoothed heartbeat RTT, while up.
+    pub rtt_seconds: Option<f64>,
+    /// Since the peer was last heard (a heartbeat or its answer).
+    pub heartbeat_age_seconds: Option<f64>,
+    /// Times the link went down since the daemon started.
+    pub downs: u64,
+    /// Connections to the link's port refused in TLS (not the pinned peer).
+    pub refused: u64,
 }
 
 impl Metrics {
@@ -150,13 +164,50 @@ impl Metrics {
             "gauge",
             u8::from(self.peer_paired.load(Ordering::Relaxed)).to_string(),
         );
+        let link = snap.peer_link.unwrap_or_default();
         gauge(
             &mut out,
             "novacron_peer_link_up",
             "1 when the link to the paired peer is up.",
             "gauge",
-            u8::from(self.peer_link_up.load(Ordering::Relaxed)).to_string(),
+            u8::from(link.up).to_string(),
         );
+        // Absent, not 0, when nothing was measured: a 0 s RTT or heartbeat
+        // age would look healthy.
+        if let Some(rtt) = link.rtt_seconds {
+            gauge(
+                &mut out,
+                "novacron_peer_rtt_seconds",
+                "Smoothed round-trip time of the peer link's heartbeats.",
+                "gauge",
+                format!("{rtt:.6}"),
+            );
+        }
+        if let Some(age) = link.heartbeat_age_seconds {
+            gauge(
+                &mut out,
+                "novacron_peer_heartbeat_age_seconds",
+                "Since a heartbeat (or its answer) last came from the peer.",
+                "gauge",
+                format!("{age:.3}"),
+            );
+        }
+        if snap.peer_link.is_some() {
+            gauge(
+                &mut out,
+                "novacron_peer_link_downs_total",
+                "Times the peer link went down since the daemon started.",
+                "counter",
+                link.downs.to_string(),
+            );
+            gauge(
+                &mut out,
+                "novacron_peer_link_refused_total",
+                "Connections to the peer-link port refused in TLS (not the pinned peer) since the daemon started.",
+                "counter",
+                link.refused.to_string(),
+            );
+        }
         gauge(
             &mut out,
             "novacron_libvirt_reconnects_total",
@@ -279,6 +330,13 @@ mod tests {
             tls_cert_not_after: None,
             data_dir_space: Some((10, 100)),
             last_backup: Some(1_700_000_000),
+            peer_link: Some(PeerLinkSample {
+                up: true,
+                rtt_seconds: Some(0.00042),
+                heartbeat_age_seconds: Some(0.25),
+                downs: 2,
+                refused: 0,
+            }),
         };
         let text = m.render(&snap);
         assert!(text.contains(r#"novacron_http_requests_total{route="/v1/vms",method="GET",status="200"} 2"#));
@@ -289,5 +347,14 @@ mod tests {
         assert!(text.contains("novacron_data_dir_free_bytes 10\n"));
         assert!(text.contains("novacron_data_dir_size_bytes 100\n"));
         assert!(text.contains("novacron_last_backup_timestamp_seconds 1700000000\n"));
+        assert!(text.contains("novacron_peer_link_up 1\n"));
+        assert!(text.contains("novacron_peer_rtt_seconds 0.000420\n"));
+        assert!(text.contains("novacron_peer_heartbeat_age_seconds 0.250\n"));
+        assert!(text.contains("novacron_peer_link_downs_total 2\n"));
+        // Not paired: link down, nothing measured is exported as if it were.
+        let text = m.render(&Snapshot { peer_link: None, ..snap });
+        assert!(text.contains("novacron_peer_link_up 0\n"));
+        assert!(!text.contains("novacron_peer_rtt_seconds"));
+        assert!(!text.contains("novacron_peer_heartbeat_age_seconds"));
     }
 }

@@ -79,6 +79,12 @@ pub fn api_port() -> u16 {
     std::env::var("NOVACRON_TEST_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(18443)
 }
 
+/// The daemons' peer-link port: the one after the API's, on the same
+/// addresses (so it moves with NOVACRON_TEST_PORT).
+pub fn link_port() -> u16 {
+    api_port() + 1
+}
+
 pub fn scratch_dir(tag: &str) -> PathBuf {
     // Under /var/tmp rather than /tmp: QEMU (as libvirt-qemu) must reach the
     // disks, and some CI hosts mount /tmp privately.
@@ -104,6 +110,17 @@ impl Daemon {
         };
         let addr = addrs[0].clone();
         let listen = addrs.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ");
+        // The link listens where the API does (never on the default
+        // 0.0.0.0:8444, which every daemon on this host would share).
+        let mut more = opts.extra.clone();
+        if !more.contains("[cluster]") {
+            let links: Vec<String> = addrs
+                .iter()
+                .map(|a| a.parse::<std::net::SocketAddr>().unwrap().ip())
+                .map(|ip| format!("\"{}\"", std::net::SocketAddr::new(ip, link_port())))
+                .collect();
+            more.push_str(&format!("[cluster]\nlisten = [{}]\n", links.join(", ")));
+        }
         let config = dir.join("novacron.toml");
         std::fs::write(
             &config,
@@ -118,7 +135,7 @@ impl Daemon {
                 ht = opts.header_timeout_secs,
                 extra = opts.extra_api,
                 uri = opts.uri,
-                more = opts.extra,
+                more = more,
             ),
         )
         .unwrap();
