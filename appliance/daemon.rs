@@ -145,6 +145,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         key: identity.key.clone_key(),
     };
     core.spawn_peer_link(&tasks, local);
+    // State replication over it (follows the link).
+    crate::cluster::replicator::spawn(&core, &tasks);
 
     let socket = cfg.socket_path();
     let api = api::Api::new(core.clone());

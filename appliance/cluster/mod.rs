@@ -9,6 +9,7 @@ pub mod frame;
 pub mod link;
 pub mod pairing;
 pub mod replication;
+pub mod replicator;
 pub mod transport;
 
 /// The peer link's port when the configuration does not name one.

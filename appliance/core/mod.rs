@@ -97,6 +97,9 @@ pub struct Core {
     images_pending: Mutex<std::collections::HashSet<String>>,
     /// Pairing: outstanding invitations and the peer row.
     peer: peer::PeerSide,
+    /// State replication's lag and counters while it runs (written by
+    /// `cluster::replicator`).
+    pub replication: crate::cluster::replicator::StatusCell,
 }
 
 impl Core {
@@ -160,6 +163,7 @@ impl Core {
             images_pending: Mutex::default(),
             closed: Default::default(),
             peer: peer::PeerSide::load(peer_row),
+            replication: Default::default(),
         };
         Ok(Arc::new(core))
     }
@@ -533,6 +537,12 @@ impl Core {
             tls_cert_not_after: self.tls_not_after.get().copied(),
             data_dir_space: health::fs_space(&self.paths.data_dir),
             last_backup: crate::store::backup::last_backup(&self.paths.data_dir),
+            replication_lag: self
+                .replication
+                .read()
+                .unwrap()
+                .as_ref()
+                .map_or((None, None), |r| (r.lag_records, r.lag_seconds)),
             peer_link: self.peer_link_status().map(|st| {
                 let up = st.link.state == crate::cluster::link::LinkState::Up;
                 crate::telemetry::metrics::PeerLinkSample {

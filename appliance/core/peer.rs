@@ -514,7 +514,10 @@ impl Core {
             Some(PeerState::Paired) => "paired",
         };
         let link = rec.as_ref().map(|r| self.link_view(r));
-        let replication = rec.as_ref().map(|_| PeerReplication { lag_records: None, lag_seconds: None });
+        let repl = self.replication.read().unwrap().clone().unwrap_or_default();
+        let replication = rec
+            .as_ref()
+            .map(|_| PeerReplication { lag_records: repl.lag_records, lag_seconds: repl.lag_seconds });
         PeerView {
             paired: rec.as_ref().is_some_and(|r| r.state == PeerState::Paired),
             state: state.into(),

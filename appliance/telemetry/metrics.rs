@@ -60,6 +60,9 @@ pub struct Snapshot<'a> {
     pub last_backup: Option<i64>,
     /// The peer link, when one runs (this node is paired).
     pub peer_link: Option<PeerLinkSample>,
+    /// State replication's lag: this node's changes the peer has not
+    /// acknowledged, and the age of the oldest (None: not known).
+    pub replication_lag: (Option<u64>, Option<f64>),
 }
 
 /// The peer link at scrape time.
@@ -192,6 +195,23 @@ impl Metrics {
                 format!("{age:.3}"),
             );
         }
+        // Always exported (the alert rule needs the series); NaN while
+        // unknown: not paired, or the peer has not told its mark yet.
+        let (records, seconds) = snap.replication_lag;
+        gauge(
+            &mut out,
+            "novacron_peer_replication_lag_records",
+            "This node's changes the peer has not acknowledged (NaN: unknown).",
+            "gauge",
+            records.map_or("NaN".into(), |n| n.to_string()),
+        );
+        gauge(
+            &mut out,
+            "novacron_peer_replication_lag_seconds",
+            "Age of the oldest change the peer has not acknowledged (NaN: unknown).",
+            "gauge",
+            seconds.map_or("NaN".into(), |s| format!("{s:.3}")),
+        );
         if snap.peer_link.is_some() {
             gauge(
                 &mut out,
@@ -337,6 +357,7 @@ mod tests {
                 downs: 2,
                 refused: 0,
             }),
+            replication_lag: (Some(12), Some(1.5)),
         };
         let text = m.render(&snap);
         assert!(text.contains(r#"novacron_http_requests_total{route="/v1/vms",method="GET",status="200"} 2"#));
@@ -351,8 +372,12 @@ mod tests {
         assert!(text.contains("novacron_peer_rtt_seconds 0.000420\n"));
         assert!(text.contains("novacron_peer_heartbeat_age_seconds 0.250\n"));
         assert!(text.contains("novacron_peer_link_downs_total 2\n"));
+        assert!(text.contains("novacron_peer_replication_lag_records 12\n"));
+        assert!(text.contains("novacron_peer_replication_lag_seconds 1.500\n"));
         // Not paired: link down, nothing measured is exported as if it were.
-        let text = m.render(&Snapshot { peer_link: None, ..snap });
+        let text = m.render(&Snapshot { peer_link: None, replication_lag: (None, None), ..snap });
+        assert!(text.contains("novacron_peer_replication_lag_records NaN\n"));
+        assert!(text.contains("novacron_peer_replication_lag_seconds NaN\n"));
         assert!(text.contains("novacron_peer_link_up 0\n"));
         assert!(!text.contains("novacron_peer_rtt_seconds"));
         assert!(!text.contains("novacron_peer_heartbeat_age_seconds"));
