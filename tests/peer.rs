@@ -411,9 +411,14 @@ async fn a_join_cut_at_each_step_ends_the_same_on_both_nodes() {
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "pairing_incomplete"), "{v}");
     assert_eq!(seen.load(Ordering::SeqCst), 10);
     assert_eq!(peer(&a).await["state"], "paired");
-    assert_eq!(peer(&b).await["state"], "joining");
-    assert_eq!(peer_check(&b).await["status"], "warning");
+    // B's resolver is woken at once and asks A directly: it may have
+    // settled already (within ms); until then B says it is joining.
+    let check = peer_check(&b).await;
+    if peer(&b).await["state"] == "joining" {
+        assert_eq!(check["status"], "warning", "{check}");
+    }
     settles(&b, "paired").await;
+    assert!(b.log().contains("pairing confirmed by the inviter"), "settled by asking A: {}", b.log());
 }
 
 /// The peer link in the daemons: up with an RTT once paired, down when the
