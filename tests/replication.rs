@@ -316,3 +316,147 @@ async fn a_guest_running_on_a_is_a_replica_on_b_that_b_never_starts() {
         "{on_b}"
     );
 }
+
+/// `(origin_seq, at)` of `origin`'s change rows in `n`'s store from `first` on.
+fn rows_at(n: &Node, origin: &str, first: i64) -> std::collections::BTreeMap<i64, i64> {
+    let c = db(n);
+    let mut stmt =
+        c.prepare("SELECT origin_seq, at FROM changes WHERE origin = ?1 AND origin_seq >= ?2").unwrap();
+    let rows = stmt.query_map(rusqlite::params![origin, first], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+fn pct(sorted: &[i64], p: f64) -> i64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Replication lag from commit on A to applied on B, at offered rates of
+/// token creations on A (open loop, at most 8 requests in flight over A's
+/// socket). The lag of each change is B's row time minus A's (both daemons
+/// on one host clock; each row is written inside its transaction, just
+/// before the disk flush). Then a backlog made while the links are cut is
+/// drained: the stream's own limit. `NOVACRON_BENCH_RATES` (default
+/// `250,1000`, short for CI), `NOVACRON_BENCH_SECS` (3) and
+/// `NOVACRON_BENCH_BACKLOG` (2000) tune it; docs/performance.md has a
+/// longer run.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement, not a check: prints replication lag for docs/performance.md"]
+async fn measure_replication_lag() {
+    let pair = Pair::test_driver("replbench");
+    pair_up(&pair).await;
+    converge(&pair, 20).await;
+    let ida = node_id(&pair.a).await;
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let rates: Vec<u64> =
+        env("NOVACRON_BENCH_RATES", "250,1000").split(',').map(|r| r.trim().parse().unwrap()).collect();
+    let secs: u64 = env("NOVACRON_BENCH_SECS", "3").parse().unwrap();
+    let newest = |n: &Node| -> i64 {
+        db(n)
+            .query_row("SELECT COALESCE(MAX(origin_seq), 0) FROM changes WHERE origin = ?1", [&ida], |r| {
+                r.get(0)
+            })
+            .unwrap()
+    };
+    for rate in rates {
+        let first = newest(&pair.a) + 1;
+        let n = rate * secs;
+        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+        let t0 = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            tokio::time::sleep_until(t0 + Duration::from_micros(i * 1_000_000 / rate)).await;
+            let permit = gate.clone().acquire_owned().await.unwrap();
+            let c = pair.a.local();
+            tasks.push(tokio::spawn(async move {
+                let (s, v) = call(
+                    &c,
+                    Method::POST,
+                    "/v1/tokens",
+                    Some(json!({"name": format!("r{rate}-{i}"), "role": "viewer"})),
+                )
+                .await;
+                assert_eq!(s, StatusCode::CREATED, "{v}");
+                drop(permit);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let took = t0.elapsed().as_secs_f64();
+        let last = newest(&pair.a);
+        let t1 = Instant::now();
+        while newest(&pair.b) < last {
+            assert!(t1.elapsed() < Duration::from_secs(120), "B did not catch up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let drain = t1.elapsed();
+        let (on_a, on_b) = (rows_at(&pair.a, &ida, first), rows_at(&pair.b, &ida, first));
+        let lags: Vec<i64> = on_a.iter().map(|(s, at)| on_b[s] - at).collect();
+        let mut sorted = lags.clone();
+        sorted.sort();
+        // Growing lag: the median of the last fifth against the first fifth.
+        let fifth = lags.len() / 5;
+        let median = |v: &[i64]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v[v.len() / 2]
+        };
+        eprintln!(
+            "offered {rate}/s: committed {} changes at {:.0}/s; lag ms p50 {} p90 {} p99 {} max {}; \
+             median first fifth {} last fifth {}; B caught up {} ms after the last request",
+            lags.len(),
+            lags.len() as f64 / took,
+            pct(&sorted, 0.5),
+            pct(&sorted, 0.9),
+            pct(&sorted, 0.99),
+            sorted[sorted.len() - 1],
+            median(&lags[..fifth]),
+            median(&lags[lags.len() - fifth..]),
+            drain.as_millis()
+        );
+    }
+    // The stream's own limit: a backlog made while both links are cut,
+    // drained once they are back; the rate is B's rows over their span.
+    let backlog: u64 = env("NOVACRON_BENCH_BACKLOG", "2000").parse().unwrap();
+    pair.cut(0);
+    pair.cut(1);
+    until(&pair.a, "link down", 10, |n| async move { get(n, "/v1/peer").await["link"]["state"] == "down" })
+        .await;
+    let first = newest(&pair.a) + 1;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    let mut tasks = Vec::new();
+    for i in 0..backlog {
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let c = pair.a.local();
+        tasks.push(tokio::spawn(async move {
+            let (s, v) = call(
+                &c,
+                Method::POST,
+                "/v1/tokens",
+                Some(json!({"name": format!("backlog-{i}"), "role": "viewer"})),
+            )
+            .await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+            drop(permit);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let last = newest(&pair.a);
+    pair.restore(0);
+    pair.restore(1);
+    let t1 = Instant::now();
+    while newest(&pair.b) < last {
+        assert!(t1.elapsed() < Duration::from_secs(120), "B did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let on_b = rows_at(&pair.b, &ida, first);
+    let span = on_b.values().max().unwrap() - on_b.values().min().unwrap();
+    eprintln!(
+        "backlog of {} changes: B applied them in {span} ms ({:.0}/s), caught up {} ms after the links came back",
+        on_b.len(),
+        on_b.len() as f64 * 1000.0 / span.max(1) as f64,
+        t1.elapsed().as_millis()
+    );
+}
