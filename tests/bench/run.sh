@@ -173,6 +173,7 @@ trap 'exit 130' INT TERM
 # ---------------------------------------------------------------- helpers
 ms() { awk -v s="$1" -v e="$2" 'BEGIN { printf "%.1f", (e - s) * 1000 }'; }
 median() { sort -g | awk '{ a[NR] = $1 } END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.1f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 rss() { echo "VmRSS=$(status_kb "$1" VmRSS)kB RssAnon=$(status_kb "$1" RssAnon)kB"; }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
@@ -881,7 +882,6 @@ PY
 fi
 
 # ======================================================= results
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 ok() { if awk -v v="$1" -v t="$3" -v op="$2" 'BEGIN { exit !((op == "ge" && v >= t) || (op == "le" && v <= t)) }'; then echo "met"; else echo "MISSED"; fi; }
 anon_mb() { echo "$1" | sed -n 's/.*RssAnon=\([0-9]*\)kB.*/\1/p' | awk '{ printf "%.1f", $1 / 1024 }'; }
 
