@@ -225,6 +225,11 @@ async fn state_converges_both_ways_and_resumes_after_cuts_and_kill9() {
         let c = h["checks"].as_array().unwrap().iter().find(|c| c["name"] == "conflicts").unwrap().clone();
         assert_eq!(c["status"], "warning", "{c}");
         assert!(c["message"].as_str().unwrap().contains("\"ops\""), "{c}");
+        // Logged with the peer's id, like the resume.
+        let log = n.daemon.log();
+        let logged = |what: &str| log.lines().any(|l| l.contains(what) && l.contains("PEER_ID="));
+        assert!(logged("name conflict with the peer resolved: token \"ops\""), "{log}");
+        assert!(logged("state replication resumes from its mark"), "{log}");
     }
     check_stream(&pair.a, &pair.b).await;
     check_stream(&pair.b, &pair.a).await;

@@ -170,6 +170,9 @@ pub enum Output {
     ApplySnapshot { origin: Uuid, snapshot: Snapshot },
     /// Persist the peer's ack (`Core::record_peer_ack`).
     PersistAck { peer: Uuid, seq: u64 },
+    /// The stream to the peer resumes after `after` (its mark), from a
+    /// snapshot first when `snapshot`: for the log.
+    Resumed { after: u64, local: u64, snapshot: bool },
 }
 
 /// What `GET /v1/peer` and the metrics show.
@@ -321,7 +324,9 @@ impl Sender {
                         self.local
                     ));
                 }
-                if seq == 0 && self.local > 0 {
+                let snapshot = seq == 0 && self.local > 0;
+                out.push(Output::Resumed { after: seq, local: self.local, snapshot });
+                if snapshot {
                     // A new peer is seeded from a snapshot, never from seq 0.
                     self.start_snapshot(now, out);
                 } else {

@@ -102,7 +102,7 @@ fn acks_are_persisted_at_most_once_a_second() {
 fn snapshot_round(a: &mut Replication, b: &mut Replication, t: Instant) -> Vec<Output> {
     let out = a.handle(t, Input::Message(Message::Ack { origin: A, seq: 0 }));
     let read = match out.as_slice() {
-        [Output::ReadSnapshot { read }] => *read,
+        [Output::Resumed { snapshot: true, .. }, Output::ReadSnapshot { read }] => *read,
         other => panic!("a new peer gets a snapshot: {other:?}"),
     };
     let changes: Vec<Vec<u8>> = (0..20u8).map(|i| vec![2, i, i, i, i, i]).collect();
@@ -262,7 +262,10 @@ fn link_down_stops_sending_and_up_resumes_from_the_new_ack() {
     let mut a = Replication::new(small(), (A, B), 6, 0, t0, 0);
     a.handle(t0, Input::LinkUp);
     let out = a.handle(t0, Input::Message(Message::Ack { origin: A, seq: 0 }));
-    assert!(matches!(out.as_slice(), [Output::ReadSnapshot { .. }]));
+    assert!(matches!(
+        out.as_slice(),
+        [Output::Resumed { after: 0, local: 6, snapshot: true }, Output::ReadSnapshot { .. }]
+    ));
     assert!(a.handle(t0, Input::LinkDown).is_empty());
     assert!(a.handle(t0, Input::LocalSeq { seq: 9, at: 0 }).is_empty(), "down: nothing is read");
     assert!(a.handle(t0, Input::Message(Message::Ack { origin: A, seq: 3 })).is_empty());
@@ -270,6 +273,7 @@ fn link_down_stops_sending_and_up_resumes_from_the_new_ack() {
     a.handle(t0, Input::LinkUp);
     let out = a.handle(t0, Input::Message(Message::Ack { origin: A, seq: 3 }));
     assert_eq!(read_tail(&out).map(|r| r.1), Some(3));
+    assert_eq!(out[0], Output::Resumed { after: 3, local: 9, snapshot: false });
 }
 
 #[test]
@@ -461,6 +465,7 @@ impl Sim {
                         }
                         queue.push_back(Input::Applied { mark: node.mark });
                     }
+                    Output::Resumed { .. } => {}
                     Output::PersistAck { peer, seq } => {
                         assert_eq!(peer, node.peer);
                         node.peer_ack = node.peer_ack.max(seq);

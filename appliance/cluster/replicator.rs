@@ -78,6 +78,7 @@ pub async fn run(
         Replication::new(ReplConfig::default(), ids, seq, mark, Instant::now(), crate::util::now_ms());
     let mut link: Option<DataSender> = None;
     let mut inputs = VecDeque::new();
+    let mut conflicts_seen = newest_conflict(&core).await;
     tracing::info!(PEER_ID = %peer, local_seq = seq, applied_mark = mark, "state replication started");
     loop {
         if link.is_none() {
@@ -88,7 +89,11 @@ pub async fn run(
         }
         while let Some(input) = inputs.pop_front() {
             for o in m.handle(Instant::now(), input) {
+                let applies = matches!(o, Output::Apply { .. } | Output::ApplySnapshot { .. });
                 if let Some(next) = carry_out(&core, peer, link.as_ref(), o).await {
+                    if applies && matches!(next, Input::Applied { .. }) {
+                        report_conflicts(&core, peer, &mut conflicts_seen).await;
+                    }
                     inputs.push_back(next);
                 }
             }
@@ -131,6 +136,32 @@ pub async fn run(
     *status.write().unwrap() = None;
     tracing::info!(PEER_ID = %peer, "state replication stopped");
     Ok(())
+}
+
+async fn newest_conflict(core: &Core) -> i64 {
+    core.conflicts(1).await.ok().and_then(|c| c.first().map(|c| c.at)).unwrap_or(0)
+}
+
+/// Logs the name conflicts the last apply resolved, with the peer's id
+/// (the store records them; health reports them).
+async fn report_conflicts(core: &Core, peer: Uuid, seen: &mut i64) {
+    let Ok(recent) = core.conflicts(20).await else { return };
+    for c in recent.iter().rev().filter(|c| c.at > *seen) {
+        tracing::warn!(
+            PEER_ID = %peer,
+            KIND = %c.kind,
+            NAME = %c.name,
+            KEPT = %c.kept,
+            LOSER = %c.loser,
+            "name conflict with the peer resolved: {} {:?} {}",
+            c.kind,
+            c.name,
+            c.outcome
+        );
+    }
+    if let Some(c) = recent.first() {
+        *seen = (*seen).max(c.at);
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -183,6 +214,11 @@ async fn carry_out(core: &Arc<Core>, peer: Uuid, link: Option<&DataSender>, o: O
                 }
                 Err(e) => failed(core, origin, e).await,
             })
+        }
+        Output::Resumed { after, local, snapshot } => {
+            let from = if snapshot { "a snapshot, then the changes after it" } else { "its mark" };
+            tracing::info!(PEER_ID = %peer, peer_mark = after, local_seq = local, "state replication resumes from {from}");
+            None
         }
         Output::PersistAck { peer, seq } => {
             if let Err(e) = core.record_peer_ack(peer, seq).await {
