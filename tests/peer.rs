@@ -693,3 +693,179 @@ async fn the_link_moves_to_the_redundant_path_and_survives_cuts() {
     let (_, m) = call(&dialer.local(), Method::GET, "/metrics", None).await;
     assert!(m.as_str().unwrap().contains("\nnovacron_peer_link_up 1\n"));
 }
+
+/// A frame as the test reads it off a hostile connection; None once closed.
+async fn read_frame(
+    s: &mut (impl tokio::io::AsyncReadExt + Unpin),
+) -> Option<novacron::cluster::frame::Message> {
+    let mut header = [0u8; 4];
+    s.read_exact(&mut header).await.ok()?;
+    let mut body = vec![0; u32::from_be_bytes(header) as usize];
+    s.read_exact(&mut body).await.ok()?;
+    novacron::cluster::frame::Message::decode(&body).ok()
+}
+
+/// What hostile clients in `from`'s namespace get from the link port at
+/// `to`: for each case, what it read before the connection closed (an
+/// error text when it could not connect or the TLS handshake failed).
+fn hostile(
+    from: &common::pair::Node,
+    to: std::net::SocketAddr,
+    pin: String,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+    cases: Vec<Vec<u8>>,
+) -> Vec<Result<Vec<novacron::cluster::frame::Message>, String>> {
+    use tokio::io::AsyncWriteExt;
+    from.ns.run(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let (chain, key) = match identity {
+                Some((cert, key)) => (
+                    rustls_pemfile::certs(&mut &cert[..]).collect::<Result<Vec<_>, _>>().unwrap(),
+                    rustls_pemfile::private_key(&mut &key[..]).unwrap().unwrap(),
+                ),
+                None => {
+                    // A certificate the node never pinned.
+                    let k = rcgen::KeyPair::generate().unwrap();
+                    let c = rcgen::CertificateParams::new(vec!["x".into()]).unwrap().self_signed(&k).unwrap();
+                    (
+                        vec![c.der().clone()],
+                        rustls::pki_types::PrivateKeyDer::try_from(k.serialize_der()).unwrap(),
+                    )
+                }
+            };
+            let tls =
+                novacron::tls::mutual_client_config(&pin, chain, key, novacron::cluster::transport::ALPN)
+                    .unwrap();
+            let mut out = Vec::new();
+            for bytes in cases {
+                let one = async {
+                    let tcp = tokio::net::TcpStream::connect(to).await.map_err(|e| e.to_string())?;
+                    let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
+                    let mut s = tokio_rustls::TlsConnector::from(tls.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| format!("TLS: {e}"))?;
+                    s.write_all(&bytes).await.map_err(|e| format!("write: {e}"))?;
+                    let mut got = Vec::new();
+                    while let Some(m) = read_frame(&mut s).await {
+                        got.push(m);
+                    }
+                    Ok(got)
+                };
+                let r = tokio::time::timeout(Duration::from_secs(10), one).await;
+                out.push(r.unwrap_or_else(|_| Err("not closed within 10 s".into())));
+            }
+            out
+        })
+    })
+}
+
+async fn metric_of(n: &common::pair::Node, name: &str) -> Option<f64> {
+    let (_, v) = call(&n.local(), Method::GET, "/metrics", None).await;
+    let text = v.as_str().unwrap_or_default().to_string();
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map(|v| v.parse().unwrap())
+}
+
+/// The link port of a paired daemon (in its namespace, from the peer's):
+/// plaintext and an unpinned certificate are refused in TLS without
+/// touching the link; the pinned peer's own certificate with an oversized,
+/// malformed or wrong-version frame, or a protocol this node does not speak
+/// (told so in a `Refused`), is closed and logged; nothing panics, both
+/// stay paired and the real link comes back.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_connections_to_the_link_port_change_nothing() {
+    use novacron::cluster::frame::{Channel, Message, WIRE_VERSION};
+    let pair = common::pair::Pair::test_driver("phostile");
+    let (a, b) = (&pair.a, &pair.b);
+    let (s, v) = call(&a.local(), Method::POST, "/v1/peer/invite", Some(json!({}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, v) = call(&b.local(), Method::POST, "/v1/peer/join", Some(json!({ "code": v["code"] }))).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // The accepting node (the larger id) is the one that answers a Hello.
+    let (dialer, acceptor) = if pnode_id(a).await < pnode_id(b).await { (a, b) } else { (b, a) };
+    plink_until(dialer, "up", 10, |l| l["state"] == "up").await;
+    plink_until(acceptor, "up", 5, |l| l["state"] == "up").await;
+    let port: std::net::SocketAddr =
+        format!("{}:{}", acceptor.addrs[0], common::link_port()).parse().unwrap();
+    let pin = acceptor.daemon.fingerprint.clone();
+
+    // Without the pinned certificate nothing reaches the link.
+    let plain = dialer.exec(
+        "timeout",
+        &[
+            "5",
+            "bash",
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/{}/{}; printf 'GET / HTTP/1.1\\r\\n\\r\\n' >&3; cat <&3",
+                port.ip(),
+                port.port()
+            ),
+        ],
+    );
+    // At most a TLS alert record (content type 21), never anything else.
+    assert!(plain.stdout.is_empty() || plain.stdout[0] == 21, "plaintext got an answer: {:?}", plain.stdout);
+    let r = hostile(dialer, port, pin.clone(), None, vec![Vec::new()]);
+    assert!(
+        matches!(&r[..], [Err(e)] if e.starts_with("TLS") || e.starts_with("write"))
+            || matches!(&r[..], [Ok(m)] if m.is_empty()),
+        "{r:?}"
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while metric_of(acceptor, "novacron_peer_link_refused_total").await != Some(2.0) {
+        assert!(std::time::Instant::now() < until, "refusals not counted: {}", acceptor.daemon.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        metric_of(acceptor, "novacron_peer_link_downs_total").await,
+        Some(0.0),
+        "the link was disturbed"
+    );
+    assert_eq!(plink(acceptor).await["state"], "up");
+    assert!(acceptor.daemon.log().contains("refused a peer-link connection"), "{}", acceptor.daemon.log());
+
+    // With the peer's own identity (read from its data dir: only the real
+    // peer has it), bad frames and a foreign protocol version.
+    let tls = dialer.daemon.data().join("tls");
+    let identity =
+        (std::fs::read(tls.join("cert.pem")).unwrap(), std::fs::read(tls.join("key.pem")).unwrap());
+    let dialer_id: uuid::Uuid = pnode_id(dialer).await.parse().unwrap();
+    let hello = |v| {
+        Message::Hello {
+            protocol_version: v,
+            node_id: dialer_id,
+            name: "x".into(),
+            channel: Channel::Control,
+        }
+        .encode()
+    };
+    let cases = vec![
+        u32::MAX.to_be_bytes().to_vec(),
+        [&5u32.to_be_bytes()[..], &[WIRE_VERSION, 0xEE, 0xFF, 0xFF, 0xFF]].concat(),
+        [&3u32.to_be_bytes()[..], &[9, 3, 1]].concat(),
+        hello(99),
+    ];
+    let r = hostile(dialer, port, pin, Some(identity), cases);
+    for (i, got) in r.iter().enumerate().take(3) {
+        assert!(matches!(got, Ok(m) if m.is_empty()), "case {i}: {got:?}");
+    }
+    match &r[3] {
+        Ok(m) => assert!(
+            matches!(&m[..], [Message::Refused { reason }] if reason.contains("protocol version mismatch: the peer speaks 99")),
+            "{m:?}"
+        ),
+        Err(e) => panic!("version mismatch: {e}"),
+    }
+    let log = acceptor.daemon.log();
+    for why in ["over the limit", "malformed", "wire version 9", "protocol version mismatch"] {
+        assert!(log.contains(why), "{why} not logged: {log}");
+    }
+    // Both alive, still paired, and the real link comes back.
+    plink_until(dialer, "up again", 20, |l| l["state"] == "up").await;
+    plink_until(acceptor, "up again", 5, |l| l["state"] == "up").await;
+    for n in [a, b] {
+        let (s, v) = call(&n.local(), Method::GET, "/v1/peer", None).await;
+        assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("paired")), "{v}");
+    }
+}
