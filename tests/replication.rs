@@ -206,9 +206,14 @@ async fn state_converges_both_ways_and_resumes_after_cuts_and_kill9() {
     }
     token(&pair.a, "ops").await;
     token(&pair.b, "ops").await;
-    // While down, A's lag is what B has not acknowledged.
+    // While down, A's lag is what B has not acknowledged, and its age
+    // grows with nothing else happening.
     let lag = get(&pair.a, "/v1/peer").await["replication"].clone();
     assert!(lag["lag_records"].as_u64().unwrap() >= 21, "{lag}");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let later = get(&pair.a, "/v1/peer").await["replication"].clone();
+    let grew = later["lag_seconds"].as_f64().unwrap() - lag["lag_seconds"].as_f64().unwrap();
+    assert!(grew >= 1.4, "{lag} then {later}");
     pair.restore(0);
     pair.restore(1);
     let (s, took) = converge(&pair, 30).await;

@@ -181,8 +181,12 @@ pub struct ReplStatus {
     /// This node's changes the peer has not acknowledged; `None` until the
     /// peer first told its mark since this daemon started.
     pub lag_records: Option<u64>,
-    /// Age of the oldest of them (0 when none).
+    /// Age of the oldest of them (0 when none), as of the `wall_ms` given
+    /// to [`Replication::status`]; [`ReplStatus::lag_seconds_at`] for later.
     pub lag_seconds: Option<f64>,
+    /// Commit time (Unix ms) of the oldest unacknowledged change, while
+    /// there is one.
+    pub behind_since: Option<i64>,
     /// The peer's changes not applied here, as of its last batch.
     pub behind_records: u64,
     /// The peer's highest seq applied here.
@@ -194,6 +198,17 @@ pub struct ReplStatus {
     pub resends: u64,
     /// The last thing that stopped the stream, until it moves again.
     pub fault: Option<String>,
+}
+
+impl ReplStatus {
+    /// The lag in seconds at `wall_ms`: it grows while nothing happens
+    /// (the link down, the peer silent), so readers compute it when they read.
+    pub fn lag_seconds_at(&self, wall_ms: i64) -> Option<f64> {
+        self.lag_records.map(|n| match (n, self.behind_since) {
+            (0, _) | (_, None) => 0.0,
+            (_, Some(at)) => (wall_ms - at).max(0) as f64 / 1000.0,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -777,13 +792,11 @@ impl Replication {
     pub fn status(&self, wall_ms: i64) -> ReplStatus {
         let s = &self.sender;
         let lag_records = s.acked.map(|a| s.local.saturating_sub(a));
-        let lag_seconds = lag_records.map(|n| match (n, s.behind_since) {
-            (0, _) | (_, None) => 0.0,
-            (_, Some(at)) => (wall_ms - at).max(0) as f64 / 1000.0,
-        });
-        ReplStatus {
+        let behind_since = s.behind_since.filter(|_| lag_records.is_some_and(|n| n > 0));
+        let mut st = ReplStatus {
             lag_records,
-            lag_seconds,
+            lag_seconds: None,
+            behind_since,
             behind_records: self.receiver.newest.saturating_sub(self.receiver.mark),
             applied_mark: self.receiver.mark,
             peer_acked: s.acked,
@@ -791,7 +804,9 @@ impl Replication {
             snapshots_applied: self.receiver.applied_snapshots,
             resends: s.resends,
             fault: s.fault.clone().or_else(|| self.receiver.fault.clone()),
-        }
+        };
+        st.lag_seconds = st.lag_seconds_at(wall_ms);
+        st
     }
 }
 

@@ -65,8 +65,10 @@ fn resumes_after_the_peers_ack_with_a_window_of_batches() {
     assert_eq!(read_tail(&out), None, "window of 2 full: waits for an ack");
     let st = a.status(5_000 + 2_000);
     assert_eq!(st.lag_records, Some(6));
-    // The oldest unacknowledged change (5) was committed at 1005.
+    // The oldest unacknowledged change (5) was committed at 1005; the
+    // lag grows with the clock while nothing happens.
     assert_eq!(st.lag_seconds, Some((7_000 - 1_005) as f64 / 1000.0));
+    assert_eq!((st.behind_since, st.lag_seconds_at(9_005)), (Some(1_005), Some(8.0)));
     // A stale answer to an old read is ignored.
     assert!(sends(&a.handle(t0, Input::Tail { read, tail: tail(8, 10) })).is_empty());
     // Acks are cumulative; the first frees one slot, all of them end the lag.

@@ -542,7 +542,7 @@ impl Core {
                 .read()
                 .unwrap()
                 .as_ref()
-                .map_or((None, None), |r| (r.lag_records, r.lag_seconds)),
+                .map_or((None, None), |r| (r.lag_records, r.lag_seconds_at(crate::util::now_ms()))),
             peer_link: self.peer_link_status().map(|st| {
                 let up = st.link.state == crate::cluster::link::LinkState::Up;
                 crate::telemetry::metrics::PeerLinkSample {

@@ -515,9 +515,10 @@ impl Core {
         };
         let link = rec.as_ref().map(|r| self.link_view(r));
         let repl = self.replication.read().unwrap().clone().unwrap_or_default();
-        let replication = rec
-            .as_ref()
-            .map(|_| PeerReplication { lag_records: repl.lag_records, lag_seconds: repl.lag_seconds });
+        let replication = rec.as_ref().map(|_| PeerReplication {
+            lag_records: repl.lag_records,
+            lag_seconds: repl.lag_seconds_at(crate::util::now_ms()),
+        });
         PeerView {
             paired: rec.as_ref().is_some_and(|r| r.state == PeerState::Paired),
             state: state.into(),
