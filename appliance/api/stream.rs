@@ -147,7 +147,7 @@ pub fn upload_body(headers: &HeaderMap, body: &mut Option<Incoming>) -> Result<U
 }
 
 /// Upload chunks are joined up to this size (see the body forwarder).
-const COALESCE: usize = 256 * 1024;
+const COALESCE: usize = 64 * 1024;
 
 /// Body frames waiting to be passed on as one chunk; a single frame is
 /// passed on as it is, without a copy.
