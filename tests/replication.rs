@@ -272,6 +272,10 @@ async fn state_converges_both_ways_and_resumes_after_cuts_and_kill9() {
         let m = m.as_str().unwrap();
         assert!(m.contains("\nnovacron_peer_replication_lag_records 0\n"), "{m}");
         assert!(m.contains("\nnovacron_peer_replication_lag_seconds 0.000\n"), "{m}");
+        // And nothing stalled the stream: the peer check is ok.
+        let h = get(n, "/v1/health/details").await;
+        let c = h["checks"].as_array().unwrap().iter().find(|c| c["name"] == "peer").unwrap().clone();
+        assert_eq!(c["status"], "ok", "{c}");
     }
 }
 

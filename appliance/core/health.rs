@@ -129,10 +129,12 @@ pub fn conflicts_check(conflicts: &[crate::store::ConflictRecord], now_ms: i64) 
 /// paired and the link is down (the node still runs its own guests, but
 /// the pair cannot fail over and changes are not replicated), or when a
 /// join waits for the inviter's answer. `link` is the link as
-/// `GET /v1/peer` shows it.
+/// `GET /v1/peer` shows it. With the link up, a stalled state replication
+/// (`repl_fault`, the last thing that stopped the stream) is a warning too.
 pub fn peer_check(
     peer: Option<&crate::store::PeerRecord>,
     link: Option<&crate::types::PeerLink>,
+    repl_fault: Option<&str>,
 ) -> HealthCheck {
     use crate::store::PeerState;
     match (peer, link) {
@@ -144,7 +146,11 @@ pub fn peer_check(
         ),
         (Some(p), Some(l)) if l.state == "up" => {
             let rtt = l.rtt_ms.map(|r| format!(", rtt {r:.1} ms")).unwrap_or_default();
-            check("peer", CheckStatus::Ok, format!("paired with {}, link {}{rtt}", p.name, l.detail))
+            let up = format!("paired with {}, link {}{rtt}", p.name, l.detail);
+            match repl_fault {
+                None => check("peer", CheckStatus::Ok, up),
+                Some(f) => check("peer", CheckStatus::Warning, format!("{up}; state replication: {f}")),
+            }
         }
         (Some(p), l) => {
             let why = l.map(|l| l.detail.as_str()).unwrap_or("not running");
@@ -251,7 +257,8 @@ impl Core {
 
         let peer = self.peer_record();
         let link = peer.as_ref().map(|p| self.link_view(p));
-        checks.push(peer_check(peer.as_ref(), link.as_ref()));
+        let fault = self.replication.read().unwrap().as_ref().and_then(|r| r.fault.clone());
+        checks.push(peer_check(peer.as_ref(), link.as_ref(), fault.as_deref()));
 
         checks.push(match self.conflicts(CONFLICTS_SHOWN + 1).await {
             Ok(c) => conflicts_check(&c, crate::store::now_ms()),
@@ -282,6 +289,41 @@ mod tests {
         assert_eq!(cert_check(None, now).status, CheckStatus::Warning);
         assert!(CheckStatus::Critical > CheckStatus::Warning && CheckStatus::Warning > CheckStatus::Ok);
         assert_eq!(CheckStatus::Warning.exit_code(), 1);
+    }
+
+    #[test]
+    fn a_stalled_stream_warns_while_the_link_is_up() {
+        let peer = crate::store::PeerRecord {
+            node_id: uuid::Uuid::from_u128(2),
+            name: "edge-2".into(),
+            addresses: Vec::new(),
+            api_port: 8443,
+            link_port: 8444,
+            fingerprint: "AA".into(),
+            pair_key: Vec::new(),
+            state: crate::store::PeerState::Paired,
+            paired_at: 0,
+        };
+        let link = crate::types::PeerLink {
+            state: "up".into(),
+            detail: "up over 10.0.0.2:8444 (this node dials)".into(),
+            address: None,
+            last_heartbeat: None,
+            rtt_ms: Some(0.3),
+        };
+        let ok = peer_check(Some(&peer), Some(&link), None);
+        assert_eq!(
+            (ok.status, ok.message.as_str()),
+            (CheckStatus::Ok, "paired with edge-2, link up over 10.0.0.2:8444 (this node dials), rtt 0.3 ms")
+        );
+        let stalled =
+            peer_check(Some(&peer), Some(&link), Some("applying the peer's changes after 7: disk full"));
+        assert_eq!(stalled.status, CheckStatus::Warning);
+        assert!(
+            stalled.message.ends_with("; state replication: applying the peer's changes after 7: disk full"),
+            "{}",
+            stalled.message
+        );
     }
 
     #[test]
