@@ -279,6 +279,49 @@ async fn state_converges_both_ways_and_resumes_after_cuts_and_kill9() {
     }
 }
 
+/// Both nodes keep changing while each drops 40 % of the packets it gets
+/// on both links (iptables in the namespaces), and B's link is also
+/// rate-limited: TCP retransmits, heartbeats go missing and the link may go
+/// down and up; the streams still end dense and both nodes agree.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_converges_over_lossy_slow_links() {
+    let pair = Pair::test_driver("repllossy");
+    pair_up(&pair).await;
+    converge(&pair, 20).await;
+    for n in [&pair.a, &pair.b] {
+        pair.loss(n, 0, 0.4);
+        pair.loss(n, 1, 0.4);
+    }
+    pair.shape(&pair.b, 0, "512kbit", "200ms");
+    for i in 0..60 {
+        token(&pair.a, &format!("lossy-a-{i}")).await;
+        token(&pair.b, &format!("lossy-b-{i}")).await;
+        if i % 20 == 0 {
+            vm(&pair.a, &format!("lossy-vm-{i}")).await;
+        }
+    }
+    let (s, took) = converge(&pair, 90).await;
+    let (_, m) = call(&pair.a.local(), Method::GET, "/metrics", None).await;
+    let downs = m
+        .as_str()
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("novacron_peer_link_downs_total "))
+        .map(str::to_string);
+    eprintln!(
+        "over 40 % loss: converged {} ms after the last change ({} records); A's {downs:?}",
+        took.as_millis(),
+        s.len()
+    );
+    assert!(s.iter().filter(|l| l.contains("\"lossy-")).count() >= 123, "{s:?}");
+    for n in [&pair.a, &pair.b] {
+        pair.clear_loss(n);
+    }
+    pair.clear_shape(&pair.b, 0);
+    check_stream(&pair.a, &pair.b).await;
+    check_stream(&pair.b, &pair.a).await;
+}
+
 /// A real QEMU (TCG) guest started on A shows on B as A's VM, running;
 /// stopped on A, B does not start it, not even across a restart of B (both
 /// daemons use the one system libvirt here, so B starting it would show).
