@@ -398,6 +398,10 @@ impl Link {
             State::Up { conn, .. } => {
                 if now >= self.dead_at() {
                     let silent = now.saturating_duration_since(self.last_heard);
+                    let path = match self.state {
+                        State::Up { addr, .. } => addr,
+                        _ => None,
+                    };
                     self.lost(
                         now,
                         conn,
@@ -405,6 +409,15 @@ impl Link {
                         false,
                         out,
                     );
+                    // The path went silent (a cable, a NIC; a peer that
+                    // closes or resets is reachable, so that backs off): the
+                    // redundant address at once, so the link is back within
+                    // a connect of noticing.
+                    if let (Some(a), true) = (path, self.peer.addresses.len() > 1) {
+                        // Still the first round since the link was up.
+                        (self.tried, self.attempt) = (1, 0);
+                        self.connect(now, a + 1, out);
+                    }
                     return;
                 }
                 if now >= self.next_heartbeat {
@@ -584,27 +597,16 @@ impl Link {
     /// is reported as such; losing an up link as `Down`.
     fn lost(&mut self, now: Instant, conn: ConnId, reason: String, failed: bool, out: &mut Vec<Output>) {
         out.push(Output::Close { conn, reason: reason.clone() });
-        let was_up = match self.state {
-            State::Up { addr, .. } => Some(addr),
-            _ => None,
-        };
-        if was_up.is_some() {
+        if matches!(self.state, State::Up { .. }) {
             self.downs += 1;
             out.push(Output::Down { reason: reason.clone() });
         } else if failed {
             out.push(Output::Failed { reason: reason.clone() });
         }
         self.last_error = Some(reason);
-        match (self.role, was_up) {
-            (Role::Acceptor, _) => self.state = State::Idle,
-            // A path that carried the link died (a cable, a NIC): the
-            // redundant one is tried at once, not after a backoff, so the
-            // link is back within a connect of noticing.
-            (Role::Dialer, Some(Some(addr))) if !failed && self.peer.addresses.len() > 1 => {
-                self.tried = 1;
-                self.connect(now, addr + 1, out);
-            }
-            (Role::Dialer, _) => self.backoff(now),
+        match self.role {
+            Role::Acceptor => self.state = State::Idle,
+            Role::Dialer => self.backoff(now),
         }
     }
 }
