@@ -246,6 +246,9 @@ async fn garbage_and_oversized_frames_are_refused_without_harm() {
         .await;
         assert!(closed.is_ok(), "case {i}: not closed");
         wait("closed", 5, || lb.status().link.last_error.as_deref().is_some_and(|e| e.contains(why))).await;
+        // Said as what it is: this node refused the frame.
+        let e = lb.status().link.last_error.unwrap();
+        assert!(e.starts_with("the peer sent a bad frame: "), "case {i}: {e}");
         assert_ne!(lb.status().link.state, LinkState::Up, "case {i}");
     }
     // The real peer still gets in.

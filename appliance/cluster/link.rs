@@ -99,9 +99,15 @@ pub enum Input {
         conn: ConnId,
         msg: Message,
     },
-    /// The connection ended: closed, reset, or a frame that does not
-    /// decode (`error` says which).
+    /// The connection ended: closed or reset (`error` says which).
     Closed {
+        conn: ConnId,
+        error: String,
+    },
+    /// The peer sent something that is not a frame of this protocol (too
+    /// large, undecodable, another wire version); the driver stopped
+    /// reading the connection.
+    BadFrame {
         conn: ConnId,
         error: String,
     },
@@ -345,6 +351,12 @@ impl Link {
                         format!("connection lost: {error}")
                     };
                     self.lost(now, conn, reason, failed, &mut out);
+                }
+            }
+            Input::BadFrame { conn, error } => {
+                if self.current() == Some(conn) {
+                    let failed = matches!(self.state, State::Handshaking { .. });
+                    self.lost(now, conn, format!("the peer sent a bad frame: {error}"), failed, &mut out);
                 }
             }
         }

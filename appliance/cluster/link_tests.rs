@@ -496,3 +496,21 @@ fn seeded_simulation_of_cuts_and_path_failures() {
         assert_eq!((sa.downs, sb.downs), (8, 8), "seed {seed}: one down per cut");
     }
 }
+
+#[test]
+fn a_bad_frame_is_reported_as_the_peers_fault_not_as_a_close() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair(t0);
+    bring_up(&mut a, &mut b, t0);
+    let out = b.handle(t0, Input::BadFrame { conn: 1, error: "malformed frame: x".into() });
+    assert!(out.contains(&Output::Down { reason: "the peer sent a bad frame: malformed frame: x".into() }));
+    assert_eq!(b.state(), LinkState::Idle);
+    // In the handshake: a failed handshake, without the hint about pins.
+    b.handle(t0, Input::Accepted { conn: 7 });
+    let out = b.handle(t0, Input::BadFrame { conn: 7, error: "frame of wire version 9".into() });
+    assert!(
+        out.contains(&Output::Failed { reason: "the peer sent a bad frame: frame of wire version 9".into() })
+    );
+    // Another connection's bad frame is stale.
+    assert!(b.handle(t0, Input::BadFrame { conn: 9, error: "x".into() }).is_empty());
+}

@@ -287,6 +287,7 @@ enum Event {
     Refused { remote: SocketAddr, error: String },
     Frame { conn: ConnId, msg: Message },
     Closed { conn: ConnId, error: String },
+    BadFrame { conn: ConnId, error: String },
 }
 
 struct Conn {
@@ -397,6 +398,10 @@ impl Driver {
             Event::Closed { conn, error } => {
                 self.close(conn);
                 self.step(Input::Closed { conn, error });
+            }
+            Event::BadFrame { conn, error } => {
+                self.close(conn);
+                self.step(Input::BadFrame { conn, error });
             }
         }
     }
@@ -548,19 +553,19 @@ async fn read_frames(
     limit: usize,
     events: mpsc::Sender<Event>,
 ) {
-    let error = loop {
+    let ended = loop {
         let mut header = [0u8; HEADER];
         if let Err(e) = rd.read_exact(&mut header).await {
-            break read_error(e);
+            break Event::Closed { conn, error: read_error(e) };
         }
         // Checked before the body is allocated or read.
         let len = match frame::body_len(header, limit) {
             Ok(len) => len,
-            Err(e) => break e.to_string(),
+            Err(e) => break Event::BadFrame { conn, error: e.to_string() },
         };
         let mut body = vec![0; len];
         if let Err(e) = rd.read_exact(&mut body).await {
-            break read_error(e);
+            break Event::Closed { conn, error: read_error(e) };
         }
         match Message::decode(&body) {
             Ok(msg) => {
@@ -568,10 +573,10 @@ async fn read_frames(
                     return;
                 }
             }
-            Err(e) => break e.to_string(),
+            Err(e) => break Event::BadFrame { conn, error: e.to_string() },
         }
     };
-    let _ = events.send(Event::Closed { conn, error }).await;
+    let _ = events.send(ended).await;
 }
 
 fn read_error(e: std::io::Error) -> String {
