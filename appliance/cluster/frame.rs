@@ -16,13 +16,16 @@ use uuid::Uuid;
 /// Encoding of the frame body. Bump on any change to [`Message`] (the
 /// frozen handshake variants excepted, which never change).
 /// 2: `SnapshotAck` and `Resend` (state replication's window and repair).
-pub const WIRE_VERSION: u8 = 2;
+/// 3: `ImageFetch`, `ImageData`, `ImageAck`, `ImageUnavailable` (base image
+/// files copied by content hash).
+pub const WIRE_VERSION: u8 = 3;
 
 /// The link protocol a node speaks, exchanged in `Hello`/`HelloOk`; both
 /// sides must speak the same one. 2: state replication (the window of
 /// snapshot chunks, `Resend`); bumped with the wire version so a node of
 /// protocol 1 is refused in the handshake instead of failing on a frame.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: image files copied by content hash.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame body (version byte + message). A change record is at most
 /// about the API's 1 MiB body; batches and snapshot chunks are cut far
@@ -120,6 +123,31 @@ pub enum Message {
         origin: Uuid,
         after: u64,
     },
+    /// Send the image file whose SHA-256 (lower-case hex) is `sha256`, from
+    /// byte `offset` on (the receiver restarts a cut copy from 0).
+    ImageFetch {
+        sha256: String,
+        offset: u64,
+    },
+    /// `data` of that file at `offset` (at most [`MAX_BATCH_BYTES`]);
+    /// `last` ends the file.
+    ImageData {
+        sha256: String,
+        offset: u64,
+        last: bool,
+        data: Vec<u8>,
+    },
+    /// The receiver holds the file's first `offset` bytes: the sender's
+    /// window moves on.
+    ImageAck {
+        sha256: String,
+        offset: u64,
+    },
+    /// The sender has no file of that content (deleted, or not verified).
+    ImageUnavailable {
+        sha256: String,
+        reason: String,
+    },
 }
 
 /// The frozen prefix of [`Message`]: decodes a handshake of any wire version.
@@ -182,6 +210,10 @@ impl Message {
             Message::SnapshotChunk { .. } => "snapshot_chunk",
             Message::SnapshotAck { .. } => "snapshot_ack",
             Message::Resend { .. } => "resend",
+            Message::ImageFetch { .. } => "image_fetch",
+            Message::ImageData { .. } => "image_data",
+            Message::ImageAck { .. } => "image_ack",
+            Message::ImageUnavailable { .. } => "image_unavailable",
         }
     }
 }
@@ -250,6 +282,10 @@ mod tests {
             Message::SnapshotChunk { origin: id(0xB2), seq: 5, index: 1, last: true, data: vec![0xFF] },
             Message::SnapshotAck { origin: id(0xB2), seq: 5, index: 1 },
             Message::Resend { origin: id(0xA1), after: 129 },
+            Message::ImageFetch { sha256: "ab".into(), offset: 0 },
+            Message::ImageData { sha256: "ab".into(), offset: 300, last: true, data: vec![7, 8] },
+            Message::ImageAck { sha256: "ab".into(), offset: 302 },
+            Message::ImageUnavailable { sha256: "ab".into(), reason: "x".into() },
         ]
     }
 
@@ -258,18 +294,23 @@ mod tests {
         let b2 = "10b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2b2";
         vec![
             // Hello: variant 0, protocol 1, uuid (length 16 + bytes), "a", Control.
-            format!("0000001702 00 01 {a1} 0161 00"),
-            format!("0000001602 01 01 {b2} 0162"),
-            "0000000502 02 026e6f".into(),
-            "0000000502 03 07 ac02".into(),
-            "0000000502 04 07 ac02".into(),
+            format!("0000001703 00 01 {a1} 0161 00"),
+            format!("0000001603 01 01 {b2} 0162"),
+            "0000000503 02 026e6f".into(),
+            "0000000503 03 07 ac02".into(),
+            "0000000503 04 07 ac02".into(),
             // Changes: origin, seq 130 (varint 8201), 2 entries.
-            format!("0000001f02 05 {a1} 8201 02 8101 02 0209 8201 01 02"),
-            format!("0000001502 06 {a1} 8201"),
-            format!("0000001302 07 {b2}"),
-            format!("0000001802 08 {b2} 05 01 01 01 ff"),
-            format!("0000001502 09 {b2} 05 01"),
-            format!("0000001502 0a {a1} 8101"),
+            format!("0000001f03 05 {a1} 8201 02 8101 02 0209 8201 01 02"),
+            format!("0000001503 06 {a1} 8201"),
+            format!("0000001303 07 {b2}"),
+            format!("0000001803 08 {b2} 05 01 01 01 ff"),
+            format!("0000001503 09 {b2} 05 01"),
+            format!("0000001503 0a {a1} 8101"),
+            // Image messages: the hash as a string ("ab" here), offsets as varints.
+            "0000000603 0b 026162 00".into(),
+            "0000000b03 0c 026162 ac02 01 02 0708".into(),
+            "0000000703 0d 026162 ae02".into(),
+            "0000000703 0e 026162 0178".into(),
         ]
     }
 
@@ -300,9 +341,9 @@ mod tests {
         let refused = Message::Refused { reason: "old".into() };
         assert_eq!(split(&refused.encode_as(0), MAX_FRAME).unwrap().unwrap().0, refused);
         // Anything else of another version is refused by its version.
-        let hb = Message::Heartbeat { seq: 1, sent_at: 2 }.encode_as(3);
+        let hb = Message::Heartbeat { seq: 1, sent_at: 2 }.encode_as(4);
         let e = split(&hb, MAX_FRAME).unwrap_err();
-        assert!(matches!(e, ClusterError::WireVersion { ours: 2, theirs: 3 }), "{e}");
+        assert!(matches!(e, ClusterError::WireVersion { ours: 3, theirs: 4 }), "{e}");
     }
 
     #[test]
@@ -338,7 +379,8 @@ mod tests {
         let text = |rng: &mut SeededRng| String::from_utf8_lossy(&bytes(rng, 40)).into_owned();
         let uuid = |rng: &mut SeededRng| Uuid::from_u64_pair(rng.next_u64(), rng.next_u64());
         let channel = |rng: &mut SeededRng| if rng.below(2) == 0 { Channel::Control } else { Channel::Bulk };
-        match rng.below(11) {
+        let sha = |rng: &mut SeededRng| hex::encode(bytes(rng, 32));
+        match rng.below(15) {
             0 => Message::Hello {
                 protocol_version: rng.next_u64() as u32,
                 node_id: uuid(rng),
@@ -364,6 +406,15 @@ mod tests {
                 Message::SnapshotAck { origin: uuid(rng), seq: rng.next_u64(), index: rng.next_u64() as u32 }
             }
             9 => Message::Resend { origin: uuid(rng), after: rng.next_u64() },
+            10 => Message::ImageFetch { sha256: sha(rng), offset: rng.next_u64() },
+            11 => Message::ImageData {
+                sha256: sha(rng),
+                offset: rng.next_u64(),
+                last: rng.below(2) == 1,
+                data: bytes(rng, 2000),
+            },
+            12 => Message::ImageAck { sha256: sha(rng), offset: rng.next_u64() },
+            13 => Message::ImageUnavailable { sha256: sha(rng), reason: text(rng) },
             _ => Message::SnapshotChunk {
                 origin: uuid(rng),
                 seq: rng.next_u64(),

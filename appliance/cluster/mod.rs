@@ -6,6 +6,7 @@
 //! docs/design/peer-link.md.
 
 pub mod frame;
+pub mod imagecopy;
 pub mod link;
 pub mod pairing;
 pub mod replication;
