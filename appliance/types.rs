@@ -169,6 +169,11 @@ pub struct Image {
     /// Disks layered on this image (it cannot be deleted while any exist).
     pub used_by: Vec<String>,
     pub created_at: String,
+    /// This node's file: `present` (its SHA-256 matches), `copying` (from
+    /// the peer) or `missing` (absent or another content; fetched from the
+    /// peer while paired).
+    #[serde(default)]
+    pub file: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -597,6 +597,7 @@ fn response_schemas_match_the_types() {
         sha256: "0".repeat(64),
         used_by: vec!["web".into()],
         created_at: "t".into(),
+        file: "present".into(),
     };
     let network = Network {
         name: "lan".into(),

@@ -7,6 +7,7 @@
 
 pub mod frame;
 pub mod imagecopy;
+pub mod imagecopy_driver;
 pub mod link;
 pub mod pairing;
 pub mod replication;

@@ -43,7 +43,21 @@ async fn follow_links(core: Arc<Core>, mut stop: Stop) -> Result<(), String> {
         if let Some(h) = handle {
             let mut inbox = h.incoming().await;
             let status = core.replication.clone();
-            match run(core.clone(), h.peer_id, h.data(), &mut inbox, status, stop.clone()).await {
+            // The image copy shares the link's one inbox: its messages are
+            // handed on. Its window keeps them far below this bound.
+            let (images_tx, images_rx) = mpsc::channel(IMAGE_QUEUE);
+            let images = tokio::spawn(super::imagecopy_driver::run(
+                core.clone(),
+                h.peer_id,
+                h.data(),
+                images_rx,
+                stop.clone(),
+            ));
+            let ran =
+                run(core.clone(), h.peer_id, h.data(), &mut inbox, &images_tx, status, stop.clone()).await;
+            drop(images_tx);
+            let _ = images.await;
+            match ran {
                 Ok(()) if stop.is_stopped() => return Ok(()),
                 // The link stopped (unpaired): wait for the next one.
                 Ok(()) => {}
@@ -60,13 +74,28 @@ async fn follow_links(core: Arc<Core>, mut stop: Stop) -> Result<(), String> {
     }
 }
 
+/// Image messages waiting for the image copy.
+const IMAGE_QUEUE: usize = 16;
+
+fn is_image(m: &Message) -> bool {
+    matches!(
+        m,
+        Message::ImageFetch { .. }
+            | Message::ImageData { .. }
+            | Message::ImageAck { .. }
+            | Message::ImageUnavailable { .. }
+    )
+}
+
 /// Runs replication with `peer` until `stop` or the link stops. `data` is
-/// the link's sender while it is up; `incoming` the messages it received.
+/// the link's sender while it is up; `incoming` the messages it received,
+/// of which the image copy's go to `images`.
 pub async fn run(
     core: Arc<Core>,
     peer: Uuid,
     mut data: watch::Receiver<Option<DataSender>>,
     incoming: &mut mpsc::Receiver<Message>,
+    images: &mpsc::Sender<Message>,
     status: StatusCell,
     mut stop: Stop,
 ) -> Result<(), String> {
@@ -106,14 +135,8 @@ pub async fn run(
                 if changed.is_err() {
                     break;
                 }
-                let now = data.borrow_and_update().clone();
-                if link.take().is_some() {
-                    inputs.push_back(Input::LinkDown);
-                }
-                if let Some(d) = now {
-                    link = Some(d);
-                    inputs.push_back(Input::LinkUp);
-                }
+                let (down, up) = follow_sender(&mut link, data.borrow_and_update().clone());
+                inputs.extend(down.then_some(Input::LinkDown).into_iter().chain(up.then_some(Input::LinkUp)));
             }
             changed = local.changed() => {
                 if changed.is_err() {
@@ -123,6 +146,11 @@ pub async fn run(
                 inputs.push_back(Input::LocalSeq { seq, at: crate::util::now_ms() });
             }
             msg = incoming.recv() => match msg {
+                Some(msg) if is_image(&msg) => {
+                    if images.send(msg).await.is_err() {
+                        return Err("the image copy stopped".into());
+                    }
+                }
                 Some(msg) => inputs.push_back(Input::Message(msg)),
                 None => break,
             },
@@ -164,7 +192,16 @@ async fn report_conflicts(core: &Core, peer: Uuid, seen: &mut i64) {
     }
 }
 
-async fn sleep_until(at: Option<tokio::time::Instant>) {
+/// Takes the link's new sender (a new connection, or `None`: down): whether
+/// the old one went down and whether the link is up now.
+pub(super) fn follow_sender(link: &mut Option<DataSender>, now: Option<DataSender>) -> (bool, bool) {
+    let down = link.take().is_some();
+    let up = now.is_some();
+    *link = now;
+    (down, up)
+}
+
+pub(super) async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,

@@ -495,7 +495,7 @@ impl Driver {
 
 /// Data frames go behind control frames.
 fn is_data(msg: &Message) -> bool {
-    matches!(msg, Message::Changes { .. } | Message::SnapshotChunk { .. })
+    matches!(msg, Message::Changes { .. } | Message::SnapshotChunk { .. } | Message::ImageData { .. })
 }
 
 async fn dial(

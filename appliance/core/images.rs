@@ -33,6 +33,37 @@ fn name_taken_if_exists(e: ImageError, name: &str) -> CoreError {
 }
 
 impl Core {
+    /// Every image record (the image copy compares them with the files).
+    pub fn image_records(&self) -> Vec<ImageRecord> {
+        self.images.read().unwrap().values().cloned().collect()
+    }
+
+    /// Where this node keeps a record's file: its own images folder, under
+    /// the file name the record's node gave it (records keep the path of
+    /// the node that made them; the data dirs may differ).
+    pub fn local_image_path(&self, i: &ImageRecord) -> PathBuf {
+        let name =
+            std::path::Path::new(&i.path).file_name().map_or_else(|| i.name.clone().into(), |n| n.to_owned());
+        self.paths.images.join(name)
+    }
+
+    /// `present`, `copying` or `missing` (see [`Image::file`]).
+    fn file_state(&self, i: &ImageRecord) -> &'static str {
+        let view = self.image_files.read().unwrap();
+        if view.status.copying.as_ref().is_some_and(|(sha, _, _)| *sha == i.sha256) {
+            "copying"
+        } else if view.bad.contains(&i.sha256) {
+            "missing"
+        } else {
+            let len = std::fs::metadata(self.local_image_path(i)).map(|m| m.len());
+            if len.is_ok_and(|l| l == i.file_size) {
+                "present"
+            } else {
+                "missing"
+            }
+        }
+    }
+
     fn image_view(&self, i: &ImageRecord) -> Image {
         let used_by = self
             .vms
@@ -50,6 +81,7 @@ impl Core {
             sha256: i.sha256.clone(),
             used_by,
             created_at: rfc3339(i.created_at),
+            file: self.file_state(i).to_string(),
         }
     }
 
@@ -70,7 +102,7 @@ impl Core {
         self.images.read().unwrap().get(name).cloned()
     }
 
-    fn max_upload(&self) -> u64 {
+    pub fn max_image_bytes(&self) -> u64 {
         self.cfg.images.max_upload_gib.saturating_mul(1 << 30)
     }
 
@@ -117,7 +149,7 @@ impl Core {
     ) -> Result<Image> {
         let expected = checksum.map(|c| img::parse_checksum(&c)).transpose()?;
         let (dest, _claim) = self.claim_image_name(name)?;
-        let max = self.max_upload();
+        let max = self.max_image_bytes();
         if length.is_some_and(|l| l > max) {
             return Err(ImageError::TooLarge { max }.into());
         }
@@ -146,7 +178,7 @@ impl Core {
             return Err(CoreError::invalid("path", "no import folders are configured (images.import_dirs)"));
         }
         let src = self.resolve_host_file("path", &req.path, &dirs)?;
-        let (images_dir, max) = (self.paths.images.clone(), self.max_upload());
+        let (images_dir, max) = (self.paths.images.clone(), self.max_image_bytes());
         let d = dest.clone();
         let info = tokio::task::spawn_blocking(move || img::import(&src, &images_dir, &d, max))
             .await

@@ -100,6 +100,8 @@ pub struct Core {
     /// State replication's lag and counters while it runs (written by
     /// `cluster::replicator`).
     pub replication: crate::cluster::replicator::StatusCell,
+    /// The image copy's progress (written by `cluster::imagecopy_driver`).
+    pub image_files: crate::cluster::imagecopy_driver::FilesCell,
 }
 
 impl Core {
@@ -164,6 +166,7 @@ impl Core {
             closed: Default::default(),
             peer: peer::PeerSide::load(peer_row),
             replication: Default::default(),
+            image_files: Default::default(),
         };
         Ok(Arc::new(core))
     }
@@ -543,6 +546,7 @@ impl Core {
                 .unwrap()
                 .as_ref()
                 .map_or((None, None), |r| (r.lag_records, r.lag_seconds_at(crate::util::now_ms()))),
+            image_bytes_copied: self.image_files.read().unwrap().status.bytes_copied,
             peer_link: self.peer_link_status().map(|st| {
                 let up = st.link.state == crate::cluster::link::LinkState::Up;
                 crate::telemetry::metrics::PeerLinkSample {

@@ -278,13 +278,27 @@ impl Upload {
     /// Verifies and moves the upload to `dest`, which must not exist: an
     /// `io::ErrorKind::AlreadyExists` error means another image took the
     /// name first.
-    pub fn finish(mut self, expected_sha256: Option<&str>, dest: &Path) -> Result<ImageInfo> {
+    pub fn finish(self, expected_sha256: Option<&str>, dest: &Path) -> Result<ImageInfo> {
+        self.finish_into(expected_sha256, dest, false)
+    }
+
+    /// Like [`Upload::finish`], but atomically replaces a `dest` that
+    /// exists (a peer's copy of an image whose local file went bad).
+    pub fn finish_replace(self, expected_sha256: &str, dest: &Path) -> Result<ImageInfo> {
+        self.finish_into(Some(expected_sha256), dest, true)
+    }
+
+    fn finish_into(mut self, expected_sha256: Option<&str>, dest: &Path, replace: bool) -> Result<ImageInfo> {
         let actual = self.seal(expected_sha256)?;
         let (format, virtual_size) = inspect(&self.tmp)?;
         share_with_qemu(&self.tmp, 0o640)?;
-        // link + unlink instead of rename: never replace an existing image.
-        std::fs::hard_link(&self.tmp, dest)?;
-        let _ = std::fs::remove_file(&self.tmp);
+        if replace {
+            std::fs::rename(&self.tmp, dest)?;
+        } else {
+            // link + unlink instead of rename: never replace an existing image.
+            std::fs::hard_link(&self.tmp, dest)?;
+            let _ = std::fs::remove_file(&self.tmp);
+        }
         if let Some(dir) = dest.parent() {
             std::fs::File::open(dir)?.sync_all()?;
         }

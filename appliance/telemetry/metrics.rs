@@ -63,6 +63,8 @@ pub struct Snapshot<'a> {
     /// State replication's lag: this node's changes the peer has not
     /// acknowledged, and the age of the oldest (None: not known).
     pub replication_lag: (Option<u64>, Option<f64>),
+    /// Bytes of image files copied from the peer and verified.
+    pub image_bytes_copied: u64,
 }
 
 /// The peer link at scrape time.
@@ -212,6 +214,13 @@ impl Metrics {
             "gauge",
             seconds.map_or("NaN".into(), |s| format!("{s:.3}")),
         );
+        gauge(
+            &mut out,
+            "novacron_peer_image_bytes_copied_total",
+            "Bytes of base image files copied from the peer and verified since the daemon started.",
+            "counter",
+            snap.image_bytes_copied.to_string(),
+        );
         if snap.peer_link.is_some() {
             gauge(
                 &mut out,
@@ -358,6 +367,7 @@ mod tests {
                 refused: 0,
             }),
             replication_lag: (Some(12), Some(1.5)),
+            image_bytes_copied: 3 << 20,
         };
         let text = m.render(&snap);
         assert!(text.contains(r#"novacron_http_requests_total{route="/v1/vms",method="GET",status="200"} 2"#));
@@ -374,6 +384,7 @@ mod tests {
         assert!(text.contains("novacron_peer_link_downs_total 2\n"));
         assert!(text.contains("novacron_peer_replication_lag_records 12\n"));
         assert!(text.contains("novacron_peer_replication_lag_seconds 1.500\n"));
+        assert!(text.contains("novacron_peer_image_bytes_copied_total 3145728\n"));
         // Not paired: link down, nothing measured is exported as if it were.
         let text = m.render(&Snapshot { peer_link: None, replication_lag: (None, None), ..snap });
         assert!(text.contains("novacron_peer_replication_lag_records NaN\n"));
