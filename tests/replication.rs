@@ -603,6 +603,11 @@ async fn image_files_reach_the_peer_by_hash_and_survive_a_cut() {
     )
     .await;
     assert_eq!(metric(&pair.b, "novacron_peer_image_bytes_copied_total").await, (4 << 20) as f64);
+    // Deleted on A: the file goes on B, the other name of that content stays.
+    let (s, v) = call(&pair.a.local(), Method::DELETE, "/v1/images/base-again", None).await;
+    assert!(s.is_success(), "{s} {v}");
+    until(&pair.b, "base-again gone", 20, |n| async move { image_file(n, "base-again").is_none() }).await;
+    assert_eq!(image_file(&pair.b, "base").map(|f| f.0), Some(sha.clone()));
 
     // A slow copy, cut on both links in the middle.
     pair.shape(&pair.a, 0, "16mbit", "50ms");

@@ -121,9 +121,24 @@ impl Core {
     }
 
     fn after_remote(&self, applied: &Applied) {
-        if let Applied::Applied(effects) = applied {
-            for effect in effects {
-                self.apply_to_cache(effect);
+        let Applied::Applied(effects) = applied else { return };
+        // An image the peer deleted: its file here goes too (the peer
+        // checked it unused, and VMs are the same on both nodes). Checked
+        // after all effects: a conflict's rename deletes and puts the same
+        // file under another name.
+        let mut gone = Vec::new();
+        for effect in effects {
+            if let Change::ImageDelete { name } = effect {
+                gone.extend(self.image_record(name).map(|r| self.local_image_path(&r)));
+            }
+            self.apply_to_cache(effect);
+        }
+        let kept: Vec<_> = self.image_records().iter().map(|r| self.local_image_path(r)).collect();
+        for path in gone.into_iter().filter(|p| !kept.contains(p)) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(IMAGE = %path.display(), "image deleted on the peer: file removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(IMAGE = %path.display(), error = %e, "cannot remove the image file"),
             }
         }
     }
