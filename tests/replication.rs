@@ -528,6 +528,14 @@ fn image_file(n: &Node, name: &str) -> Option<(String, u32)> {
     Some((hex::encode(sha2::Sha256::digest(&data)), mode))
 }
 
+/// Hidden (temporary) files in `n`'s images folder.
+fn hidden_files(n: &Node) -> Vec<String> {
+    let dir = std::fs::read_dir(n.daemon.data().join("images")).unwrap();
+    dir.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
 /// `mib` MiB of random bytes in a file under `dir`: a raw "disk".
 fn random_image(dir: &std::path::Path, name: &str, mib: usize) -> std::path::PathBuf {
     let mut data = vec![0u8; mib << 20];
@@ -566,7 +574,7 @@ async fn metric(n: &Node, name: &str) -> f64 {
 /// under the image's name and ends with the right file once restored.
 #[tokio::test(flavor = "multi_thread")]
 async fn image_files_reach_the_peer_by_hash_and_survive_a_cut() {
-    let pair = Pair::test_driver("replimg");
+    let mut pair = Pair::test_driver("replimg");
     pair_up(&pair).await;
     let scratch = common::scratch_dir("replimg-files");
     let base = random_image(&scratch, "base.raw", 4);
@@ -622,11 +630,7 @@ async fn image_files_reach_the_peer_by_hash_and_survive_a_cut() {
         .await;
     assert_eq!(file_state(&pair.b, "big").await, "missing");
     assert!(image_file(&pair.b, "big").is_none(), "a partial file under the image's name");
-    let leftovers: Vec<_> = std::fs::read_dir(pair.b.daemon.data().join("images"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
-        .collect();
+    let leftovers = hidden_files(&pair.b);
     assert!(leftovers.is_empty(), "temporary files left after the cut: {leftovers:?}");
     pair.restore(0);
     pair.restore(1);
@@ -644,6 +648,32 @@ async fn image_files_reach_the_peer_by_hash_and_survive_a_cut() {
     );
     assert_eq!(image_file(&pair.b, "big"), Some((big_sha, 0o640)));
     assert_eq!(metric(&pair.b, "novacron_peer_image_bytes_copied_total").await, (16 << 20) as f64);
+
+    // kill -9 of B mid-copy: the crash's temporary file is removed at start
+    // and the file is copied again from byte 0.
+    let big2 = random_image(&scratch, "big2.raw", 12);
+    let big2_sha = upload(&pair.a, "big2", &big2);
+    until(&pair.b, "copying big2", 30, |n| async move { file_state(n, "big2").await == "copying" }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    pair.b.daemon.restart();
+    // Well under the 30 s stall timeout: the restarted B's fetch is served
+    // at once, not after a stall.
+    let t0 = Instant::now();
+    until(
+        &pair.b,
+        "big2 present after kill -9",
+        25,
+        |n| async move { file_state(n, "big2").await == "present" },
+    )
+    .await;
+    eprintln!("big2 (12 MiB) copied {} ms after B's restart", t0.elapsed().as_millis());
+    assert_eq!(image_file(&pair.b, "big2"), Some((big2_sha, 0o640)));
+    let leftovers = hidden_files(&pair.b);
+    assert!(leftovers.is_empty(), "temporary files left after kill -9: {leftovers:?}");
+    assert!(
+        pair.b.daemon.log().contains("removed an unfinished image file"),
+        "the crash left none to remove?"
+    );
     pair.clear_shape(&pair.a, 0);
     let _ = std::fs::remove_dir_all(scratch);
 }

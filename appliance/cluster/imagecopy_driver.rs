@@ -73,7 +73,11 @@ pub async fn run(
             }
         }
         if inputs.is_empty() {
+            // A new connection is seen before a message that came over it:
+            // a fetch from a restarted peer must not be dropped as the old
+            // connection's serving ends.
             tokio::select! {
+                biased;
                 _ = stop.wait() => break,
                 changed = data.changed() => {
                     if changed.is_err() {

@@ -112,6 +112,8 @@ impl Core {
         paths
             .create()
             .map_err(|e| CoreError::Internal(format!("cannot create {}: {e}", paths.data_dir.display())))?;
+        // Nothing writes images before the API and the link are up.
+        crate::images::remove_leftovers(&paths.images);
         let store = Arc::new(Store::open(&paths.db)?);
         let default_name = cfg.node.name.clone().unwrap_or_else(crate::host::hostname);
         let node = store.node_identity(&default_name)?;

@@ -166,6 +166,24 @@ pub fn parse_checksum(s: &str) -> Result<String> {
     }
 }
 
+/// Deletes the temporary files of uploads and peer copies that a crash
+/// (`kill -9`, power loss) left in the images folder; run at start.
+pub fn remove_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".upload-") || name.starts_with(".link-") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => tracing::info!(FILE = %name, "removed an unfinished image file"),
+                Err(err) => {
+                    tracing::warn!(FILE = %name, error = %err, "cannot remove an unfinished image file")
+                }
+            }
+        }
+    }
+}
+
 /// An image being received. Data goes to a hidden temporary file next to
 /// its final place; dropping an unfinished upload removes it, so a failed
 /// or interrupted upload leaves nothing behind.
@@ -441,6 +459,19 @@ mod tests {
         let vmdk = d.join("x.vmdk");
         qemu_img(&["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "16M"]);
         assert!(matches!(inspect(&vmdk), Err(ImageError::UnsupportedFormat(_))));
+    }
+
+    #[test]
+    fn leftovers_of_a_crash_are_removed_and_images_kept() {
+        let d = dir("left");
+        for name in [".upload-1", ".link-2", "disk.raw", ".hidden"] {
+            std::fs::write(d.join(name), b"x").unwrap();
+        }
+        remove_leftovers(&d);
+        let mut names: Vec<_> =
+            std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        assert_eq!(names, vec![".hidden".to_string(), "disk.raw".to_string()]);
     }
 
     #[test]
