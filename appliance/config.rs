@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/novacron/novacron.toml";
 pub const DEFAULT_SOCKET: &str = "/run/novacron/novacron.sock";
 pub const DEFAULT_PORT: u16 = 8443;
+/// The peer link's port when `[cluster] listen` is not set.
+pub const DEFAULT_LINK_PORT: u16 = 8444;
 /// Upper bound of `hypervisor.vcpu_overcommit`.
 pub const MAX_VCPU_OVERCOMMIT: u32 = 16;
 
@@ -44,7 +46,7 @@ pub struct ClusterConfig {
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
-            listen: vec![SocketAddr::from(([0, 0, 0, 0], crate::cluster::DEFAULT_LINK_PORT))],
+            listen: vec![SocketAddr::from(([0, 0, 0, 0], DEFAULT_LINK_PORT))],
             heartbeat_ms: 500,
             heartbeat_misses: 4,
         }
@@ -216,7 +218,7 @@ impl Config {
     pub fn dev() -> Config {
         let mut cfg = Config { data_dir: PathBuf::from("novacron-dev"), ..Config::default() };
         cfg.api.listen = vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))];
-        cfg.cluster.listen = vec![SocketAddr::from(([127, 0, 0, 1], crate::cluster::DEFAULT_LINK_PORT))];
+        cfg.cluster.listen = vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_LINK_PORT))];
         cfg.hypervisor.domain_type = "qemu".into();
         cfg.hypervisor.memory_reserve_mib = 256;
         cfg

@@ -146,7 +146,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     };
     core.spawn_peer_link(&tasks, local);
     // State replication over it (follows the link).
-    crate::cluster::replicator::spawn(&core, &tasks);
+    crate::core::replicator::spawn(&core, &tasks);
 
     let socket = cfg.socket_path();
     let api = api::Api::new(core.clone());

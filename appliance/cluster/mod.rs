@@ -7,15 +7,13 @@
 
 pub mod frame;
 pub mod imagecopy;
-pub mod imagecopy_driver;
 pub mod link;
 pub mod pairing;
 pub mod replication;
-pub mod replicator;
 pub mod transport;
 
-/// The peer link's port when the configuration does not name one.
-pub const DEFAULT_LINK_PORT: u16 = 8444;
+// The peer link's default port lives with the other defaults.
+pub use crate::config::DEFAULT_LINK_PORT;
 
 use std::net::SocketAddr;
 use uuid::Uuid;

@@ -9,6 +9,7 @@ mod disks;
 mod error;
 pub mod events;
 mod health;
+mod image_copy;
 mod images;
 mod networks;
 mod owner;
@@ -20,6 +21,7 @@ mod reconcile;
 pub mod replica;
 #[cfg(test)]
 mod replica_tests;
+pub mod replicator;
 mod snapshots;
 mod tokens;
 mod update;
@@ -98,10 +100,10 @@ pub struct Core {
     /// Pairing: outstanding invitations and the peer row.
     peer: peer::PeerSide,
     /// State replication's lag and counters while it runs (written by
-    /// `cluster::replicator`).
-    pub replication: crate::cluster::replicator::StatusCell,
-    /// The image copy's progress (written by `cluster::imagecopy_driver`).
-    pub image_files: crate::cluster::imagecopy_driver::FilesCell,
+    /// `replicator`).
+    pub replication: replicator::StatusCell,
+    /// The image copy's progress (written by `image_copy`).
+    pub image_files: image_copy::FilesCell,
 }
 
 impl Core {

@@ -6,10 +6,10 @@
 //! state replication for one peer link; the replicator hands it the image
 //! messages it receives.
 
-use super::frame::Message;
-use super::imagecopy::{CopyStatus, ImageCopy, Input, Output, Wanted};
 use super::replicator::{follow_sender, sleep_until};
-use super::transport::DataSender;
+use crate::cluster::frame::Message;
+use crate::cluster::imagecopy::{CopyStatus, ImageCopy, Input, Output, Wanted};
+use crate::cluster::transport::DataSender;
 use crate::core::Core;
 use crate::images::Upload;
 use crate::tasks::Stop;

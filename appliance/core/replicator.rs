@@ -9,9 +9,9 @@
 //! keep what the peer can have in flight bounded, so the link's received
 //! queue never fills while this loop waits on a disk flush.
 
-use super::frame::Message;
-use super::replication::{Input, Output, ReplConfig, ReplStatus, Replication};
-use super::transport::DataSender;
+use crate::cluster::frame::Message;
+use crate::cluster::replication::{Input, Output, ReplConfig, ReplStatus, Replication};
+use crate::cluster::transport::DataSender;
 use crate::core::{Core, CoreError};
 use crate::store::{Applied, StoreError};
 use crate::tasks::{Policy, Stage, Stop, Supervisor};
@@ -46,7 +46,7 @@ async fn follow_links(core: Arc<Core>, mut stop: Stop) -> Result<(), String> {
             // The image copy shares the link's one inbox: its messages are
             // handed on. Its window keeps them far below this bound.
             let (images_tx, images_rx) = mpsc::channel(IMAGE_QUEUE);
-            let images = tokio::spawn(super::imagecopy_driver::run(
+            let images = tokio::spawn(super::image_copy::run(
                 core.clone(),
                 h.peer_id,
                 h.data(),
