@@ -292,9 +292,16 @@ fn qemu_guest_features() {
     assert!(ip.starts_with(&format!("10.213.{octet}.")), "{ip}");
     eprintln!("guest up after {booted:?}, lease {ip} for {mac} after {:?}", t0.elapsed());
 
-    // The same lease, seen by libvirt.
-    let leases = hv.dhcp_leases(&net).unwrap();
-    assert!(leases.contains(&DhcpLease { mac: mac.clone(), ip: ip.clone() }), "{leases:?}");
+    // The same lease, seen by libvirt: dnsmasq's lease helper records it
+    // for libvirt a moment after the guest has it (seen empty once in CI).
+    let want = DhcpLease { mac: mac.clone(), ip: ip.clone() };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut leases = hv.dhcp_leases(&net).unwrap();
+    while !leases.contains(&want) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        leases = hv.dhcp_leases(&net).unwrap();
+    }
+    assert!(leases.contains(&want), "{leases:?}");
 
     // Console input round trip.
     run(&*con, &mut out, "echo hello-$((40000+2))", "hello-40002");
