@@ -39,9 +39,9 @@ async fn two_daemons_in_namespaces_reach_each_other_until_the_link_is_cut() {
 
     // The library's HTTPS client from inside B: a token A made works on A
     // over link 1; a bad one is refused.
-    let (s, v) = pair.b.call_to(&pair.a, 1, &pair.a.daemon.admin, Method::GET, "/v1/host", None);
+    let (s, v) = pair.b.call_to(&pair.a, 1, Some(&pair.a.daemon.admin), Method::GET, "/v1/host", None);
     assert_eq!((s, v["node_id"].clone()), (StatusCode::OK, ha["node"].clone()), "{v}");
-    let (s, _) = pair.b.call_to(&pair.a, 1, "nc_bogus", Method::GET, "/v1/host", None);
+    let (s, _) = pair.b.call_to(&pair.a, 1, Some("nc_bogus"), Method::GET, "/v1/host", None);
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     // A's HTTPS address does not exist in the root namespace: the root-side
     // client refuses to try it.

@@ -1,283 +1,321 @@
 //! Pairing two real daemons (issue 9): one-time codes, the handshake over
 //! pinned HTTPS, refusals that leave no half-paired state, unpairing on
-//! both sides and alone; then the peer link they run once paired. Each
-//! daemon has its own 127.0.0.X address (API on NOVACRON_TEST_PORT, link on
-//! the next port); the last test runs two daemons in network namespaces
-//! (tests/common/pair.rs) to cut real links.
+//! both sides and alone; then the peer link they run once paired. Every
+//! test runs its daemons in network namespaces joined by veth links
+//! (tests/common/pair.rs): API on NOVACRON_TEST_PORT and link on the next
+//! port at each node's addresses there, which the join codes carry.
 
 mod common;
 
-use common::{call, cli, error_code, Daemon, Opts};
+use common::pair::{Netns, Node, Pair};
+use common::{call, cli, error_code, Opts};
 use hyper::{Method, StatusCode};
 use novacron::cluster::pairing::JoinCode;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn node(tag: &str, octet: u8) -> Daemon {
-    let mut opts = Opts::test_driver(octet);
-    opts.extra_api = format!("[node]\nname = \"{tag}\"\n");
-    Daemon::start(tag, opts)
+/// A daemon's options with its node name.
+fn named(name: &str) -> Opts {
+    Opts { extra_api: format!("[node]\nname = \"{name}\"\n"), ..Opts::test_driver(1) }
 }
 
-async fn peer(d: &Daemon) -> Value {
-    let (status, v) = call(&d.local(), Method::GET, "/v1/peer", None).await;
+/// Two daemons named `TAG-a` and `TAG-b`, each in its own namespace.
+fn named_pair(tag: &str) -> Pair {
+    Pair::start(tag, |n| named(&format!("{tag}-{n}")))
+}
+
+async fn peer(n: &Node) -> Value {
+    let (status, v) = call(&n.local(), Method::GET, "/v1/peer", None).await;
     assert_eq!(status, StatusCode::OK, "{v}");
     v
 }
 
-async fn assert_alone(d: &Daemon, what: &str) {
-    let v = peer(d).await;
+async fn assert_alone(n: &Node, what: &str) {
+    let v = peer(n).await;
     assert_eq!(v["state"], "not_paired", "{what}: {v}");
     assert_eq!(v["paired"], false, "{what}: {v}");
     assert_eq!(v["peer"], Value::Null, "{what}: {v}");
 }
 
-async fn invite(d: &Daemon, secs: u64) -> String {
+async fn invite(n: &Node, secs: u64) -> String {
     let (status, v) =
-        call(&d.local(), Method::POST, "/v1/peer/invite", Some(json!({"expires_secs": secs}))).await;
+        call(&n.local(), Method::POST, "/v1/peer/invite", Some(json!({"expires_secs": secs}))).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     v["code"].as_str().unwrap().to_string()
 }
 
-async fn join(d: &Daemon, code: &str) -> (StatusCode, Value) {
-    call(&d.local(), Method::POST, "/v1/peer/join", Some(json!({ "code": code }))).await
+async fn join(n: &Node, code: &str) -> (StatusCode, Value) {
+    call(&n.local(), Method::POST, "/v1/peer/join", Some(json!({ "code": code }))).await
 }
 
-async fn node_id(d: &Daemon) -> String {
-    call(&d.local(), Method::GET, "/v1/host", None).await.1["node_id"].as_str().unwrap().to_string()
+async fn node_id(n: &Node) -> String {
+    call(&n.local(), Method::GET, "/v1/host", None).await.1["node_id"].as_str().unwrap().to_string()
 }
 
-async fn metric(d: &Daemon, name: &str) -> String {
-    let (_, v) = call(&d.local(), Method::GET, "/metrics", None).await;
+/// `inviter` invites, `joiner` joins: paired (the link starts by itself).
+async fn pair_up(inviter: &Node, joiner: &Node) {
+    let code = invite(inviter, 600).await;
+    let (s, v) = join(joiner, &code).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+/// (dialer, acceptor): the smaller node id dials the other's link port.
+async fn roles<'a>(a: &'a Node, b: &'a Node) -> (&'a Node, &'a Node) {
+    if node_id(a).await < node_id(b).await {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// A sample's value in `n`'s /metrics, None when it is not there.
+async fn metric(n: &Node, name: &str) -> Option<f64> {
+    let (_, v) = call(&n.local(), Method::GET, "/metrics", None).await;
     let text = v.as_str().unwrap_or_default().to_string();
-    text.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or("").to_string()
+    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map(|v| v.parse().unwrap())
 }
 
-/// Waits up to 10 s for `d`'s pairing to reach `state`.
-async fn settles(d: &Daemon, state: &str) {
+/// Waits up to 10 s for `n`'s pairing to reach `state`.
+async fn settles(n: &Node, state: &str) {
     for _ in 0..100 {
-        if peer(d).await["state"] == state {
+        if peer(n).await["state"] == state {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("never {state}: {}", peer(d).await);
+    panic!("never {state}: {}", peer(n).await);
 }
 
-/// Waits up to `secs` for `d`'s peer link to be `state` ("up", "down");
-/// returns the link as `GET /v1/peer` shows it.
-async fn link_becomes(d: &Daemon, state: &str, secs: u64) -> Value {
-    let until = std::time::Instant::now() + Duration::from_secs(secs);
+/// `n`'s peer link as `GET /v1/peer` shows it.
+async fn plink(n: &Node) -> Value {
+    peer(n).await["link"].clone()
+}
+
+/// Waits up to `secs` until `n`'s link satisfies `ok`; returns it and how long it took.
+async fn plink_until(n: &Node, what: &str, secs: u64, ok: impl Fn(&Value) -> bool) -> (Value, Duration) {
+    let t0 = std::time::Instant::now();
     loop {
-        let l = peer(d).await["link"].clone();
-        if l["state"] == state {
-            return l;
+        let l = plink(n).await;
+        if ok(&l) {
+            return (l, t0.elapsed());
         }
-        assert!(std::time::Instant::now() < until, "link never {state} within {secs} s: {l}\n{}", d.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{what}: not within {secs} s: {l}\n{}",
+            n.daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
-fn host_of(d: &Daemon) -> String {
-    d.url.trim_start_matches("https://").rsplit_once(':').unwrap().0.to_string()
+/// Waits up to `secs` for `n`'s peer link to be `state` ("up", "down").
+async fn link_becomes(n: &Node, state: &str, secs: u64) -> Value {
+    plink_until(n, &format!("link {state}"), secs, |l| l["state"] == state).await.0
 }
 
-async fn peer_check(d: &Daemon) -> Value {
-    let (_, v) = call(&d.local(), Method::GET, "/v1/health/details", None).await;
+async fn peer_check(n: &Node) -> Value {
+    let (_, v) = call(&n.local(), Method::GET, "/v1/health/details", None).await;
     v["checks"].as_array().unwrap().iter().find(|c| c["name"] == "peer").unwrap().clone()
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn pairing_succeeds_code_is_single_use_and_unpair_reaches_both() {
-    let a = node("pair-a", 161);
-    let b = node("pair-b", 162);
-    let c = node("pair-c", 163);
-    assert_alone(&a, "a fresh node").await;
-    assert_eq!(peer_check(&a).await["message"], "not paired");
-    assert_eq!(metric(&a, "novacron_peer_paired").await, "novacron_peer_paired 0");
+    let mut pair = named_pair("pair");
+    // A third node, in its own namespace routed to both: not the peer.
+    pair.add_third("pair-c", named("pair-c"));
+    let (a, b, c) = (&pair.a, &pair.b, pair.third.as_ref().unwrap());
+    assert_alone(a, "a fresh node").await;
+    assert_eq!(peer_check(a).await["message"], "not paired");
+    assert_eq!(metric(a, "novacron_peer_paired").await, Some(0.0));
 
     // The CLI, as an operator would: invite on A, join on B.
-    let inv = cli(&a, &["peer", "invite", "--expires", "10m"]);
+    let inv = cli(&a.daemon, &["peer", "invite", "--expires", "10m"]);
     assert_eq!(inv.code, 0, "{}{}", inv.stdout, inv.stderr);
     let code = inv.stdout.trim().to_string();
     let decoded = JoinCode::decode(&code).unwrap();
-    assert_eq!(decoded.fingerprint, a.fingerprint);
-    assert_eq!(decoded.addresses, ["127.0.0.161".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(decoded.fingerprint, a.daemon.fingerprint);
+    // Both of A's addresses (the veth links'), the API port.
+    assert_eq!(decoded.addresses, a.addrs.to_vec());
+    assert_eq!(decoded.api_port, common::api_port());
     assert!(inv.stderr.contains("novacron peer join"), "{}", inv.stderr);
-    let joined = cli(&b, &["peer", "join", &code]);
+    let joined = cli(&b.daemon, &["peer", "join", &code]);
     assert_eq!(joined.code, 0, "{}{}", joined.stdout, joined.stderr);
     assert!(joined.stdout.contains("peer:        pair-a"), "{}", joined.stdout);
 
-    let (va, vb) = (peer(&a).await, peer(&b).await);
+    let (va, vb) = (peer(a).await, peer(b).await);
     assert_eq!((va["state"].as_str(), vb["state"].as_str()), (Some("paired"), Some("paired")));
-    assert_eq!(va["peer"]["node_id"], node_id(&b).await.as_str());
-    assert_eq!(vb["peer"]["node_id"], node_id(&a).await.as_str());
-    assert_eq!(va["peer"]["fingerprint"], b.fingerprint.as_str());
-    assert_eq!(vb["peer"]["fingerprint"], a.fingerprint.as_str());
+    assert_eq!(va["peer"]["node_id"], node_id(b).await.as_str());
+    assert_eq!(vb["peer"]["node_id"], node_id(a).await.as_str());
+    assert_eq!(va["peer"]["fingerprint"], b.daemon.fingerprint.as_str());
+    assert_eq!(vb["peer"]["fingerprint"], a.daemon.fingerprint.as_str());
     assert_eq!(va["peer"]["name"], "pair-b");
-    assert_eq!(vb["peer"]["addresses"], json!(["127.0.0.161"]));
+    assert_eq!(vb["peer"]["addresses"], json!([a.addrs[0].to_string(), a.addrs[1].to_string()]));
+    assert_eq!(va["peer"]["addresses"], json!([b.addrs[0].to_string(), b.addrs[1].to_string()]));
     assert_eq!(va["disks"], json!([]));
     // The link starts with the pairing (its own test below follows it).
-    link_becomes(&a, "up", 10).await;
-    let check = peer_check(&a).await;
+    link_becomes(a, "up", 10).await;
+    let check = peer_check(a).await;
     assert_eq!(check["status"], "ok", "{check}");
     assert!(check["message"].as_str().unwrap().starts_with("paired with pair-b, link up over "), "{check}");
-    assert_eq!(metric(&b, "novacron_peer_paired").await, "novacron_peer_paired 1");
+    assert_eq!(metric(b, "novacron_peer_paired").await, Some(1.0));
     // journald fields (stderr here): the pairing names the peer.
-    assert!(a.log().contains(&format!("PEER_ID={}", node_id(&b).await)), "{}", a.log());
+    assert!(a.daemon.log().contains(&format!("PEER_ID={}", node_id(b).await)), "{}", a.daemon.log());
     // Audit: B's admin joined; A records the commit as the peer's.
-    let audit = |d: &Daemon| {
-        let c = d.local();
+    let audit = |n: &Node| {
+        let c = n.local();
         async move { call(&c, Method::GET, "/v1/audit", None).await.1["entries"].clone() }
     };
-    let on_a = audit(&a).await;
-    let b_id = node_id(&b).await;
+    let on_a = audit(a).await;
+    let b_id = node_id(b).await;
     assert!(
         on_a.as_array().unwrap().iter().any(|e| e["actor"] == format!("peer:{b_id}")
             && e["action"] == "peer.handshake"
             && e["target"] == "commit"),
         "{on_a}"
     );
-    let on_b = audit(&b).await;
+    let on_b = audit(b).await;
     assert!(
         on_b.as_array().unwrap().iter().any(|e| e["action"] == "peer.join" && e["result"] == "ok"),
         "{on_b}"
     );
-    let status = cli(&a, &["--json", "peer", "status"]);
+    let status = cli(&a.daemon, &["--json", "peer", "status"]);
     let v: Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(v["peer"]["name"], "pair-b");
 
-    // Replayed: the same code from a third node.
-    let (s, v) = join(&c, &code).await;
+    // Replayed: the same code from a third node (C reaches A's addresses
+    // over its own link; A refuses the used invitation).
+    let (s, v) = join(c, &code).await;
     assert_eq!((s, error_code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "invite_used"), "{v}");
-    assert_alone(&c, "after a replayed code").await;
+    assert_alone(c, "after a replayed code").await;
     // Paired nodes neither invite nor join again.
     let (s, v) = call(&a.local(), Method::POST, "/v1/peer/invite", Some(json!({}))).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "already_paired"), "{v}");
-    let code_c = invite(&c, 600).await;
-    let (s, v) = join(&b, &code_c).await;
+    let code_c = invite(c, 600).await;
+    assert_eq!(JoinCode::decode(&code_c).unwrap().addresses, c.addrs.to_vec());
+    let (s, v) = join(b, &code_c).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "already_paired"), "{v}");
     // C's code offered to an unpaired node works; but A refuses to be joined twice.
-    let c_code_for_a = invite(&c, 600).await;
-    let (s, v) = join(&a, &c_code_for_a).await;
+    let c_code_for_a = invite(c, 600).await;
+    let (s, v) = join(a, &c_code_for_a).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "already_paired"), "{v}");
-    assert_alone(&c, "C after being refused").await;
+    assert_alone(c, "C after being refused").await;
+    for n in [a, b] {
+        assert_eq!(peer(n).await["state"], "paired", "the refusals changed nothing");
+    }
 
-    let un = cli(&b, &["peer", "unpair"]);
+    let un = cli(&b.daemon, &["peer", "unpair"]);
     assert_eq!(un.code, 0, "{}{}", un.stdout, un.stderr);
     assert!(un.stdout.contains("unpaired on both nodes"), "{}", un.stdout);
-    assert_alone(&a, "A after B unpaired").await;
-    assert_alone(&b, "B after unpairing").await;
-    assert_eq!(metric(&a, "novacron_peer_paired").await, "novacron_peer_paired 0");
+    assert_alone(a, "A after B unpaired").await;
+    assert_alone(b, "B after unpairing").await;
+    assert_eq!(metric(a, "novacron_peer_paired").await, Some(0.0));
     let (s, v) = call(&a.local(), Method::DELETE, "/v1/peer", None).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "not_paired"), "{v}");
     // And they can pair again, the other way round.
-    let code = invite(&b, 600).await;
-    let (s, v) = join(&a, &code).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(peer(&b).await["peer"]["name"], "pair-a");
+    pair_up(b, a).await;
+    assert_eq!(peer(b).await["peer"]["name"], "pair-a");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn refused_codes_leave_neither_node_paired() {
-    let mut a = node("refuse-a", 164);
-    let b = node("refuse-b", 165);
-    let code = invite(&a, 600).await;
-    let mut parsed = JoinCode::decode(&code).unwrap();
+    let mut pair = named_pair("refuse");
+    let (a, b) = (&pair.a, &pair.b);
+    let code = invite(a, 600).await;
+    let parsed = JoinCode::decode(&code).unwrap();
 
     // Wrong fingerprint: B's TLS client refuses A's certificate.
     let mut wrong_fp = parsed.clone();
     wrong_fp.fingerprint = vec!["AB"; 32].join(":");
-    let (s, v) = join(&b, &wrong_fp.encode()).await;
+    let (s, v) = join(b, &wrong_fp.encode()).await;
     assert_eq!((s, error_code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "fingerprint_mismatch"), "{v}");
     // Wrong secret: A refuses, B never hears A's proof.
     let mut wrong_secret = parsed.clone();
     wrong_secret.secret[0] ^= 0x55;
-    let (s, v) = join(&b, &wrong_secret.encode()).await;
+    let (s, v) = join(b, &wrong_secret.encode()).await;
     assert_eq!((s, error_code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "wrong_secret"), "{v}");
     // A typo: caught before any connection.
     let mut typo = code.clone().into_bytes();
     typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
-    let (s, v) = join(&b, std::str::from_utf8(&typo).unwrap()).await;
+    let (s, v) = join(b, std::str::from_utf8(&typo).unwrap()).await;
     assert_eq!((s, error_code(&v)), (StatusCode::BAD_REQUEST, "malformed_code"), "{v}");
-    let bad = cli(&b, &["peer", "join", "ncjnotacode"]);
+    let bad = cli(&b.daemon, &["peer", "join", "ncjnotacode"]);
     assert_eq!(bad.code, 2, "a bad request: {}", bad.stderr);
     assert!(bad.stderr.contains("malformed_code"), "{}", bad.stderr);
     // Its own code.
-    let (s, v) = join(&a, &code).await;
+    let (s, v) = join(a, &code).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "pair_self"), "{v}");
-    // Nobody listening at the code's address.
+    // Nobody listening at the code's address: A's, at a port nothing in
+    // A's namespace listens on (only the daemon runs there).
     let mut nowhere = parsed.clone();
-    nowhere.addresses = vec!["127.0.0.169".parse().unwrap()];
-    let (s, v) = join(&b, &nowhere.encode()).await;
+    nowhere.api_port = 1;
+    let (s, v) = join(b, &nowhere.encode()).await;
     assert_eq!((s, error_code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "peer_unreachable"), "{v}");
-    // Garbage handshakes on A's public endpoint.
-    let anon = a.https(None);
-    let (s, v) = call(&anon, Method::POST, "/v1/peer/handshake", Some(json!({"step": "prepare"}))).await;
+    // Garbage handshakes on A's public endpoint, from B's namespace.
+    let (s, v) = b.call_to(a, 0, None, Method::POST, "/v1/peer/handshake", Some(json!({"step": "prepare"})));
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    let (s, v) = call(
-        &anon,
+    let (s, v) = b.call_to(
+        a,
+        0,
+        None,
         Method::POST,
         "/v1/peer/handshake",
         Some(json!({"step": "commit", "invite": "00", "joiner": uuid::Uuid::nil(), "proof": "00"})),
-    )
-    .await;
+    );
     assert_eq!((s, error_code(&v)), (StatusCode::BAD_REQUEST, "invalid_value"), "{v}");
-    for d in [&a, &b] {
-        assert_alone(d, "after the refusals").await;
+    for n in [a, b] {
+        assert_alone(n, "after the refusals").await;
     }
     // The code itself still works after all that (wrong secrets up to the limit).
-    assert!(a.log().contains("peer handshake refused"), "refusals are logged");
+    assert!(a.daemon.log().contains("peer handshake refused"), "refusals are logged");
     // ... in the journal, not the audit log, which anonymous callers must not fill.
     let (_, audit) = call(&a.local(), Method::GET, "/v1/audit", None).await;
     assert!(!audit.to_string().contains("peer.handshake"), "{audit}");
 
     // Expired.
-    let short = cli(&a, &["peer", "invite", "--expires", "1s"]);
+    let short = cli(&a.daemon, &["peer", "invite", "--expires", "1s"]);
     assert_eq!(short.code, 0, "{}", short.stderr);
     std::thread::sleep(Duration::from_millis(1500));
-    let (s, v) = join(&b, short.stdout.trim()).await;
+    let (s, v) = join(b, short.stdout.trim()).await;
     assert_eq!((s, error_code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "invite_expired"), "{v}");
     // A restart forgets outstanding codes (they are kept in memory only).
-    a.restart();
-    let (s, v) = join(&b, &code).await;
+    pair.a.daemon.restart();
+    let (a, b) = (&pair.a, &pair.b);
+    let (s, v) = join(b, &code).await;
     assert_eq!((s, error_code(&v)), (StatusCode::UNPROCESSABLE_ENTITY, "invite_unknown"), "{v}");
-    for d in [&a, &b] {
-        assert_alone(d, "after expiry and restart").await;
+    for n in [a, b] {
+        assert_alone(n, "after expiry and restart").await;
     }
     // A fresh code still pairs them.
-    parsed = JoinCode::decode(&invite(&a, 600).await).unwrap();
-    let (s, v) = join(&b, &parsed.encode()).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    pair_up(a, b).await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn unpair_alone_when_the_peer_is_stopped() {
-    let a = node("alone-a", 166);
-    let mut b = node("alone-b", 167);
-    let code = invite(&a, 600).await;
-    assert_eq!(join(&b, &code).await.0, StatusCode::OK);
-    b.kill9();
+    let mut pair = named_pair("alone");
+    pair_up(&pair.a, &pair.b).await;
+    pair.b.daemon.kill9();
+    let a = &pair.a;
     let (s, v) = call(&a.local(), Method::DELETE, "/v1/peer", None).await;
     assert_eq!((s, error_code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "peer_unreachable"), "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("--force"), "{v}");
-    assert_eq!(peer(&a).await["state"], "paired", "nothing changed without force");
-    let forced = cli(&a, &["peer", "unpair", "--force"]);
+    assert_eq!(peer(a).await["state"], "paired", "nothing changed without force");
+    let forced = cli(&a.daemon, &["peer", "unpair", "--force"]);
     assert_eq!(forced.code, 0, "{}", forced.stderr);
     assert!(forced.stdout.contains("unpaired on this node only"), "{}", forced.stdout);
-    assert_alone(&a, "A after a forced unpair").await;
+    assert_alone(a, "A after a forced unpair").await;
     // B, back, still lists A (it was never told); unpairing it is a no-op on A.
-    b.restart();
-    assert_eq!(peer(&b).await["state"], "paired");
+    pair.b.daemon.restart();
+    let (a, b) = (&pair.a, &pair.b);
+    assert_eq!(peer(b).await["state"], "paired");
     let (s, v) = call(&b.local(), Method::DELETE, "/v1/peer", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["peer_notified"], true, "{v}");
-    assert_alone(&b, "B after unpairing").await;
-    assert_alone(&a, "A stays alone").await;
+    assert_alone(b, "B after unpairing").await;
+    assert_alone(a, "A stays alone").await;
 }
 
 /// What the relay does with its Nth connection.
@@ -297,23 +335,33 @@ fn count(log: &std::path::Path, what: &str) -> usize {
     std::fs::read_to_string(log).unwrap_or_default().matches(what).count()
 }
 
-/// A TCP relay in front of `target` (TLS passes through it, so pinning
-/// holds); `log` is the inviter's log, watched for the commit.
-fn relay(listen: &str, target: String, log: std::path::PathBuf, plan: Vec<Relay>) -> Arc<AtomicUsize> {
-    let listener = TcpListener::bind(listen).unwrap();
+/// A TCP relay in namespace `ns` at `listen` (a free port) in front of
+/// `target` (TLS passes through it, so pinning holds), taking
+/// `plan.len()` connections; `log` is the inviter's log, watched for the
+/// commit. Returns where it listens and how many connections it saw.
+fn relay(
+    ns: &Netns,
+    listen: IpAddr,
+    target: SocketAddr,
+    log: std::path::PathBuf,
+    plan: Vec<Relay>,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    // Bound, and later connecting, inside the namespace.
+    let listener = ns.run(move || TcpListener::bind((listen, 0)).unwrap());
+    let at = listener.local_addr().unwrap();
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
+    ns.spawn(move || {
+        for conn in listener.incoming().take(plan.len()) {
             let Ok(client) = conn else { continue };
             let n = counter.fetch_add(1, Ordering::SeqCst);
-            let mode = plan.get(n).copied().unwrap_or(Relay::Pass);
+            let mode = plan[n];
             if mode == Relay::Refuse {
                 drop(client);
                 continue;
             }
             let commits = count(&log, COMMITTED);
-            let server = TcpStream::connect(&target).unwrap();
+            let server = TcpStream::connect(target).unwrap();
             // Set once the client sent more than its ClientHello: what the
             // server sends from then on is session tickets and the answer.
             let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -357,15 +405,18 @@ fn relay(listen: &str, target: String, log: std::path::PathBuf, plan: Vec<Relay>
             });
         }
     });
-    seen
+    (at, seen)
 }
 
-#[tokio::test]
+/// The joiner's connections to the inviter go through a relay in B's
+/// namespace (so what it forwards crosses the veth link to A) that cuts
+/// them at each step of the handshake.
+#[tokio::test(flavor = "multi_thread")]
 async fn a_join_cut_at_each_step_ends_the_same_on_both_nodes() {
-    let a = node("cut-a", 168);
-    let b = node("cut-b", 170);
-    let target = a.url.trim_start_matches("https://").to_string();
-    let relay_ip = "127.0.0.171";
+    let pair = named_pair("cut");
+    let (a, b) = (&pair.a, &pair.b);
+    let target = SocketAddr::new(a.addrs[0], common::api_port());
+    let a_log = a.daemon.dir.join("daemon.log");
     use Relay::*;
     let plan = vec![
         Refuse, // 1: prepare
@@ -373,155 +424,163 @@ async fn a_join_cut_at_each_step_ends_the_same_on_both_nodes() {
         Pass, Refuse, Refuse, // 3: prepare, commit and abort never arrive
         Pass, CutAnswer, Refuse, // 4: prepare, commit (answer lost), abort lost
     ];
-    let seen = relay(&format!("{relay_ip}:{}", common::api_port()), target, a.dir.join("daemon.log"), plan);
+    let (at, seen) = relay(&b.ns, b.addrs[0], target, a_log.clone(), plan);
     let via_relay = |code: &str| {
         let mut c = JoinCode::decode(code).unwrap();
-        c.addresses = vec![relay_ip.parse().unwrap()];
+        c.addresses = vec![at.ip()];
+        c.api_port = at.port();
         c.encode()
     };
 
     // 1. Prepare never arrives: nothing happened anywhere.
-    let (s, v) = join(&b, &via_relay(&invite(&a, 600).await)).await;
+    let (s, v) = join(b, &via_relay(&invite(a, 600).await)).await;
     assert_eq!((s, error_code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "peer_unreachable"), "{v}");
     assert_eq!(seen.load(Ordering::SeqCst), 1);
-    for d in [&a, &b] {
-        assert_alone(d, "1: prepare cut").await;
+    for n in [a, b] {
+        assert_alone(n, "1: prepare cut").await;
     }
 
     // 2. A commits, its answer is lost; B's abort reaches A: both roll back.
-    let (s, v) = join(&b, &via_relay(&invite(&a, 600).await)).await;
+    let (s, v) = join(b, &via_relay(&invite(a, 600).await)).await;
     assert_eq!((s, error_code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "peer_unreachable"), "{v}");
     assert_eq!(seen.load(Ordering::SeqCst), 4);
-    assert_eq!(count(&a.dir.join("daemon.log"), COMMITTED), 1, "A had committed");
-    for d in [&a, &b] {
-        assert_alone(d, "2: answer to commit lost, abort passed").await;
+    assert_eq!(count(&a_log, COMMITTED), 1, "A had committed");
+    for n in [a, b] {
+        assert_alone(n, "2: answer to commit lost, abort passed").await;
     }
 
     // 3. Neither commit nor abort arrives: B keeps a `joining` row and asks
-    //    A directly (the address A gave) until A says it never committed.
-    let (s, v) = join(&b, &via_relay(&invite(&a, 600).await)).await;
+    //    A directly (the addresses A gave, over the veth link) until A says
+    //    it never committed.
+    let (s, v) = join(b, &via_relay(&invite(a, 600).await)).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "pairing_incomplete"), "{v}");
     assert_eq!(seen.load(Ordering::SeqCst), 7);
-    assert_alone(&a, "3: A never saw the commit").await;
-    settles(&b, "not_paired").await;
+    assert_alone(a, "3: A never saw the commit").await;
+    settles(b, "not_paired").await;
 
     // 4. A commits, the answer and the abort are lost: B settles the other
     //    way, paired like A.
-    let (s, v) = join(&b, &via_relay(&invite(&a, 600).await)).await;
+    let (s, v) = join(b, &via_relay(&invite(a, 600).await)).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "pairing_incomplete"), "{v}");
     assert_eq!(seen.load(Ordering::SeqCst), 10);
-    assert_eq!(peer(&a).await["state"], "paired");
+    assert_eq!(peer(a).await["state"], "paired");
     // B's resolver is woken at once and asks A directly: it may have
     // settled already (within ms); until then B says it is joining.
-    let check = peer_check(&b).await;
-    if peer(&b).await["state"] == "joining" {
+    let check = peer_check(b).await;
+    if peer(b).await["state"] == "joining" {
         assert_eq!(check["status"], "warning", "{check}");
     }
-    settles(&b, "paired").await;
-    assert!(b.log().contains("pairing confirmed by the inviter"), "settled by asking A: {}", b.log());
+    settles(b, "paired").await;
+    assert!(
+        b.daemon.log().contains("pairing confirmed by the inviter"),
+        "settled by asking A: {}",
+        b.daemon.log()
+    );
 }
 
 /// The peer link in the daemons: up with an RTT once paired, down when the
 /// peer stops (and said so by metrics and health), up again when it is
 /// back, stopped on both nodes by unpairing.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn the_link_follows_the_pairing_and_the_peer() {
-    let a = node("link-a", 172);
-    let mut b = node("link-b", 173);
-    let (a_id, b_id) = (node_id(&a).await, node_id(&b).await);
-    assert_eq!(metric(&a, "novacron_peer_link_up").await, "novacron_peer_link_up 0");
+    let mut pair = named_pair("link");
+    let (a, b) = (&pair.a, &pair.b);
+    let (a_id, b_id) = (node_id(a).await, node_id(b).await);
+    assert_eq!(metric(a, "novacron_peer_link_up").await, Some(0.0));
     let started = std::time::Instant::now();
-    let code = invite(&a, 600).await;
-    assert_eq!(join(&b, &code).await.0, StatusCode::OK);
+    pair_up(a, b).await;
     let link_port = common::link_port();
-    for (d, other) in [(&a, &b), (&b, &a)] {
-        let l = link_becomes(d, "up", 5).await;
-        let addr = l["address"].as_str().unwrap().to_string();
-        // The smaller node id dials the peer's link port; the other side
-        // shows where that connection came from (on loopback the kernel
-        // picks 127.0.0.1 as its source; the namespace test below checks
-        // it across real links).
-        if std::ptr::eq(d, &a) == (a_id < b_id) {
-            assert_eq!(addr, format!("{}:{link_port}", host_of(other)), "{l}");
-            assert!(l["detail"].as_str().unwrap().ends_with("(this node dials)"), "{l}");
-        } else {
-            assert!(addr.parse::<std::net::SocketAddr>().is_ok(), "{l}");
-            assert!(l["detail"].as_str().unwrap().ends_with("(the peer dials)"), "{l}");
-        }
-    }
+    let (dialer, acceptor) = roles(a, b).await;
+    // The dialer dials the acceptor's link port over one of the links (the
+    // first, unless the acceptor's listener was not up yet: then the
+    // refused attempt moves on to the second); the acceptor sees the
+    // dialer's address on that same link.
+    let l = link_becomes(dialer, "up", 5).await;
+    let used = (0..2)
+        .find(|&i| l["address"] == format!("{}:{link_port}", acceptor.addrs[i]))
+        .unwrap_or_else(|| panic!("{l}"));
+    assert!(l["detail"].as_str().unwrap().ends_with("(this node dials)"), "{l}");
+    let l = link_becomes(acceptor, "up", 5).await;
+    assert!(l["address"].as_str().unwrap().starts_with(&format!("{}:", dialer.addrs[used])), "{l}");
+    assert!(l["detail"].as_str().unwrap().ends_with("(the peer dials)"), "{l}");
     // The first heartbeat goes out as the link comes up: the RTT is known
-    // at once, and on loopback it is well under 50 ms.
-    for d in [&a, &b] {
-        let mut l = peer(d).await["link"].clone();
-        while l["rtt_ms"].is_null() {
-            assert!(started.elapsed() < Duration::from_secs(5), "no RTT: {l}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            l = peer(d).await["link"].clone();
-        }
+    // at once, and over the veth link it is well under 50 ms.
+    for n in [a, b] {
+        let (l, _) = plink_until(n, "an RTT", 5, |l| !l["rtt_ms"].is_null()).await;
         let rtt = l["rtt_ms"].as_f64().unwrap();
         assert!(rtt > 0.0 && rtt < 50.0, "{l}");
         assert!(l["last_heartbeat"].is_string(), "{l}");
     }
     assert!(started.elapsed() < Duration::from_secs(5), "up after {:?}", started.elapsed());
-    assert_eq!(metric(&a, "novacron_peer_link_up").await, "novacron_peer_link_up 1");
-    let rtt: f64 = metric(&a, "novacron_peer_rtt_seconds").await.split(' ').nth(1).unwrap().parse().unwrap();
+    assert_eq!(metric(a, "novacron_peer_link_up").await, Some(1.0));
+    let rtt = metric(a, "novacron_peer_rtt_seconds").await.unwrap();
     assert!(rtt > 0.0 && rtt < 0.05, "{rtt}");
-    let age: f64 =
-        metric(&a, "novacron_peer_heartbeat_age_seconds").await.split(' ').nth(1).unwrap().parse().unwrap();
+    let age = metric(a, "novacron_peer_heartbeat_age_seconds").await.unwrap();
     assert!(age < 1.5, "heartbeats every 0.5 s, last {age} s ago");
-    assert_eq!(peer_check(&a).await["status"], "ok");
+    assert_eq!(peer_check(a).await["status"], "ok");
     // The CLI shows it, as text and as JSON.
-    let st = cli(&a, &["peer", "status"]);
+    let st = cli(&a.daemon, &["peer", "status"]);
     assert_eq!(st.code, 0, "{}", st.stderr);
     assert!(st.stdout.contains("link:        up (up over "), "{}", st.stdout);
     assert!(st.stdout.contains(" ms\n"), "an RTT in ms: {}", st.stdout);
-    let st = cli(&b, &["--json", "peer", "status"]);
+    let st = cli(&b.daemon, &["--json", "peer", "status"]);
     let v: Value = serde_json::from_str(&st.stdout).unwrap();
     assert_eq!(v["link"]["state"], "up", "{v}");
     // The journal (stderr here) has the link events with the peer's id.
-    let up_line = |d: &Daemon, peer: &str| {
-        d.log().lines().any(|l| l.contains("peer link up") && l.contains(&format!("PEER_ID={peer}")))
+    let up_line = |n: &Node, peer: &str| {
+        n.daemon.log().lines().any(|l| l.contains("peer link up") && l.contains(&format!("PEER_ID={peer}")))
     };
-    assert!(up_line(&a, &b_id), "{}", a.log());
-    assert!(up_line(&b, &a_id), "{}", b.log());
+    assert!(up_line(a, &b_id), "{}", a.daemon.log());
+    assert!(up_line(b, &a_id), "{}", b.daemon.log());
 
     // B stops (SIGTERM: its cluster stage closes the link on the way out,
     // so A knows at once rather than after missed heartbeats).
+    let b = &mut pair.b.daemon;
     assert!(b.terminate(Duration::from_secs(15)).is_some_and(|s| s.success()), "{}", b.log());
     assert!(
         b.log().contains("tasks=cluster.peer_link"),
         "the link stopped with the cluster stage: {}",
         b.log()
     );
-    let l = link_becomes(&a, "down", 3).await;
+    let a = &pair.a;
+    let l = link_becomes(a, "down", 3).await;
     assert_eq!((l["address"].clone(), l["rtt_ms"].clone()), (Value::Null, Value::Null), "{l}");
-    assert_eq!(metric(&a, "novacron_peer_link_up").await, "novacron_peer_link_up 0");
-    assert_eq!(metric(&a, "novacron_peer_rtt_seconds").await, "", "no RTT of a link that is down");
-    assert_eq!(metric(&a, "novacron_peer_link_downs_total").await, "novacron_peer_link_downs_total 1");
-    let check = peer_check(&a).await;
+    assert_eq!(metric(a, "novacron_peer_link_up").await, Some(0.0));
+    assert_eq!(metric(a, "novacron_peer_rtt_seconds").await, None, "no RTT of a link that is down");
+    assert_eq!(metric(a, "novacron_peer_link_downs_total").await, Some(1.0));
+    let check = peer_check(a).await;
     assert_eq!(check["status"], "warning", "{check}");
     assert!(check["message"].as_str().unwrap().starts_with("paired with link-b, link down: "), "{check}");
-    assert!(a.log().lines().any(|l| l.contains("peer link down") && l.contains(&format!("PEER_ID={b_id}"))));
+    let log = a.daemon.log();
+    assert!(log.lines().any(|l| l.contains("peer link down") && l.contains(&format!("PEER_ID={b_id}"))));
 
     // B back: the link comes up again by itself.
-    b.restart();
-    link_becomes(&a, "up", 15).await;
-    link_becomes(&b, "up", 5).await;
-    assert_eq!(peer_check(&a).await["status"], "ok");
+    pair.b.daemon.restart();
+    let (a, b) = (&pair.a, &pair.b);
+    link_becomes(a, "up", 15).await;
+    link_becomes(b, "up", 5).await;
+    assert_eq!(peer_check(a).await["status"], "ok");
 
     // Unpairing stops the link on both nodes: nothing listens on the
-    // link port any more.
+    // link port any more (tried from inside each node's namespace).
     let (s, v) = call(&a.local(), Method::DELETE, "/v1/peer", None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    for d in [&a, &b] {
-        assert_alone(d, "after unpairing").await;
-        let addr = format!("{}:{link_port}", host_of(d));
+    for n in [a, b] {
+        assert_alone(n, "after unpairing").await;
         let until = std::time::Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(&addr).is_ok() || !d.log().contains("peer link stopped") {
-            assert!(std::time::Instant::now() < until, "{addr} still listens after unpairing: {}", d.log());
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        for addr in n.addrs.map(|ip| SocketAddr::new(ip, link_port)) {
+            while n.ns.run(move || TcpStream::connect(addr).is_ok())
+                || !n.daemon.log().contains("peer link stopped")
+            {
+                assert!(
+                    std::time::Instant::now() < until,
+                    "{addr} still listens after unpairing: {}",
+                    n.daemon.log()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-        assert_eq!(metric(d, "novacron_peer_link_up").await, "novacron_peer_link_up 0");
+        assert_eq!(metric(n, "novacron_peer_link_up").await, Some(0.0));
     }
 }
 
@@ -562,48 +621,14 @@ async fn idle_cost(pid: u32, secs: u64) -> (f64, u64) {
     (cpu, rss_anon_kib(pid))
 }
 
-async fn plink(n: &common::pair::Node) -> Value {
-    let (status, v) = call(&n.local(), Method::GET, "/v1/peer", None).await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    v["link"].clone()
-}
-
-/// Waits up to `secs` until `n`'s link satisfies `ok`; returns it and how long it took.
-async fn plink_until(
-    n: &common::pair::Node,
-    what: &str,
-    secs: u64,
-    ok: impl Fn(&Value) -> bool,
-) -> (Value, Duration) {
-    let t0 = std::time::Instant::now();
-    loop {
-        let l = plink(n).await;
-        if ok(&l) {
-            return (l, t0.elapsed());
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "{what}: not within {secs} s: {l}\n{}",
-            n.daemon.log()
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn pnode_id(n: &common::pair::Node) -> String {
-    call(&n.local(), Method::GET, "/v1/host", None).await.1["node_id"].as_str().unwrap().to_string()
-}
-
 /// Two daemons in namespaces, paired over link 0's addresses with link 1's
 /// as the redundant path: cutting the link in use moves the peer link to
-/// the other,
-/// cutting both takes it down (metrics and health say so), restoring them
-/// brings it back. Also measures the heartbeat RTT over the veth links and
-/// the idle daemon's CPU and RssAnon, unpaired and paired (printed; the
-/// numbers are in docs/performance.md).
+/// the other, cutting both takes it down (metrics and health say so),
+/// restoring them brings it back. Also measures the heartbeat RTT over the
+/// veth links and the idle daemon's CPU and RssAnon, unpaired and paired
+/// (printed; the numbers are in docs/performance.md).
 #[tokio::test(flavor = "multi_thread")]
 async fn the_link_moves_to_the_redundant_path_and_survives_cuts() {
-    use common::pair::Pair;
     let pair = Pair::test_driver("plink");
     let (a, b) = (&pair.a, &pair.b);
     let pid = a.daemon.pid();
@@ -622,9 +647,9 @@ async fn the_link_moves_to_the_redundant_path_and_survives_cuts() {
     assert_eq!(v["peer"]["addresses"], json!([a.addrs[0].to_string(), a.addrs[1].to_string()]));
 
     // The smaller node id dials the other's addresses in order.
-    let (dialer, acceptor) = if pnode_id(a).await < pnode_id(b).await { (a, b) } else { (b, a) };
+    let (dialer, acceptor) = roles(a, b).await;
     let port = common::link_port();
-    let over = |n: &common::pair::Node, link: usize| format!("{}:{port}", n.addrs[link]);
+    let over = |n: &Node, link: usize| format!("{}:{port}", n.addrs[link]);
     let (l, took) = plink_until(dialer, "up", 10, |l| l["state"] == "up").await;
     // Link 0 is dialed first, but when the acceptor's listener is not up
     // yet the refused attempt moves straight on to link 1: either is right.
@@ -718,7 +743,7 @@ async fn read_frame(
 /// `to`: for each case, what it read before the connection closed (an
 /// error text when it could not connect or the TLS handshake failed).
 fn hostile(
-    from: &common::pair::Node,
+    from: &Node,
     to: std::net::SocketAddr,
     pin: String,
     identity: Option<(Vec<u8>, Vec<u8>)>,
@@ -770,12 +795,6 @@ fn hostile(
     })
 }
 
-async fn metric_of(n: &common::pair::Node, name: &str) -> Option<f64> {
-    let (_, v) = call(&n.local(), Method::GET, "/metrics", None).await;
-    let text = v.as_str().unwrap_or_default().to_string();
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).map(|v| v.parse().unwrap())
-}
-
 /// The link port of a paired daemon (in its namespace, from the peer's):
 /// plaintext and an unpinned certificate are refused in TLS without
 /// touching the link; the pinned peer's own certificate with an oversized,
@@ -785,14 +804,11 @@ async fn metric_of(n: &common::pair::Node, name: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_connections_to_the_link_port_change_nothing() {
     use novacron::cluster::frame::{Channel, Message, WIRE_VERSION};
-    let pair = common::pair::Pair::test_driver("phostile");
+    let pair = Pair::test_driver("phostile");
     let (a, b) = (&pair.a, &pair.b);
-    let (s, v) = call(&a.local(), Method::POST, "/v1/peer/invite", Some(json!({}))).await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    let (s, v) = call(&b.local(), Method::POST, "/v1/peer/join", Some(json!({ "code": v["code"] }))).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    pair_up(a, b).await;
     // The accepting node (the larger id) is the one that answers a Hello.
-    let (dialer, acceptor) = if pnode_id(a).await < pnode_id(b).await { (a, b) } else { (b, a) };
+    let (dialer, acceptor) = roles(a, b).await;
     plink_until(dialer, "up", 10, |l| l["state"] == "up").await;
     plink_until(acceptor, "up", 5, |l| l["state"] == "up").await;
     let port: std::net::SocketAddr =
@@ -822,15 +838,11 @@ async fn hostile_connections_to_the_link_port_change_nothing() {
         "{r:?}"
     );
     let until = std::time::Instant::now() + Duration::from_secs(5);
-    while metric_of(acceptor, "novacron_peer_link_refused_total").await != Some(2.0) {
+    while metric(acceptor, "novacron_peer_link_refused_total").await != Some(2.0) {
         assert!(std::time::Instant::now() < until, "refusals not counted: {}", acceptor.daemon.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(
-        metric_of(acceptor, "novacron_peer_link_downs_total").await,
-        Some(0.0),
-        "the link was disturbed"
-    );
+    assert_eq!(metric(acceptor, "novacron_peer_link_downs_total").await, Some(0.0), "the link was disturbed");
     assert_eq!(plink(acceptor).await["state"], "up");
     assert!(acceptor.daemon.log().contains("refused a peer-link connection"), "{}", acceptor.daemon.log());
 
@@ -839,7 +851,7 @@ async fn hostile_connections_to_the_link_port_change_nothing() {
     let tls = dialer.daemon.data().join("tls");
     let identity =
         (std::fs::read(tls.join("cert.pem")).unwrap(), std::fs::read(tls.join("key.pem")).unwrap());
-    let dialer_id: uuid::Uuid = pnode_id(dialer).await.parse().unwrap();
+    let dialer_id: uuid::Uuid = node_id(dialer).await.parse().unwrap();
     let hello = |v| {
         Message::Hello {
             protocol_version: v,

@@ -159,7 +159,7 @@ async fn state_converges_both_ways_and_resumes_after_cuts_and_kill9() {
     }
     // A token made on A works on B (over the veth, from A's namespace).
     let secret = ta["secret"].as_str().unwrap();
-    let (st, host) = pair.a.call_to(&pair.b, 0, secret, Method::GET, "/v1/host", None);
+    let (st, host) = pair.a.call_to(&pair.b, 0, Some(secret), Method::GET, "/v1/host", None);
     assert_eq!(st, StatusCode::OK, "{host}");
     assert_eq!(host["node_id"], idb.as_str());
     // A VM made on A is on B, owned by A; B may not operate it.
@@ -188,7 +188,7 @@ async fn state_converges_both_ways_and_resumes_after_cuts_and_kill9() {
     let (s, _) = converge(&pair, 20).await;
     assert!(!s.iter().any(|l| l.contains("\"made-on-a\"") || l.contains("\"vm-a\"")), "{s:?}");
     assert!(s.iter().any(|l| l.contains("\"vm-b\"") && l.contains("vcpus 2")), "{s:?}");
-    let (st, _) = pair.a.call_to(&pair.b, 0, secret, Method::GET, "/v1/host", None);
+    let (st, _) = pair.a.call_to(&pair.b, 0, Some(secret), Method::GET, "/v1/host", None);
     assert_eq!(st, StatusCode::UNAUTHORIZED, "a token revoked on B still works on B");
     check_stream(&pair.a, &pair.b).await;
     check_stream(&pair.b, &pair.a).await;

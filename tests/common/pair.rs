@@ -8,6 +8,7 @@
 //!   peer0 10.209.X.1/30  <---- veth ---->  peer0 10.209.X.2/30
 //!   peer1 10.209.Y.1/30  <---- veth ---->  peer1 10.209.Y.2/30    (Y = X + 10)
 //!   wit0  10.209.X.6/30  <-> ns W <->      wit0  10.209.X.10/30   (add_witness)
+//!   third0 10.209.X.13/30 <-> ns C <->     third0 10.209.Y.5/30   (add_third)
 //! ```
 //!
 //! Every address lives inside the namespaces only: nothing is added to the
@@ -106,14 +107,21 @@ impl Netns {
     /// Runs `f` on a thread that has entered this namespace (only that
     /// thread moves): every socket it opens belongs to the namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// [`Netns::run`] without waiting: for a server (a relay) in the
+    /// namespace. Threads it starts are in the namespace too.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             f()
         })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 
     fn exec_ok(&self, prog: &str, args: &[&str]) -> Output {
@@ -215,23 +223,24 @@ impl Node {
     }
 
     /// One HTTPS request from this node's namespace to `to`'s API on link
-    /// `link` with `token` (`to`'s certificate pinned), through the
-    /// library's client: for status codes and JSON bodies the CLI does not
-    /// show. Blocks (its own thread and runtime inside the namespace).
+    /// `link` with `token` (None: anonymous; `to`'s certificate pinned),
+    /// through the library's client: for status codes and JSON bodies the
+    /// CLI does not show. Blocks (its own thread and runtime inside the
+    /// namespace).
     pub fn call_to(
         &self,
         to: &Node,
         link: usize,
-        token: &str,
+        token: Option<&str>,
         method: hyper::Method,
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (hyper::StatusCode, serde_json::Value) {
         let (url, fp, token, path) =
-            (to.url(link), to.daemon.fingerprint.clone(), token.to_string(), path.to_string());
+            (to.url(link), to.daemon.fingerprint.clone(), token.map(String::from), path.to_string());
         self.ns.run(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            let c = novacron::cli::client::Client::https(&url, Some(token), Some(&fp), None).unwrap();
+            let c = novacron::cli::client::Client::https(&url, token, Some(&fp), None).unwrap();
             rt.block_on(super::call(&c, method, &path, body))
         })
     }
@@ -268,6 +277,8 @@ pub struct Pair {
     pub a: Node,
     pub b: Node,
     pub witness: Option<Witness>,
+    /// A third daemon ([`Pair::add_third`]).
+    pub third: Option<Node>,
 }
 
 fn v4(x: u8, host: u8) -> Ipv4Addr {
@@ -303,7 +314,7 @@ impl Pair {
         let a = Node { daemon: da, ns: ns_a, addrs: addrs_a };
         let db = start("b", &ns_b, addrs_b, opts("b"));
         let b = Node { daemon: db, ns: ns_b, addrs: addrs_b };
-        Pair { a, b, witness: None }
+        Pair { a, b, witness: None, third: None }
     }
 
     /// Both daemons on libvirt's test driver.
@@ -404,7 +415,7 @@ impl Pair {
         let name = self.a.ns.name.trim_end_matches("-a").to_string() + "-w";
         let w = Netns::create(&name);
         let x = test_net();
-        let host = (self.a.addrs[0].to_string().rsplit('.').next().unwrap().parse::<u8>().unwrap()) - 1;
+        let host = self.slot_base();
         // 10.209.X.(host+4)/30 towards A, (host+8)/30 towards B.
         for (node, ifname, first) in [(&self.a, "to-a", host + 4), (&self.b, "to-b", host + 8)] {
             w.ip(&[
@@ -428,5 +439,41 @@ impl Pair {
         let node_addrs = [IpAddr::V4(v4(x, host + 6)), IpAddr::V4(v4(x, host + 10))];
         self.witness = Some(Witness { ns: w, addrs, node_addrs });
         self.witness.as_ref().unwrap()
+    }
+
+    /// The first address of this pair's slot (host part; see `start`).
+    fn slot_base(&self) -> u8 {
+        let IpAddr::V4(a) = self.a.addrs[0] else { unreachable!("the harness uses IPv4") };
+        a.octets()[3] - 1
+    }
+
+    /// Starts a third daemon (`TAG`, in namespace `...-c`) joined to A by
+    /// a link on 10.209.X.(host+12)/30 and to B on 10.209.Y.(host+4)/30
+    /// (`third0` on A and B, `to-a`/`to-b` in C), with routes to both
+    /// nodes' addresses on the pair's links: a node that is not the peer
+    /// (a code replayed from elsewhere). It listens on its two addresses;
+    /// A and B have no route to the pair's links through it.
+    pub fn add_third(&mut self, tag: &str, opts: Opts) -> &Node {
+        let name = self.a.ns.name.trim_end_matches("-a").to_string() + "-c";
+        let ns = Netns::create(&name);
+        let host = self.slot_base();
+        let (x, y) = (test_net(), test_net() + 10);
+        let (to_a, at_a) = (v4(x, host + 14), v4(x, host + 13));
+        let (to_b, at_b) = (v4(y, host + 6), v4(y, host + 5));
+        for (node, ifname, mine, theirs) in [(&self.a, "to-a", to_a, at_a), (&self.b, "to-b", to_b, at_b)] {
+            ns.ip(&["link", "add", ifname, "type", "veth", "peer", "name", "third0", "netns", &node.ns.name]);
+            ns.ip(&["addr", "add", &format!("{mine}/30"), "dev", ifname]);
+            ns.ip(&["link", "set", ifname, "up"]);
+            node.ns.ip(&["addr", "add", &format!("{theirs}/30"), "dev", "third0"]);
+            node.ns.ip(&["link", "set", "third0", "up"]);
+            for addr in node.addrs {
+                ns.ip(&["route", "add", &format!("{addr}/32"), "via", &theirs.to_string()]);
+            }
+        }
+        let addrs = [IpAddr::V4(to_a), IpAddr::V4(to_b)];
+        let wrapper = ["ip", "netns", "exec", &ns.name].map(String::from).to_vec();
+        let daemon = Daemon::start(tag, Opts { wrapper, listen: addrs.to_vec(), ..opts });
+        self.third = Some(Node { daemon, ns, addrs });
+        self.third.as_ref().unwrap()
     }
 }
