@@ -800,11 +800,14 @@ fn hostile(
 /// touching the link; the pinned peer's own certificate with an oversized,
 /// malformed or wrong-version frame, or a protocol this node does not speak
 /// (told so in a `Refused`), is closed and logged; nothing panics, both
-/// stay paired and the real link comes back.
+/// stay paired, nothing is audited and the real link comes back. Then the
+/// other side of a protocol mismatch: the dialer refuses an acceptor that
+/// answers with another protocol, says so and recovers once the real one
+/// is back.
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_connections_to_the_link_port_change_nothing() {
-    use novacron::cluster::frame::{Channel, Message, WIRE_VERSION};
-    let pair = Pair::test_driver("phostile");
+    use novacron::cluster::frame::{Channel, Message, PROTOCOL_VERSION, WIRE_VERSION};
+    let mut pair = Pair::test_driver("phostile");
     let (a, b) = (&pair.a, &pair.b);
     pair_up(a, b).await;
     // The accepting node (the larger id) is the one that answers a Hello.
@@ -847,10 +850,14 @@ async fn hostile_connections_to_the_link_port_change_nothing() {
     assert!(acceptor.daemon.log().contains("refused a peer-link connection"), "{}", acceptor.daemon.log());
 
     // With the peer's own identity (read from its data dir: only the real
-    // peer has it), bad frames and a foreign protocol version.
-    let tls = dialer.daemon.data().join("tls");
-    let identity =
-        (std::fs::read(tls.join("cert.pem")).unwrap(), std::fs::read(tls.join("key.pem")).unwrap());
+    // peer has it), bad frames and a foreign protocol version. The real
+    // dialer is stopped (SIGSTOP) meanwhile: a connection presenting the
+    // peer's certificate supersedes the link it has (the peer restarted,
+    // as far as the acceptor can tell), and a stopped dialer cannot race
+    // the test's connections with its reconnects, so what the acceptor
+    // reports afterwards is the test's doing alone.
+    let peers_before = [peer(a).await["peer"].clone(), peer(b).await["peer"].clone()];
+    let audit_before = call(&acceptor.local(), Method::GET, "/v1/audit", None).await.1;
     let dialer_id: uuid::Uuid = node_id(dialer).await.parse().unwrap();
     let hello = |v| {
         Message::Hello {
@@ -865,35 +872,178 @@ async fn hostile_connections_to_the_link_port_change_nothing() {
         u32::MAX.to_be_bytes().to_vec(),
         [&5u32.to_be_bytes()[..], &[WIRE_VERSION, 0xEE, 0xFF, 0xFF, 0xFF]].concat(),
         [&3u32.to_be_bytes()[..], &[9, 3, 1]].concat(),
+        hello(99),
     ];
-    let r = hostile(dialer, port, pin.clone(), Some(identity.clone()), cases);
-    for (i, got) in r.iter().enumerate() {
+    let stopped = Stopped::new(dialer.daemon.pid());
+    let r = hostile(dialer, port, pin.clone(), Some(identity(dialer)), cases);
+    for (i, got) in r[..3].iter().enumerate() {
         assert!(matches!(got, Ok(m) if m.is_empty()), "case {i}: {got:?}");
     }
-    // The real dialer, reconnecting meanwhile, may replace the test's
-    // connection before its Hello is read (a new connection from the peer
-    // wins): a few tries.
-    let refused = (0..5).find_map(|_| {
-        let r = hostile(dialer, port, pin.clone(), Some(identity.clone()), vec![hello(99)]);
-        match &r[..] {
-            [Ok(m)] if !m.is_empty() => Some(m.clone()),
-            _ => None,
-        }
-    });
-    let m = refused.expect("never answered the Hello of protocol 99");
+    let mismatch = format!("protocol version mismatch: the peer speaks 99, this node {PROTOCOL_VERSION}");
     assert!(
-        matches!(&m[..], [Message::Refused { reason }] if reason.contains("protocol version mismatch: the peer speaks 99")),
-        "{m:?}"
+        matches!(&r[3], Ok(m) if matches!(&m[..], [Message::Refused { reason }] if *reason == mismatch)),
+        "{:?}",
+        r[3]
     );
     let log = acceptor.daemon.log();
-    for why in ["over the limit", "malformed", "wire version 9", "protocol version mismatch"] {
+    for why in ["over the limit", "malformed", "wire version 9"] {
         assert!(log.contains(why), "{why} not logged: {log}");
     }
-    // Both alive, still paired, and the real link comes back.
+    let dialer_tag = format!("PEER_ID={dialer_id}");
+    assert!(
+        log.lines().any(
+            |l| l.contains(&format!("peer link handshake failed: {mismatch}")) && l.contains(&dialer_tag)
+        ),
+        "the mismatch not logged: {log}"
+    );
+    // The acceptor says so in GET /v1/peer; none of it is a TLS refusal;
+    // the real link went down once, superseded by the first case.
+    let l = plink(acceptor).await;
+    assert_eq!(l["state"], "down", "{l}");
+    assert_eq!(l["detail"], format!("waiting for the peer to connect (last error: {mismatch})"), "{l}");
+    assert_eq!(metric(acceptor, "novacron_peer_link_refused_total").await, Some(2.0));
+    assert_eq!(metric(acceptor, "novacron_peer_link_downs_total").await, Some(1.0));
+    drop(stopped);
+    // Both alive, still paired with each other as before, nothing audited,
+    // and the real link comes back.
     plink_until(dialer, "up again", 20, |l| l["state"] == "up").await;
     plink_until(acceptor, "up again", 5, |l| l["state"] == "up").await;
-    for n in [a, b] {
-        let (s, v) = call(&n.local(), Method::GET, "/v1/peer", None).await;
-        assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("paired")), "{v}");
+    assert_eq!([peer(a).await["peer"].clone(), peer(b).await["peer"].clone()], peers_before);
+    assert_eq!(call(&acceptor.local(), Method::GET, "/v1/audit", None).await.1, audit_before);
+
+    // The other side of a mismatch: a stand-in for the acceptor (its
+    // daemon killed, so its link port is free; its own certificate)
+    // answers the real dialer's Hello with protocol 99. The dialer refuses
+    // it, says why, keeps retrying and stays paired; with the real
+    // acceptor back the link returns.
+    let acceptor_is_a = std::ptr::eq(acceptor, a);
+    let (dialer_fp, acceptor_id) = (dialer.daemon.fingerprint.clone(), node_id(acceptor).await);
+    let acceptor_identity = identity(acceptor);
+    let dialer_downs = metric(dialer, "novacron_peer_link_downs_total").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let stand_in = {
+        let acc = if acceptor_is_a { &mut pair.a } else { &mut pair.b };
+        acc.daemon.kill9();
+        let addrs = acc.addrs.map(|ip| SocketAddr::new(ip, common::link_port()));
+        impostor(&acc.ns, addrs, acceptor_identity, dialer_fp, acceptor_id.parse().unwrap(), 99, stopped)
+    };
+    let dialer = if acceptor_is_a { &pair.b } else { &pair.a };
+    let theirs = format!("protocol version mismatch: the peer speaks 99, this node {PROTOCOL_VERSION}");
+    let (l, _) = plink_until(dialer, "the mismatch reported", 15, |l| {
+        l["detail"].as_str().unwrap_or("").contains(&format!("(last error: {theirs})"))
+    })
+    .await;
+    assert_eq!(l["state"], "down", "{l}");
+    let log = dialer.daemon.log();
+    assert!(
+        log.lines().any(|l| l.contains(&format!("peer link handshake failed: {theirs}"))
+            && l.contains(&format!("PEER_ID={acceptor_id}"))),
+        "the mismatch not logged: {log}"
+    );
+    assert_eq!(peer(dialer).await["state"], "paired");
+    let _ = stop.send(());
+    let answers = stand_in.join().unwrap();
+    assert!(
+        matches!(&answers[..], [first, ..] if matches!(&first[..], [Message::Refused { reason }] if *reason == theirs)),
+        "the dialer's answers to HelloOk(99): {answers:?}"
+    );
+    let acc = if acceptor_is_a { &mut pair.a } else { &mut pair.b };
+    acc.daemon.restart();
+    let (dialer, acceptor) = if acceptor_is_a { (&pair.b, &pair.a) } else { (&pair.a, &pair.b) };
+    plink_until(dialer, "up with the real acceptor", 20, |l| l["state"] == "up").await;
+    plink_until(acceptor, "up after its restart", 5, |l| l["state"] == "up").await;
+    assert_eq!(metric(dialer, "novacron_peer_link_downs_total").await, Some(dialer_downs + 1.0));
+    assert_eq!([peer(&pair.a).await["peer"].clone(), peer(&pair.b).await["peer"].clone()], peers_before);
+}
+
+/// A node's TLS certificate and key, read from its data dir.
+fn identity(n: &Node) -> (Vec<u8>, Vec<u8>) {
+    let tls = n.daemon.data().join("tls");
+    (std::fs::read(tls.join("cert.pem")).unwrap(), std::fs::read(tls.join("key.pem")).unwrap())
+}
+
+/// A daemon stopped with SIGSTOP until this is dropped (SIGCONT), also
+/// when the test fails.
+struct Stopped(nix::unistd::Pid);
+
+impl Stopped {
+    fn new(pid: u32) -> Stopped {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        Stopped(pid)
     }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+    }
+}
+
+/// A stand-in for a node's peer-link listener, in namespace `ns` at
+/// `addrs` with the node's `identity`, requiring the certificate `peer_fp`:
+/// answers each Hello with a HelloOk of protocol `version` from `node_id`
+/// and returns, once `stop` fires, what each connection sent after it.
+fn impostor(
+    ns: &Netns,
+    addrs: [SocketAddr; 2],
+    identity: (Vec<u8>, Vec<u8>),
+    peer_fp: String,
+    node_id: uuid::Uuid,
+    version: u32,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> std::thread::JoinHandle<Vec<Vec<novacron::cluster::frame::Message>>> {
+    use novacron::cluster::frame::Message;
+    use tokio::io::AsyncWriteExt;
+    ns.spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let (cert, key) = identity;
+            let chain = rustls_pemfile::certs(&mut &cert[..]).collect::<Result<Vec<_>, _>>().unwrap();
+            let key = rustls_pemfile::private_key(&mut &key[..]).unwrap().unwrap();
+            let tls =
+                novacron::tls::mutual_server_config(&peer_fp, chain, key, novacron::cluster::transport::ALPN)
+                    .unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            for addr in addrs {
+                let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    while let Ok((tcp, _)) = listener.accept().await {
+                        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let Ok(mut s) = acceptor.accept(tcp).await else { return };
+                            if !matches!(read_frame(&mut s).await, Some(Message::Hello { .. })) {
+                                return;
+                            }
+                            let ok =
+                                Message::HelloOk { protocol_version: version, node_id, name: "x".into() };
+                            if s.write_all(&ok.encode()).await.is_err() {
+                                return;
+                            }
+                            let mut got = Vec::new();
+                            while let Ok(Some(m)) =
+                                tokio::time::timeout(Duration::from_secs(5), read_frame(&mut s)).await
+                            {
+                                got.push(m);
+                            }
+                            let _ = tx.send(got);
+                        });
+                    }
+                });
+            }
+            drop(tx);
+            let _ = stop.await;
+            // The first connection's answer may still be on its way.
+            let mut all = Vec::new();
+            if let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                all.push(got);
+            }
+            while let Ok(got) = rx.try_recv() {
+                all.push(got);
+            }
+            all
+        })
+    })
 }
