@@ -652,6 +652,9 @@ pub struct PeerLink {
     pub last_heartbeat: Option<String>,
     /// Smoothed heartbeat round-trip time; None while down.
     pub rtt_ms: Option<f64>,
+    /// The bulk connection beside the link (image files, later disk
+    /// data): `up` or `down`.
+    pub bulk: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

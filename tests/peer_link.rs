@@ -5,14 +5,13 @@
 
 use novacron::cluster::frame::{Channel, Message, PROTOCOL_VERSION, WIRE_VERSION};
 use novacron::cluster::link::{LinkConfig, LinkState};
-use novacron::cluster::transport::{LocalNode, PeerLink, TransportConfig, TransportStatus, ALPN};
+use novacron::cluster::transport::{Inbox, LocalNode, PeerLink, TransportConfig, TransportStatus, ALPN};
 use novacron::cluster::{ClusterError, PeerTarget};
 use rustls::pki_types::PrivateKeyDer;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
 const A: Uuid = Uuid::from_u128(0xA); // the smaller id: dials
@@ -70,7 +69,7 @@ async fn start(
     peer: &Node,
     peer_addrs: Vec<SocketAddr>,
     cfg: TransportConfig,
-) -> (PeerLink, mpsc::Receiver<Message>) {
+) -> (PeerLink, Inbox) {
     let target = PeerTarget { node_id: peer.id, addresses: peer_addrs, fingerprint: peer.fp.clone() };
     PeerLink::start(me.local(), target, cfg, 42).await.unwrap()
 }
@@ -135,11 +134,24 @@ async fn handshake_heartbeats_rtt_and_data() {
     }
     db.send_control(&Message::Ack { origin: A, seq: 3 }).unwrap();
     for seq in 1..=3 {
-        let got = tokio::time::timeout(Duration::from_secs(5), inb.recv()).await.unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), inb.control.recv()).await.unwrap().unwrap();
         assert_eq!(got, Message::Changes { origin: A, seq, entries: vec![(seq, vec![2, seq as u8])] });
     }
-    let got = tokio::time::timeout(Duration::from_secs(5), ina.recv()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), ina.control.recv()).await.unwrap().unwrap();
     assert_eq!(got, Message::Ack { origin: A, seq: 3 });
+    // The bulk connection came up beside it, and carries its own data.
+    wait("bulk up", 5, || la.bulk().borrow().is_some() && lb.bulk().borrow().is_some()).await;
+    let (ba, bb) = (la.bulk().borrow().clone().unwrap(), lb.bulk().borrow().clone().unwrap());
+    assert_ne!(ba.conn, da.conn);
+    let chunk = Message::ImageData { sha256: "ab".into(), offset: 0, last: true, data: vec![7; 1000] };
+    ba.send(&chunk).await.unwrap();
+    bb.send(&Message::ImageAck { sha256: "ab".into(), offset: 1000 }).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), inb.bulk.recv()).await.unwrap().unwrap();
+    assert_eq!(got, chunk);
+    let got = tokio::time::timeout(Duration::from_secs(5), ina.bulk.recv()).await.unwrap().unwrap();
+    assert_eq!(got, Message::ImageAck { sha256: "ab".into(), offset: 1000 });
+    assert!(inb.control.try_recv().is_err(), "bulk data only on the bulk queue");
+    assert_eq!(la.status().link.bulk, LinkState::Up);
     // A clean shutdown is seen at once, not after missed heartbeats.
     let t = Instant::now();
     lb.shutdown().await;

@@ -678,6 +678,56 @@ async fn image_files_reach_the_peer_by_hash_and_survive_a_cut() {
     let _ = std::fs::remove_dir_all(scratch);
 }
 
+/// Image data has its own connection: a copy that fills a slow path (2
+/// Mbit/s, both of A's links, packets queued up to 100 ms) never holds a
+/// heartbeat behind it (on one connection, a heartbeat would wait behind
+/// whatever chunks the socket buffers hold: a 256 KiB chunk alone takes a
+/// second to leave at that rate; the link's miss limit is 2 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_image_copy_on_a_slow_path_never_delays_heartbeats() {
+    let pair = Pair::test_driver("replslow");
+    pair_up(&pair).await;
+    until(&pair.a, "the bulk connection up", 20, |n| async move {
+        get(n, "/v1/peer").await["link"]["bulk"] == "up"
+    })
+    .await;
+    assert_eq!(get(&pair.b, "/v1/peer").await["link"]["bulk"], "up");
+    assert_eq!(metric(&pair.a, "novacron_peer_bulk_up").await, 1.0);
+    let downs = |n| async move { metric(n, "novacron_peer_link_downs_total").await };
+    let before = (downs(&pair.a).await, downs(&pair.b).await);
+    for link in 0..2 {
+        pair.shape(&pair.a, link, "2mbit", "100ms");
+    }
+    let scratch = common::scratch_dir("replslow-files");
+    let file = random_image(&scratch, "slow.raw", 2);
+    let sha = upload(&pair.a, "slow", &file);
+    until(&pair.b, "copying", 30, |n| async move { file_state(n, "slow").await == "copying" }).await;
+    let t0 = Instant::now();
+    let (mut worst, mut samples) = (0f64, 0);
+    while file_state(&pair.b, "slow").await != "present" {
+        assert!(t0.elapsed() < Duration::from_secs(60), "2 MiB not copied in 60 s at 2 Mbit/s");
+        for n in [&pair.a, &pair.b] {
+            worst = worst.max(metric(n, "novacron_peer_heartbeat_age_seconds").await);
+        }
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = t0.elapsed();
+    let rtt = get(&pair.a, "/v1/peer").await["link"]["rtt_ms"].clone();
+    eprintln!(
+        "2 MiB over 2 Mbit/s in {} ms; worst heartbeat age {worst:.3} s over {samples} samples; rtt {rtt} ms",
+        took.as_millis()
+    );
+    assert_eq!(image_file(&pair.b, "slow").map(|f| f.0), Some(sha));
+    assert!(took > Duration::from_secs(4), "the shaping did not hold: {took:?}");
+    assert_eq!((downs(&pair.a).await, downs(&pair.b).await), before, "the link went down during the copy");
+    assert!(worst < 2.0, "a heartbeat waited {worst} s behind the copy");
+    for link in 0..2 {
+        pair.clear_shape(&pair.a, link);
+    }
+    let _ = std::fs::remove_dir_all(scratch);
+}
+
 /// The copy rate of image files over the veth link, for docs/performance.md:
 /// a 64 MiB image uploaded on A, timed on B from the first `copying` seen
 /// to `present` (polled every 20 ms), and from the upload's end.

@@ -632,6 +632,7 @@ fn response_schemas_match_the_types() {
         address: Some("10.0.0.2:8444".into()),
         last_heartbeat: Some("t".into()),
         rtt_ms: Some(0.4),
+        bulk: "up".into(),
     };
     let repl = PeerReplication { lag_records: Some(1), lag_seconds: None };
     let disk = ReplicatedDisk { vm: "web".into(), device: "vda".into(), state: "up_to_date".into() };

@@ -114,6 +114,7 @@ fn show(v: &PeerView) {
         println!("address:     {}", l.address.as_deref().unwrap_or("-"));
         println!("heartbeat:   {}", l.last_heartbeat.as_deref().unwrap_or("none"));
         println!("rtt:         {}", l.rtt_ms.map(|r| format!("{r:.1} ms")).unwrap_or_else(|| "-".into()));
+        println!("bulk:        {}", l.bulk);
     }
     if let Some(r) = &v.replication {
         let recs = r.lag_records.map(|n| n.to_string()).unwrap_or_else(|| "unknown".into());

@@ -24,8 +24,9 @@ pub const WIRE_VERSION: u8 = 3;
 /// sides must speak the same one. 2: state replication (the window of
 /// snapshot chunks, `Resend`); bumped with the wire version so a node of
 /// protocol 1 is refused in the handshake instead of failing on a frame.
-/// 3: image files copied by content hash.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 3: image files copied by content hash. 4: the bulk connection (image
+/// files move there from the control connection).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame body (version byte + message). A change record is at most
 /// about the API's 1 MiB body; batches and snapshot chunks are cut far
@@ -46,7 +47,8 @@ pub const HEADER: usize = 4;
 pub enum Channel {
     /// Handshake, heartbeats, the state stream.
     Control,
-    /// Disk replication (not served yet: refused in the handshake).
+    /// Image files (and disk replication, issue 10): opened by the dialer
+    /// while the control connection is up, closed with it.
     Bulk,
 }
 

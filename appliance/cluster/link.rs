@@ -16,6 +16,18 @@
 //!                    backoff (exponential, jittered) ------> connecting(preferred)
 //!  acceptor: idle -> handshaking (on an accepted connection) -> up -> idle
 //! ```
+//!
+//! While the control connection is up, the dialer also opens a bulk
+//! connection to the same address ([`Channel::Bulk`]): image files (and
+//! disk data later) go there, on their own TCP connection with its own
+//! queues, so a long transfer never waits in front of a heartbeat. The bulk
+//! connection lives inside the control one: it is closed when the control
+//! link goes down and redialed (with its own backoff) while it stays up.
+//! Liveness is the control connection's heartbeats alone.
+//!
+//! An accepted connection says which it is in its `Hello`; until then it
+//! is pending and touches neither the link nor the bulk connection, so a
+//! connection that never says hello cannot take the link down.
 
 use super::frame::{Channel, Message};
 use super::{PeerTarget, SeededRng};
@@ -46,6 +58,8 @@ pub struct LinkConfig {
     pub backoff_max: Duration,
     /// The protocol this node speaks ([`super::frame::PROTOCOL_VERSION`]).
     pub protocol_version: u32,
+    /// Open the bulk connection beside the control one (dialer).
+    pub bulk: bool,
 }
 
 impl Default for LinkConfig {
@@ -58,6 +72,7 @@ impl Default for LinkConfig {
             backoff_min: Duration::from_millis(250),
             backoff_max: Duration::from_secs(10),
             protocol_version: super::frame::PROTOCOL_VERSION,
+            bulk: true,
         }
     }
 }
@@ -115,6 +130,20 @@ pub enum Input {
     Tick,
 }
 
+impl Input {
+    /// The connection an input is about (none for `Accepted`, a new one).
+    fn conn(&self) -> Option<ConnId> {
+        match self {
+            Input::Connected { conn }
+            | Input::ConnectFailed { conn, .. }
+            | Input::Frame { conn, .. }
+            | Input::Closed { conn, .. }
+            | Input::BadFrame { conn, .. } => Some(*conn),
+            Input::Accepted { .. } | Input::Tick => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
     /// Dial `addr`; report back as `Connected`/`ConnectFailed` for `conn`.
@@ -148,6 +177,17 @@ pub enum Output {
     Deliver {
         msg: Message,
     },
+    /// The bulk connection is up on `conn` (its data goes there).
+    BulkUp {
+        conn: ConnId,
+    },
+    BulkDown {
+        reason: String,
+    },
+    /// A message that came over the bulk connection (image copy).
+    DeliverBulk {
+        msg: Message,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -169,6 +209,21 @@ enum State {
     Backoff { until: Instant },
 }
 
+/// The bulk connection. The acceptor's is `Off` or `Up` (its handshake is
+/// a pending connection's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bulk {
+    Off,
+    Connecting { conn: ConnId, deadline: Instant },
+    Handshaking { conn: ConnId, deadline: Instant },
+    Up { conn: ConnId },
+    Backoff { until: Instant },
+}
+
+/// Accepted connections waiting for their `Hello`, at most this many (the
+/// oldest is dropped).
+const PENDING: usize = 4;
+
 /// A snapshot of the link for `GET /v1/peer`, health and metrics.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LinkStatus {
@@ -184,6 +239,9 @@ pub struct LinkStatus {
     /// Times the link came up and went down since the daemon started.
     pub ups: u64,
     pub downs: u64,
+    /// The bulk connection's state (`idle` while the control link is down).
+    pub bulk: LinkState,
+    pub bulk_error: Option<String>,
 }
 
 pub struct Link {
@@ -211,6 +269,12 @@ pub struct Link {
     last_error: Option<String>,
     ups: u64,
     downs: u64,
+    bulk: Bulk,
+    /// Failed bulk attempts since it was last up.
+    bulk_attempt: u32,
+    bulk_error: Option<String>,
+    /// Accepted connections before their `Hello`, with their deadlines.
+    pending: Vec<(ConnId, Instant)>,
 }
 
 impl Link {
@@ -251,6 +315,10 @@ impl Link {
             last_error: None,
             ups: 0,
             downs: 0,
+            bulk: Bulk::Off,
+            bulk_attempt: 0,
+            bulk_error: None,
+            pending: Vec::new(),
         }
     }
 
@@ -266,8 +334,18 @@ impl Link {
         }
     }
 
+    /// The bulk connection while it is up.
+    pub fn bulk_conn(&self) -> Option<ConnId> {
+        match self.bulk {
+            Bulk::Up { conn } => Some(conn),
+            _ => None,
+        }
+    }
+
     pub fn state(&self) -> LinkState {
         match self.state {
+            // An acceptor with a connection that has not said hello yet.
+            State::Idle if !self.pending.is_empty() => LinkState::Handshaking,
             State::Idle => LinkState::Idle,
             State::Connecting { .. } => LinkState::Connecting,
             State::Handshaking { .. } => LinkState::Handshaking,
@@ -293,17 +371,32 @@ impl Link {
             last_error: self.last_error.clone(),
             ups: self.ups,
             downs: self.downs,
+            bulk: match self.bulk {
+                Bulk::Off => LinkState::Idle,
+                Bulk::Connecting { .. } => LinkState::Connecting,
+                Bulk::Handshaking { .. } => LinkState::Handshaking,
+                Bulk::Up { .. } => LinkState::Up,
+                Bulk::Backoff { .. } => LinkState::Backoff,
+            },
+            bulk_error: self.bulk_error.clone(),
         }
     }
 
     /// When to call again with [`Input::Tick`] at the latest.
     pub fn next_timeout(&self) -> Option<Instant> {
-        match self.state {
+        let control = match self.state {
             State::Idle => None,
             State::Connecting { deadline, .. } | State::Handshaking { deadline, .. } => Some(deadline),
             State::Up { .. } => Some(self.next_heartbeat.min(self.dead_at())),
             State::Backoff { until } => Some(until),
-        }
+        };
+        let bulk = match self.bulk {
+            Bulk::Connecting { deadline, .. } | Bulk::Handshaking { deadline, .. } => Some(deadline),
+            Bulk::Backoff { until } => Some(until),
+            Bulk::Off | Bulk::Up { .. } => None,
+        };
+        let pending = self.pending.iter().map(|p| p.1).min();
+        [control, bulk, pending].into_iter().flatten().min()
     }
 
     fn dead_at(&self) -> Instant {
@@ -312,11 +405,26 @@ impl Link {
 
     pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Output> {
         let mut out = Vec::new();
+        if let Some(conn) = input.conn() {
+            if self.bulk_id() == Some(conn) {
+                self.bulk_input(now, input, &mut out);
+                return out;
+            }
+            if let Some(i) = self.pending.iter().position(|p| p.0 == conn) {
+                self.pending.remove(i);
+                self.pending_input(now, input, &mut out);
+                return out;
+            }
+        }
         match input {
-            Input::Tick => self.tick(now, &mut out),
+            Input::Tick => {
+                self.tick(now, &mut out);
+                self.tick_pending(now, &mut out);
+                self.tick_bulk(now, &mut out);
+            }
             Input::Connected { conn } => match self.state {
                 State::Connecting { conn: c, addr, .. } if c == conn => {
-                    out.push(Output::Send { conn, msg: self.hello() });
+                    out.push(Output::Send { conn, msg: self.hello(Channel::Control) });
                     self.state = State::Handshaking {
                         conn,
                         addr: Some(addr),
@@ -372,12 +480,12 @@ impl Link {
         }
     }
 
-    fn hello(&self) -> Message {
+    fn hello(&self, channel: Channel) -> Message {
         Message::Hello {
             protocol_version: self.cfg.protocol_version,
             node_id: self.node_id,
             name: self.name.clone(),
-            channel: Channel::Control,
+            channel,
         }
     }
 
@@ -470,13 +578,18 @@ impl Link {
     }
 
     fn backoff(&mut self, now: Instant) {
-        let exp = self.cfg.backoff_min.saturating_mul(1 << self.attempt.min(20));
-        let max = exp.min(self.cfg.backoff_max).as_millis() as u64;
-        // "Equal jitter": half fixed, half random, so two nodes that failed
-        // together do not retry in lockstep, and the delay still grows.
-        let delay = max / 2 + self.rng.below(max / 2 + 1);
+        let delay = self.jitter(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
-        self.state = State::Backoff { until: now + Duration::from_millis(delay) };
+        self.state = State::Backoff { until: now + delay };
+    }
+
+    /// The delay after `attempt` failed rounds: exponential, capped, with
+    /// "equal jitter" (half fixed, half random), so two nodes that failed
+    /// together do not retry in lockstep, and the delay still grows.
+    fn jitter(&mut self, attempt: u32) -> Duration {
+        let exp = self.cfg.backoff_min.saturating_mul(1 << attempt.min(20));
+        let max = exp.min(self.cfg.backoff_max).as_millis() as u64;
+        Duration::from_millis(max / 2 + self.rng.below(max / 2 + 1))
     }
 
     fn accepted(&mut self, now: Instant, conn: ConnId, out: &mut Vec<Output>) {
@@ -484,12 +597,204 @@ impl Link {
             out.push(Output::Close { conn, reason: "this node dials the peer; it does not accept".into() });
             return;
         }
-        // A new connection from the pinned peer supersedes the old one (the
-        // peer restarted before this side noticed the old one was dead).
-        if let Some(old) = self.current() {
-            self.lost(now, old, "replaced by a new connection from the peer".into(), false, out);
+        if self.pending.len() >= PENDING {
+            let (old, _) = self.pending.remove(0);
+            out.push(Output::Close {
+                conn: old,
+                reason: "too many connections waiting for their hello".into(),
+            });
         }
-        self.state = State::Handshaking { conn, addr: None, deadline: now + self.cfg.handshake_timeout };
+        self.pending.push((conn, now + self.cfg.handshake_timeout));
+    }
+
+    /// An input on an accepted connection that has not said hello yet (it
+    /// was taken off `pending`): its `Hello` makes it the control or the
+    /// bulk connection; anything else ends it without touching either.
+    fn pending_input(&mut self, now: Instant, input: Input, out: &mut Vec<Output>) {
+        match input {
+            Input::Frame { conn, msg: Message::Hello { protocol_version, node_id, name, channel } } => {
+                if let Err(reason) = self.check_peer(protocol_version, node_id) {
+                    return self.refuse_pending(conn, reason, out);
+                }
+                let ok = Message::HelloOk {
+                    protocol_version: self.cfg.protocol_version,
+                    node_id: self.node_id,
+                    name: self.name.clone(),
+                };
+                match channel {
+                    Channel::Control => {
+                        // A new connection from the pinned peer supersedes the
+                        // old one (the peer restarted before this side noticed
+                        // the old one was dead).
+                        if let Some(old) = self.current() {
+                            self.lost(now, old, "replaced by a new connection from the peer".into(), false, out);
+                        }
+                        out.push(Output::Send { conn, msg: ok });
+                        self.up(now, conn, None, name, out);
+                    }
+                    Channel::Bulk if self.up_conn().is_none() => {
+                        self.refuse_pending(conn, "no control link is up for this bulk connection".into(), out)
+                    }
+                    Channel::Bulk => {
+                        self.drop_bulk("replaced by a new bulk connection from the peer", out);
+                        out.push(Output::Send { conn, msg: ok });
+                        self.bulk = Bulk::Up { conn };
+                        self.bulk_error = None;
+                        out.push(Output::BulkUp { conn });
+                    }
+                }
+            }
+            Input::Frame { conn, msg } => {
+                self.refuse_pending(conn, format!("unexpected {} during the handshake", msg.kind()), out)
+            }
+            Input::Closed { conn, error } => self.pending_failed(
+                conn,
+                format!("closed by the peer in the handshake ({error}): does it have this node's certificate pinned?"),
+                out,
+            ),
+            Input::BadFrame { conn, error } => {
+                self.pending_failed(conn, format!("the peer sent a bad frame: {error}"), out)
+            }
+            // Dialing results are never for an accepted connection.
+            _ => {}
+        }
+    }
+
+    fn refuse_pending(&mut self, conn: ConnId, reason: String, out: &mut Vec<Output>) {
+        out.push(Output::Send { conn, msg: Message::Refused { reason: reason.clone() } });
+        self.pending_failed(conn, reason, out);
+    }
+
+    fn pending_failed(&mut self, conn: ConnId, reason: String, out: &mut Vec<Output>) {
+        out.push(Output::Close { conn, reason: reason.clone() });
+        out.push(Output::Failed { reason: reason.clone() });
+        self.last_error = Some(reason);
+    }
+
+    fn tick_pending(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let (late, kept): (Vec<_>, Vec<_>) = self.pending.drain(..).partition(|p| now >= p.1);
+        self.pending = kept;
+        for (conn, _) in late {
+            self.pending_failed(conn, "no handshake in time".into(), out);
+        }
+    }
+
+    /// The bulk connection's id, whatever its stage.
+    fn bulk_id(&self) -> Option<ConnId> {
+        match self.bulk {
+            Bulk::Connecting { conn, .. } | Bulk::Handshaking { conn, .. } | Bulk::Up { conn } => Some(conn),
+            Bulk::Off | Bulk::Backoff { .. } => None,
+        }
+    }
+
+    /// Dials the bulk connection to the address the control link is up on.
+    fn bulk_connect(&mut self, now: Instant, out: &mut Vec<Output>) {
+        let State::Up { addr: Some(addr), .. } = self.state else {
+            self.bulk = Bulk::Off;
+            return;
+        };
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.bulk = Bulk::Connecting { conn, deadline: now + self.cfg.connect_timeout };
+        out.push(Output::Connect { conn, addr: self.peer.addresses[addr] });
+    }
+
+    fn bulk_input(&mut self, now: Instant, input: Input, out: &mut Vec<Output>) {
+        match (self.bulk, input) {
+            (Bulk::Connecting { .. }, Input::Connected { conn }) => {
+                out.push(Output::Send { conn, msg: self.hello(Channel::Bulk) });
+                self.bulk = Bulk::Handshaking { conn, deadline: now + self.cfg.handshake_timeout };
+            }
+            (_, Input::ConnectFailed { conn, error }) => self.bulk_failed(now, conn, error, out),
+            (
+                Bulk::Handshaking { .. },
+                Input::Frame { conn, msg: Message::HelloOk { protocol_version, node_id, .. } },
+            ) => match self.check_peer(protocol_version, node_id) {
+                Ok(()) => {
+                    self.bulk = Bulk::Up { conn };
+                    self.bulk_attempt = 0;
+                    self.bulk_error = None;
+                    out.push(Output::BulkUp { conn });
+                }
+                Err(reason) => {
+                    out.push(Output::Send { conn, msg: Message::Refused { reason: reason.clone() } });
+                    self.bulk_failed(now, conn, reason, out);
+                }
+            },
+            (_, Input::Frame { conn, msg: Message::Refused { reason } }) => {
+                self.bulk_failed(now, conn, format!("the peer refused the bulk connection: {reason}"), out)
+            }
+            (
+                Bulk::Up { .. },
+                Input::Frame { msg: Message::Heartbeat { .. } | Message::HeartbeatAck { .. }, .. },
+            ) => {}
+            (
+                Bulk::Up { .. },
+                Input::Frame { conn, msg: Message::Hello { .. } | Message::HelloOk { .. } },
+            ) => {
+                let reason = "handshake message on an established bulk connection".to_string();
+                out.push(Output::Send { conn, msg: Message::Refused { reason: reason.clone() } });
+                self.bulk_failed(now, conn, reason, out);
+            }
+            (Bulk::Up { .. }, Input::Frame { msg, .. }) => out.push(Output::DeliverBulk { msg }),
+            (_, Input::Frame { conn, msg }) => {
+                let reason = format!("unexpected {} during the bulk handshake", msg.kind());
+                out.push(Output::Send { conn, msg: Message::Refused { reason: reason.clone() } });
+                self.bulk_failed(now, conn, reason, out);
+            }
+            (_, Input::Closed { conn, error }) => {
+                self.bulk_failed(now, conn, format!("bulk connection lost: {error}"), out)
+            }
+            (_, Input::BadFrame { conn, error }) => self.bulk_failed(
+                now,
+                conn,
+                format!("the peer sent a bad frame on the bulk connection: {error}"),
+                out,
+            ),
+            // An accepted connection is never the bulk one yet; Connected
+            // after the handshake began cannot happen.
+            _ => {}
+        }
+    }
+
+    /// The bulk connection failed or was refused: close it, and (dialer,
+    /// control link still up) dial it again after a backoff of its own.
+    fn bulk_failed(&mut self, now: Instant, conn: ConnId, reason: String, out: &mut Vec<Output>) {
+        out.push(Output::Close { conn, reason: reason.clone() });
+        if matches!(self.bulk, Bulk::Up { .. }) {
+            out.push(Output::BulkDown { reason: reason.clone() });
+        }
+        self.bulk_error = Some(reason);
+        self.bulk = match (self.role, self.up_conn()) {
+            (Role::Dialer, Some(_)) => {
+                let delay = self.jitter(self.bulk_attempt);
+                self.bulk_attempt = self.bulk_attempt.saturating_add(1);
+                Bulk::Backoff { until: now + delay }
+            }
+            _ => Bulk::Off,
+        };
+    }
+
+    /// Closes the bulk connection without a retry (the control link went,
+    /// or the peer replaced it).
+    fn drop_bulk(&mut self, reason: &str, out: &mut Vec<Output>) {
+        if let Some(conn) = self.bulk_id() {
+            out.push(Output::Close { conn, reason: reason.into() });
+        }
+        if matches!(self.bulk, Bulk::Up { .. }) {
+            out.push(Output::BulkDown { reason: reason.into() });
+        }
+        self.bulk = Bulk::Off;
+    }
+
+    fn tick_bulk(&mut self, now: Instant, out: &mut Vec<Output>) {
+        match self.bulk {
+            Bulk::Connecting { conn, deadline } | Bulk::Handshaking { conn, deadline } if now >= deadline => {
+                self.bulk_failed(now, conn, "no bulk connection in time".into(), out)
+            }
+            Bulk::Backoff { until } if now >= until => self.bulk_connect(now, out),
+            _ => {}
+        }
     }
 
     /// Refuses the handshake on `conn`: tells the peer why, closes.
@@ -516,26 +821,6 @@ impl Link {
 
     fn frame(&mut self, now: Instant, conn: ConnId, msg: Message, out: &mut Vec<Output>) {
         match (self.state, msg) {
-            (
-                State::Handshaking { addr, .. },
-                Message::Hello { protocol_version, node_id, name, channel },
-            ) if self.role == Role::Acceptor => {
-                if let Err(reason) = self.check_peer(protocol_version, node_id) {
-                    return self.refuse(now, conn, reason, out);
-                }
-                if channel != Channel::Control {
-                    return self.refuse(now, conn, format!("channel {channel:?} is not served"), out);
-                }
-                out.push(Output::Send {
-                    conn,
-                    msg: Message::HelloOk {
-                        protocol_version: self.cfg.protocol_version,
-                        node_id: self.node_id,
-                        name: self.name.clone(),
-                    },
-                });
-                self.up(now, conn, addr, name, out);
-            }
             (State::Handshaking { addr, .. }, Message::HelloOk { protocol_version, node_id, name })
                 if self.role == Role::Dialer =>
             {
@@ -602,12 +887,17 @@ impl Link {
         // The first heartbeat goes out at once: RTT is known within one
         // round trip of the link coming up.
         self.tick(now, out);
+        if self.role == Role::Dialer && self.cfg.bulk {
+            self.bulk_attempt = 0;
+            self.bulk_connect(now, out);
+        }
     }
 
     /// The current connection is gone or refused: close it, say why, then
     /// idle (acceptor) or back off (dialer). A failed handshake (`failed`)
     /// is reported as such; losing an up link as `Down`.
     fn lost(&mut self, now: Instant, conn: ConnId, reason: String, failed: bool, out: &mut Vec<Output>) {
+        self.drop_bulk("the control link is down", out);
         out.push(Output::Close { conn, reason: reason.clone() });
         if matches!(self.state, State::Up { .. }) {
             self.downs += 1;

@@ -20,10 +20,19 @@ fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
+/// A pair without the bulk connection: the control link's own tests.
 fn pair(now: Instant) -> (Link, Link) {
-    let a = Link::new(LinkConfig::default(), A, "a", target(B, vec![addr(2), addr(12)]), 7, now);
-    let b = Link::new(LinkConfig::default(), B, "b", target(A, vec![addr(1)]), 8, now);
+    pair_with(LinkConfig { bulk: false, ..LinkConfig::default() }, now)
+}
+
+fn pair_with(cfg: LinkConfig, now: Instant) -> (Link, Link) {
+    let a = Link::new(cfg.clone(), A, "a", target(B, vec![addr(2), addr(12)]), 7, now);
+    let b = Link::new(cfg, B, "b", target(A, vec![addr(1)]), 8, now);
     (a, b)
+}
+
+fn hello_of(node_id: Uuid, channel: Channel) -> Message {
+    Message::Hello { protocol_version: PROTOCOL_VERSION, node_id, name: "x".into(), channel }
 }
 
 fn sends(out: &[Output]) -> Vec<Message> {
@@ -41,8 +50,8 @@ fn deliver(to: &mut Link, now: Instant, conn: ConnId, out: &[Output]) -> Vec<Out
 }
 
 /// Brings a fresh pair up on connection 1 at `t0`; returns the dialer's
-/// and acceptor's outputs of the last step.
-fn bring_up(a: &mut Link, b: &mut Link, t0: Instant) {
+/// outputs of the last step.
+fn bring_up(a: &mut Link, b: &mut Link, t0: Instant) -> Vec<Output> {
     let out = a.handle(t0, Input::Tick);
     assert_eq!(out, vec![Output::Connect { conn: 1, addr: addr(2) }]);
     assert_eq!(a.state(), LinkState::Connecting);
@@ -57,6 +66,7 @@ fn bring_up(a: &mut Link, b: &mut Link, t0: Instant) {
     let out = deliver(a, t0, 1, &answer);
     assert!(out.iter().any(|o| matches!(o, Output::Up { conn: 1, addr: Some(x), .. } if *x == addr(2))));
     assert_eq!(a.state(), LinkState::Up);
+    out
 }
 
 #[test]
@@ -242,25 +252,16 @@ fn an_unexpected_node_or_channel_is_refused() {
     let t0 = Instant::now();
     let (_, mut b) = pair(t0);
     b.handle(t0, Input::Accepted { conn: 1 });
-    let stranger = Message::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        node_id: Uuid::from_u128(99),
-        name: "x".into(),
-        channel: Channel::Control,
-    };
-    let out = b.handle(t0, Input::Frame { conn: 1, msg: stranger });
+    let out = b.handle(t0, Input::Frame { conn: 1, msg: hello_of(Uuid::from_u128(99), Channel::Control) });
     assert!(
         matches!(&sends(&out)[..], [Message::Refused { reason }] if reason.contains("is node 00000000-0000-0000-0000-000000000063"))
     );
     b.handle(t0, Input::Accepted { conn: 2 });
-    let bulk = Message::Hello {
-        protocol_version: PROTOCOL_VERSION,
-        node_id: A,
-        name: "a".into(),
-        channel: Channel::Bulk,
-    };
-    let out = b.handle(t0, Input::Frame { conn: 2, msg: bulk });
-    assert!(matches!(&sends(&out)[..], [Message::Refused { reason }] if reason.contains("Bulk")));
+    let out = b.handle(t0, Input::Frame { conn: 2, msg: hello_of(A, Channel::Bulk) });
+    assert!(
+        matches!(&sends(&out)[..], [Message::Refused { reason }] if reason.contains("no control link")),
+        "{out:?}"
+    );
     // Data before the handshake is refused too.
     b.handle(t0, Input::Accepted { conn: 3 });
     let out = b.handle(t0, Input::Frame { conn: 3, msg: Message::Ack { origin: A, seq: 1 } });
@@ -282,14 +283,17 @@ fn data_is_delivered_only_on_the_up_connection() {
     assert!(b.handle(t0, Input::Frame { conn: 9, msg: ack.clone() }).is_empty());
     assert!(b.handle(t0, Input::Closed { conn: 9, error: "x".into() }).is_empty());
     assert_eq!(b.up_conn(), Some(1));
-    // A new connection from the peer replaces the old one.
-    let out = b.handle(t0, Input::Accepted { conn: 2 });
+    // A new connection from the peer replaces the old one once it says
+    // hello on the control channel; until then the link is untouched.
+    assert!(b.handle(t0, Input::Accepted { conn: 2 }).is_empty());
+    assert_eq!(b.up_conn(), Some(1));
+    let out = b.handle(t0, Input::Frame { conn: 2, msg: a.hello(Channel::Control) });
     assert!(
         out.contains(&Output::Close { conn: 1, reason: "replaced by a new connection from the peer".into() })
     );
-    assert_eq!((b.state(), b.up_conn()), (LinkState::Handshaking, None));
+    assert_eq!((b.state(), b.up_conn()), (LinkState::Up, Some(2)));
     // A handshake message on an up link is a protocol error.
-    let out = a.handle(t0, Input::Frame { conn: 1, msg: a.hello() });
+    let out = a.handle(t0, Input::Frame { conn: 1, msg: a.hello(Channel::Control) });
     assert!(out.iter().any(|o| matches!(o, Output::Down { .. })));
 }
 
@@ -304,6 +308,99 @@ fn handshake_timeout_tries_the_next_address() {
     let out = a.handle(deadline, Input::Tick);
     assert!(out.contains(&Output::Connect { conn: 2, addr: addr(12) }), "{out:?}");
     assert!(out.iter().any(|o| matches!(o, Output::Failed { .. })));
+}
+
+#[test]
+fn the_bulk_connection_opens_with_the_link_and_closes_with_it() {
+    let t0 = Instant::now();
+    let (mut a, mut b) = pair_with(LinkConfig::default(), t0);
+    let out = bring_up(&mut a, &mut b, t0);
+    // Dialed at once, to the address the link came up on.
+    assert!(out.contains(&Output::Connect { conn: 2, addr: addr(2) }), "{out:?}");
+    assert_eq!(a.status(t0).bulk, LinkState::Connecting);
+    assert!(b.handle(t0, Input::Accepted { conn: 2 }).is_empty());
+    let hello = a.handle(t0, Input::Connected { conn: 2 });
+    assert!(matches!(&sends(&hello)[..], [Message::Hello { channel: Channel::Bulk, .. }]), "{hello:?}");
+    let ok = deliver(&mut b, t0, 2, &hello);
+    assert!(ok.contains(&Output::BulkUp { conn: 2 }), "{ok:?}");
+    assert_eq!((b.up_conn(), b.bulk_conn()), (Some(1), Some(2)), "the control link is untouched");
+    assert_eq!(deliver(&mut a, t0, 2, &ok), vec![Output::BulkUp { conn: 2 }]);
+    assert_eq!(a.status(t0).bulk, LinkState::Up);
+    // Each connection's data goes to its own consumer.
+    let data = Message::ImageAck { sha256: "ab".into(), offset: 1 };
+    assert_eq!(
+        b.handle(t0, Input::Frame { conn: 2, msg: data.clone() }),
+        vec![Output::DeliverBulk { msg: data.clone() }]
+    );
+    assert_eq!(
+        b.handle(t0, Input::Frame { conn: 1, msg: data.clone() }),
+        vec![Output::Deliver { msg: data }]
+    );
+    // Heartbeats stay on the control connection.
+    let hb = a.handle(t0 + ms(500), Input::Tick);
+    assert!(matches!(&hb[..], [Output::Send { conn: 1, msg: Message::Heartbeat { .. } }]), "{hb:?}");
+    // The bulk connection fails alone: the link stays up, the dialer dials
+    // it again within the first backoff step.
+    let lost = t0 + ms(600);
+    let out = a.handle(lost, Input::Closed { conn: 2, error: "reset".into() });
+    assert!(out.contains(&Output::BulkDown { reason: "bulk connection lost: reset".into() }), "{out:?}");
+    assert_eq!((a.state(), a.status(lost).bulk), (LinkState::Up, LinkState::Backoff));
+    assert_eq!(a.status(lost).bulk_error.as_deref(), Some("bulk connection lost: reset"));
+    let out = b.handle(lost, Input::Closed { conn: 2, error: "closed by the peer".into() });
+    assert!(out.iter().any(|o| matches!(o, Output::BulkDown { .. })), "{out:?}");
+    assert_eq!((b.state(), b.status(lost).bulk), (LinkState::Up, LinkState::Idle));
+    let mut now;
+    let conn = loop {
+        now = a.next_timeout().unwrap();
+        let out = a.handle(now, Input::Tick);
+        if let Some(Output::Connect { conn, addr: x }) =
+            out.iter().find(|o| matches!(o, Output::Connect { .. }))
+        {
+            assert_eq!(*x, addr(2));
+            break *conn;
+        }
+    };
+    assert!(now - lost <= ms(250), "{:?}", now - lost);
+    b.handle(now, Input::Accepted { conn });
+    let ok = deliver(&mut b, now, conn, &a.handle(now, Input::Connected { conn }));
+    deliver(&mut a, now, conn, &ok);
+    assert_eq!((a.bulk_conn(), b.bulk_conn()), (Some(conn), Some(conn)));
+    // The control link goes: the bulk connection goes with it, no redial.
+    let out = a.handle(now, Input::Closed { conn: 1, error: "reset".into() });
+    assert!(out.contains(&Output::Close { conn, reason: "the control link is down".into() }), "{out:?}");
+    assert!(out.iter().any(|o| matches!(o, Output::BulkDown { .. })));
+    assert!(out.iter().any(|o| matches!(o, Output::Down { .. })));
+    assert_eq!((a.status(now).bulk, a.bulk_conn()), (LinkState::Idle, None));
+    let out = b.handle(now, Input::Closed { conn: 1, error: "reset".into() });
+    assert!(out.contains(&Output::Close { conn, reason: "the control link is down".into() }), "{out:?}");
+    assert_eq!(b.bulk_conn(), None);
+    // While the link is down no bulk connection is dialed.
+    let retry = a.next_timeout().unwrap();
+    assert_eq!(a.handle(retry, Input::Tick), vec![Output::Connect { conn: conn + 1, addr: addr(2) }]);
+}
+
+#[test]
+fn a_connection_that_never_says_hello_cannot_take_the_link_down() {
+    let t0 = Instant::now();
+    let cfg = LinkConfig { bulk: false, handshake_timeout: ms(1000), ..LinkConfig::default() };
+    let (mut a, mut b) = pair_with(cfg, t0);
+    bring_up(&mut a, &mut b, t0);
+    assert!(b.handle(t0, Input::Accepted { conn: 5 }).is_empty());
+    assert_eq!(b.up_conn(), Some(1));
+    let late = t0 + ms(1000);
+    let out = b.handle(late, Input::Tick);
+    assert!(out.contains(&Output::Close { conn: 5, reason: "no handshake in time".into() }), "{out:?}");
+    assert_eq!(b.up_conn(), Some(1));
+    // At most a few wait for their hello: the oldest is dropped.
+    for conn in 10..10 + PENDING as u64 + 1 {
+        b.handle(late, Input::Accepted { conn });
+    }
+    assert_eq!(b.pending.len(), PENDING);
+    assert!(!b.pending.iter().any(|p| p.0 == 10));
+    // A bulk hello from a stranger is refused; the link is untouched.
+    let out = b.handle(late, Input::Frame { conn: 11, msg: hello_of(Uuid::from_u128(99), Channel::Bulk) });
+    assert!(matches!(&sends(&out)[..], [Message::Refused { .. }]), "{out:?}");
+    assert_eq!((b.up_conn(), b.bulk_conn()), (Some(1), None));
 }
 
 // ---- seeded simulation ----
@@ -403,7 +500,13 @@ impl Sim {
                         self.at(t, to.clone(), Input::Closed { conn, error: "closed by the peer".into() });
                     }
                 }
-                Output::Up { .. } | Output::Down { .. } | Output::Failed { .. } | Output::Deliver { .. } => {}
+                Output::Up { .. }
+                | Output::Down { .. }
+                | Output::Failed { .. }
+                | Output::Deliver { .. }
+                | Output::BulkUp { .. }
+                | Output::BulkDown { .. }
+                | Output::DeliverBulk { .. } => {}
             }
         }
     }
@@ -436,7 +539,14 @@ impl Sim {
             To::A => self.a.handle(now, input),
             To::B => self.b.handle(now, input),
         };
+        for l in [&self.a, &self.b] {
+            assert!(l.bulk_conn().is_none() || l.up_conn().is_some(), "a bulk connection without the link");
+        }
         self.carry(to, out);
+    }
+
+    fn both_bulk_up(&self) -> bool {
+        self.a.bulk_conn().is_some() && self.a.bulk_conn() == self.b.bulk_conn()
     }
 
     fn both_up(&self) -> bool {
@@ -472,6 +582,7 @@ fn seeded_simulation_of_cuts_and_path_failures() {
             t += ms(1000 + sim.rng.below(3000));
             sim.run(t);
             assert!(sim.both_up(), "seed {seed} phase {phase}: went down on a healthy network");
+            assert!(sim.both_bulk_up(), "seed {seed} phase {phase}: no bulk connection on a healthy network");
             let rtt = sim.a.status(sim.now).rtt_ms.unwrap();
             assert!((2.0..=62.0).contains(&rtt), "seed {seed}: rtt {rtt}");
             // Cut: both sides notice within the miss limit, neither claims up.
@@ -488,6 +599,7 @@ fn seeded_simulation_of_cuts_and_path_failures() {
                 LinkState::Up,
                 "seed {seed} phase {phase}: acceptor still up after a cut"
             );
+            assert_eq!((sim.a.bulk_conn(), sim.b.bulk_conn()), (None, None), "seed {seed} phase {phase}");
             t += ms(sim.rng.below(8000));
             sim.run(t);
             sim.cut = false;

@@ -10,6 +10,9 @@
 //! bounded queue that the replication window keeps from filling; a peer
 //! that overfills it is cut off, so the reader never stops reading
 //! heartbeats.
+//!
+//! The bulk connection (image files) has the same queues, its own: its
+//! data waits on its own TCP connection, never in front of a heartbeat.
 
 use super::frame::{self, Message, HEADER};
 use super::link::{ConnId, Input, Link, LinkConfig, LinkStatus, Output};
@@ -37,6 +40,9 @@ const CONTROL_QUEUE: usize = 64;
 const DATA_QUEUE: usize = 4;
 /// Received data messages waiting for the replication layer.
 pub const INCOMING_QUEUE: usize = 32;
+/// Received bulk messages waiting for the image copy (its window keeps
+/// an honest peer far below this).
+pub const BULK_QUEUE: usize = 16;
 /// TLS handshakes in progress on the listeners at once; more are dropped.
 const HANDSHAKES: usize = 16;
 
@@ -95,6 +101,13 @@ pub struct TransportStatus {
     pub last_refusal: Option<String>,
 }
 
+/// What a link receives, by connection: the control connection's data
+/// (state replication) and the bulk connection's (image copy).
+pub struct Inbox {
+    pub control: mpsc::Receiver<Message>,
+    pub bulk: mpsc::Receiver<Message>,
+}
+
 /// Sends data on the connection the link is up on. Cloned by the
 /// replication layer; fails with [`ClusterError::LinkDown`] once that
 /// connection is gone (wait for the next [`PeerLink::data`] value).
@@ -126,6 +139,7 @@ impl DataSender {
 pub struct PeerLink {
     status: watch::Receiver<(TransportStatus, Instant)>,
     up: watch::Receiver<Option<DataSender>>,
+    bulk: watch::Receiver<Option<DataSender>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
     /// The addresses actually bound (a port 0 in the config is resolved).
@@ -134,13 +148,13 @@ pub struct PeerLink {
 
 impl PeerLink {
     /// Binds the listeners and starts the driver. Returns the link and the
-    /// queue of data messages received from the peer.
+    /// queues of data messages received from the peer.
     pub async fn start(
         local: LocalNode,
         peer: PeerTarget,
         cfg: TransportConfig,
         seed: u64,
-    ) -> Result<(PeerLink, mpsc::Receiver<Message>), ClusterError> {
+    ) -> Result<(PeerLink, Inbox), ClusterError> {
         let tls = |e: rustls::Error| ClusterError::Tls(e.to_string());
         let server = crate::tls::mutual_server_config(
             &peer.fingerprint,
@@ -174,7 +188,9 @@ impl PeerLink {
         let initial = TransportStatus { link: link.status(now), refused_connections: 0, last_refusal: None };
         let (status_tx, status) = watch::channel((initial, now));
         let (up_tx, up) = watch::channel(None);
+        let (bulk_tx, bulk) = watch::channel(None);
         let (incoming_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
+        let (bulk_incoming_tx, bulk_incoming) = mpsc::channel(BULK_QUEUE);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let driver = Driver {
             link,
@@ -185,7 +201,9 @@ impl PeerLink {
             events_tx,
             status_tx,
             up_tx,
+            bulk_tx,
             incoming_tx,
+            bulk_incoming_tx,
             refused: 0,
             last_refusal: None,
             last_refusal_log: None,
@@ -193,7 +211,8 @@ impl PeerLink {
             pending: VecDeque::new(),
         };
         let task = tokio::spawn(driver.run(events, shutdown_rx, tasks));
-        Ok((PeerLink { status, up, shutdown: Some(shutdown_tx), task: Some(task), local_addrs }, incoming))
+        let link = PeerLink { status, up, bulk, shutdown: Some(shutdown_tx), task: Some(task), local_addrs };
+        Ok((link, Inbox { control: incoming, bulk: bulk_incoming }))
     }
 
     /// The current status (heartbeat age as of now).
@@ -202,13 +221,15 @@ impl PeerLink {
     }
 
     /// A handle for the rest of the daemon (status, data out, data in),
-    /// taking over the queue of received data `start` returned.
-    pub fn handle(&self, peer_id: Uuid, incoming: mpsc::Receiver<Message>) -> LinkHandle {
+    /// taking over the queues of received data `start` returned.
+    pub fn handle(&self, peer_id: Uuid, inbox: Inbox) -> LinkHandle {
         LinkHandle {
             peer_id,
             status: self.status.clone(),
             up: self.up.clone(),
-            incoming: Arc::new(tokio::sync::Mutex::new(incoming)),
+            bulk: self.bulk.clone(),
+            incoming: Arc::new(tokio::sync::Mutex::new(inbox.control)),
+            bulk_incoming: Arc::new(tokio::sync::Mutex::new(inbox.bulk)),
         }
     }
 
@@ -216,6 +237,11 @@ impl PeerLink {
     /// that connection) or goes down (`None`).
     pub fn data(&self) -> watch::Receiver<Option<DataSender>> {
         self.up.clone()
+    }
+
+    /// The same for the bulk connection.
+    pub fn bulk(&self) -> watch::Receiver<Option<DataSender>> {
+        self.bulk.clone()
     }
 
     /// Closes the connections (the peer sees the close at once rather than
@@ -249,7 +275,9 @@ pub struct LinkHandle {
     pub peer_id: Uuid,
     status: watch::Receiver<(TransportStatus, Instant)>,
     up: watch::Receiver<Option<DataSender>>,
+    bulk: watch::Receiver<Option<DataSender>>,
     incoming: Arc<tokio::sync::Mutex<mpsc::Receiver<Message>>>,
+    bulk_incoming: Arc<tokio::sync::Mutex<mpsc::Receiver<Message>>>,
 }
 
 impl LinkHandle {
@@ -270,6 +298,17 @@ impl LinkHandle {
     /// Ends (`recv` gives `None`) when the link stops.
     pub async fn incoming(&self) -> tokio::sync::OwnedMutexGuard<mpsc::Receiver<Message>> {
         self.incoming.clone().lock_owned().await
+    }
+
+    /// `Some(sender)` while the bulk connection is up (image files go
+    /// there), `None` while it is down.
+    pub fn bulk(&self) -> watch::Receiver<Option<DataSender>> {
+        self.bulk.clone()
+    }
+
+    /// The messages received over the bulk connection, as [`Self::incoming`].
+    pub async fn bulk_incoming(&self) -> tokio::sync::OwnedMutexGuard<mpsc::Receiver<Message>> {
+        self.bulk_incoming.clone().lock_owned().await
     }
 }
 
@@ -308,7 +347,9 @@ struct Driver {
     events_tx: mpsc::Sender<Event>,
     status_tx: watch::Sender<(TransportStatus, Instant)>,
     up_tx: watch::Sender<Option<DataSender>>,
+    bulk_tx: watch::Sender<Option<DataSender>>,
     incoming_tx: mpsc::Sender<Message>,
+    bulk_incoming_tx: mpsc::Sender<Message>,
     refused: u64,
     last_refusal: Option<String>,
     last_refusal_log: Option<Instant>,
@@ -440,8 +481,8 @@ impl Driver {
                 self.close(conn);
             }
             Output::Up { conn, addr, peer_name } => {
-                let Some(c) = self.conns.get(&conn) else { return };
-                let sender = DataSender { conn, data: c.data.clone(), control: c.control.clone() };
+                let Some(sender) = self.sender(conn) else { return };
+                let c = &self.conns[&conn];
                 let address = addr.or(c.remote).map(|a| a.to_string()).unwrap_or_default();
                 tracing::info!(PEER_ID = %self.peer_id, PEER_NAME = %peer_name, LINK_STATE = "up", %address, "peer link up");
                 self.up_tx.send_replace(Some(sender));
@@ -450,24 +491,41 @@ impl Driver {
                 tracing::warn!(PEER_ID = %self.peer_id, LINK_STATE = "down", %reason, "peer link down: {reason}");
                 self.up_tx.send_replace(None);
             }
+            Output::BulkUp { conn } => {
+                let Some(sender) = self.sender(conn) else { return };
+                tracing::debug!(PEER_ID = %self.peer_id, conn, "bulk connection up");
+                self.bulk_tx.send_replace(Some(sender));
+            }
+            Output::BulkDown { reason } => {
+                tracing::info!(PEER_ID = %self.peer_id, %reason, "bulk connection down: {reason}");
+                self.bulk_tx.send_replace(None);
+            }
+            Output::DeliverBulk { msg } => {
+                let full = deliver(&self.bulk_incoming_tx, msg);
+                self.overfilled(full.then(|| self.link.bulk_conn()).flatten());
+            }
             Output::Failed { reason } => {
                 tracing::warn!(PEER_ID = %self.peer_id, "peer link handshake failed: {reason}");
             }
-            Output::Deliver { msg } => match self.incoming_tx.try_send(msg) {
-                Ok(()) => {}
-                // Nobody consumes data (no replication running): drop it.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    if let Some(conn) = self.link.up_conn() {
-                        self.close(conn);
-                        self.pending.push_back(Input::Closed {
-                            conn,
-                            error: "the peer sent more than its window".into(),
-                        });
-                    }
-                }
-            },
+            Output::Deliver { msg } => {
+                let full = deliver(&self.incoming_tx, msg);
+                self.overfilled(full.then(|| self.link.up_conn()).flatten());
+            }
         }
+    }
+
+    /// `conn`'s peer sent more than its window allows: cut it off.
+    fn overfilled(&mut self, conn: Option<ConnId>) {
+        if let Some(conn) = conn {
+            self.close(conn);
+            self.pending
+                .push_back(Input::Closed { conn, error: "the peer sent more than its window".into() });
+        }
+    }
+
+    fn sender(&self, conn: ConnId) -> Option<DataSender> {
+        let c = self.conns.get(&conn)?;
+        Some(DataSender { conn, data: c.data.clone(), control: c.control.clone() })
     }
 
     /// Starts the reader and writer of a new connection.
@@ -491,6 +549,12 @@ impl Driver {
             }
         }
     }
+}
+
+/// Hands a received message on; true when the queue is full. Nobody
+/// consuming (no replication running) drops it.
+fn deliver(queue: &mpsc::Sender<Message>, msg: Message) -> bool {
+    matches!(queue.try_send(msg), Err(mpsc::error::TrySendError::Full(_)))
 }
 
 /// Data frames go behind control frames.
@@ -606,6 +670,16 @@ async fn write_frames(
         if let Err(e) = wr.write_all(&frame).await {
             let _ = events.send(Event::Closed { conn, error: e.to_string() }).await;
             return;
+        }
+        // write_all can end with TLS records still in rustls's buffer (the
+        // socket was full for a moment); only a flush or the next write
+        // sends them. A connection that goes quiet (the bulk one between
+        // acks) would hold them forever.
+        if control.is_empty() && data.is_empty() {
+            if let Err(e) = wr.flush().await {
+                let _ = events.send(Event::Closed { conn, error: e.to_string() }).await;
+                return;
+            }
         }
     }
     // Closing: what the link queued last (a Refused) goes out first, but a

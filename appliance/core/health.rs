@@ -310,6 +310,7 @@ mod tests {
             address: None,
             last_heartbeat: None,
             rtt_ms: Some(0.3),
+            bulk: "up".into(),
         };
         let ok = peer_check(Some(&peer), Some(&link), None);
         assert_eq!(

@@ -3,8 +3,7 @@
 //! path (a hidden temporary file in the images folder, hashed as it is
 //! written, checked by `qemu-img`, mode 0640, linked into place only once
 //! its SHA-256 matches) and serves its own verified files. Runs beside
-//! state replication for one peer link; the replicator hands it the image
-//! messages it receives.
+//! state replication for one peer link, on the link's bulk connection.
 
 use super::replicator::{follow_sender, sleep_until};
 use crate::cluster::frame::Message;
@@ -48,13 +47,15 @@ struct Io {
     verified: Verified,
 }
 
-/// Runs the image copy with `peer` until `messages` closes (the replicator
-/// stopped) or `stop`.
+/// Runs the image copy with `peer` over the bulk connection (`data` while
+/// it is up, `messages` what came over it) until `done` fires or is
+/// dropped (replication with that peer ended), the link stops, or `stop`.
 pub async fn run(
     core: Arc<Core>,
     peer: Uuid,
     mut data: watch::Receiver<Option<DataSender>>,
-    mut messages: mpsc::Receiver<Message>,
+    mut messages: tokio::sync::OwnedMutexGuard<mpsc::Receiver<Message>>,
+    mut done: tokio::sync::oneshot::Receiver<()>,
     mut stop: Stop,
 ) {
     let mut m = ImageCopy::new();
@@ -79,6 +80,7 @@ pub async fn run(
             tokio::select! {
                 biased;
                 _ = stop.wait() => break,
+                _ = &mut done => break,
                 changed = data.changed() => {
                     if changed.is_err() {
                         break;

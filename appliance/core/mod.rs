@@ -555,6 +555,7 @@ impl Core {
                 let up = st.link.state == crate::cluster::link::LinkState::Up;
                 crate::telemetry::metrics::PeerLinkSample {
                     up,
+                    bulk_up: up && st.link.bulk == crate::cluster::link::LinkState::Up,
                     rtt_seconds: st.link.rtt_ms.filter(|_| up).map(|ms| ms / 1000.0),
                     heartbeat_age_seconds: st.link.last_heartbeat_age_ms.map(|ms| ms as f64 / 1000.0),
                     downs: st.link.downs,

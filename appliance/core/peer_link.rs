@@ -70,6 +70,7 @@ impl Core {
             address: None,
             last_heartbeat: None,
             rtt_ms: None,
+            bulk: "down".into(),
         };
         if rec.state != PeerState::Paired {
             return down("not started: the pairing is not finished".into());
@@ -86,6 +87,7 @@ impl Core {
             address: st.link.address.filter(|_| up).map(|a| a.to_string()),
             last_heartbeat: st.link.last_heartbeat_age_ms.map(|age| crate::util::rfc3339(now - age as i64)),
             rtt_ms: st.link.rtt_ms.filter(|_| up),
+            bulk: if st.link.bulk == LinkState::Up { "up" } else { "down" }.into(),
         }
     }
 

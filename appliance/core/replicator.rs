@@ -43,19 +43,18 @@ async fn follow_links(core: Arc<Core>, mut stop: Stop) -> Result<(), String> {
         if let Some(h) = handle {
             let mut inbox = h.incoming().await;
             let status = core.replication.clone();
-            // The image copy shares the link's one inbox: its messages are
-            // handed on. Its window keeps them far below this bound.
-            let (images_tx, images_rx) = mpsc::channel(IMAGE_QUEUE);
+            // The image copy runs on the bulk connection, beside this.
+            let (images_stop, images_stopped) = tokio::sync::oneshot::channel::<()>();
             let images = tokio::spawn(super::image_copy::run(
                 core.clone(),
                 h.peer_id,
-                h.data(),
-                images_rx,
+                h.bulk(),
+                h.bulk_incoming().await,
+                images_stopped,
                 stop.clone(),
             ));
-            let ran =
-                run(core.clone(), h.peer_id, h.data(), &mut inbox, &images_tx, status, stop.clone()).await;
-            drop(images_tx);
+            let ran = run(core.clone(), h.peer_id, h.data(), &mut inbox, status, stop.clone()).await;
+            drop(images_stop);
             let _ = images.await;
             match ran {
                 Ok(()) if stop.is_stopped() => return Ok(()),
@@ -74,28 +73,13 @@ async fn follow_links(core: Arc<Core>, mut stop: Stop) -> Result<(), String> {
     }
 }
 
-/// Image messages waiting for the image copy.
-const IMAGE_QUEUE: usize = 16;
-
-fn is_image(m: &Message) -> bool {
-    matches!(
-        m,
-        Message::ImageFetch { .. }
-            | Message::ImageData { .. }
-            | Message::ImageAck { .. }
-            | Message::ImageUnavailable { .. }
-    )
-}
-
 /// Runs replication with `peer` until `stop` or the link stops. `data` is
-/// the link's sender while it is up; `incoming` the messages it received,
-/// of which the image copy's go to `images`.
+/// the link's sender while it is up; `incoming` the messages it received.
 pub async fn run(
     core: Arc<Core>,
     peer: Uuid,
     mut data: watch::Receiver<Option<DataSender>>,
     incoming: &mut mpsc::Receiver<Message>,
-    images: &mpsc::Sender<Message>,
     status: StatusCell,
     mut stop: Stop,
 ) -> Result<(), String> {
@@ -146,11 +130,6 @@ pub async fn run(
                 inputs.push_back(Input::LocalSeq { seq, at: crate::util::now_ms() });
             }
             msg = incoming.recv() => match msg {
-                Some(msg) if is_image(&msg) => {
-                    if images.send(msg).await.is_err() {
-                        return Err("the image copy stopped".into());
-                    }
-                }
                 Some(msg) => inputs.push_back(Input::Message(msg)),
                 None => break,
             },

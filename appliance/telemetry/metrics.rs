@@ -71,6 +71,8 @@ pub struct Snapshot<'a> {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PeerLinkSample {
     pub up: bool,
+    /// The bulk connection (image files) is up.
+    pub bulk_up: bool,
     /// Smoothed heartbeat RTT, while up.
     pub rtt_seconds: Option<f64>,
     /// Since the peer was last heard (a heartbeat or its answer).
@@ -176,6 +178,13 @@ impl Metrics {
             "1 when the link to the paired peer is up.",
             "gauge",
             u8::from(link.up).to_string(),
+        );
+        gauge(
+            &mut out,
+            "novacron_peer_bulk_up",
+            "1 when the peer link's bulk connection (image files) is up.",
+            "gauge",
+            u8::from(link.bulk_up).to_string(),
         );
         // Absent, not 0, when nothing was measured: a 0 s RTT or heartbeat
         // age would look healthy.
@@ -361,6 +370,7 @@ mod tests {
             last_backup: Some(1_700_000_000),
             peer_link: Some(PeerLinkSample {
                 up: true,
+                bulk_up: true,
                 rtt_seconds: Some(0.00042),
                 heartbeat_age_seconds: Some(0.25),
                 downs: 2,
@@ -379,6 +389,7 @@ mod tests {
         assert!(text.contains("novacron_data_dir_size_bytes 100\n"));
         assert!(text.contains("novacron_last_backup_timestamp_seconds 1700000000\n"));
         assert!(text.contains("novacron_peer_link_up 1\n"));
+        assert!(text.contains("novacron_peer_bulk_up 1\n"));
         assert!(text.contains("novacron_peer_rtt_seconds 0.000420\n"));
         assert!(text.contains("novacron_peer_heartbeat_age_seconds 0.250\n"));
         assert!(text.contains("novacron_peer_link_downs_total 2\n"));
