@@ -144,9 +144,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
         chain: identity.chain.clone(),
         key: identity.key.clone_key(),
     };
-    core.spawn_peer_link(&tasks, local);
-    // State replication over it (follows the link).
-    crate::core::replicator::spawn(&core, &tasks);
+    // State replication and the image copy over it (they follow the link).
+    crate::cluster::drivers::spawn(&core, &tasks, local);
 
     let socket = cfg.socket_path();
     let api = api::Api::new(core.clone());

@@ -1,6 +1,6 @@
 //! Copying base image files to the peer by content hash, as a plain state
 //! machine (inputs and the time in, outputs out, no I/O): the driver
-//! (`core/image_copy.rs`) reads and writes the files and the link.
+//! (`drivers/image_copy.rs`) reads and writes the files and the link.
 //!
 //! Each node is both a *fetcher* of the contents it lacks (an image record
 //! whose file is missing or has another SHA-256) and a *server* of the

@@ -1,10 +1,14 @@
 //! The pair: the peer link (frames, the link state machine, the TLS
-//! transport), and on top of it pairing and state replication.
+//! transport), and on top of it pairing, state replication and the image
+//! copy.
 //!
-//! Protocol logic is sans-IO (`link.rs`: inputs and the time in, outputs
-//! out); the tokio driver around it only moves bytes and timers. See
+//! Protocol logic is sans-IO (`link.rs`, `replication.rs`, `imagecopy.rs`,
+//! `pairing.rs`: inputs and the time in, outputs out); the tokio drivers
+//! around them (`transport.rs`, `drivers/`) only move bytes and timers and
+//! reach the node through the narrow `drivers::NodeCore` interface. See
 //! docs/design/peer-link.md.
 
+pub mod drivers;
 pub mod frame;
 pub mod imagecopy;
 pub mod link;
@@ -43,6 +47,12 @@ pub enum ClusterError {
     LinkDown,
     #[error("TLS: {0}")]
     Tls(String),
+    /// A batch of the peer's changes does not follow what is applied here.
+    #[error("{0}")]
+    Gap(String),
+    /// This node failed at something the cluster asked of it (its store).
+    #[error("{0}")]
+    Local(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }

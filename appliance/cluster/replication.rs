@@ -116,7 +116,7 @@ pub fn decode_snapshot(seq: u64, bytes: &[u8]) -> Result<Snapshot, String> {
 pub enum Input {
     LinkUp,
     LinkDown,
-    /// This node's newest committed seq ([`crate::core::Core::local_seq`])
+    /// This node's newest committed seq ([`super::drivers::NodeCore::local_seq`])
     /// and the wall clock (Unix ms) when the driver saw it move.
     LocalSeq {
         seq: u64,

@@ -9,7 +9,6 @@ mod disks;
 mod error;
 pub mod events;
 mod health;
-mod image_copy;
 mod images;
 mod networks;
 mod owner;
@@ -21,7 +20,6 @@ mod reconcile;
 pub mod replica;
 #[cfg(test)]
 mod replica_tests;
-pub mod replicator;
 mod snapshots;
 mod tokens;
 mod update;
@@ -101,9 +99,9 @@ pub struct Core {
     peer: peer::PeerSide,
     /// State replication's lag and counters while it runs (written by
     /// `replicator`).
-    pub replication: replicator::StatusCell,
+    pub replication: crate::cluster::drivers::StatusCell,
     /// The image copy's progress (written by `image_copy`).
-    pub image_files: image_copy::FilesCell,
+    pub image_files: crate::cluster::drivers::FilesCell,
 }
 
 impl Core {

@@ -1,5 +1,6 @@
-//! The core's replication interface: what the cluster subsystem (the peer
-//! link) calls to stream this node's changes and apply the peer's.
+//! The core's replication interface: what the cluster subsystem (its
+//! drivers, through [`NodeCore`]) calls to stream this node's changes and
+//! apply the peer's.
 //!
 //! For the link, a change is opaque bytes (`Vec<u8>`, the format version
 //! byte first): it carries them as they are and never decodes them.
@@ -36,9 +37,120 @@
 //! docs/design/replication-state.md says and listed by [`Core::conflicts`].
 
 use super::{Core, CoreError, Result};
-use crate::store::{Applied, Change, ConflictRecord, EncodedChange, Retention, Snapshot, Store, Tail};
+use crate::cluster::drivers::{FilesCell, ImageFile, NodeCore, StatusCell};
+use crate::cluster::transport::LinkHandle;
+use crate::cluster::ClusterError;
+use crate::store::{
+    Applied, Change, ConflictRecord, EncodedChange, PeerRecord, Retention, Snapshot, Store, StoreError, Tail,
+};
+use std::path::PathBuf;
 use std::sync::Arc;
+use tokio::sync::watch;
 use uuid::Uuid;
+
+/// The cluster drivers see two kinds of failure: a gap (resend) or this
+/// node failing.
+fn to_cluster(e: CoreError) -> ClusterError {
+    match e {
+        CoreError::Store(StoreError::Gap { .. }) => ClusterError::Gap(e.to_string()),
+        e => ClusterError::Local(e.to_string()),
+    }
+}
+
+/// The cluster subsystem's view of the core (`cluster::drivers`): the
+/// methods below, the peer row and the image records; nothing else.
+impl NodeCore for Core {
+    fn node_id(&self) -> Uuid {
+        self.node.id
+    }
+
+    fn peer_row(&self) -> watch::Receiver<Option<PeerRecord>> {
+        self.peer.record.subscribe()
+    }
+
+    fn cluster_config(&self) -> crate::config::ClusterConfig {
+        self.cfg.cluster.clone()
+    }
+
+    fn set_link(&self, link: Option<LinkHandle>) {
+        self.peer.link.send_replace(link);
+    }
+
+    fn set_link_error(&self, error: Option<String>) {
+        *self.peer.link_error.lock().unwrap() = error;
+    }
+
+    fn link(&self) -> watch::Receiver<Option<LinkHandle>> {
+        self.peer_link()
+    }
+
+    fn local_seq(&self) -> watch::Receiver<u64> {
+        Core::local_seq(self)
+    }
+
+    async fn changes_since(&self, after: u64, limit: usize) -> std::result::Result<Tail, ClusterError> {
+        Core::changes_since(self, after, limit).await.map_err(to_cluster)
+    }
+
+    async fn snapshot(&self) -> std::result::Result<Snapshot, ClusterError> {
+        Core::snapshot(self).await.map_err(to_cluster)
+    }
+
+    async fn record_peer_ack(&self, peer: Uuid, seq: u64) -> std::result::Result<(), ClusterError> {
+        Core::record_peer_ack(self, peer, seq).await.map_err(to_cluster)
+    }
+
+    async fn applied_mark(&self, origin: Uuid) -> std::result::Result<u64, ClusterError> {
+        Core::applied_mark(self, origin).await.map_err(to_cluster)
+    }
+
+    async fn apply_remote_batch(
+        &self,
+        origin: Uuid,
+        batch: Vec<EncodedChange>,
+    ) -> std::result::Result<Vec<Applied>, ClusterError> {
+        Core::apply_remote_batch(self, origin, batch).await.map_err(to_cluster)
+    }
+
+    async fn apply_snapshot(
+        &self,
+        origin: Uuid,
+        snapshot: Snapshot,
+    ) -> std::result::Result<Applied, ClusterError> {
+        Core::apply_snapshot(self, origin, snapshot).await.map_err(to_cluster)
+    }
+
+    async fn conflicts(&self, limit: usize) -> std::result::Result<Vec<ConflictRecord>, ClusterError> {
+        Core::conflicts(self, limit).await.map_err(to_cluster)
+    }
+
+    fn replication_status(&self) -> StatusCell {
+        self.replication.clone()
+    }
+
+    fn image_files(&self) -> Vec<ImageFile> {
+        self.image_records()
+            .iter()
+            .map(|r| ImageFile {
+                sha256: r.sha256.clone(),
+                size: r.file_size,
+                path: self.local_image_path(r),
+            })
+            .collect()
+    }
+
+    fn images_dir(&self) -> PathBuf {
+        self.paths.images.clone()
+    }
+
+    fn max_image_bytes(&self) -> u64 {
+        Core::max_image_bytes(self)
+    }
+
+    fn image_view(&self) -> FilesCell {
+        self.image_files.clone()
+    }
+}
 
 impl Core {
     /// Runs a blocking store call on the blocking pool.

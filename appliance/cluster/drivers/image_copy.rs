@@ -6,10 +6,10 @@
 //! state replication for one peer link, on the link's bulk connection.
 
 use super::replicator::{follow_sender, sleep_until};
+use super::NodeCore;
 use crate::cluster::frame::Message;
 use crate::cluster::imagecopy::{CopyStatus, ImageCopy, Input, Output, Wanted};
 use crate::cluster::transport::DataSender;
-use crate::core::Core;
 use crate::images::Upload;
 use crate::tasks::Stop;
 use std::collections::{HashMap, HashSet};
@@ -37,8 +37,8 @@ pub type FilesCell = Arc<std::sync::RwLock<FileView>>;
 /// is hashed once per daemon run unless it changes.
 type Verified = HashMap<PathBuf, (u64, SystemTime, String)>;
 
-struct Io {
-    core: Arc<Core>,
+struct Io<C> {
+    core: Arc<C>,
     peer: Uuid,
     upload: Option<(String, Upload)>,
     serving: Option<(String, std::fs::File)>,
@@ -50,8 +50,8 @@ struct Io {
 /// Runs the image copy with `peer` over the bulk connection (`data` while
 /// it is up, `messages` what came over it) until `done` fires or is
 /// dropped (replication with that peer ended), the link stops, or `stop`.
-pub async fn run(
-    core: Arc<Core>,
+pub async fn run<C: NodeCore>(
+    core: Arc<C>,
     peer: Uuid,
     mut data: watch::Receiver<Option<DataSender>>,
     mut messages: tokio::sync::OwnedMutexGuard<mpsc::Receiver<Message>>,
@@ -104,10 +104,11 @@ pub async fn run(
                 }
             }
         }
-        let mut view = io.core.image_files.write().unwrap();
+        let cell = io.core.image_view();
+        let mut view = cell.write().unwrap();
         view.status = m.status();
     }
-    io.core.image_files.write().unwrap().status.copying = None;
+    io.core.image_view().write().unwrap().status.copying = None;
 }
 
 /// SHA-256 of a file, read in 1 MiB blocks.
@@ -138,19 +139,19 @@ fn link_into_place(from: &std::path::Path, dest: &std::path::Path) -> std::io::R
     std::fs::File::open(dir)?.sync_all()
 }
 
-impl Io {
+impl<C: NodeCore> Io<C> {
     /// Compares the image records with the local files: records whose
     /// file is verified, contents wanted from the peer. A content already
     /// here under another record's name is linked, not copied.
     async fn scan(&mut self) -> Vec<Wanted> {
-        let records = self.core.image_records();
+        let records = self.core.image_files();
         let mut missing: Vec<(PathBuf, String, u64)> = Vec::new();
         let mut bad = HashSet::new();
         self.present.clear();
         for r in records {
-            let path = self.core.local_image_path(&r);
+            let path = r.path.clone();
             let Ok(meta) = std::fs::metadata(&path) else {
-                missing.push((path, r.sha256, r.file_size));
+                missing.push((path, r.sha256, r.size));
                 continue;
             };
             let key = (meta.len(), meta.modified().unwrap_or(SystemTime::UNIX_EPOCH));
@@ -171,7 +172,7 @@ impl Io {
                 self.present.insert(sha, path);
             } else {
                 bad.insert(r.sha256.clone());
-                missing.push((path, r.sha256, r.file_size));
+                missing.push((path, r.sha256, r.size));
             }
         }
         let mut wanted: Vec<Wanted> = Vec::new();
@@ -188,7 +189,7 @@ impl Io {
                 wanted.push(Wanted { sha256: sha, size });
             }
         }
-        self.core.image_files.write().unwrap().bad = bad;
+        self.core.image_view().write().unwrap().bad = bad;
         wanted
     }
 
@@ -207,7 +208,7 @@ impl Io {
             }
             Output::Begin { sha256 } => {
                 self.upload = None;
-                let dir = self.core.paths.images.clone();
+                let dir = self.core.images_dir();
                 match Upload::begin(&dir, self.core.max_image_bytes()) {
                     Ok(up) => {
                         tracing::info!(PEER_ID = %self.peer, SHA256 = %sha256, "copying an image file from the peer");
@@ -231,10 +232,10 @@ impl Io {
                 let (_, up) = self.upload.take().filter(|(s, _)| *s == sha256)?;
                 let dests: Vec<PathBuf> = self
                     .core
-                    .image_records()
-                    .iter()
+                    .image_files()
+                    .into_iter()
                     .filter(|r| r.sha256 == sha256)
-                    .map(|r| self.core.local_image_path(r))
+                    .map(|r| r.path)
                     .collect();
                 let Some(first) = dests.first().cloned() else {
                     return Some(Input::Failed { sha256, error: "no image record names it any more".into() });

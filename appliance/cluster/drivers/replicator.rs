@@ -1,7 +1,7 @@
 //! The tokio driver of state replication: feeds [`Replication`] from the
-//! core (this node's seq, its feed and snapshot) and the link (up/down,
-//! the peer's messages), and carries out what it asks: store calls through
-//! the core, frames on the link's data channel. All decisions are the
+//! node (this node's seq, its feed and snapshot, through [`NodeCore`]) and
+//! the link (up/down, the peer's messages), and carries out what it asks:
+//! store calls through the node, frames on the link's data channel. All decisions are the
 //! state machine's (`replication.rs`).
 //!
 //! One loop, one thing at a time: a store call's answer is fed back before
@@ -9,11 +9,12 @@
 //! keep what the peer can have in flight bounded, so the link's received
 //! queue never fills while this loop waits on a disk flush.
 
+use super::NodeCore;
 use crate::cluster::frame::Message;
 use crate::cluster::replication::{Input, Output, ReplConfig, ReplStatus, Replication};
 use crate::cluster::transport::DataSender;
-use crate::core::{Core, CoreError};
-use crate::store::{Applied, StoreError};
+use crate::cluster::ClusterError;
+use crate::store::Applied;
 use crate::tasks::{Policy, Stage, Stop, Supervisor};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -26,9 +27,10 @@ use uuid::Uuid;
 pub type StatusCell = Arc<std::sync::RwLock<Option<ReplStatus>>>;
 
 /// Starts the `cluster.replication` task: for each peer link the daemon
-/// runs ([`Core::peer_link`]), replication with that peer, until the link
-/// stops (unpair) or the cluster stage stops.
-pub fn spawn(core: &Arc<Core>, tasks: &Supervisor) {
+/// runs ([`NodeCore::link`]), replication with that peer (and the image
+/// copy beside it), until the link stops (unpair) or the cluster stage
+/// stops.
+pub fn spawn<C: NodeCore>(core: &Arc<C>, tasks: &Supervisor) {
     let core = core.clone();
     tasks.spawn(Stage::Cluster, "cluster.replication", Policy::Restart, move |stop| {
         let core = core.clone();
@@ -36,13 +38,13 @@ pub fn spawn(core: &Arc<Core>, tasks: &Supervisor) {
     });
 }
 
-async fn follow_links(core: Arc<Core>, mut stop: Stop) -> Result<(), String> {
-    let mut links = core.peer_link();
+async fn follow_links<C: NodeCore>(core: Arc<C>, mut stop: Stop) -> Result<(), String> {
+    let mut links = core.link();
     loop {
         let handle = links.borrow_and_update().clone();
         if let Some(h) = handle {
             let mut inbox = h.incoming().await;
-            let status = core.replication.clone();
+            let status = core.replication_status();
             // The image copy runs on the bulk connection, beside this.
             let (images_stop, images_stopped) = tokio::sync::oneshot::channel::<()>();
             let images = tokio::spawn(super::image_copy::run(
@@ -75,8 +77,8 @@ async fn follow_links(core: Arc<Core>, mut stop: Stop) -> Result<(), String> {
 
 /// Runs replication with `peer` until `stop` or the link stops. `data` is
 /// the link's sender while it is up; `incoming` the messages it received.
-pub async fn run(
-    core: Arc<Core>,
+pub async fn run<C: NodeCore>(
+    core: Arc<C>,
     peer: Uuid,
     mut data: watch::Receiver<Option<DataSender>>,
     incoming: &mut mpsc::Receiver<Message>,
@@ -86,12 +88,12 @@ pub async fn run(
     let mut local = core.local_seq();
     let seq = *local.borrow_and_update();
     let mark = core.applied_mark(peer).await.map_err(|e| e.to_string())?;
-    let ids = (core.node.id, peer);
+    let ids = (core.node_id(), peer);
     let mut m =
         Replication::new(ReplConfig::default(), ids, seq, mark, Instant::now(), crate::util::now_ms());
     let mut link: Option<DataSender> = None;
     let mut inputs = VecDeque::new();
-    let mut conflicts_seen = newest_conflict(&core).await;
+    let mut conflicts_seen = newest_conflict(&*core).await;
     tracing::info!(PEER_ID = %peer, local_seq = seq, applied_mark = mark, "state replication started");
     loop {
         if link.is_none() {
@@ -103,9 +105,9 @@ pub async fn run(
         while let Some(input) = inputs.pop_front() {
             for o in m.handle(Instant::now(), input) {
                 let applies = matches!(o, Output::Apply { .. } | Output::ApplySnapshot { .. });
-                if let Some(next) = carry_out(&core, peer, link.as_ref(), o).await {
+                if let Some(next) = carry_out(&*core, peer, link.as_ref(), o).await {
                     if applies && matches!(next, Input::Applied { .. }) {
-                        report_conflicts(&core, peer, &mut conflicts_seen).await;
+                        report_conflicts(&*core, peer, &mut conflicts_seen).await;
                     }
                     inputs.push_back(next);
                 }
@@ -145,13 +147,13 @@ pub async fn run(
     Ok(())
 }
 
-async fn newest_conflict(core: &Core) -> i64 {
+async fn newest_conflict<C: NodeCore>(core: &C) -> i64 {
     core.conflicts(1).await.ok().and_then(|c| c.first().map(|c| c.at)).unwrap_or(0)
 }
 
 /// Logs the name conflicts the last apply resolved, with the peer's id
 /// (the store records them; health reports them).
-async fn report_conflicts(core: &Core, peer: Uuid, seen: &mut i64) {
+async fn report_conflicts<C: NodeCore>(core: &C, peer: Uuid, seen: &mut i64) {
     let Ok(recent) = core.conflicts(20).await else { return };
     for c in recent.iter().rev().filter(|c| c.at > *seen) {
         tracing::warn!(
@@ -188,7 +190,7 @@ pub(super) async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// Carries out one output; the answer, if it has one, is the next input.
-async fn carry_out(core: &Arc<Core>, peer: Uuid, link: Option<&DataSender>, o: Output) -> Option<Input> {
+async fn carry_out<C: NodeCore>(core: &C, peer: Uuid, link: Option<&DataSender>, o: Output) -> Option<Input> {
     match o {
         Output::Send(msg) => {
             let link = link?;
@@ -245,8 +247,8 @@ async fn carry_out(core: &Arc<Core>, peer: Uuid, link: Option<&DataSender>, o: O
     }
 }
 
-async fn failed(core: &Arc<Core>, origin: Uuid, e: CoreError) -> Input {
-    let gap = matches!(&e, CoreError::Store(StoreError::Gap { .. }));
+async fn failed<C: NodeCore>(core: &C, origin: Uuid, e: ClusterError) -> Input {
+    let gap = matches!(&e, ClusterError::Gap(_));
     if !gap {
         tracing::warn!(PEER_ID = %origin, "applying the peer's changes failed: {e}");
         // Not at once again: a store that fails now likely fails next time.
