@@ -134,6 +134,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     // subsystem registers its tasks in `Stage::Cluster`.
     let tasks = Supervisor::default();
     core.spawn_reconciler(&tasks);
+    // `vm shutdown --timeout` deadlines a stop or crash left due.
+    core.resume_shutdowns().await;
     // A join cut short by a lost answer or a crash: settled with the inviter.
     core.spawn_peer_resolver(&tasks);
     // The peer link, while paired; the API certificate is the node's

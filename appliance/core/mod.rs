@@ -376,6 +376,18 @@ impl Core {
             .map_err(CoreError::from)
     }
 
+    /// Runs a blocking store call on the blocking pool.
+    async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> crate::store::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| CoreError::Internal(e.to_string()))?
+            .map_err(CoreError::from)
+    }
+
     /// Commits a change to the store, then to the in-memory view.
     async fn commit(&self, change: crate::store::Change) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {

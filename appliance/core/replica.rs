@@ -41,7 +41,7 @@ use crate::cluster::drivers::{FilesCell, ImageFile, NodeCore, StatusCell};
 use crate::cluster::transport::LinkHandle;
 use crate::cluster::ClusterError;
 use crate::store::{
-    Applied, Change, ConflictRecord, EncodedChange, PeerRecord, Retention, Snapshot, Store, StoreError, Tail,
+    Applied, Change, ConflictRecord, EncodedChange, PeerRecord, Retention, Snapshot, StoreError, Tail,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -153,18 +153,6 @@ impl NodeCore for Core {
 }
 
 impl Core {
-    /// Runs a blocking store call on the blocking pool.
-    async fn store_call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Store) -> crate::store::Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| CoreError::Internal(e.to_string()))?
-            .map_err(CoreError::from)
-    }
-
     /// The number of this node's newest committed change (see module doc).
     pub fn local_seq(&self) -> tokio::sync::watch::Receiver<u64> {
         self.local_seq.subscribe()

@@ -693,7 +693,13 @@ impl Core {
                 // The VM's own graceful-shutdown limit applies when the
                 // request names none.
                 let timeout = timeout.or(found.shutdown_timeout_secs).map(Duration::from_secs);
-                let watcher = tokio::spawn(self.clone().watch_shutdown(id, timeout));
+                // The deadline is durable before the request is answered: a
+                // restarted daemon still forces the guest off (resume_shutdowns).
+                if let Some(t) = timeout {
+                    let force_at = crate::util::now_ms() + t.as_millis() as i64;
+                    self.store_call(move |s| s.set_pending_shutdown(id, force_at)).await?;
+                }
+                let watcher = tokio::spawn(self.clone().follow_shutdown(id, timeout));
                 if let Some(wait) = wait {
                     let deadline = Instant::now() + Duration::from_secs(wait);
                     while Instant::now() < deadline {
@@ -734,6 +740,40 @@ impl Core {
             if let Some(vm) = self.vms.read().unwrap().get(&id) {
                 self.publish_state(vm);
             }
+        }
+    }
+
+    /// [`Core::watch_shutdown`], then drops the durable deadline (the guest
+    /// is off, was forced off, or is gone).
+    async fn follow_shutdown(self: Arc<Self>, id: Uuid, timeout: Option<Duration>) {
+        self.clone().watch_shutdown(id, timeout).await;
+        if timeout.is_some() {
+            if let Err(e) = self.store_call(move |s| s.clear_pending_shutdown(id)).await {
+                tracing::warn!(VM_ID = %id, "cannot clear the forced shutdown: {e}");
+            }
+        }
+    }
+
+    /// Resumes the forced shutdowns a stopped or crashed daemon left due:
+    /// a guest still on is shown shutting down again and forced off at its
+    /// deadline (at once when that passed); the others are dropped.
+    pub async fn resume_shutdowns(self: &Arc<Self>) {
+        let due = match self.store_call(|s| s.pending_shutdowns()).await {
+            Ok(due) => due,
+            Err(e) => return tracing::warn!("cannot read the forced shutdowns due: {e}"),
+        };
+        let now = crate::util::now_ms();
+        for (id, force_at) in due {
+            let active = self.refresh_state(id).await.is_ok_and(|s| s.is_active());
+            let owned = self.vms.read().unwrap().get(&id).is_some_and(|vm| self.owns(vm));
+            if !(active && owned) {
+                let _ = self.store_call(move |s| s.clear_pending_shutdown(id)).await;
+                continue;
+            }
+            let left = Duration::from_millis(force_at.saturating_sub(now).max(0) as u64);
+            tracing::info!(VM_ID = %id, seconds_left = left.as_secs(), "forced shutdown still due: following it again");
+            self.set_shutting_down(id, true);
+            tokio::spawn(self.clone().follow_shutdown(id, Some(left)));
         }
     }
 

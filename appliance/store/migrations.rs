@@ -166,4 +166,16 @@ CREATE TABLE peer (
 );
 "#,
     ),
+    (
+        5,
+        r#"
+-- Forced shutdowns due (`vm shutdown --timeout`): the guest is forced off
+-- at `force_at` (ms since the epoch) if it is still on. Node-local and not
+-- replicated: an acknowledged request outlives a daemon restart.
+CREATE TABLE pending_shutdowns (
+    vm_id       TEXT PRIMARY KEY,
+    force_at    INTEGER NOT NULL
+);
+"#,
+    ),
 ];

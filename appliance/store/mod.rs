@@ -476,6 +476,38 @@ impl Store {
         .collect()
     }
 
+    /// Records that `vm` is to be forced off at `force_at` (ms since the
+    /// epoch) unless it is off by then; replaces an earlier deadline.
+    pub fn set_pending_shutdown(&self, vm: Uuid, force_at: i64) -> Result<()> {
+        self.lock().execute(
+            "INSERT INTO pending_shutdowns (vm_id, force_at) VALUES (?1, ?2)
+             ON CONFLICT(vm_id) DO UPDATE SET force_at = excluded.force_at",
+            params![vm.to_string(), force_at],
+        )?;
+        Ok(())
+    }
+
+    pub fn clear_pending_shutdown(&self, vm: Uuid) -> Result<()> {
+        self.lock().execute("DELETE FROM pending_shutdowns WHERE vm_id = ?1", params![vm.to_string()])?;
+        Ok(())
+    }
+
+    /// Every forced shutdown still due: (VM, force_at in ms).
+    pub fn pending_shutdowns(&self) -> Result<Vec<(Uuid, i64)>> {
+        let conn = self.lock();
+        let mut stmt = conn.prepare("SELECT vm_id, force_at FROM pending_shutdowns ORDER BY force_at")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at) = row?;
+            // A row this version cannot read is dropped rather than fatal.
+            if let Ok(id) = id.parse() {
+                out.push((id, at));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn record_audit(&self, actor: &str, action: &str, target: &str, result: &str) -> Result<()> {
         self.lock().execute(
             "INSERT INTO audit (at, actor, action, target, result) VALUES (?1, ?2, ?3, ?4, ?5)",
