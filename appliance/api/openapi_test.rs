@@ -748,6 +748,7 @@ fn response_schemas_match_the_types() {
 fn error_codes_are_documented() {
     use crate::hypervisor::HypervisorError;
     use crate::images::ImageError;
+    use crate::ops::OpsError;
     use crate::store::StoreError;
     let doc = doc();
     let codes = doc["components"]["schemas"]["ErrorDetail"]["properties"]["code"]["enum"]
@@ -789,11 +790,21 @@ fn error_codes_are_documented() {
         CoreError::Hypervisor(HypervisorError::NoSnapshot(s())),
         CoreError::Hypervisor(HypervisorError::Disk(s())),
         CoreError::Hypervisor(HypervisorError::Libvirt(s())),
-        CoreError::Host(crate::host::HostError::NotAppliance(s())),
-        CoreError::Host(crate::host::HostError::Bundle(s())),
-        CoreError::Host(crate::host::HostError::Checksum { what: s(), expected: s(), actual: s() }),
-        CoreError::Host(crate::host::HostError::Seed(s())),
-        CoreError::Host(crate::host::HostError::Io(std::io::Error::other("x"))),
+        CoreError::Ops(OpsError::UnknownProfile(s())),
+        CoreError::Ops(OpsError::ReadProfile { path: s(), reason: s() }),
+        CoreError::Ops(OpsError::InvalidProfile { name: s(), reason: s() }),
+        CoreError::Ops(OpsError::BmcUrl(s())),
+        CoreError::Ops(OpsError::BmcNoTrust),
+        CoreError::Ops(OpsError::BmcFingerprint(s())),
+        CoreError::Ops(OpsError::BmcConnect { target: s(), reason: s() }),
+        CoreError::Ops(OpsError::BmcHttp { method: s(), path: s(), reason: s() }),
+        CoreError::Ops(OpsError::BmcStatus { method: s(), path: s(), status: 500, message: s() }),
+        CoreError::Ops(OpsError::BmcShape { path: s(), reason: s() }),
+        CoreError::Ops(OpsError::NotAppliance(s())),
+        CoreError::Ops(OpsError::Bundle(s())),
+        CoreError::Ops(OpsError::Checksum { what: s(), expected: s(), actual: s() }),
+        CoreError::Ops(OpsError::Seed(s())),
+        CoreError::Ops(OpsError::Io(std::io::Error::other("x"))),
         CoreError::UpdateInProgress(s()),
         CoreError::Internal(s()),
     ];

@@ -9,6 +9,7 @@
 use crate::ops::firmware::{self, Profile};
 use crate::ops::preflight::{self, Root, Status};
 use crate::ops::redfish::{self, Bmc, Plan};
+use crate::ops::OpsError;
 use clap::{ArgGroup, Args, Subcommand};
 use std::path::{Path, PathBuf};
 
@@ -104,7 +105,7 @@ pub fn run_preflight(args: &PreflightArgs, json: bool) -> i32 {
     report.exit_code()
 }
 
-fn load(profile: Option<&str>, file: Option<&Path>) -> Result<Profile, firmware::FirmwareError> {
+fn load(profile: Option<&str>, file: Option<&Path>) -> Result<Profile, OpsError> {
     match file {
         Some(path) => firmware::load_file(path),
         None => firmware::embedded(profile.unwrap_or_default()),
@@ -138,7 +139,7 @@ pub fn run_firmware(cmd: &FirmwareCmd, json: bool) -> i32 {
                 0
             }
             None => {
-                eprintln!("novacron: {}", firmware::FirmwareError::Unknown(profile.clone()));
+                eprintln!("novacron: {}", OpsError::UnknownProfile(profile.clone()));
                 2
             }
         },
@@ -171,7 +172,7 @@ async fn apply(args: &ApplyArgs, json: bool) -> i32 {
             return 2;
         }
     };
-    let fail = |e: redfish::RedfishError| {
+    let fail = |e: OpsError| {
         eprintln!("novacron: {e}");
         if e.is_connect() {
             6

@@ -58,7 +58,7 @@ pub enum CoreError {
     #[error(transparent)]
     Image(#[from] crate::images::ImageError),
     #[error(transparent)]
-    Host(#[from] crate::host::HostError),
+    Ops(#[from] crate::ops::OpsError),
     #[error("{0}; wait for it to finish (GET /v1/host/update)")]
     UpdateInProgress(String),
     #[error("not ready: {0}")]
@@ -82,8 +82,8 @@ impl CoreError {
     /// error body's `code`). The one place nested subsystem errors are
     /// classified; the API maps the kind to a status.
     pub fn classify(&self) -> (ErrorKind, &'static str) {
-        use crate::host::HostError;
         use crate::images::ImageError;
+        use crate::ops::OpsError;
         use ErrorKind::*;
         match self {
             CoreError::Invalid { .. } => (Invalid, "invalid_value"),
@@ -124,12 +124,24 @@ impl CoreError {
                 HypervisorError::Disk(_) => (Internal, "disk_error"),
                 HypervisorError::Libvirt(_) => (Internal, "libvirt_error"),
             },
-            CoreError::Host(e) => match e {
-                HostError::NotAppliance(_) => (Conflict, "not_appliance"),
-                HostError::Bundle(_) => (Unprocessable, "invalid_bundle"),
-                HostError::Checksum { .. } => (Unprocessable, "checksum_mismatch"),
-                HostError::Seed(_) => (Invalid, "invalid_value"),
-                HostError::Proc(_) | HostError::Io(_) => (Internal, "host_error"),
+            CoreError::Ops(e) => match e {
+                OpsError::NotAppliance(_) => (Conflict, "not_appliance"),
+                OpsError::Bundle(_) => (Unprocessable, "invalid_bundle"),
+                OpsError::Checksum { .. } => (Unprocessable, "checksum_mismatch"),
+                OpsError::Seed(_) => (Invalid, "invalid_value"),
+                OpsError::Io(_) => (Internal, "host_error"),
+                // The CLI's own (firmware profiles, the BMC); the core never
+                // returns them.
+                OpsError::UnknownProfile(_)
+                | OpsError::ReadProfile { .. }
+                | OpsError::InvalidProfile { .. }
+                | OpsError::BmcUrl(_)
+                | OpsError::BmcNoTrust
+                | OpsError::BmcFingerprint(_)
+                | OpsError::BmcConnect { .. }
+                | OpsError::BmcHttp { .. }
+                | OpsError::BmcStatus { .. }
+                | OpsError::BmcShape { .. } => (Internal, "host_error"),
             },
             CoreError::UpdateInProgress(_) => (Conflict, "update_in_progress"),
             CoreError::Pair(e) => (pair_kind(e.code()), e.code()),

@@ -5,8 +5,8 @@
 //! `ops::update`; the record of the latest update is `update/status.json`.
 
 use super::{BodyStream, Core, CoreError, Result};
-use crate::host::HostError;
 use crate::ops::update::{self as hu, InstallReport, InstallState, Slot};
+use crate::ops::OpsError;
 use crate::types::{UpdateRecord, UpdateState, UpdateView, VmState};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -50,11 +50,11 @@ impl Core {
     }
 
     fn save_update_record(&self, r: &UpdateRecord) -> Result<()> {
-        hu::write_json(&self.update_dir().join(RECORD), r, 0o600).map_err(CoreError::Host)
+        hu::write_json(&self.update_dir().join(RECORD), r, 0o600).map_err(CoreError::Ops)
     }
 
     pub(super) async fn update_view(&self) -> UpdateView {
-        let slots = blocking(hu::detect).await.and_then(|r| r.map_err(CoreError::Host));
+        let slots = blocking(hu::detect).await.and_then(|r| r.map_err(CoreError::Ops));
         let (appliance, reason, booted) = match &slots {
             Ok(s) => (true, None, Some(s.booted.name().to_string())),
             Err(e) => (false, Some(e.to_string()), None),
@@ -91,7 +91,7 @@ impl Core {
         if !(1..=9).contains(&tries) {
             return Err(CoreError::invalid("tries", "must be from 1 to 9"));
         }
-        let slots = blocking(hu::detect).await?.map_err(CoreError::Host)?;
+        let slots = blocking(hu::detect).await?.map_err(CoreError::Ops)?;
         let _guard = self
             .update_lock
             .try_lock()
@@ -103,7 +103,7 @@ impl Core {
             return Err(crate::images::ImageError::TooLarge { max: MAX_BUNDLE }.into());
         }
         let dir = self.update_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| CoreError::Host(e.into()))?;
+        std::fs::create_dir_all(&dir).map_err(|e| CoreError::Ops(e.into()))?;
         for f in [hu::REQUEST, hu::INSTALL, hu::REBOOT, hu::BUNDLE] {
             let _ = std::fs::remove_file(dir.join(f));
         }
@@ -131,14 +131,14 @@ impl Core {
             Ok(m) => m,
             Err(e) => {
                 let _ = std::fs::remove_file(&bundle);
-                return Err(CoreError::Host(e));
+                return Err(CoreError::Ops(e));
             }
         };
         let target = slots.booted.other();
         let root = manifest.files.get("root.erofs").map(|m| m.size).unwrap_or(0);
         if root > slots.get(target).size {
             let _ = std::fs::remove_file(&bundle);
-            return Err(CoreError::Host(HostError::Bundle(format!(
+            return Err(CoreError::Ops(OpsError::Bundle(format!(
                 "root.erofs is {root} bytes; slot {} holds {} bytes",
                 target.label(),
                 slots.get(target).size
@@ -166,7 +166,7 @@ impl Core {
             target,
             tries,
         };
-        hu::write_json(&dir.join(hu::REQUEST), &req, 0o600).map_err(CoreError::Host)?;
+        hu::write_json(&dir.join(hu::REQUEST), &req, 0o600).map_err(CoreError::Ops)?;
         tracing::info!(OP = "host.update", version = %record.version, slot = %record.target_slot, "update verified; waiting for the installer");
         self.events.publish("update", serde_json::json!({"state": record.state, "version": record.version}));
         tokio::spawn(self.clone().follow_update());

@@ -18,17 +18,6 @@ pub struct HostFacts {
 pub enum HostError {
     #[error("cannot read host facts from /proc: {0}")]
     Proc(String),
-    /// Updates need the appliance's A/B root slots.
-    #[error("this host was not booted from a NovaCron appliance image: {0}")]
-    NotAppliance(String),
-    #[error("invalid update bundle: {0}")]
-    Bundle(String),
-    #[error("{what}: SHA-256 mismatch (expected {expected}, got {actual})")]
-    Checksum { what: String, expected: String, actual: String },
-    #[error("invalid seed: {0}")]
-    Seed(String),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
 }
 
 pub fn hostname() -> String {

@@ -6,6 +6,7 @@
 //! `--profile-file` loads one from a path instead. The schema is strict
 //! (`deny_unknown_fields`): a misspelt key is an error, not a silent default.
 
+use super::OpsError;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -16,16 +17,6 @@ pub const EMBEDDED: &[(&str, &str)] = &[
     ("dell-poweredge-r650", include_str!("../../firmware-config/dell-poweredge-r650.toml")),
     ("hpe-proliant-dl360-gen10", include_str!("../../firmware-config/hpe-proliant-dl360-gen10.toml")),
 ];
-
-#[derive(Debug, thiserror::Error)]
-pub enum FirmwareError {
-    #[error("unknown firmware profile {0:?} (known: {known})", known = names().join(", "))]
-    Unknown(String),
-    #[error("cannot read {path}: {reason}")]
-    Read { path: String, reason: String },
-    #[error("invalid firmware profile {name}: {reason}")]
-    Invalid { name: String, reason: String },
-}
 
 /// The CPU vendor a profile is for; preflight auto-selects on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -189,8 +180,8 @@ impl std::fmt::Display for AttrValue {
 
 impl Profile {
     /// Parses and validates a profile; `name` is used in errors.
-    pub fn parse(name: &str, text: &str) -> Result<Profile, FirmwareError> {
-        let invalid = |reason: String| FirmwareError::Invalid { name: name.to_string(), reason };
+    pub fn parse(name: &str, text: &str) -> Result<Profile, OpsError> {
+        let invalid = |reason: String| OpsError::InvalidProfile { name: name.to_string(), reason };
         let p: Profile = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         if !matches!(p.cpu.flag.as_str(), "vmx" | "svm") {
             return Err(invalid(format!("cpu.flag must be vmx or svm, not {:?}", p.cpu.flag)));
@@ -233,20 +224,20 @@ pub fn names() -> Vec<&'static str> {
 }
 
 /// An embedded profile by name.
-pub fn embedded(name: &str) -> Result<Profile, FirmwareError> {
+pub fn embedded(name: &str) -> Result<Profile, OpsError> {
     let (n, text) =
-        EMBEDDED.iter().find(|(n, _)| *n == name).ok_or_else(|| FirmwareError::Unknown(name.into()))?;
+        EMBEDDED.iter().find(|(n, _)| *n == name).ok_or_else(|| OpsError::UnknownProfile(name.into()))?;
     let p = Profile::parse(n, text)?;
     if p.name != *n {
-        return Err(FirmwareError::Invalid { name: name.into(), reason: format!("name is {:?}", p.name) });
+        return Err(OpsError::InvalidProfile { name: name.into(), reason: format!("name is {:?}", p.name) });
     }
     Ok(p)
 }
 
 /// A profile from a file.
-pub fn load_file(path: &Path) -> Result<Profile, FirmwareError> {
+pub fn load_file(path: &Path) -> Result<Profile, OpsError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| FirmwareError::Read { path: path.display().to_string(), reason: e.to_string() })?;
+        .map_err(|e| OpsError::ReadProfile { path: path.display().to_string(), reason: e.to_string() })?;
     Profile::parse(&path.display().to_string(), &text)
 }
 
@@ -264,12 +255,12 @@ pub fn resolve(
     profile: Option<&str>,
     profile_file: Option<&Path>,
     cpuinfo: Option<&str>,
-) -> Result<Profile, FirmwareError> {
+) -> Result<Profile, OpsError> {
     match (profile, profile_file) {
         (_, Some(path)) => load_file(path),
         (Some(name), None) => embedded(name),
         (None, None) => {
-            let vendor = cpuinfo.and_then(vendor_of).ok_or_else(|| FirmwareError::Invalid {
+            let vendor = cpuinfo.and_then(vendor_of).ok_or_else(|| OpsError::InvalidProfile {
                 name: "auto".into(),
                 reason: "cannot tell the CPU vendor from /proc/cpuinfo; pass --profile".into(),
             })?;
@@ -306,8 +297,8 @@ mod tests {
     #[test]
     fn unknown_keys_and_profiles_are_refused() {
         let text = EMBEDDED[0].1.replace("[memory]", "[memory]\nmin_gib = 4");
-        assert!(matches!(Profile::parse("x", &text), Err(FirmwareError::Invalid { .. })));
-        assert!(matches!(embedded("nope"), Err(FirmwareError::Unknown(_))));
+        assert!(matches!(Profile::parse("x", &text), Err(OpsError::InvalidProfile { .. })));
+        assert!(matches!(embedded("nope"), Err(OpsError::UnknownProfile(_))));
         let twice = format!(
             "{}\n[[bios]]\nname = \"X\"\nvalue = 1\nprovides = \"other\"\n[[bios]]\nname = \"X\"\nvalue = 2\nprovides = \"other\"\n",
             EMBEDDED[0].1

@@ -10,6 +10,7 @@
 //! checked).
 
 use super::firmware::{AttrValue, Profile};
+use super::OpsError;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -21,30 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-#[derive(Debug, thiserror::Error)]
-pub enum RedfishError {
-    #[error("invalid BMC URL {0:?}: use http://HOST[:PORT] or https://HOST[:PORT]")]
-    Url(String),
-    #[error("an https BMC needs --fingerprint (SHA-256 of its certificate) or --insecure")]
-    NoTrust,
-    #[error("invalid --fingerprint {0:?}: give the BMC certificate's SHA-256 as 32 hex bytes (AB:CD:...)")]
-    Fingerprint(String),
-    #[error("cannot connect to the BMC at {target}: {reason}")]
-    Connect { target: String, reason: String },
-    #[error("{method} {path}: {reason}")]
-    Http { method: String, path: String, reason: String },
-    #[error("{method} {path}: HTTP {status}: {message}")]
-    Status { method: String, path: String, status: u16, message: String },
-    #[error("unexpected Redfish answer from {path}: {reason}")]
-    Shape { path: String, reason: String },
-}
-
-impl RedfishError {
-    pub fn is_connect(&self) -> bool {
-        matches!(self, RedfishError::Connect { .. })
-    }
-}
 
 /// A BMC's Redfish service.
 #[derive(Clone)]
@@ -80,8 +57,8 @@ fn base64(input: &[u8]) -> String {
 }
 
 /// Splits `scheme://host[:port][/...]` into (https, host, port).
-fn parse_url(url: &str) -> Result<(bool, String, u16), RedfishError> {
-    let bad = || RedfishError::Url(url.to_string());
+fn parse_url(url: &str) -> Result<(bool, String, u16), OpsError> {
+    let bad = || OpsError::BmcUrl(url.to_string());
     let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("http://") {
@@ -147,21 +124,21 @@ impl Bmc {
         password: Option<&str>,
         insecure: bool,
         fingerprint: Option<&str>,
-    ) -> Result<Bmc, RedfishError> {
+    ) -> Result<Bmc, OpsError> {
         let (https, host, port) = parse_url(url)?;
         let tls = if https {
             if fingerprint.is_none() && !insecure {
-                return Err(RedfishError::NoTrust);
+                return Err(OpsError::BmcNoTrust);
             }
             let fingerprint = match fingerprint {
                 Some(fp) => Some(
-                    crate::tls::parse_fingerprint(fp).ok_or_else(|| RedfishError::Fingerprint(fp.into()))?,
+                    crate::tls::parse_fingerprint(fp).ok_or_else(|| OpsError::BmcFingerprint(fp.into()))?,
                 ),
                 None => None,
             };
             // Many BMCs speak nothing newer than TLS 1.2.
             let tls = crate::tls::pinned_client_config(fingerprint.as_deref(), true, &[b"http/1.1"])
-                .map_err(|e| RedfishError::Connect { target: url.into(), reason: e.to_string() })?;
+                .map_err(|e| OpsError::BmcConnect { target: url.into(), reason: e.to_string() })?;
             Some(tls)
         } else {
             None
@@ -180,9 +157,9 @@ impl Bmc {
         }
     }
 
-    async fn connect(&self) -> Result<Box<dyn Io>, RedfishError> {
+    async fn connect(&self) -> Result<Box<dyn Io>, OpsError> {
         let target = format!("{}:{}", self.host, self.port);
-        let conn_err = |reason: String| RedfishError::Connect { target: target.clone(), reason };
+        let conn_err = |reason: String| OpsError::BmcConnect { target: target.clone(), reason };
         let tcp =
             tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect((self.host.as_str(), self.port)))
                 .await
@@ -211,12 +188,9 @@ impl Bmc {
         method: Method,
         path: &str,
         body: Option<&Value>,
-    ) -> Result<(StatusCode, Bytes), RedfishError> {
-        let http_err = |reason: String| RedfishError::Http {
-            method: method.to_string(),
-            path: path.to_string(),
-            reason,
-        };
+    ) -> Result<(StatusCode, Bytes), OpsError> {
+        let http_err =
+            |reason: String| OpsError::BmcHttp { method: method.to_string(), path: path.to_string(), reason };
         let host = if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
         } else {
@@ -247,16 +221,16 @@ impl Bmc {
             let resp = sender.send_request(req).await.map_err(|e| http_err(e.to_string()))?;
             let status = resp.status();
             let body = resp.into_body().collect().await.map_err(|e| http_err(e.to_string()))?.to_bytes();
-            Ok::<_, RedfishError>((status, body))
+            Ok::<_, OpsError>((status, body))
         };
         tokio::time::timeout(TIMEOUT, exchange).await.map_err(|_| http_err("timed out".into()))?
     }
 
     /// GETs a resource that must answer 200 with a JSON object.
-    pub async fn get_json(&self, path: &str) -> Result<Value, RedfishError> {
+    pub async fn get_json(&self, path: &str) -> Result<Value, OpsError> {
         let (status, body) = self.request(Method::GET, path, None).await?;
         if !status.is_success() {
-            return Err(RedfishError::Status {
+            return Err(OpsError::BmcStatus {
                 method: "GET".into(),
                 path: path.into(),
                 status: status.as_u16(),
@@ -264,19 +238,19 @@ impl Bmc {
             });
         }
         let v: Value = serde_json::from_slice(&body)
-            .map_err(|e| RedfishError::Shape { path: path.into(), reason: format!("not JSON: {e}") })?;
+            .map_err(|e| OpsError::BmcShape { path: path.into(), reason: format!("not JSON: {e}") })?;
         if !v.is_object() {
-            return Err(RedfishError::Shape { path: path.into(), reason: "not a JSON object".into() });
+            return Err(OpsError::BmcShape { path: path.into(), reason: "not a JSON object".into() });
         }
         Ok(v)
     }
 }
 
-fn odata_id<'a>(v: &'a Value, path: &str, what: &str) -> Result<&'a str, RedfishError> {
+fn odata_id<'a>(v: &'a Value, path: &str, what: &str) -> Result<&'a str, OpsError> {
     v["@odata.id"]
         .as_str()
         .filter(|s| s.starts_with('/'))
-        .ok_or_else(|| RedfishError::Shape { path: path.into(), reason: format!("no {what} link") })
+        .ok_or_else(|| OpsError::BmcShape { path: path.into(), reason: format!("no {what} link") })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -331,10 +305,10 @@ impl Plan {
 }
 
 /// Reads the first system's BIOS and works out what `profile` changes.
-pub async fn plan(bmc: &Bmc, profile: &Profile) -> Result<Plan, RedfishError> {
+pub async fn plan(bmc: &Bmc, profile: &Profile) -> Result<Plan, OpsError> {
     let systems_path = "/redfish/v1/Systems";
     let systems = bmc.get_json(systems_path).await?;
-    let first = systems["Members"].as_array().and_then(|m| m.first()).ok_or_else(|| RedfishError::Shape {
+    let first = systems["Members"].as_array().and_then(|m| m.first()).ok_or_else(|| OpsError::BmcShape {
         path: systems_path.into(),
         reason: "no systems in Members".into(),
     })?;
@@ -342,7 +316,7 @@ pub async fn plan(bmc: &Bmc, profile: &Profile) -> Result<Plan, RedfishError> {
     let system = bmc.get_json(&system_path).await?;
     let bios_path = odata_id(&system["Bios"], &system_path, "Bios")?.to_string();
     let bios = bmc.get_json(&bios_path).await?;
-    let current = bios["Attributes"].as_object().cloned().ok_or_else(|| RedfishError::Shape {
+    let current = bios["Attributes"].as_object().cloned().ok_or_else(|| OpsError::BmcShape {
         path: bios_path.clone(),
         reason: "no Attributes object".into(),
     })?;
@@ -396,7 +370,7 @@ pub async fn plan(bmc: &Bmc, profile: &Profile) -> Result<Plan, RedfishError> {
 }
 
 /// PATCHes the plan's changes into the settings resource.
-pub async fn apply(bmc: &Bmc, plan: &mut Plan) -> Result<(), RedfishError> {
+pub async fn apply(bmc: &Bmc, plan: &mut Plan) -> Result<(), OpsError> {
     if plan.changes.is_empty() {
         return Ok(());
     }
@@ -405,7 +379,7 @@ pub async fn apply(bmc: &Bmc, plan: &mut Plan) -> Result<(), RedfishError> {
     let body = serde_json::json!({ "Attributes": attrs });
     let (status, resp) = bmc.request(Method::PATCH, &plan.settings, Some(&body)).await?;
     if !status.is_success() {
-        return Err(RedfishError::Status {
+        return Err(OpsError::BmcStatus {
             method: "PATCH".into(),
             path: plan.settings.clone(),
             status: status.as_u16(),
@@ -434,12 +408,12 @@ mod tests {
 
     #[test]
     fn https_needs_trust() {
-        assert!(matches!(Bmc::new("https://h", None, None, false, None), Err(RedfishError::NoTrust)));
+        assert!(matches!(Bmc::new("https://h", None, None, false, None), Err(OpsError::BmcNoTrust)));
         assert!(Bmc::new("https://h", None, None, true, None).is_ok());
         // A fingerprint that can never match is a typo, said at once.
         assert!(matches!(
             Bmc::new("https://h", None, None, false, Some("AB:CD")),
-            Err(RedfishError::Fingerprint(f)) if f == "AB:CD"
+            Err(OpsError::BmcFingerprint(f)) if f == "AB:CD"
         ));
         let fp = crate::tls::fingerprint(b"bmc");
         assert!(Bmc::new("https://h", None, None, false, Some(&fp.to_lowercase())).is_ok());

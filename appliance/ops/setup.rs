@@ -13,8 +13,8 @@
 //! nothing, then renames the folder to `seed.applied`, so a later seed can
 //! be dropped in the same way.
 
+use super::OpsError;
 use crate::config::Config;
-use crate::host::HostError;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -27,10 +27,10 @@ const SEED: &str = "seed";
 const SEED_APPLIED: &str = "seed.applied";
 const MAX_SEED_FILE: u64 = 64 * 1024;
 
-type Result<T> = std::result::Result<T, HostError>;
+type Result<T> = std::result::Result<T, OpsError>;
 
-fn seed_err(msg: impl Into<String>) -> HostError {
-    HostError::Seed(msg.into())
+fn seed_err(msg: impl Into<String>) -> OpsError {
+    OpsError::Seed(msg.into())
 }
 
 /// What `run` did, for the log and the console.
@@ -174,10 +174,10 @@ fn read_seed(dir: &Path) -> Result<Seed> {
 fn chgrp(path: &Path, group: Option<&str>) -> Result<()> {
     if let Some(g) = group {
         let gid = nix::unistd::Group::from_name(g)
-            .map_err(|e| HostError::Io(std::io::Error::other(e)))?
+            .map_err(|e| OpsError::Io(std::io::Error::other(e)))?
             .ok_or_else(|| seed_err(format!("group {g} does not exist")))?
             .gid;
-        nix::unistd::chown(path, None, Some(gid)).map_err(|e| HostError::Io(std::io::Error::other(e)))?;
+        nix::unistd::chown(path, None, Some(gid)).map_err(|e| OpsError::Io(std::io::Error::other(e)))?;
     }
     Ok(())
 }
@@ -254,7 +254,7 @@ impl Setup {
         let cfg = Config::load(&config, true).map_err(|e| seed_err(e.to_string()))?;
         if let Some(name) = cfg.node.name.filter(|n| self.appliance && valid_hostname(n)) {
             if self.set_hostname {
-                nix::unistd::sethostname(&name).map_err(|e| HostError::Io(std::io::Error::other(e)))?;
+                nix::unistd::sethostname(&name).map_err(|e| OpsError::Io(std::io::Error::other(e)))?;
             }
             report.hostname = Some(name);
         }

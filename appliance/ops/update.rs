@@ -14,7 +14,7 @@
 //! requires `novacron.service` (the daemon's READY=1), is reached; an entry
 //! whose tries run out sorts last and the previous slot boots again.
 
-use crate::host::HostError;
+use super::OpsError;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -29,7 +29,7 @@ const MANIFEST_MAX: u64 = 64 * 1024;
 /// Boot attempts a new slot gets before systemd-boot gives up on it.
 pub const DEFAULT_TRIES: u32 = 3;
 
-type Result<T> = std::result::Result<T, HostError>;
+type Result<T> = std::result::Result<T, OpsError>;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -48,8 +48,8 @@ pub struct Member {
     pub sha256: String,
 }
 
-fn bad(msg: impl Into<String>) -> HostError {
-    HostError::Bundle(msg.into())
+fn bad(msg: impl Into<String>) -> OpsError {
+    OpsError::Bundle(msg.into())
 }
 
 impl Manifest {
@@ -158,7 +158,7 @@ pub fn walk(
             return Err(bad(format!("{name}: truncated ({} of {} bytes)", r.read, member.size)));
         }
         if actual != member.sha256 {
-            return Err(HostError::Checksum { what: name, expected: member.sha256.clone(), actual });
+            return Err(OpsError::Checksum { what: name, expected: member.sha256.clone(), actual });
         }
         seen.push(name);
     }
@@ -251,7 +251,7 @@ impl Slots {
 /// from, and its sibling slot on the same disk (never a slot of another
 /// disk that happens to carry the same labels).
 pub fn detect() -> Result<Slots> {
-    let st = nix::sys::stat::stat("/").map_err(|e| HostError::NotAppliance(format!("stat /: {e}")))?;
+    let st = nix::sys::stat::stat("/").map_err(|e| OpsError::NotAppliance(format!("stat /: {e}")))?;
     detect_in(Path::new("/sys"), nix::sys::stat::major(st.st_dev), nix::sys::stat::minor(st.st_dev))
 }
 
@@ -265,7 +265,7 @@ fn uevent(dir: &Path) -> BTreeMap<String, String> {
 }
 
 pub fn detect_in(sys: &Path, major: u64, minor: u64) -> Result<Slots> {
-    let not = |why: String| HostError::NotAppliance(why);
+    let not = |why: String| OpsError::NotAppliance(why);
     let link = sys.join(format!("dev/block/{major}:{minor}"));
     let part = std::fs::canonicalize(&link)
         .map_err(|_| not(format!("the root filesystem is not on a block device ({major}:{minor})")))?;
@@ -522,7 +522,7 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
     match std::fs::read(path) {
         Ok(b) => serde_json::from_slice(&b)
             .map(Some)
-            .map_err(|e| HostError::Io(std::io::Error::other(format!("{}: {e}", path.display())))),
+            .map_err(|e| OpsError::Io(std::io::Error::other(format!("{}: {e}", path.display())))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -543,7 +543,7 @@ pub fn run_installer(dir: &Path, esp: &Path) -> Result<Option<InstallReport>> {
         let bundle = dir.join(BUNDLE);
         let actual = file_sha256(&bundle)?;
         if actual != req.sha256 {
-            return Err(HostError::Checksum { what: BUNDLE.into(), expected: req.sha256.clone(), actual });
+            return Err(OpsError::Checksum { what: BUNDLE.into(), expected: req.sha256.clone(), actual });
         }
         let slots = detect()?;
         if slots.booted.other() != req.target {
@@ -642,7 +642,7 @@ mod tests {
         assert!(err.to_string().contains("missing"), "{err}");
         // Not a tar at all.
         std::fs::write(d.join("junk"), b"junk").unwrap();
-        assert!(matches!(verify(&d.join("junk")), Err(HostError::Bundle(_))));
+        assert!(matches!(verify(&d.join("junk")), Err(OpsError::Bundle(_))));
     }
 
     /// A fake sysfs: disk vda with partitions vda1..vda4 like the image's.
