@@ -637,6 +637,21 @@ pub struct PeerNode {
     pub paired_at: String,
 }
 
+/// A node as the other one pins it: what pairing exchanges (in the
+/// handshake) and what the peer row stores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeInfo {
+    pub node_id: Uuid,
+    pub name: String,
+    /// Addresses the other node reaches it at, first preferred.
+    pub addresses: Vec<std::net::IpAddr>,
+    pub api_port: u16,
+    pub link_port: u16,
+    /// SHA-256 of its API certificate, `AB:CD:...`.
+    pub fingerprint: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PeerLink {
     /// `up` or `down`.

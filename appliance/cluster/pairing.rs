@@ -136,19 +136,8 @@ impl PairError {
 
 pub type Result<T> = std::result::Result<T, PairError>;
 
-/// A node as the other one pins it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeInfo {
-    pub node_id: Uuid,
-    pub name: String,
-    /// Addresses the other node reaches it at, first preferred.
-    pub addresses: Vec<IpAddr>,
-    pub api_port: u16,
-    pub link_port: u16,
-    /// SHA-256 of its API certificate, `AB:CD:...`.
-    pub fingerprint: String,
-}
+/// A node as the other one pins it (the peer row holds the same).
+pub use crate::types::NodeInfo;
 
 /// What a join code carries.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -142,11 +142,11 @@ pub fn peer_check(
         (Some(p), _) if p.state == PeerState::Joining => check(
             "peer",
             CheckStatus::Warning,
-            format!("pairing with {} is not finished: waiting for its answer", p.name),
+            format!("pairing with {} is not finished: waiting for its answer", p.node.name),
         ),
         (Some(p), Some(l)) if l.state == "up" => {
             let rtt = l.rtt_ms.map(|r| format!(", rtt {r:.1} ms")).unwrap_or_default();
-            let up = format!("paired with {}, link {}{rtt}", p.name, l.detail);
+            let up = format!("paired with {}, link {}{rtt}", p.node.name, l.detail);
             match repl_fault {
                 None => check("peer", CheckStatus::Ok, up),
                 Some(f) => check("peer", CheckStatus::Warning, format!("{up}; state replication: {f}")),
@@ -154,7 +154,7 @@ pub fn peer_check(
         }
         (Some(p), l) => {
             let why = l.map(|l| l.detail.as_str()).unwrap_or("not running");
-            check("peer", CheckStatus::Warning, format!("paired with {}, link down: {why}", p.name))
+            check("peer", CheckStatus::Warning, format!("paired with {}, link down: {why}", p.node.name))
         }
     }
 }
@@ -294,12 +294,14 @@ mod tests {
     #[test]
     fn a_stalled_stream_warns_while_the_link_is_up() {
         let peer = crate::store::PeerRecord {
-            node_id: uuid::Uuid::from_u128(2),
-            name: "edge-2".into(),
-            addresses: Vec::new(),
-            api_port: 8443,
-            link_port: 8444,
-            fingerprint: "AA".into(),
+            node: crate::types::NodeInfo {
+                node_id: uuid::Uuid::from_u128(2),
+                name: "edge-2".into(),
+                addresses: Vec::new(),
+                api_port: 8443,
+                link_port: 8444,
+                fingerprint: "AA".into(),
+            },
             pair_key: Vec::new(),
             state: crate::store::PeerState::Paired,
             paired_at: 0,

@@ -78,12 +78,7 @@ fn advertised_addresses(listen: &[SocketAddr]) -> Vec<IpAddr> {
 
 fn record_of(p: &Paired, state: PeerState) -> PeerRecord {
     PeerRecord {
-        node_id: p.peer.node_id,
-        name: p.peer.name.clone(),
-        addresses: p.peer.addresses.clone(),
-        api_port: p.peer.api_port,
-        link_port: p.peer.link_port,
-        fingerprint: p.peer.fingerprint.clone(),
+        node: p.peer.clone(),
         pair_key: p.pair_key.to_vec(),
         state,
         paired_at: crate::util::now_ms(),
@@ -92,12 +87,12 @@ fn record_of(p: &Paired, state: PeerState) -> PeerRecord {
 
 fn node_view(r: &PeerRecord) -> PeerNode {
     PeerNode {
-        node_id: r.node_id,
-        name: r.name.clone(),
-        addresses: r.addresses.iter().map(|a| a.to_string()).collect(),
-        api_port: r.api_port,
-        link_port: r.link_port,
-        fingerprint: r.fingerprint.clone(),
+        node_id: r.node.node_id,
+        name: r.node.name.clone(),
+        addresses: r.node.addresses.iter().map(|a| a.to_string()).collect(),
+        api_port: r.node.api_port,
+        link_port: r.node.link_port,
+        fingerprint: r.node.fingerprint.clone(),
         paired_at: crate::util::rfc3339(r.paired_at),
     }
 }
@@ -255,7 +250,7 @@ impl Core {
             ));
         }
         if let Some(p) = self.peer_record() {
-            return Err(PairError::AlreadyPaired(p.name).into());
+            return Err(PairError::AlreadyPaired(p.node.name).into());
         }
         let me = self.node_info();
         if me.addresses.is_empty() {
@@ -283,7 +278,7 @@ impl Core {
         let code = JoinCode::decode(&req.code)?;
         let _g = self.peer.lock.lock().await;
         if let Some(p) = self.peer_record() {
-            return Err(PairError::AlreadyPaired(p.name).into());
+            return Err(PairError::AlreadyPaired(p.node.name).into());
         }
         let joiner = Joiner::new(code, self.node_info(), crate::util::random_bytes())?;
         let code = joiner.code().clone();
@@ -357,7 +352,7 @@ impl Core {
         match &req {
             Handshake::Prepare { joiner, .. } => {
                 let joiner_id = joiner.node_id;
-                let paired_with = current.as_ref().map(|p| p.name.clone());
+                let paired_with = current.as_ref().map(|p| p.node.name.clone());
                 let reply = self.with_inviter(|i| i.prepare(now(), paired_with.as_deref(), &req))?;
                 tracing::info!(PEER_ID = %joiner_id, "pairing prepared");
                 Ok(reply)
@@ -365,7 +360,7 @@ impl Core {
             Handshake::Commit { .. } => {
                 let _g = self.peer.lock.lock().await;
                 if let Some(p) = self.peer_record() {
-                    return Err(PairError::AlreadyPaired(p.name).into());
+                    return Err(PairError::AlreadyPaired(p.node.name).into());
                 }
                 let paired = self.with_inviter(|i| i.commit(now(), &req))?;
                 let rec = record_of(&paired, PeerState::Paired);
@@ -390,11 +385,11 @@ impl Core {
             }
             Handshake::Resolve { from, .. } | Handshake::Unpair { from, .. } => {
                 let _g = self.peer.lock.lock().await;
-                let Some(p) = self.peer_record().filter(|p| p.node_id == *from) else {
+                let Some(p) = self.peer_record().filter(|p| p.node.node_id == *from) else {
                     // Not our peer (any more): nothing to prove or undo.
                     return Ok(HandshakeReply { paired: false, inviter: None, proof: None });
                 };
-                pairing::verify_peer_request(&req, self.node.id, p.node_id, &p.pair_key, now())?;
+                pairing::verify_peer_request(&req, self.node.id, p.node.node_id, &p.pair_key, now())?;
                 if matches!(req, Handshake::Resolve { .. }) {
                     return Ok(HandshakeReply {
                         paired: p.state == PeerState::Paired,
@@ -402,12 +397,12 @@ impl Core {
                         proof: None,
                     });
                 }
-                self.store_peer(move |s| s.peer_delete(p.node_id).map(drop)).await?;
-                self.audit_peer(p.node_id, "unpair").await;
-                tracing::info!(PEER_ID = %p.node_id, PEER_NAME = %p.name, "unpaired at the peer's request");
+                self.store_peer(move |s| s.peer_delete(p.node.node_id).map(drop)).await?;
+                self.audit_peer(p.node.node_id, "unpair").await;
+                tracing::info!(PEER_ID = %p.node.node_id, PEER_NAME = %p.node.name, "unpaired at the peer's request");
                 self.events.publish(
                     "peer.unpaired",
-                    serde_json::json!({"peer": {"id": p.node_id, "name": p.name}, "by": "peer"}),
+                    serde_json::json!({"peer": {"id": p.node.node_id, "name": p.node.name}, "by": "peer"}),
                 );
                 Ok(HandshakeReply { paired: false, inviter: None, proof: None })
             }
@@ -443,24 +438,24 @@ impl Core {
             "resolve",
             &p.pair_key,
             self.node.id,
-            p.node_id,
+            p.node.node_id,
             now(),
             crate::util::random_bytes(),
         );
-        let reply = match call(&p.addresses, p.api_port, &p.fingerprint, &req).await {
+        let reply = match call(&p.node.addresses, p.node.api_port, &p.node.fingerprint, &req).await {
             Ok(reply) => reply,
             Err(e) => {
-                tracing::debug!(PEER_ID = %p.node_id, error = %e, "inviter not reachable to settle the pairing");
+                tracing::debug!(PEER_ID = %p.node.node_id, error = %e, "inviter not reachable to settle the pairing");
                 return;
             }
         };
         let _g = self.peer.lock.lock().await;
-        let id = p.node_id;
+        let id = p.node.node_id;
         let result = if reply.paired {
-            tracing::info!(PEER_ID = %id, PEER_NAME = %p.name, "pairing confirmed by the inviter");
+            tracing::info!(PEER_ID = %id, PEER_NAME = %p.node.name, "pairing confirmed by the inviter");
             self.store_peer(move |s| s.peer_set_state(id, PeerState::Paired)).await
         } else {
-            tracing::info!(PEER_ID = %id, PEER_NAME = %p.name, "pairing rolled back: the inviter never committed it");
+            tracing::info!(PEER_ID = %id, PEER_NAME = %p.node.name, "pairing rolled back: the inviter never committed it");
             self.store_peer(move |s| s.peer_delete(id).map(drop)).await
         };
         if let Err(e) = result {
@@ -475,17 +470,17 @@ impl Core {
             "unpair",
             &p.pair_key,
             self.node.id,
-            p.node_id,
+            p.node.node_id,
             now(),
             crate::util::random_bytes(),
         );
-        let (notified, message) = match call(&p.addresses, p.api_port, &p.fingerprint, &req).await {
-            Ok(_) => (true, format!("unpaired on both nodes ({} no longer lists this node)", p.name)),
+        let (notified, message) = match call(&p.node.addresses, p.node.api_port, &p.node.fingerprint, &req).await {
+            Ok(_) => (true, format!("unpaired on both nodes ({} no longer lists this node)", p.node.name)),
             Err(e) if force => (
                 false,
                 format!(
                     "unpaired on this node only: {} did not take the request ({e}); it still lists this node until it is unpaired there too (`novacron peer unpair --force` on it)",
-                    p.name
+                    p.node.name
                 ),
             ),
             Err(e @ PairError::Unreachable(_)) => {
@@ -496,12 +491,12 @@ impl Core {
             }
             Err(e) => return Err(e.into()),
         };
-        let id = p.node_id;
+        let id = p.node.node_id;
         self.store_peer(move |s| s.peer_delete(id).map(drop)).await?;
-        tracing::info!(PEER_ID = %p.node_id, PEER_NAME = %p.name, peer_notified = notified, "unpaired");
+        tracing::info!(PEER_ID = %p.node.node_id, PEER_NAME = %p.node.name, peer_notified = notified, "unpaired");
         self.events.publish(
             "peer.unpaired",
-            serde_json::json!({"peer": {"id": p.node_id, "name": p.name}, "by": "this node", "peer_notified": notified}),
+            serde_json::json!({"peer": {"id": p.node.node_id, "name": p.node.name}, "by": "this node", "peer_notified": notified}),
         );
         Ok(PeerUnpaired { peer: node_view(&p), peer_notified: notified, message })
     }

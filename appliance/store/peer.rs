@@ -2,8 +2,8 @@
 //! in the change stream (each side holds the other).
 
 use super::{Result, Store, StoreError};
+use crate::types::NodeInfo;
 use rusqlite::{params, OptionalExtension};
-use std::net::IpAddr;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,13 +24,9 @@ impl PeerState {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerRecord {
-    pub node_id: Uuid,
-    pub name: String,
-    pub addresses: Vec<IpAddr>,
-    pub api_port: u16,
-    pub link_port: u16,
-    /// SHA-256 of the peer's certificate, `AB:CD:...`: the only one trusted.
-    pub fingerprint: String,
+    /// The peer as pairing pinned it; its `fingerprint` is the only
+    /// certificate trusted.
+    pub node: NodeInfo,
     pub pair_key: Vec<u8>,
     pub state: PeerState,
     pub paired_at: i64,
@@ -65,12 +61,14 @@ impl Store {
         };
         let corrupt = |m: String| StoreError::Corrupt(format!("peer: {m}"));
         Ok(Some(PeerRecord {
-            node_id: Uuid::parse_str(&id).map_err(|e| corrupt(e.to_string()))?,
-            name,
-            addresses: serde_json::from_str(&addrs).map_err(|e| corrupt(e.to_string()))?,
-            api_port,
-            link_port,
-            fingerprint,
+            node: NodeInfo {
+                node_id: Uuid::parse_str(&id).map_err(|e| corrupt(e.to_string()))?,
+                name,
+                addresses: serde_json::from_str(&addrs).map_err(|e| corrupt(e.to_string()))?,
+                api_port,
+                link_port,
+                fingerprint,
+            },
             pair_key,
             state: match state.as_str() {
                 "joining" => PeerState::Joining,
@@ -83,8 +81,9 @@ impl Store {
 
     /// Records the peer; a `Conflict` if there is one already (one peer at
     /// most, also when two pairings race).
-    pub fn peer_insert(&self, p: &PeerRecord) -> Result<()> {
-        let addrs = serde_json::to_string(&p.addresses).expect("addresses serialize");
+    pub fn peer_insert(&self, rec: &PeerRecord) -> Result<()> {
+        let (p, addrs) =
+            (&rec.node, serde_json::to_string(&rec.node.addresses).expect("addresses serialize"));
         let n = self.lock().execute(
             "INSERT OR IGNORE INTO peer (id, node_id, name, addresses, api_port, link_port, fingerprint, pair_key, state, paired_at)
              VALUES (1, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -95,9 +94,9 @@ impl Store {
                 p.api_port,
                 p.link_port,
                 p.fingerprint,
-                p.pair_key,
-                p.state.as_str(),
-                p.paired_at
+                rec.pair_key,
+                rec.state.as_str(),
+                rec.paired_at
             ],
         )?;
         if n == 0 {
@@ -132,12 +131,14 @@ mod tests {
 
     fn record(n: u8) -> PeerRecord {
         PeerRecord {
-            node_id: Uuid::from_bytes([n; 16]),
-            name: format!("n{n}"),
-            addresses: vec![IpAddr::from([10, 0, 0, n]), "fd00::1".parse().unwrap()],
-            api_port: 8443,
-            link_port: 8444,
-            fingerprint: "AB:CD".into(),
+            node: crate::types::NodeInfo {
+                node_id: Uuid::from_bytes([n; 16]),
+                name: format!("n{n}"),
+                addresses: vec![std::net::IpAddr::from([10, 0, 0, n]), "fd00::1".parse().unwrap()],
+                api_port: 8443,
+                link_port: 8444,
+                fingerprint: "AB:CD".into(),
+            },
             pair_key: vec![n; 32],
             state: PeerState::Joining,
             paired_at: 5,
@@ -154,14 +155,14 @@ mod tests {
         store.peer_insert(&record(1)).unwrap();
         assert!(matches!(store.peer_insert(&record(2)), Err(StoreError::Conflict(_))));
         assert_eq!(store.peer().unwrap(), Some(record(1)));
-        store.peer_set_state(record(1).node_id, PeerState::Paired).unwrap();
+        store.peer_set_state(record(1).node.node_id, PeerState::Paired).unwrap();
         assert_eq!(store.peer().unwrap().unwrap().state, PeerState::Paired);
         assert!(matches!(
-            store.peer_set_state(record(2).node_id, PeerState::Paired),
+            store.peer_set_state(record(2).node.node_id, PeerState::Paired),
             Err(StoreError::NotFound(_))
         ));
-        assert!(!store.peer_delete(record(2).node_id).unwrap(), "only the named peer goes");
-        assert!(store.peer_delete(record(1).node_id).unwrap());
+        assert!(!store.peer_delete(record(2).node.node_id).unwrap(), "only the named peer goes");
+        assert!(store.peer_delete(record(1).node.node_id).unwrap());
         assert_eq!(store.peer().unwrap(), None);
         drop(store);
         // Survives a reopen (the migration does not run twice).

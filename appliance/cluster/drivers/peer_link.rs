@@ -23,9 +23,9 @@ use std::sync::Arc;
 fn target_of(rec: Option<&PeerRecord>) -> Option<PeerTarget> {
     let p = rec.filter(|p| p.state == PeerState::Paired)?;
     Some(PeerTarget {
-        node_id: p.node_id,
-        addresses: p.addresses.iter().map(|ip| SocketAddr::new(*ip, p.link_port)).collect(),
-        fingerprint: p.fingerprint.clone(),
+        node_id: p.node.node_id,
+        addresses: p.node.addresses.iter().map(|ip| SocketAddr::new(*ip, p.node.link_port)).collect(),
+        fingerprint: p.node.fingerprint.clone(),
     })
 }
 
