@@ -242,6 +242,9 @@ pub struct LinkStatus {
     /// The bulk connection's state (`idle` while the control link is down).
     pub bulk: LinkState,
     pub bulk_error: Option<String>,
+    /// How long the bulk connection has not been up while the link is
+    /// (None while both are up, or the link is down).
+    pub bulk_down_ms: Option<u64>,
 }
 
 pub struct Link {
@@ -273,6 +276,9 @@ pub struct Link {
     /// Failed bulk attempts since it was last up.
     bulk_attempt: u32,
     bulk_error: Option<String>,
+    /// Since when the bulk connection is not up (set when the link comes up
+    /// and when the bulk connection fails, cleared when it is up).
+    bulk_down_since: Option<Instant>,
     /// Accepted connections before their `Hello`, with their deadlines.
     pending: Vec<(ConnId, Instant)>,
 }
@@ -318,6 +324,7 @@ impl Link {
             bulk: Bulk::Off,
             bulk_attempt: 0,
             bulk_error: None,
+            bulk_down_since: None,
             pending: Vec::new(),
         }
     }
@@ -379,6 +386,10 @@ impl Link {
                 Bulk::Backoff { .. } => LinkState::Backoff,
             },
             bulk_error: self.bulk_error.clone(),
+            bulk_down_ms: self
+                .bulk_down_since
+                .filter(|_| self.up_conn().is_some() && self.bulk_conn().is_none())
+                .map(|t| now.saturating_duration_since(t).as_millis() as u64),
         }
     }
 
@@ -640,6 +651,7 @@ impl Link {
                         out.push(Output::Send { conn, msg: ok });
                         self.bulk = Bulk::Up { conn };
                         self.bulk_error = None;
+                        self.bulk_down_since = None;
                         out.push(Output::BulkUp { conn });
                     }
                 }
@@ -714,6 +726,7 @@ impl Link {
                     self.bulk = Bulk::Up { conn };
                     self.bulk_attempt = 0;
                     self.bulk_error = None;
+                    self.bulk_down_since = None;
                     out.push(Output::BulkUp { conn });
                 }
                 Err(reason) => {
@@ -763,6 +776,7 @@ impl Link {
         out.push(Output::Close { conn, reason: reason.clone() });
         if matches!(self.bulk, Bulk::Up { .. }) {
             out.push(Output::BulkDown { reason: reason.clone() });
+            self.bulk_down_since = Some(now);
         }
         self.bulk_error = Some(reason);
         self.bulk = match (self.role, self.up_conn()) {
@@ -883,6 +897,8 @@ impl Link {
         self.next_heartbeat = now;
         self.last_error = None;
         self.ups += 1;
+        // Both sides: the bulk connection is expected from now on.
+        self.bulk_down_since = Some(now);
         out.push(Output::Up { conn, addr: addr.map(|a| self.peer.addresses[a]), peer_name });
         // The first heartbeat goes out at once: RTT is known within one
         // round trip of the link coming up.

@@ -325,7 +325,7 @@ fn the_bulk_connection_opens_with_the_link_and_closes_with_it() {
     assert!(ok.contains(&Output::BulkUp { conn: 2 }), "{ok:?}");
     assert_eq!((b.up_conn(), b.bulk_conn()), (Some(1), Some(2)), "the control link is untouched");
     assert_eq!(deliver(&mut a, t0, 2, &ok), vec![Output::BulkUp { conn: 2 }]);
-    assert_eq!(a.status(t0).bulk, LinkState::Up);
+    assert_eq!((a.status(t0).bulk, a.status(t0).bulk_down_ms), (LinkState::Up, None));
     // Each connection's data goes to its own consumer.
     let data = Message::ImageAck { sha256: "ab".into(), offset: 1 };
     assert_eq!(
@@ -346,6 +346,7 @@ fn the_bulk_connection_opens_with_the_link_and_closes_with_it() {
     assert!(out.contains(&Output::BulkDown { reason: "bulk connection lost: reset".into() }), "{out:?}");
     assert_eq!((a.state(), a.status(lost).bulk), (LinkState::Up, LinkState::Backoff));
     assert_eq!(a.status(lost).bulk_error.as_deref(), Some("bulk connection lost: reset"));
+    assert_eq!(a.status(lost + ms(300)).bulk_down_ms, Some(300));
     let out = b.handle(lost, Input::Closed { conn: 2, error: "closed by the peer".into() });
     assert!(out.iter().any(|o| matches!(o, Output::BulkDown { .. })), "{out:?}");
     assert_eq!((b.state(), b.status(lost).bulk), (LinkState::Up, LinkState::Idle));
@@ -371,6 +372,7 @@ fn the_bulk_connection_opens_with_the_link_and_closes_with_it() {
     assert!(out.iter().any(|o| matches!(o, Output::BulkDown { .. })));
     assert!(out.iter().any(|o| matches!(o, Output::Down { .. })));
     assert_eq!((a.status(now).bulk, a.bulk_conn()), (LinkState::Idle, None));
+    assert_eq!(a.status(now).bulk_down_ms, None, "not counted while the link is down");
     let out = b.handle(now, Input::Closed { conn: 1, error: "reset".into() });
     assert!(out.contains(&Output::Close { conn, reason: "the control link is down".into() }), "{out:?}");
     assert_eq!(b.bulk_conn(), None);

@@ -259,7 +259,7 @@ impl PeerLink {
 fn status_now(rx: &watch::Receiver<(TransportStatus, Instant)>) -> TransportStatus {
     let (mut st, at) = rx.borrow().clone();
     let since = at.elapsed().as_millis() as u64;
-    if let Some(age) = st.link.last_heartbeat_age_ms.as_mut() {
+    for age in [st.link.last_heartbeat_age_ms.as_mut(), st.link.bulk_down_ms.as_mut()].into_iter().flatten() {
         *age += since;
     }
     st

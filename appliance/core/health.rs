@@ -125,16 +125,29 @@ pub fn conflicts_check(conflicts: &[crate::store::ConflictRecord], now_ms: i64) 
     check("conflicts", status, format!("resolved: {}{more}", shown.join("; ")))
 }
 
+/// A bulk connection may take a moment to come up after the link, or to
+/// come back after a failure (its backoff); down longer than this, with the
+/// link up, image copies (and later disk data) are held up: a warning.
+const BULK_GRACE_MS: u64 = 10_000;
+
+/// The peer check's fault for a link whose bulk connection stays down.
+pub fn bulk_fault(link: &crate::cluster::link::LinkStatus) -> Option<String> {
+    let down = link.bulk_down_ms.filter(|ms| *ms >= BULK_GRACE_MS)?;
+    let why = link.bulk_error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+    Some(format!("the bulk connection has been down for {} s{why}: image copies wait", down / 1000))
+}
+
 /// The `peer` check: fine alone or paired with the link up; a warning when
 /// paired and the link is down (the node still runs its own guests, but
 /// the pair cannot fail over and changes are not replicated), or when a
 /// join waits for the inviter's answer. `link` is the link as
-/// `GET /v1/peer` shows it. With the link up, a stalled state replication
-/// (`repl_fault`, the last thing that stopped the stream) is a warning too.
+/// `GET /v1/peer` shows it. With the link up, each of `faults` is a
+/// warning too: a stalled state replication (the last thing that stopped
+/// the stream), a bulk connection that stays down (see [`bulk_fault`]).
 pub fn peer_check(
     peer: Option<&crate::store::PeerRecord>,
     link: Option<&crate::types::PeerLink>,
-    repl_fault: Option<&str>,
+    faults: &[String],
 ) -> HealthCheck {
     use crate::store::PeerState;
     match (peer, link) {
@@ -147,9 +160,10 @@ pub fn peer_check(
         (Some(p), Some(l)) if l.state == "up" => {
             let rtt = l.rtt_ms.map(|r| format!(", rtt {r:.1} ms")).unwrap_or_default();
             let up = format!("paired with {}, link {}{rtt}", p.node.name, l.detail);
-            match repl_fault {
-                None => check("peer", CheckStatus::Ok, up),
-                Some(f) => check("peer", CheckStatus::Warning, format!("{up}; state replication: {f}")),
+            if faults.is_empty() {
+                check("peer", CheckStatus::Ok, up)
+            } else {
+                check("peer", CheckStatus::Warning, format!("{up}; {}", faults.join("; ")))
             }
         }
         (Some(p), l) => {
@@ -257,8 +271,11 @@ impl Core {
 
         let peer = self.peer_record();
         let link = peer.as_ref().map(|p| self.link_view(p));
-        let fault = self.replication.read().unwrap().as_ref().and_then(|r| r.fault.clone());
-        checks.push(peer_check(peer.as_ref(), link.as_ref(), fault.as_deref()));
+        let repl = self.replication.read().unwrap().as_ref().and_then(|r| r.fault.clone());
+        let bulk = self.peer_link_status().and_then(|st| bulk_fault(&st.link));
+        let faults: Vec<String> =
+            repl.map(|f| format!("state replication: {f}")).into_iter().chain(bulk).collect();
+        checks.push(peer_check(peer.as_ref(), link.as_ref(), &faults));
 
         checks.push(match self.conflicts(CONFLICTS_SHOWN + 1).await {
             Ok(c) => conflicts_check(&c, crate::store::now_ms()),
@@ -314,18 +331,48 @@ mod tests {
             rtt_ms: Some(0.3),
             bulk: "up".into(),
         };
-        let ok = peer_check(Some(&peer), Some(&link), None);
+        let ok = peer_check(Some(&peer), Some(&link), &[]);
         assert_eq!(
             (ok.status, ok.message.as_str()),
             (CheckStatus::Ok, "paired with edge-2, link up over 10.0.0.2:8444 (this node dials), rtt 0.3 ms")
         );
-        let stalled =
-            peer_check(Some(&peer), Some(&link), Some("applying the peer's changes after 7: disk full"));
+        let stalled = peer_check(
+            Some(&peer),
+            Some(&link),
+            &["state replication: applying the peer's changes after 7: disk full".into()],
+        );
         assert_eq!(stalled.status, CheckStatus::Warning);
         assert!(
             stalled.message.ends_with("; state replication: applying the peer's changes after 7: disk full"),
             "{}",
             stalled.message
+        );
+    }
+
+    #[test]
+    fn a_bulk_connection_down_past_its_grace_is_a_warning() {
+        use crate::cluster::link::{LinkState, LinkStatus, Role};
+        let link = |down: Option<u64>| LinkStatus {
+            state: LinkState::Up,
+            role: Role::Dialer,
+            address: None,
+            rtt_ms: None,
+            last_heartbeat_age_ms: None,
+            last_error: None,
+            ups: 1,
+            downs: 0,
+            bulk: if down.is_some() { LinkState::Backoff } else { LinkState::Up },
+            bulk_error: down.map(|_| "bulk connection lost: reset".into()),
+            bulk_down_ms: down,
+        };
+        assert_eq!(bulk_fault(&link(None)), None);
+        // Coming up, or between retries: not yet.
+        assert_eq!(bulk_fault(&link(Some(9_999))), None);
+        assert_eq!(
+            bulk_fault(&link(Some(12_500))).as_deref(),
+            Some(
+                "the bulk connection has been down for 12 s (bulk connection lost: reset): image copies wait"
+            )
         );
     }
 
