@@ -417,36 +417,10 @@ async fn measure_replication_lag() {
     for rate in rates {
         let first = newest(&pair.a) + 1;
         let n = rate * secs;
-        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
         let t0 = tokio::time::Instant::now();
-        let mut tasks = Vec::new();
-        for i in 0..n {
-            tokio::time::sleep_until(t0 + Duration::from_micros(i * 1_000_000 / rate)).await;
-            let permit = gate.clone().acquire_owned().await.unwrap();
-            let c = pair.a.local();
-            tasks.push(tokio::spawn(async move {
-                let (s, v) = call(
-                    &c,
-                    Method::POST,
-                    "/v1/tokens",
-                    Some(json!({"name": format!("r{rate}-{i}"), "role": "viewer"})),
-                )
-                .await;
-                assert_eq!(s, StatusCode::CREATED, "{v}");
-                drop(permit);
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
+        make_tokens(&pair.a, n, &format!("r{rate}"), Some(rate)).await;
         let took = t0.elapsed().as_secs_f64();
-        let last = newest(&pair.a);
-        let t1 = Instant::now();
-        while newest(&pair.b) < last {
-            assert!(t1.elapsed() < Duration::from_secs(120), "B did not catch up");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let drain = t1.elapsed();
+        let drain = caught_up(|| newest(&pair.b), newest(&pair.a)).await;
         let (on_a, on_b) = (rows_at(&pair.a, &ida, first), rows_at(&pair.b, &ida, first));
         let lags: Vec<i64> = on_a.iter().map(|(s, at)| on_b[s] - at).collect();
         let mut sorted = lags.clone();
@@ -480,19 +454,37 @@ async fn measure_replication_lag() {
     until(&pair.a, "link down", 10, |n| async move { get(n, "/v1/peer").await["link"]["state"] == "down" })
         .await;
     let first = newest(&pair.a) + 1;
+    make_tokens(&pair.a, backlog, "backlog", None).await;
+    let last = newest(&pair.a);
+    pair.restore(0);
+    pair.restore(1);
+    let back = caught_up(|| newest(&pair.b), last).await;
+    let on_b = rows_at(&pair.b, &ida, first);
+    let span = on_b.values().max().unwrap() - on_b.values().min().unwrap();
+    eprintln!(
+        "backlog of {} changes: B applied them in {span} ms ({:.0}/s), caught up {} ms after the links came back",
+        on_b.len(),
+        on_b.len() as f64 * 1000.0 / span.max(1) as f64,
+        back.as_millis()
+    );
+}
+
+/// Creates `count` viewer tokens `PREFIX-i` on `n` over its socket, at most
+/// 8 requests in flight; at `rate` per second (open loop) or as fast as
+/// they go.
+async fn make_tokens(n: &Node, count: u64, prefix: &str, rate: Option<u64>) {
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(8));
+    let t0 = tokio::time::Instant::now();
     let mut tasks = Vec::new();
-    for i in 0..backlog {
+    for i in 0..count {
+        if let Some(rate) = rate {
+            tokio::time::sleep_until(t0 + Duration::from_micros(i * 1_000_000 / rate)).await;
+        }
         let permit = gate.clone().acquire_owned().await.unwrap();
-        let c = pair.a.local();
+        let (c, name) = (n.local(), format!("{prefix}-{i}"));
         tasks.push(tokio::spawn(async move {
-            let (s, v) = call(
-                &c,
-                Method::POST,
-                "/v1/tokens",
-                Some(json!({"name": format!("backlog-{i}"), "role": "viewer"})),
-            )
-            .await;
+            let (s, v) =
+                call(&c, Method::POST, "/v1/tokens", Some(json!({"name": name, "role": "viewer"}))).await;
             assert_eq!(s, StatusCode::CREATED, "{v}");
             drop(permit);
         }));
@@ -500,22 +492,16 @@ async fn measure_replication_lag() {
     for t in tasks {
         t.await.unwrap();
     }
-    let last = newest(&pair.a);
-    pair.restore(0);
-    pair.restore(1);
+}
+
+/// Waits until `newest_on_b()` reaches `last`; how long that took.
+async fn caught_up(newest_on_b: impl Fn() -> i64, last: i64) -> Duration {
     let t1 = Instant::now();
-    while newest(&pair.b) < last {
+    while newest_on_b() < last {
         assert!(t1.elapsed() < Duration::from_secs(120), "B did not catch up");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let on_b = rows_at(&pair.b, &ida, first);
-    let span = on_b.values().max().unwrap() - on_b.values().min().unwrap();
-    eprintln!(
-        "backlog of {} changes: B applied them in {span} ms ({:.0}/s), caught up {} ms after the links came back",
-        on_b.len(),
-        on_b.len() as f64 * 1000.0 / span.max(1) as f64,
-        t1.elapsed().as_millis()
-    );
+    t1.elapsed()
 }
 
 /// B's file of image `name`: (SHA-256, mode), if it exists.
