@@ -896,6 +896,8 @@ async fn hostile_connections_to_the_link_port_change_nothing() {
     let l = plink(acceptor).await;
     assert_eq!(l["state"], "up", "{l}");
     assert_eq!(metric(acceptor, "novacron_peer_link_refused_total").await, Some(2.0));
+    // The four cases above, counted as failed handshakes.
+    assert_eq!(metric(acceptor, "novacron_peer_link_handshake_failures_total").await, Some(4.0));
     assert_eq!(metric(acceptor, "novacron_peer_link_downs_total").await, Some(0.0));
     assert_eq!(metric(dialer, "novacron_peer_link_downs_total").await, Some(0.0));
     // Both alive, still paired with each other as before, nothing audited,

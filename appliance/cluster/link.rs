@@ -239,6 +239,10 @@ pub struct LinkStatus {
     /// Times the link came up and went down since the daemon started.
     pub ups: u64,
     pub downs: u64,
+    /// Handshakes that failed since the daemon started: refused by either
+    /// side (another protocol, another node, a connection that said
+    /// something else than hello) or timed out.
+    pub handshake_failures: u64,
     /// The bulk connection's state (`idle` while the control link is down).
     pub bulk: LinkState,
     pub bulk_error: Option<String>,
@@ -272,6 +276,7 @@ pub struct Link {
     last_error: Option<String>,
     ups: u64,
     downs: u64,
+    handshake_failures: u64,
     bulk: Bulk,
     /// Failed bulk attempts since it was last up.
     bulk_attempt: u32,
@@ -321,6 +326,7 @@ impl Link {
             last_error: None,
             ups: 0,
             downs: 0,
+            handshake_failures: 0,
             bulk: Bulk::Off,
             bulk_attempt: 0,
             bulk_error: None,
@@ -378,6 +384,7 @@ impl Link {
             last_error: self.last_error.clone(),
             ups: self.ups,
             downs: self.downs,
+            handshake_failures: self.handshake_failures,
             bulk: match self.bulk {
                 Bulk::Off => LinkState::Idle,
                 Bulk::Connecting { .. } => LinkState::Connecting,
@@ -680,6 +687,7 @@ impl Link {
     fn pending_failed(&mut self, conn: ConnId, reason: String, out: &mut Vec<Output>) {
         out.push(Output::Close { conn, reason: reason.clone() });
         out.push(Output::Failed { reason: reason.clone() });
+        self.handshake_failures += 1;
         self.last_error = Some(reason);
     }
 
@@ -920,6 +928,7 @@ impl Link {
             out.push(Output::Down { reason: reason.clone() });
         } else if failed {
             out.push(Output::Failed { reason: reason.clone() });
+            self.handshake_failures += 1;
         }
         self.last_error = Some(reason);
         match self.role {

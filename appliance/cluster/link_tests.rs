@@ -403,6 +403,9 @@ fn a_connection_that_never_says_hello_cannot_take_the_link_down() {
     let out = b.handle(late, Input::Frame { conn: 11, msg: hello_of(Uuid::from_u128(99), Channel::Bulk) });
     assert!(matches!(&sends(&out)[..], [Message::Refused { .. }]), "{out:?}");
     assert_eq!((b.up_conn(), b.bulk_conn()), (Some(1), None));
+    // Counted: the one that timed out and the stranger (a dropped pending
+    // connection is not a handshake that failed).
+    assert_eq!(b.status(late).handshake_failures, 2);
 }
 
 // ---- seeded simulation ----

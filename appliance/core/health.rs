@@ -361,6 +361,7 @@ mod tests {
             last_error: None,
             ups: 1,
             downs: 0,
+            handshake_failures: 0,
             bulk: if down.is_some() { LinkState::Backoff } else { LinkState::Up },
             bulk_error: down.map(|_| "bulk connection lost: reset".into()),
             bulk_down_ms: down,

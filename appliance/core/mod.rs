@@ -570,6 +570,7 @@ impl Core {
                     heartbeat_age_seconds: st.link.last_heartbeat_age_ms.map(|ms| ms as f64 / 1000.0),
                     downs: st.link.downs,
                     refused: st.refused_connections,
+                    handshake_failures: st.link.handshake_failures,
                 }
             }),
         };

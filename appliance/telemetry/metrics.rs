@@ -81,6 +81,8 @@ pub struct PeerLinkSample {
     pub downs: u64,
     /// Connections to the link's port refused in TLS (not the pinned peer).
     pub refused: u64,
+    /// Peer-link handshakes that failed (refused either way, timed out).
+    pub handshake_failures: u64,
 }
 
 impl Metrics {
@@ -245,6 +247,13 @@ impl Metrics {
                 "counter",
                 link.refused.to_string(),
             );
+            gauge(
+                &mut out,
+                "novacron_peer_link_handshake_failures_total",
+                "Peer-link handshakes that failed since the daemon started (refused either way: another protocol or node, not a hello; or timed out).",
+                "counter",
+                link.handshake_failures.to_string(),
+            );
         }
         gauge(
             &mut out,
@@ -375,6 +384,7 @@ mod tests {
                 heartbeat_age_seconds: Some(0.25),
                 downs: 2,
                 refused: 0,
+                handshake_failures: 3,
             }),
             replication_lag: (Some(12), Some(1.5)),
             image_bytes_copied: 3 << 20,
@@ -393,6 +403,7 @@ mod tests {
         assert!(text.contains("novacron_peer_rtt_seconds 0.000420\n"));
         assert!(text.contains("novacron_peer_heartbeat_age_seconds 0.250\n"));
         assert!(text.contains("novacron_peer_link_downs_total 2\n"));
+        assert!(text.contains("novacron_peer_link_handshake_failures_total 3\n"));
         assert!(text.contains("novacron_peer_replication_lag_records 12\n"));
         assert!(text.contains("novacron_peer_replication_lag_seconds 1.500\n"));
         assert!(text.contains("novacron_peer_image_bytes_copied_total 3145728\n"));
