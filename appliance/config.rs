@@ -28,6 +28,38 @@ pub struct Config {
     pub images: ImagesConfig,
     pub log: LogConfig,
     pub cluster: ClusterConfig,
+    pub dataplane: DataplaneConfig,
+}
+
+/// The data plane: the process that serves replicated VM disks
+/// (docs/design/replication.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneConfig {
+    /// Start the data plane when it does not answer. Ignored under systemd,
+    /// where novacron-dataplane.service runs it.
+    pub spawn: bool,
+    /// The user QEMU runs as: vhost-user sockets are handed to it (mode
+    /// 0600). Unset: `libvirt-qemu` if that user exists, else root only.
+    pub socket_owner: Option<String>,
+    /// Replication of a VM created on a paired node without `replication`:
+    /// `sync`, `async`, or `off` (plain qcow2 disks, not replicated).
+    pub default_mode: crate::types::ReplicationMode,
+    /// Limit of initial syncs and resyncs to the peer, MiB/s for all disks
+    /// together (0: as fast as the link goes). Guest writes are never held.
+    pub sync_rate_mib: u64,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        let libvirt_qemu = nix::unistd::User::from_name("libvirt-qemu").ok().flatten().map(|u| u.name);
+        DataplaneConfig {
+            spawn: true,
+            socket_owner: libvirt_qemu,
+            default_mode: crate::types::ReplicationMode::Sync,
+            sync_rate_mib: 0,
+        }
+    }
 }
 
 /// The pair: the peer link (docs/design/peer-link.md).
@@ -145,6 +177,7 @@ impl Default for Config {
             images: ImagesConfig::default(),
             log: LogConfig::default(),
             cluster: ClusterConfig::default(),
+            dataplane: DataplaneConfig::default(),
         }
     }
 }

@@ -134,6 +134,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), DaemonError> {
     // subsystem registers its tasks in `Stage::Cluster`.
     let tasks = Supervisor::default();
     core.spawn_reconciler(&tasks);
+    core.spawn_dataplane_keeper(&tasks);
     // `vm shutdown --timeout` deadlines a stop or crash left due.
     core.resume_shutdowns().await;
     // A join cut short by a lost answer or a crash: settled with the inviter.

@@ -3,7 +3,8 @@
 //!
 //! Layout: `api` (HTTP edge) → `core` (typed commands) → `store` (SQLite)
 //! and `hypervisor` (libvirt); `host` (procfs, admission), `ops` (preflight,
-//! Redfish, setup, the A/B installer), `telemetry` (logs,
+//! Redfish, setup, the A/B installer), `dataplane` (the vhost-user-blk
+//! process that serves guest disks), `telemetry` (logs,
 //! metrics, sd_notify), `tasks` (supervised background tasks), `tls`
 //! (fingerprints and pinning) and `cli` (the client side of the same
 //! binary).
@@ -14,6 +15,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod daemon;
+pub mod dataplane;
 pub mod host;
 pub mod hypervisor;
 pub mod images;

@@ -21,6 +21,13 @@ fn main() {
         },
         Cmd::Preflight(ref args) => novacron::cli::preflight::run_preflight(args, cli.json),
         Cmd::Firmware(ref cmd) => novacron::cli::preflight::run_firmware(cmd, cli.json),
+        Cmd::Dataplane(ref args) => match novacron::dataplane::run(&args.config) {
+            Ok(()) => 0,
+            Err(e) => {
+                stderr(format_args!("novacron dataplane: {e}\n"));
+                1
+            }
+        },
         Cmd::Serve(ref args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(novacron::daemon::serve(args.clone())) {

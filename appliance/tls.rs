@@ -140,6 +140,25 @@ pub fn normalize_fingerprint(fp: &str) -> String {
         .join(":")
 }
 
+/// A certificate chain and its private key from PEM files (the node's
+/// identity: the API server, the peer link and the data plane use it).
+pub fn load_pem(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate found", cert.display()));
+    }
+    let key = rustls_pemfile::private_key(&mut &read(key)?[..])
+        .map_err(|e| format!("{}: {e}", key.display()))?
+        .ok_or_else(|| format!("{}: no private key found", key.display()))?;
+    Ok((certs, key))
+}
+
 /// A client config that trusts exactly the certificate with SHA-256
 /// `fingerprint` (any certificate with `None`, for BMCs under `--insecure`),
 /// offering the `alpn` protocols. TLS 1.3 only unless `allow_tls12`.

@@ -21,6 +21,10 @@ pub struct VmCreate {
     pub network: Option<String>,
     #[serde(default)]
     pub autostart: bool,
+    /// Order of the starts at boot and in a takeover: higher first, ties by
+    /// name. [`AUTOSTART_PRIORITIES`]; 0 when unset.
+    #[serde(default)]
+    pub autostart_priority: i32,
     /// NoCloud seed attached as a read-only CD-ROM labelled `cidata`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<CloudInit>,
@@ -28,6 +32,56 @@ pub struct VmCreate {
     /// the daemon's `hypervisor.shutdown_timeout_secs` when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown_timeout_secs: Option<u64>,
+    /// Disk replication to the peer. Unset: `sync` on a paired node (the
+    /// daemon's `replication.default_mode`), none on a single node. Any
+    /// value (`off` included) serves the disks through the data plane as
+    /// raw files; unset on a single node keeps plain qcow2 files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationSpec>,
+}
+
+/// How a VM's disks are replicated to the peer.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationMode {
+    /// A write completes when both nodes hold it; a flush when both made it
+    /// durable (RPO 0; DRBD protocol C).
+    Sync,
+    /// Writes complete locally and are shipped in order; the peer lags.
+    Async,
+    /// Served by the data plane, not replicated.
+    Off,
+}
+
+impl ReplicationMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicationMode::Sync => "sync",
+            ReplicationMode::Async => "async",
+            ReplicationMode::Off => "off",
+        }
+    }
+}
+
+/// `replication` of a VM.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSpec {
+    pub mode: ReplicationMode,
+    /// Async: beyond this lag the VM's protection is reported degraded, and
+    /// a replica further behind is not promoted without `force`.
+    #[serde(default = "default_max_lag")]
+    pub max_lag_seconds: u64,
+}
+
+pub const DEFAULT_MAX_LAG_SECONDS: u64 = 10;
+
+/// The values `autostart_priority` may take (as Incus's
+/// `boot.autostart.priority`, higher starts first).
+pub const AUTOSTART_PRIORITIES: std::ops::RangeInclusive<i32> = -1000..=1000;
+
+fn default_max_lag() -> u64 {
+    DEFAULT_MAX_LAG_SECONDS
 }
 
 /// cloud-init NoCloud data. `meta_data` defaults to an instance-id (the VM's
@@ -97,6 +151,8 @@ pub struct VmPatch {
     pub memory_mib: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "not_null")]
     pub autostart: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "not_null")]
+    pub autostart_priority: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "not_null")]
     pub shutdown_timeout_secs: Option<u64>,
 }
@@ -315,14 +371,64 @@ pub struct Vm {
     pub nics: Vec<NicView>,
     pub cloud_init: bool,
     pub autostart: bool,
+    /// Higher starts first at boot and in a takeover; ties by name.
+    pub autostart_priority: i32,
     pub shutdown_timeout_secs: u64,
     /// False for libvirt domains NovaCron did not create: shown, never touched.
     pub managed: bool,
     pub owner_node: Option<Uuid>,
     pub epoch: u64,
+    /// None: plain disk files, not served by the data plane.
+    pub replication: Option<VmReplication>,
     /// RFC 3339 UTC.
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// A VM's disk replication as shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmReplication {
+    pub mode: ReplicationMode,
+    pub max_lag_seconds: u64,
+    /// `protected` (every replica up to date or, for async, within the lag
+    /// limit), `degraded`, `unprotected` (mode off), `unknown` (the data
+    /// plane does not answer) or `kept_replica` (a replica kept here after
+    /// a forced unpair).
+    pub protection: String,
+    pub disks: Vec<DiskReplica>,
+}
+
+/// One disk's replica, as the data plane reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskReplica {
+    pub device: String,
+    /// This node's copy: `up_to_date`, `syncing`, `outdated`, `inconsistent`.
+    pub local: String,
+    /// The peer's copy as this node knows it; None with mode off.
+    pub peer: Option<String>,
+    /// Whether the data plane holds a connection to the peer's for it.
+    pub connected: bool,
+    pub sync: Option<SyncProgress>,
+    /// Async: bytes written here not yet acknowledged by the peer, and the
+    /// age of the oldest of them.
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    /// Bytes marked changed since the peer last held them (resync backlog).
+    pub dirty_bytes: u64,
+    /// Bytes sent by syncs (initial and delta) since the data plane started.
+    pub sync_bytes_total: u64,
+    pub detail: String,
+}
+
+/// Progress of an initial sync or a resync.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SyncProgress {
+    /// `full` (initial sync: allocated extents) or `delta` (changed blocks).
+    pub kind: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub rate_bytes_per_sec: f64,
+    pub eta_seconds: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -526,7 +632,7 @@ mod tests {
     fn patch_refuses_null_and_keeps_omitted_fields() {
         let p: VmPatch = serde_json::from_str(r#"{"autostart":true}"#).unwrap();
         assert_eq!(p, VmPatch { autostart: Some(true), ..VmPatch::default() });
-        for field in ["vcpus", "memory_mib", "autostart", "shutdown_timeout_secs"] {
+        for field in ["vcpus", "memory_mib", "autostart", "autostart_priority", "shutdown_timeout_secs"] {
             let e = serde_json::from_str::<VmPatch>(&format!(r#"{{"{field}":null}}"#)).unwrap_err();
             assert!(e.to_string().contains("null"), "{field}: {e}");
         }
@@ -698,6 +804,62 @@ pub struct PeerView {
     pub link: Option<PeerLink>,
     pub replication: Option<PeerReplication>,
     pub disks: Vec<ReplicatedDisk>,
+    /// How a failure of the peer is handled: plainly, that automatic
+    /// failover is not configured and what the operator does instead.
+    pub failover: String,
+}
+
+/// `POST /v1/peer/takeover`: this node takes over the paired node's VMs
+/// after the operator confirmed that node is off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerTakeover {
+    /// Must be true: the operator confirms the peer is off (no automatic
+    /// failover, no witness yet: nothing else can tell).
+    pub force: bool,
+    /// VMs (names or ids) whose replicas are promoted although they are
+    /// not up to date (outdated, or a broken resync rolled back).
+    #[serde(default)]
+    pub include: Vec<String>,
+}
+
+/// The answer to a takeover: one entry per VM of the peer's, in start
+/// order (`autostart_priority` descending, then name).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakeoverReport {
+    pub vms: Vec<TakenOver>,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TakenOver {
+    pub id: Uuid,
+    pub name: String,
+    /// `started`, `taken_over` (owned here now, not started: not autostart,
+    /// or its start failed) or `left` (still the peer's).
+    pub result: String,
+    /// The replica's state before the takeover, worst disk first.
+    pub replica: String,
+    pub epoch: u64,
+    pub autostart_priority: i32,
+    pub detail: String,
+}
+
+/// `POST /v1/vms/{id}/move`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmMoved {
+    pub id: Uuid,
+    pub name: String,
+    pub from: Uuid,
+    pub to: Uuid,
+    pub epoch: u64,
+    /// Whether it was running here (then it runs on the peer now).
+    pub started: bool,
+    /// Graceful shutdown here (then forced after its limit).
+    pub shutdown_ms: u64,
+    /// From the guest stopped here to the peer's start returned.
+    pub downtime_ms: Option<u64>,
+    pub message: String,
 }
 
 /// `DELETE /v1/peer`.
@@ -708,4 +870,17 @@ pub struct PeerUnpaired {
     /// it still lists this node until it is unpaired there too.
     pub peer_notified: bool,
     pub message: String,
+}
+
+/// A fixed-bucket histogram as the data plane counts it: `counts[i]`
+/// writes took at most `bounds[i]` seconds (and more than the bound
+/// before); `count - sum(counts)` took longer than the last bound. The
+/// bounds travel with the counts, so a reader never assumes another build's.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WaitHistogram {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum_seconds: f64,
 }

@@ -120,6 +120,38 @@ pub fn sha256_file(
     Ok((size, hex::encode(hasher.finalize())))
 }
 
+/// An exclusive `flock` on `path` (created, mode 0600), holding this
+/// process's PID, for as long as the returned file lives. The kernel drops
+/// it when the process dies (`kill -9` included). `Ok(Err(pid))`: another
+/// process holds it (its PID, if it wrote one).
+pub fn exclusive_lock(
+    path: &std::path::Path,
+) -> std::io::Result<Result<nix::fcntl::Flock<std::fs::File>, Option<u32>>> {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(f) => f,
+        Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            return Ok(Err(pid.trim().parse().ok()));
+        }
+        Err((_, errno)) => return Err(errno.into()),
+    };
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(Ok(file))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

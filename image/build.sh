@@ -284,7 +284,7 @@ UNIT
 # Users are baked in (/etc is read-only on the appliance).
 in_root "$r" systemd-sysusers >/dev/null 2>&1
 in_root "$r" systemctl enable novacron.service novacron-setup.service novacron-firstboot.service \
-    novacron-update.path novacron-reboot.path novacron-boot-check.service systemd-networkd.service \
+    novacron-dataplane.path novacron-update.path novacron-reboot.path novacron-boot-check.service systemd-networkd.service \
     tmp.mount >/dev/null 2>&1
 # ssh.service is enabled but conditional on seeded keys (see above).
 in_root "$r" systemctl enable ssh.service >/dev/null 2>&1

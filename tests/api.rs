@@ -819,3 +819,111 @@ async fn autostart_once_per_boot() {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     assert_eq!(std::fs::read_to_string(d.data().join("autostart-boot-id")).unwrap().trim(), boot_id.trim());
 }
+
+/// The VMs named in the `autostarted` lines of `log`, in log order.
+fn autostarted(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains(" autostarted"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("VM_NAME=")))
+        .map(String::from)
+        .collect()
+}
+
+/// `autostart_priority`: checked at create and PATCH (a bad value is a 400
+/// that changes nothing), shown, kept across restarts, and the order in
+/// which autostart VMs start at boot: higher first, ties by name, one after
+/// the other.
+#[tokio::test(flavor = "multi_thread")]
+async fn autostart_priority_is_checked_kept_and_orders_the_boot() {
+    let mut d = Daemon::start("autoprio", Opts::test_driver(19));
+    let c = d.admin();
+    let spec = |name: &str, prio: Value| {
+        let mut v = json!({"name": name, "vcpus": 1, "memory_mib": 64, "autostart": true});
+        if !prio.is_null() {
+            v["autostart_priority"] = prio;
+        }
+        v
+    };
+    for bad in [json!(1001), json!(-1001), json!(i64::from(i32::MAX) + 1), json!("high"), json!(1.5)] {
+        let (s, v) = call(&c, Method::POST, "/v1/vms", Some(spec("bad", bad.clone()))).await;
+        assert_eq!((s, error_code(&v)), (StatusCode::BAD_REQUEST, "invalid_value"), "{bad}: {v}");
+        // The range is the core's check, which names the field and the range.
+        if bad.as_i64().is_some_and(|b| b.abs() == 1001) {
+            let m = v["error"]["message"].as_str().unwrap();
+            assert!(m.contains("autostart_priority") && m.contains("-1000 and 1000"), "{bad}: {v}");
+        }
+    }
+    assert_eq!(call(&c, Method::GET, "/v1/vms/bad", None).await.0, StatusCode::NOT_FOUND);
+    // The edges are allowed; unset is 0.
+    let made = [
+        ("low", json!(-1000)),
+        ("web", Value::Null),
+        ("db", json!(10)),
+        ("cache", json!(10)),
+        ("dns", json!(1000)),
+    ];
+    for (name, prio) in &made {
+        let (s, v) = call(&c, Method::POST, "/v1/vms", Some(spec(name, prio.clone()))).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert_eq!(v["autostart_priority"], if prio.is_null() { json!(0) } else { prio.clone() }, "{v}");
+    }
+    let manual = json!({"name": "manual", "vcpus": 1, "memory_mib": 64, "autostart_priority": 999});
+    assert_eq!(call(&c, Method::POST, "/v1/vms", Some(manual)).await.0, StatusCode::CREATED);
+
+    // PATCH: set, refused out of range / null / with another bad field,
+    // each refusal changing nothing.
+    let (s, v) = call(&c, Method::PATCH, "/v1/vms/web", Some(json!({"autostart_priority": 50}))).await;
+    assert_eq!((s, v["autostart_priority"].clone()), (StatusCode::OK, json!(50)), "{v}");
+    for bad in [
+        json!({"autostart_priority": 1001}),
+        json!({"autostart_priority": null}),
+        json!({"autostart_priority": "1"}),
+        json!({"autostart_priority": 7, "vcpus": 0}),
+        json!({"autostart_priority": 7, "priority": 7}),
+    ] {
+        let (s, v) = call(&c, Method::PATCH, "/v1/vms/web", Some(bad.clone())).await;
+        assert_eq!((s, error_code(&v)), (StatusCode::BAD_REQUEST, "invalid_value"), "{bad}: {v}");
+        let now = call(&c, Method::GET, "/v1/vms/web", None).await.1;
+        assert_eq!(
+            (now["autostart_priority"].clone(), now["vcpus"].clone()),
+            (json!(50), json!(1)),
+            "{bad}: {now}"
+        );
+    }
+    // `vm show` and `vm edit` (a negative value is a value, not a flag).
+    let r = common::cli(&d, &["vm", "edit", "low", "--autostart-priority", "-7"]);
+    assert_eq!(r.code, 0, "{} {}", r.stdout, r.stderr);
+    let r = common::cli(&d, &["vm", "show", "low"]);
+    assert!(r.stdout.contains("autostart:   true (priority -7)"), "{}", r.stdout);
+    let r = common::cli(&d, &["vm", "edit", "low", "--autostart-priority", "5000"]);
+    assert_ne!(r.code, 0, "out of range accepted: {}", r.stdout);
+    assert!(r.stderr.contains("autostart_priority"), "{}", r.stderr);
+
+    // Kept across a restart; after a host boot the autostart VMs start in
+    // start order (manual is not autostart: its priority does not start it).
+    let before = d.log().len();
+    std::fs::write(d.data().join("autostart-boot-id"), "a-previous-boot").unwrap();
+    d.restart();
+    let c = d.admin();
+    let (_, list) = call(&c, Method::GET, "/v1/vms", None).await;
+    let prio: std::collections::BTreeMap<String, (Value, Value)> = list["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (v["name"].as_str().unwrap().to_string(), (v["autostart_priority"].clone(), v["state"].clone()))
+        })
+        .collect();
+    let want = [
+        ("cache", 10, "running"),
+        ("db", 10, "running"),
+        ("dns", 1000, "running"),
+        ("low", -7, "running"),
+        ("manual", 999, "stopped"),
+        ("web", 50, "running"),
+    ];
+    for (name, p, state) in want {
+        assert_eq!(prio[name], (json!(p), json!(state)), "{name}: {list}");
+    }
+    assert_eq!(autostarted(&d.log()[before..]), ["dns", "web", "cache", "db", "low"], "{}", d.log());
+}

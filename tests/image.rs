@@ -489,7 +489,7 @@ fn raw_image_boots_updates_and_rolls_back() {
     assert_eq!(failed.trim(), "END", "failed units or unexpected boot entries: {facts}");
     let journal = m.ssh("journalctl -u novacron.service -o json --no-pager");
     assert!(
-        journal.contains("\"SYSLOG_IDENTIFIER\":\"novacron\"") && journal.contains("\"F_NODE_ID\""),
+        journal.contains("\"SYSLOG_IDENTIFIER\":\"novacron\"") && journal.contains("\"NODE_ID\""),
         "{journal}"
     );
     assert!(m.ssh("journalctl -u novacron-firstboot -o cat --no-pager").contains(&token));

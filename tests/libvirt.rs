@@ -72,7 +72,7 @@ fn qemu_system_lifecycle() {
     let disk = dir.join("root.qcow2");
     disks::create_blank(&disk, 64 * 1024 * 1024).unwrap();
     let mut s = spec(&dir);
-    s.disks = vec![disk.clone()];
+    s.disks = vec![novacron::hypervisor::xml::DiskSource::File(disk.clone())];
 
     let hv = Libvirt::new("qemu:///system");
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -255,7 +255,7 @@ fn qemu_guest_features() {
         domain_type: "qemu".into(),
         vcpus: 1,
         memory_mib: 128,
-        disks: vec![root.clone()],
+        disks: vec![novacron::hypervisor::xml::DiskSource::File(root.clone())],
         nics: vec![Nic { network: net.clone(), mac: mac.clone() }],
         cdrom: Some(seed_iso(&dir, &format!("#cloud-config {marker}"))),
         kernel: Some(kernel),
@@ -313,7 +313,7 @@ fn qemu_guest_features() {
     assert!(matches!(hv.block_resize(id, "vdz", MIB), Err(HypervisorError::Libvirt(_))));
 
     // Disk hotplug in and out.
-    hv.attach_disk(id, &extra, "vdb", true).unwrap();
+    hv.attach_disk(id, &novacron::hypervisor::xml::DiskSource::File(extra.clone()), "vdb", true).unwrap();
     run(&*con, &mut out, "sleep 1; echo vdb-$(cat /sys/block/vdb/size)", &format!("vdb-{}", 16 * MIB / 512));
     let (live, config) = (virsh(&["dumpxml", &s.name]), virsh(&["dumpxml", "--inactive", &s.name]));
     assert!(live.contains("<target dev='vdb'") && config.contains("<target dev='vdb'"), "{live}\n{config}");

@@ -560,7 +560,11 @@ async fn metric(n: &Node, name: &str) -> f64 {
 /// under the image's name and ends with the right file once restored.
 #[tokio::test(flavor = "multi_thread")]
 async fn image_files_reach_the_peer_by_hash_and_survive_a_cut() {
-    let mut pair = Pair::test_driver("replimg");
+    // Plain overlays on the image, not data-plane disks (those are full copies).
+    let mut pair = Pair::start("replimg", |_| Opts {
+        extra: "[dataplane]\ndefault_mode = \"off\"\n".into(),
+        ..Opts::test_driver(1)
+    });
     pair_up(&pair).await;
     let scratch = common::scratch_dir("replimg-files");
     let base = random_image(&scratch, "base.raw", 4);

@@ -46,8 +46,10 @@ fn unit_copies(tag: &str) -> PathBuf {
 }
 
 /// Every unit in systemd/.
-const UNITS: [&str; 8] = [
+const UNITS: [&str; 10] = [
     "novacron.service",
+    "novacron-dataplane.service",
+    "novacron-dataplane.path",
     "novacron-setup.service",
     "novacron-firstboot.service",
     "novacron-update.path",
@@ -97,27 +99,59 @@ fn service_exposure_is_ok() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The unit's text; fails unless it has each of `lines`.
+fn unit_with(name: &str, lines: &[&str]) -> String {
+    let unit = std::fs::read_to_string(repo("systemd").join(name)).unwrap();
+    for line in lines {
+        assert!(unit.lines().any(|x| x.trim() == *line), "{name} lacks {line:?}");
+    }
+    unit
+}
+
 #[test]
 fn service_keeps_guests_and_runs_unprivileged() {
-    let unit = std::fs::read_to_string(repo("systemd/novacron.service")).unwrap();
-    let has = |l: &str| unit.lines().any(|x| x.trim() == l);
-    for line in [
-        "Type=notify",
-        "KillMode=mixed",
-        "User=novacron",
-        "ExecReload=/bin/kill -HUP $MAINPID",
-        "Restart=on-failure",
-        "CapabilityBoundingSet=",
-        "NoNewPrivileges=yes",
-        "ProtectSystem=strict",
-        "PrivateTmp=yes",
-    ] {
-        assert!(has(line), "novacron.service lacks {line:?}");
-    }
+    let unit = unit_with(
+        "novacron.service",
+        &[
+            "Type=notify",
+            "KillMode=mixed",
+            "User=novacron",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+            "Restart=on-failure",
+            "CapabilityBoundingSet=",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "PrivateTmp=yes",
+        ],
+    );
     assert!(unit.lines().any(|l| l.starts_with("WatchdogSec=")));
     assert!(unit.lines().any(|l| l.starts_with("SystemCallFilter=@system-service")));
     // KillMode=control-group or process would be wrong in both directions.
     assert!(!unit.lines().any(|l| l.starts_with("KillMode=") && l.trim() != "KillMode=mixed"));
+}
+
+#[test]
+fn dataplane_outlives_the_api_daemon() {
+    let unit = unit_with(
+        "novacron-dataplane.service",
+        &[
+            "Type=notify",
+            "Restart=always",
+            "StartLimitIntervalSec=0",
+            "ExecStart=/usr/bin/novacron dataplane --config /var/lib/novacron/dataplane.json",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+        ],
+    );
+    // Tied to the API daemon, a restart of it would stall every guest disk.
+    for tie in ["PartOf=", "BindsTo=", "Requisite=", "Requires="] {
+        assert!(!unit.lines().any(|l| l.starts_with(tie)), "novacron-dataplane.service has {tie}");
+    }
+    // The disks live under /var/lib/novacron: it must stay writable.
+    assert!(!unit.lines().any(|l| l == "ProtectSystem=strict" || l.starts_with("ReadOnlyPaths=")));
+    // It replicates over TCP to the peer's data plane and logs to journald.
+    assert!(!unit.lines().any(|l| l == "PrivateNetwork=yes"), "a private network cuts replication");
+    assert!(unit.lines().any(|l| l == "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"));
+    unit_with("novacron-dataplane.path", &["PathExists=/var/lib/novacron/dataplane.json"]);
 }
 
 #[test]

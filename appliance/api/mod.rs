@@ -394,6 +394,8 @@ impl Api {
             Reply::Peer(v) => json_response(StatusCode::OK, &v),
             Reply::PeerHandshake(r) => json_response(StatusCode::OK, &r),
             Reply::PeerUnpaired(u) => json_response(StatusCode::OK, &u),
+            Reply::Takeover(t) => json_response(StatusCode::OK, &t),
+            Reply::VmMoved(m) => json_response(StatusCode::OK, &m),
             // Consoles are answered in dispatch, where the upgrade is.
             Reply::Console(_) => error_response(&ApiError::NoRoute("console".into())),
         }

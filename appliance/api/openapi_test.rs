@@ -67,6 +67,8 @@ fn successes(action: &str) -> &'static [(&'static str, &'static str, &'static st
         "peer.invite" => &[("201", JSON, "PeerInvitation")],
         "peer.handshake" => &[("200", JSON, "PeerHandshakeReply")],
         "peer.unpair" => &[("200", JSON, "PeerUnpaired")],
+        "peer.takeover" => &[("200", JSON, "TakeoverReport")],
+        "vm.move" => &[("200", JSON, "VmMoved")],
         other => panic!("add {other} to successes()"),
     }
 }
@@ -369,13 +371,19 @@ fn request_samples() -> Vec<(&'static str, Value)> {
         boot: Some(boot()),
         network: Some("default".into()),
         autostart: true,
+        autostart_priority: 10,
         cloud_init: Some(cloud_init.clone()),
         shutdown_timeout_secs: Some(60),
+        replication: Some(crate::types::ReplicationSpec {
+            mode: crate::types::ReplicationMode::Off,
+            max_lag_seconds: 10,
+        }),
     };
     let patch = VmPatch {
         vcpus: Some(2),
         memory_mib: Some(512),
         autostart: Some(false),
+        autostart_priority: Some(-5),
         shutdown_timeout_secs: Some(30),
     };
     let clone = VmClone { name: "web-2".into(), copy: true };
@@ -424,6 +432,7 @@ fn request_samples() -> Vec<(&'static str, Value)> {
         ("DiskSpec", v(&disk)),
         ("BootSpec", v(&boot())),
         ("CloudInit", v(&cloud_init)),
+        ("ReplicationSpec", v(&create.replication)),
         ("VmPatch", v(&patch)),
         ("VmClone", v(&clone)),
         ("DiskResize", v(&resize)),
@@ -439,6 +448,18 @@ fn request_samples() -> Vec<(&'static str, Value)> {
         ("PeerHandshakeAbort", v(&abort)),
         ("PeerHandshakeResolve", v(&resolve)),
         ("PeerHandshakeUnpair", v(&unpair)),
+        (
+            "PeerHandshakeVm",
+            v(&crate::cluster::pairing::peer_vm_request(
+                crate::cluster::pairing::VmPeerOp::Start { vm: uuid::Uuid::nil(), epoch: 2 },
+                b"k",
+                uuid::Uuid::nil(),
+                uuid::Uuid::nil(),
+                1,
+                [0; 16],
+            )),
+        ),
+        ("PeerTakeover", v(&crate::types::PeerTakeover { force: true, include: vec!["web".into()] })),
     ]
 }
 
@@ -452,6 +473,7 @@ fn parse_request(name: &str, v: &Value) -> Result<(), serde_json::Error> {
         "DiskSpec" => p::<DiskSpec>(v),
         "BootSpec" => p::<BootSpec>(v),
         "CloudInit" => p::<CloudInit>(v),
+        "ReplicationSpec" => p::<crate::types::ReplicationSpec>(v),
         "VmPatch" => p::<VmPatch>(v),
         "VmClone" => p::<VmClone>(v),
         "DiskResize" => p::<DiskResize>(v),
@@ -461,6 +483,7 @@ fn parse_request(name: &str, v: &Value) -> Result<(), serde_json::Error> {
         "TokenCreate" => p::<TokenCreate>(v),
         "PeerInvite" => p::<PeerInvite>(v),
         "PeerJoin" => p::<PeerJoin>(v),
+        "PeerTakeover" => p::<crate::types::PeerTakeover>(v),
         "NodeInfo" => p::<crate::cluster::pairing::NodeInfo>(v),
         n if n.starts_with("PeerHandshake") => p::<crate::cluster::pairing::Handshake>(v),
         _ => panic!("no parser for {name}"),
@@ -531,10 +554,34 @@ fn response_schemas_match_the_types() {
         }],
         cloud_init: true,
         autostart: false,
+        autostart_priority: 0,
         shutdown_timeout_secs: 120,
         managed: true,
         owner_node: Some(uuid),
         epoch: 1,
+        replication: Some(crate::types::VmReplication {
+            mode: crate::types::ReplicationMode::Sync,
+            max_lag_seconds: 10,
+            protection: "degraded".into(),
+            disks: vec![crate::types::DiskReplica {
+                device: "vda".into(),
+                local: "up_to_date".into(),
+                peer: Some("syncing".into()),
+                connected: true,
+                sync: Some(crate::types::SyncProgress {
+                    kind: "full".into(),
+                    bytes_done: 1,
+                    bytes_total: 2,
+                    rate_bytes_per_sec: 1.5,
+                    eta_seconds: Some(0.5),
+                }),
+                lag_bytes: 0,
+                lag_seconds: 0.0,
+                dirty_bytes: 4096,
+                sync_bytes_total: 8192,
+                detail: "syncing".into(),
+            }],
+        }),
         created_at: "2024-01-01T00:00:00Z".into(),
         updated_at: "2024-01-01T00:00:00Z".into(),
     };
@@ -643,8 +690,23 @@ fn response_schemas_match_the_types() {
         link: Some(link.clone()),
         replication: Some(repl.clone()),
         disks: vec![disk.clone()],
+        failover: "manual".into(),
     };
-    let reply = crate::cluster::pairing::HandshakeReply { paired: false, inviter: None, proof: None };
+    let reply = crate::cluster::pairing::HandshakeReply {
+        paired: false,
+        inviter: None,
+        proof: None,
+        epochs: Some(vec![]),
+    };
+    let taken = crate::types::TakenOver {
+        id: uuid,
+        name: "web".into(),
+        result: "started".into(),
+        replica: "up_to_date".into(),
+        epoch: 2,
+        autostart_priority: 5,
+        detail: "d".into(),
+    };
     let cases: Vec<(&str, BTreeSet<String>)> = vec![
         ("PeerNode", keys(&peer_node)),
         ("PeerLink", keys(&link)),
@@ -665,6 +727,25 @@ fn response_schemas_match_the_types() {
             keys(&PeerUnpaired { peer: peer_node.clone(), peer_notified: true, message: "m".into() }),
         ),
         ("PeerHandshakeReply", keys(&reply)),
+        ("TakenOver", keys(&taken)),
+        (
+            "TakeoverReport",
+            keys(&crate::types::TakeoverReport { vms: vec![taken.clone()], message: "m".into() }),
+        ),
+        (
+            "VmMoved",
+            keys(&crate::types::VmMoved {
+                id: uuid,
+                name: "web".into(),
+                from: uuid,
+                to: uuid,
+                epoch: 2,
+                started: true,
+                shutdown_ms: 1,
+                downtime_ms: Some(2),
+                message: "m".into(),
+            }),
+        ),
         ("Vm", keys(&vm)),
         ("Disk", keys(&vm.disks[0])),
         ("NicView", keys(&vm.nics[0])),

@@ -45,7 +45,8 @@ pub enum Edge {
 /// What a request asks for, before its body is read.
 #[derive(Debug, Clone)]
 pub enum Route {
-    Ready(Command),
+    /// Boxed: a command is far larger than the other variants.
+    Ready(Box<Command>),
     Json(Args, fn(&Args, &[u8]) -> Result<Command, ApiError>),
     Edge(Edge),
 }
@@ -66,7 +67,7 @@ impl Matched {
     /// Builds the command, parsing `body` strictly.
     pub fn into_command(self, body: &[u8]) -> Result<Command, ApiError> {
         match self.route {
-            Route::Ready(cmd) => Ok(cmd),
+            Route::Ready(cmd) => Ok(*cmd),
             Route::Json(args, build) => build(&args, body),
             Route::Edge(_) => Err(ApiError::NoRoute("this route has no JSON body".into())),
         }
@@ -189,6 +190,7 @@ pub static ROUTES: &[RouteSpec] = &[
     row(Action::VmSnapshotRevert, &[], R(|a| {
         Ok(Command::RevertSnapshot { vm: a.param(0), name: a.param(1) })
     })),
+    row(Action::VmMove, &[], R(|a| Ok(Command::VmMove(a.param(0))))),
     row(Action::VmDiskAttach, &[], J(|a, b| Ok(Command::AttachDisk(a.param(0), json(b)?)))),
     row(Action::VmDiskDetach, &[], R(|a| {
         Ok(Command::DetachDisk { vm: a.param(0), device: a.param(1) })
@@ -213,6 +215,7 @@ pub static ROUTES: &[RouteSpec] = &[
     })),
     row(Action::PeerGet, &[], R(|_| Ok(Command::PeerStatus))),
     row(Action::PeerUnpair, &["force"], R(|a| Ok(Command::PeerUnpair { force: a.bool("force")? }))),
+    row(Action::PeerTakeover, &[], J(|_, b| Ok(Command::PeerTakeover(json(b)?)))),
     row(Action::PeerInvite, &[], J(|_, b| Ok(Command::PeerInvite(json(b)?)))),
     row(Action::PeerJoin, &[], J(|_, b| Ok(Command::PeerJoin(json(b)?)))),
     row(Action::PeerHandshake, &[], J(|_, b| Ok(Command::PeerHandshake(json(b)?)))),
@@ -279,7 +282,7 @@ pub fn route(method: &Method, path: &str, query: Option<&str>) -> Result<Matched
             query: parse_query(query, spec.query)?,
         };
         let route = match spec.build {
-            Build::Ready(build) => Route::Ready(build(&args)?),
+            Build::Ready(build) => Route::Ready(Box::new(build(&args)?)),
             Build::Json(build) => Route::Json(args, build),
             Build::Edge(build) => Route::Edge(build(&args)?),
         };

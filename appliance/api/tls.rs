@@ -45,17 +45,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), ApiError> {
 }
 
 fn load(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ApiError> {
-    let read = |p: &Path| std::fs::read(p).map_err(|e| ApiError::Tls(format!("{}: {e}", p.display())));
-    let certs = rustls_pemfile::certs(&mut &read(cert)?[..])
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ApiError::Tls(format!("{}: {e}", cert.display())))?;
-    if certs.is_empty() {
-        return Err(ApiError::Tls(format!("{}: no certificate found", cert.display())));
-    }
-    let key = rustls_pemfile::private_key(&mut &read(key)?[..])
-        .map_err(|e| ApiError::Tls(format!("{}: {e}", key.display())))?
-        .ok_or_else(|| ApiError::Tls(format!("{}: no private key found", key.display())))?;
-    Ok((certs, key))
+    crate::tls::load_pem(cert, key).map_err(ApiError::Tls)
 }
 
 /// Loads the configured certificate, or the generated one (creating it on

@@ -92,6 +92,9 @@ pub struct ConnArgs {
 pub enum Cmd {
     /// Run the daemon.
     Serve(ServeArgs),
+    /// Run the data plane: serve guest disks over vhost-user-blk (root;
+    /// novacron-dataplane.service).
+    Dataplane(DataplaneArgs),
     /// Show the daemon's node, versions and certificate fingerprint.
     Status,
     /// Check daemon, libvirt, store integrity, disk space, certificate
@@ -147,6 +150,13 @@ pub enum Cmd {
     Setup(update::SetupArgs),
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct DataplaneArgs {
+    /// The JSON config the API daemon writes.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
 // `serve`'s flags belong to the daemon; the CLI only parses them.
 pub use crate::daemon::{ConfigSource, ServeArgs};
 
@@ -158,9 +168,13 @@ pub enum VmCmd {
     Show {
         /// VM name or id.
         vm: String,
+        /// Wait until every replica is up to date, with the sync's progress
+        /// (a bar on a terminal, otherwise a line a second while it moves).
+        #[arg(long)]
+        wait_sync: bool,
     },
     /// Create a VM (stopped).
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Start a VM.
     Start {
         /// VM name or id.
@@ -206,7 +220,7 @@ pub enum VmCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Change vcpus/memory (while stopped) or autostart.
+    /// Change vcpus/memory (while stopped), autostart or its priority.
     Edit {
         /// VM name or id.
         vm: String,
@@ -219,6 +233,10 @@ pub enum VmCmd {
         /// Start the VM when the host boots (true or false).
         #[arg(long)]
         autostart: Option<bool>,
+        /// Start order at boot and in a takeover, -1000 to 1000: higher
+        /// starts first, ties by name.
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        autostart_priority: Option<i32>,
         /// Seconds a graceful shutdown may take before it is forced.
         #[arg(long)]
         shutdown_timeout: Option<u64>,
@@ -236,6 +254,12 @@ pub enum VmCmd {
         /// How many bytes from the end (default 64 KiB, at most 1 MiB).
         #[arg(long)]
         bytes: Option<u64>,
+    },
+    /// Move a replicated VM to the paired node: shut down here, wait until
+    /// the peer's copy is up to date, start it there (operator).
+    Move {
+        /// VM name or id.
+        vm: String,
     },
     /// Copy a stopped VM under a new name.
     Clone {
@@ -435,6 +459,10 @@ pub struct CreateArgs {
     /// Start the VM when the host boots.
     #[arg(long)]
     pub autostart: bool,
+    /// Start order at boot and in a takeover, -1000 to 1000: higher starts
+    /// first, ties by name.
+    #[arg(long, value_name = "N", default_value_t = 0, allow_negative_numbers = true)]
+    pub autostart_priority: i32,
     /// cloud-init user-data file (NoCloud seed on a CD-ROM).
     #[arg(long, value_name = "FILE")]
     pub cloud_init_user_data: Option<PathBuf>,
@@ -448,6 +476,13 @@ pub struct CreateArgs {
     /// the daemon's setting).
     #[arg(long, value_name = "SECS")]
     pub shutdown_timeout: Option<u64>,
+    /// Disk replication to the peer: sync (RPO 0), async or off (default:
+    /// sync on a paired node, plain disks on a single node).
+    #[arg(long, value_name = "MODE", value_parser = ["sync", "async", "off"])]
+    pub replication: Option<String>,
+    /// Async replication: lag (seconds) beyond which protection is degraded.
+    #[arg(long, value_name = "SECS", requires = "replication")]
+    pub max_lag: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -577,7 +612,7 @@ pub async fn run_client(cli: Cli) -> i32 {
     let json = cli.json;
     let enc = |v: &dyn erased::Json| Some(v.to_json());
     let (result, kind) = match cli.command {
-        Cmd::Serve(_) | Cmd::Config(_) | Cmd::Preflight(_) | Cmd::Firmware(_) => {
+        Cmd::Serve(_) | Cmd::Dataplane(_) | Cmd::Config(_) | Cmd::Preflight(_) | Cmd::Firmware(_) => {
             unreachable!("handled by main")
         }
         Cmd::Status => return status(&c, json).await,
@@ -587,8 +622,10 @@ pub async fn run_client(cli: Cli) -> i32 {
         Cmd::Update(cmd) => return update::run(cmd, &c, json).await,
         Cmd::Setup(args) => return update::run_setup(args, &c).await,
         Cmd::Vm(VmCmd::List) => (c.call(Action::VmList, &[], "", None).await, output::Kind::VmList),
-        Cmd::Vm(VmCmd::Show { vm }) => (c.call(Action::VmGet, &[&vm], "", None).await, output::Kind::Vm),
+        Cmd::Vm(VmCmd::Show { vm, wait_sync: true }) if !json => return wait_sync(&c, &vm).await,
+        Cmd::Vm(VmCmd::Show { vm, .. }) => (c.call(Action::VmGet, &[&vm], "", None).await, output::Kind::Vm),
         Cmd::Vm(VmCmd::Create(a)) => {
+            let a = *a;
             let parsed = a.disks.iter().map(|d| parse_disk(d)).collect::<Result<Vec<_>, _>>();
             let (disks, cloud_init) = match parsed.and_then(|d| Ok((d, cloud_init(&a)?))) {
                 Ok(v) => v,
@@ -609,8 +646,17 @@ pub async fn run_client(cli: Cli) -> i32 {
                 }),
                 network: a.network,
                 autostart: a.autostart,
+                autostart_priority: a.autostart_priority,
                 cloud_init,
                 shutdown_timeout_secs: a.shutdown_timeout,
+                replication: a.replication.as_deref().map(|m| crate::types::ReplicationSpec {
+                    mode: match m {
+                        "sync" => crate::types::ReplicationMode::Sync,
+                        "async" => crate::types::ReplicationMode::Async,
+                        _ => crate::types::ReplicationMode::Off,
+                    },
+                    max_lag_seconds: a.max_lag.unwrap_or(crate::types::DEFAULT_MAX_LAG_SECONDS),
+                }),
             };
             (c.call(Action::VmCreate, &[], "", enc(&spec)).await, output::Kind::Vm)
         }
@@ -644,14 +690,38 @@ pub async fn run_client(cli: Cli) -> i32 {
             let q = if force { "?force=true" } else { "" };
             (c.call(Action::VmDelete, &[&vm], q, None).await, output::Kind::Deleted(vm))
         }
-        Cmd::Vm(VmCmd::Edit { vm, vcpus, memory_mib, autostart, shutdown_timeout }) => {
-            let patch = VmPatch { vcpus, memory_mib, autostart, shutdown_timeout_secs: shutdown_timeout };
+        Cmd::Vm(VmCmd::Edit { vm, vcpus, memory_mib, autostart, autostart_priority, shutdown_timeout }) => {
+            let patch = VmPatch {
+                vcpus,
+                memory_mib,
+                autostart,
+                autostart_priority,
+                shutdown_timeout_secs: shutdown_timeout,
+            };
             (c.call(Action::VmUpdate, &[&vm], "", enc(&patch)).await, output::Kind::Vm)
         }
         Cmd::Vm(VmCmd::Console { vm }) => return console::run(&c, &vm, json).await,
         Cmd::Vm(VmCmd::ConsoleLog { vm, bytes }) => {
             let q = bytes.map(|b| format!("?bytes={b}")).unwrap_or_default();
             (c.call(Action::VmConsoleLog, &[&vm], &q, None).await, output::Kind::Raw)
+        }
+        Cmd::Vm(VmCmd::Move { vm }) => {
+            let r = c.call(Action::VmMove, &[&vm], "", None).await;
+            if let Ok((s, body)) = &r {
+                if s.is_success() && !json {
+                    return match serde_json::from_slice::<crate::types::VmMoved>(body) {
+                        Ok(m) => {
+                            println!("{}", m.message);
+                            0
+                        }
+                        Err(e) => {
+                            eprintln!("novacron: unreadable answer: {e}");
+                            1
+                        }
+                    };
+                }
+            }
+            (r, output::Kind::Raw)
         }
         Cmd::Vm(VmCmd::Clone { vm, new_name, copy }) => {
             let req = VmClone { name: new_name, copy };
@@ -760,6 +830,50 @@ pub async fn run_client(cli: Cli) -> i32 {
     }
 }
 
+/// `vm show --wait-sync`: polls the VM until its replicas are up to date.
+async fn wait_sync(c: &Client, vm: &str) -> i32 {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    // Without a terminal: a line when it changed, at most one a second.
+    let mut last = (std::time::Instant::now() - std::time::Duration::from_secs(10), String::new());
+    loop {
+        let (status, body) = match c.call(Action::VmGet, &[vm], "", None).await {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("novacron: {e}");
+                return client_error_code(&e);
+            }
+        };
+        if !status.is_success() {
+            return output::print(status, &body, output::Kind::Raw, false);
+        }
+        let Ok(v) = serde_json::from_slice::<crate::types::Vm>(&body) else {
+            eprintln!("novacron: unreadable answer");
+            return 1;
+        };
+        let Some(r) = &v.replication else {
+            println!("{}: not replicated", v.name);
+            return 0;
+        };
+        let line = r.disks.iter().map(output::replica_line).collect::<Vec<_>>().join(" | ");
+        if r.protection == "protected" || r.protection == "unprotected" || r.protection == "kept_replica" {
+            if tty {
+                eprint!("\r\x1b[K");
+            }
+            println!("{}: {} ({line})", v.name, r.protection);
+            return 0;
+        }
+        if tty {
+            eprint!("\r{line}\x1b[K");
+            let _ = std::io::stderr().flush();
+        } else if line != last.1 && last.0.elapsed() >= std::time::Duration::from_secs(1) {
+            eprintln!("{line}");
+            last = (std::time::Instant::now(), line);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 async fn status(c: &Client, json: bool) -> i32 {
     let host = match c.call(Action::HostInfo, &[], "", None).await {
         Ok(r) => r,
@@ -773,7 +887,15 @@ async fn status(c: &Client, json: bool) -> i32 {
     }
     let ready = c.call(Action::Ready, &[], "", None).await.map(|r| r.0 == StatusCode::OK).unwrap_or(false);
     let vms = c.call(Action::VmList, &[], "", None).await.ok();
-    output::status(&host.1, ready, vms.as_ref().map(|v| &v.1[..]), json, &c.describe())
+    let peer = c.call(Action::PeerGet, &[], "", None).await.ok().filter(|p| p.0 == StatusCode::OK);
+    output::status(
+        &host.1,
+        ready,
+        vms.as_ref().map(|v| &v.1[..]),
+        peer.as_ref().map(|p| &p.1[..]),
+        json,
+        &c.describe(),
+    )
 }
 
 /// Tiny helper so request types can be passed as one trait object.

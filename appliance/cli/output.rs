@@ -101,7 +101,7 @@ fn show_vm(vm: &Vm) {
     println!("vcpus:       {}", vm.vcpus);
     println!("memory:      {} MiB", vm.memory_mib);
     println!("managed:     {}", vm.managed);
-    println!("autostart:   {}", vm.autostart);
+    println!("autostart:   {} (priority {})", vm.autostart, vm.autostart_priority);
     println!("shutdown:    {} s before forcing off", vm.shutdown_timeout_secs);
     println!("cloud-init:  {}", if vm.cloud_init { "yes" } else { "no" });
     for n in &vm.nics {
@@ -120,7 +120,50 @@ fn show_vm(vm: &Vm) {
         let base = d.image.as_deref().map(|i| format!(" (overlay on {i})")).unwrap_or_default();
         println!("disk {}:    {} {}{base}", d.device, human_bytes(d.size_bytes), d.path);
     }
+    if let Some(r) = &vm.replication {
+        println!("replication: {} (max lag {} s): {}", r.mode.as_str(), r.max_lag_seconds, r.protection);
+        for d in &r.disks {
+            println!("  {}", replica_line(d));
+        }
+    }
     println!("created:     {}", vm.created_at);
+}
+
+/// One disk's replica in a line: its states, or the sync's progress bar.
+pub fn replica_line(d: &crate::types::DiskReplica) -> String {
+    let peer = d.peer.as_deref().map(|p| format!(", peer {p}")).unwrap_or_default();
+    let link = if d.connected { "connected" } else { "not connected" };
+    match &d.sync {
+        Some(s) => {
+            let width = 20u64;
+            let filled =
+                (s.bytes_done.min(s.bytes_total) * width).checked_div(s.bytes_total).unwrap_or(width);
+            let pct = (s.bytes_done as u128 * 100).checked_div(s.bytes_total as u128).unwrap_or(100);
+            let eta = s
+                .eta_seconds
+                .map_or("ETA --:--".into(), |e| format!("ETA {}", super::upload::clock(e.ceil() as u64)));
+            format!(
+                "{}: {} sync [{}{}] {} / {} ({pct}%)  {}/s  {eta}",
+                d.device,
+                s.kind,
+                "#".repeat(filled as usize),
+                ".".repeat((width - filled) as usize),
+                human_bytes(s.bytes_done),
+                human_bytes(s.bytes_total),
+                human_bytes(s.rate_bytes_per_sec as u64),
+            )
+        }
+        None => format!(
+            "{}: here {}{peer}, {link}{}",
+            d.device,
+            d.local,
+            if d.dirty_bytes > 0 {
+                format!(", {} to resync", human_bytes(d.dirty_bytes))
+            } else {
+                String::new()
+            }
+        ),
+    }
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -337,7 +380,14 @@ pub fn print(status: StatusCode, body: &[u8], kind: Kind, json: bool) -> i32 {
     }
 }
 
-pub fn status(host: &[u8], ready: bool, vms: Option<&[u8]>, json: bool, target: &str) -> i32 {
+pub fn status(
+    host: &[u8],
+    ready: bool,
+    vms: Option<&[u8]>,
+    peer: Option<&[u8]>,
+    json: bool,
+    target: &str,
+) -> i32 {
     let Ok(h) = serde_json::from_slice::<HostInfo>(host) else {
         eprintln!("novacron: unexpected answer from the daemon");
         return 1;
@@ -367,9 +417,62 @@ pub fn status(host: &[u8], ready: bool, vms: Option<&[u8]>, json: bool, target: 
     println!("kvm:          {}", if h.kvm_usable { "usable" } else { "not usable" });
     println!("vms:          {} ({} running)", vms.len(), running);
     println!("tls sha256:   {}", h.tls_fingerprint);
+    match peer.and_then(|b| serde_json::from_slice::<crate::types::PeerView>(b).ok()) {
+        Some(p) if p.paired => {
+            let name = p.peer.as_ref().map_or("?", |n| n.name.as_str());
+            let link = p.link.as_ref().map_or("down", |l| l.state.as_str());
+            println!("peer:         {name} (link {link})");
+            println!("failover:     {}", p.failover);
+        }
+        Some(p) => println!("peer:         {}", p.state.replace('_', " ")),
+        None => {}
+    }
     if ready {
         0
     } else {
         1
+    }
+}
+
+#[cfg(test)]
+mod replica_line_tests {
+    use super::replica_line;
+    use crate::types::{DiskReplica, SyncProgress};
+
+    fn disk() -> DiskReplica {
+        DiskReplica {
+            device: "vda".into(),
+            local: "up_to_date".into(),
+            peer: Some("syncing".into()),
+            connected: true,
+            sync: None,
+            lag_bytes: 0,
+            lag_seconds: 0.0,
+            dirty_bytes: 0,
+            sync_bytes_total: 0,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_sync_is_a_bar_and_a_steady_replica_its_states() {
+        let mib = 1 << 20;
+        let mut d = disk();
+        d.sync = Some(SyncProgress {
+            kind: "full".into(),
+            bytes_done: 6 * mib,
+            bytes_total: 24 * mib,
+            rate_bytes_per_sec: 8.0 * mib as f64,
+            eta_seconds: Some(2.2),
+        });
+        assert_eq!(
+            replica_line(&d),
+            "vda: full sync [#####...............] 6.0 MiB / 24.0 MiB (25%)  8.0 MiB/s  ETA 0:03"
+        );
+        d.sync = None;
+        d.peer = Some("outdated".into());
+        d.connected = false;
+        d.dirty_bytes = 4 * mib;
+        assert_eq!(replica_line(&d), "vda: here up_to_date, peer outdated, not connected, 4.0 MiB to resync");
     }
 }

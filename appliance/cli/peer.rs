@@ -4,7 +4,9 @@ use super::client::Client;
 use super::erased::Json;
 use super::output;
 use crate::core::Action;
-use crate::types::{PeerInvitation, PeerInvite, PeerJoin, PeerUnpaired, PeerView};
+use crate::types::{
+    PeerInvitation, PeerInvite, PeerJoin, PeerTakeover, PeerUnpaired, PeerView, TakeoverReport,
+};
 use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
@@ -29,6 +31,19 @@ pub enum PeerCmd {
         /// then still lists this node until it is unpaired there too).
         #[arg(long)]
         force: bool,
+    },
+    /// Take the peer's VMs over here after you confirmed the peer is off
+    /// (admin). Up-to-date replicas are promoted and autostart VMs started,
+    /// one after the other, by autostart priority (higher first), then name.
+    Takeover {
+        /// Required: your confirmation that the peer is off (there is no
+        /// automatic failover or witness to tell).
+        #[arg(long)]
+        force: bool,
+        /// Also promote this VM although its replica is not up to date
+        /// (repeat for several; name or id).
+        #[arg(long, value_name = "VM")]
+        include: Vec<String>,
     },
 }
 
@@ -57,6 +72,9 @@ pub async fn run(cmd: PeerCmd, c: &Client, json: bool) -> i32 {
         PeerCmd::Join { code } => (Action::PeerJoin, "", json_body(&PeerJoin { code: code.clone() })),
         PeerCmd::Status => (Action::PeerGet, "", None),
         PeerCmd::Unpair { force } => (Action::PeerUnpair, if *force { "?force=true" } else { "" }, None),
+        PeerCmd::Takeover { force, include } => {
+            (Action::PeerTakeover, "", json_body(&PeerTakeover { force: *force, include: include.clone() }))
+        }
     };
     let (status, body) = match c.call(action, &[], query, body).await {
         Ok(r) => r,
@@ -89,6 +107,16 @@ pub async fn run(cmd: PeerCmd, c: &Client, json: bool) -> i32 {
         PeerCmd::Unpair { .. } => serde_json::from_slice::<PeerUnpaired>(&body).map(|u| {
             println!("{}", u.message);
         }),
+        PeerCmd::Takeover { .. } => serde_json::from_slice::<TakeoverReport>(&body).map(|r| {
+            // In start order: the VMs started one after the other, as listed.
+            for v in &r.vms {
+                println!(
+                    "{:<20} {:<11} priority {:<5} replica {:<13} epoch {:<4} {}",
+                    v.name, v.result, v.autostart_priority, v.replica, v.epoch, v.detail
+                );
+            }
+            println!("{}", r.message);
+        }),
     };
     match shown {
         Ok(()) => output::exit_code(0),
@@ -107,6 +135,7 @@ fn show(v: &PeerView) {
     println!("state:       {}", v.state);
     println!("peer:        {} ({})", p.name, p.node_id);
     println!("addresses:   {} (API port {}, link port {})", p.addresses.join(", "), p.api_port, p.link_port);
+    println!("failover:    {}", v.failover);
     println!("fingerprint: {}", p.fingerprint);
     println!("paired at:   {}", p.paired_at);
     if let Some(l) = &v.link {

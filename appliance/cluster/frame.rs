@@ -25,8 +25,10 @@ pub const WIRE_VERSION: u8 = 3;
 /// snapshot chunks, `Resend`); bumped with the wire version so a node of
 /// protocol 1 is refused in the handshake instead of failing on a frame.
 /// 3: image files copied by content hash. 4: the bulk connection (image
-/// files move there from the control connection).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// files move there from the control connection). 5: change format 3
+/// (`Vm.replication`), which a node of protocol 4 cannot decode. 6: change
+/// format 4 (`Vm.autostart_priority`), likewise for protocol 5.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame body (version byte + message). A change record is at most
 /// about the API's 1 MiB body; batches and snapshot chunks are cut far
@@ -169,13 +171,7 @@ impl Message {
     /// A frame stamped with another wire version: what an older or newer
     /// node would send (tests and the handshake's mismatch path).
     pub fn encode_as(&self, version: u8) -> Vec<u8> {
-        let mut out = vec![0; HEADER];
-        out.push(version);
-        // Serializing plain data into a Vec cannot fail.
-        out.extend(postcard::to_allocvec(self).expect("postcard encoding of a Message"));
-        let len = (out.len() - HEADER) as u32;
-        out[..HEADER].copy_from_slice(&len.to_be_bytes());
-        out
+        encode_frame(self, version)
     }
 
     /// Decodes a frame body (version byte + message). A body of another
@@ -220,8 +216,20 @@ impl Message {
     }
 }
 
+/// `[length][version][postcard body]` of any message type (the disk
+/// frames share this framing).
+pub(super) fn encode_frame<T: Serialize>(msg: &T, version: u8) -> Vec<u8> {
+    let mut out = vec![0; HEADER];
+    out.push(version);
+    // Serializing plain data into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(msg).expect("postcard encoding of a frame"));
+    let len = (out.len() - HEADER) as u32;
+    out[..HEADER].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
 /// postcard, refusing trailing bytes (a frame is exactly one message).
-fn exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ClusterError> {
+pub(super) fn exact<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ClusterError> {
     let (value, rest) =
         postcard::take_from_bytes(bytes).map_err(|e| ClusterError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
@@ -247,11 +255,111 @@ pub fn body_len(header: [u8; HEADER], limit: usize) -> Result<usize, ClusterErro
 /// on the header alone, so an oversized frame is refused before its body
 /// arrives.
 pub fn split(buf: &[u8], limit: usize) -> Result<Option<(Message, usize)>, ClusterError> {
+    split_frame(buf, limit, Message::decode)
+}
+
+/// [`split`] with the body decoder as a parameter (shared with the disk
+/// frames).
+pub(super) fn split_frame<T>(
+    buf: &[u8],
+    limit: usize,
+    decode: impl FnOnce(&[u8]) -> Result<T, ClusterError>,
+) -> Result<Option<(T, usize)>, ClusterError> {
     let Some(header) = buf.get(..HEADER) else { return Ok(None) };
     let len = body_len(header.try_into().expect("4 bytes"), limit)?;
     match buf.get(HEADER..HEADER + len) {
-        Some(body) => Ok(Some((Message::decode(body)?, HEADER + len))),
+        Some(body) => Ok(Some((decode(body)?, HEADER + len))),
         None => Ok(None),
+    }
+}
+
+/// Checks shared by the tests of every framed message type (peer-link and
+/// disk frames), generic over its split function.
+#[cfg(test)]
+pub(super) mod checks {
+    use super::ClusterError;
+    use crate::cluster::SeededRng;
+    use std::fmt::Debug;
+
+    pub type Split<T> = fn(&[u8], usize) -> Result<Option<(T, usize)>, ClusterError>;
+
+    /// Each sample encodes to its golden hex (spaces ignored) and decodes
+    /// back from it.
+    pub fn golden<T: PartialEq + Debug>(
+        samples: &[T],
+        golden: &[String],
+        encode: fn(&T) -> Vec<u8>,
+        split: Split<T>,
+        limit: usize,
+    ) {
+        assert_eq!(samples.len(), golden.len());
+        for (m, g) in samples.iter().zip(golden) {
+            let want = g.replace(' ', "");
+            assert_eq!(hex::encode(encode(m)), want, "{m:?} changed its encoding");
+            let (back, used) = split(&hex::decode(&want).unwrap(), limit).unwrap().unwrap();
+            assert_eq!(&back, m);
+            assert_eq!(used, want.len() / 2);
+        }
+    }
+
+    /// Only the header is there: a refusal cannot have read a body.
+    pub fn oversized_refused_on_the_header<T: Debug>(split: Split<T>, limit: usize) {
+        let e = split(&u32::MAX.to_be_bytes(), limit).unwrap_err();
+        assert!(matches!(e, ClusterError::FrameTooLarge { len, .. } if len == u32::MAX as usize), "{e}");
+        let e = split(&(limit as u32 + 1).to_be_bytes(), limit).unwrap_err();
+        assert!(matches!(e, ClusterError::FrameTooLarge { .. }));
+        assert!(split(&(limit as u32).to_be_bytes(), limit).unwrap().is_none());
+    }
+
+    /// `frame` cut anywhere is incomplete; with a byte too many it is
+    /// refused for the trailing byte; empty bodies are malformed.
+    pub fn incomplete_trailing_and_empty<T: Debug>(frame: &[u8], version: u8, split: Split<T>, limit: usize) {
+        for cut in 0..frame.len() {
+            assert!(split(&frame[..cut], limit).unwrap().is_none(), "cut at {cut}");
+        }
+        let mut longer = frame.to_vec();
+        longer[3] += 1;
+        longer.push(0);
+        let e = split(&longer, limit).unwrap_err();
+        assert!(matches!(&e, ClusterError::Malformed(m) if m.contains("trailing")), "{e}");
+        assert!(matches!(split(&[0, 0, 0, 0], limit), Err(ClusterError::Malformed(_))));
+        assert!(matches!(split(&[0, 0, 0, 1, version], limit), Err(ClusterError::Malformed(_))));
+    }
+
+    /// Seeded round trips, several frames in one buffer; then the same
+    /// frames with random bytes flipped, cut or inserted must give a
+    /// message or an error, never a panic (the fuzz targets in tests/fuzz
+    /// explore this much further).
+    pub fn seeded_round_trips_and_mutations<T: PartialEq + Debug>(
+        random: fn(&mut SeededRng) -> T,
+        encode: fn(&T) -> Vec<u8>,
+        split: Split<T>,
+        limit: usize,
+    ) {
+        for seed in 0..300 {
+            let mut rng = SeededRng::new(seed);
+            let msgs: Vec<T> = (0..5).map(|_| random(&mut rng)).collect();
+            let mut buf: Vec<u8> = msgs.iter().flat_map(encode).collect();
+            let mut at = 0;
+            for m in &msgs {
+                let (back, used) = split(&buf[at..], limit).unwrap().unwrap();
+                assert_eq!(&back, m, "seed {seed}");
+                at += used;
+            }
+            assert_eq!(at, buf.len());
+            for _ in 0..20 {
+                let i = rng.below(buf.len() as u64) as usize;
+                match rng.below(3) {
+                    0 => buf[i] ^= 1 << rng.below(8),
+                    1 => buf.truncate(i.max(1)),
+                    _ => buf.insert(i, rng.next_u64() as u8),
+                }
+                let mut rest = &buf[..];
+                while let Ok(Some((_, used))) = split(rest, 64 << 10) {
+                    rest = &rest[used..];
+                }
+            }
+        }
     }
 }
 
@@ -318,16 +426,7 @@ mod tests {
 
     #[test]
     fn golden_bytes_of_every_message() {
-        let samples = samples();
-        let golden = golden();
-        assert_eq!(samples.len(), golden.len());
-        for (m, g) in samples.iter().zip(golden) {
-            let want = g.replace(' ', "");
-            assert_eq!(hex::encode(m.encode()), want, "{} changed its encoding", m.kind());
-            let (back, used) = split(&hex::decode(&want).unwrap(), MAX_FRAME).unwrap().unwrap();
-            assert_eq!(&back, m);
-            assert_eq!(used, want.len() / 2);
-        }
+        checks::golden(&samples(), &golden(), Message::encode, split, MAX_FRAME);
     }
 
     #[test]
@@ -350,28 +449,13 @@ mod tests {
 
     #[test]
     fn oversized_frames_are_refused_on_the_header() {
-        // Only the header is there: the refusal cannot have read a body.
-        let e = split(&u32::MAX.to_be_bytes(), MAX_FRAME).unwrap_err();
-        assert!(matches!(e, ClusterError::FrameTooLarge { len, .. } if len == u32::MAX as usize), "{e}");
-        let e = split(&(MAX_FRAME as u32 + 1).to_be_bytes(), MAX_FRAME).unwrap_err();
-        assert!(matches!(e, ClusterError::FrameTooLarge { .. }));
-        assert!(split(&(MAX_FRAME as u32).to_be_bytes(), MAX_FRAME).unwrap().is_none());
+        checks::oversized_refused_on_the_header(split, MAX_FRAME);
     }
 
     #[test]
     fn incomplete_trailing_and_empty_frames() {
         let frame = Message::Ack { origin: id(3), seq: 1 }.encode();
-        for cut in 0..frame.len() {
-            assert!(split(&frame[..cut], MAX_FRAME).unwrap().is_none(), "cut at {cut}");
-        }
-        let mut longer = frame.clone();
-        longer[3] += 1;
-        longer.push(0);
-        assert!(
-            matches!(split(&longer, MAX_FRAME), Err(ClusterError::Malformed(m)) if m.contains("trailing"))
-        );
-        assert!(matches!(split(&[0, 0, 0, 0], MAX_FRAME), Err(ClusterError::Malformed(_))));
-        assert!(matches!(split(&[0, 0, 0, 1, WIRE_VERSION], MAX_FRAME), Err(ClusterError::Malformed(_))));
+        checks::incomplete_trailing_and_empty(&frame, WIRE_VERSION, split, MAX_FRAME);
     }
 
     fn random_message(rng: &mut SeededRng) -> Message {
@@ -427,35 +511,8 @@ mod tests {
         }
     }
 
-    /// Seeded round trips, several frames in one buffer; then the same
-    /// frames with random bytes flipped, cut or inserted must give a message
-    /// or an error, never a panic (the fuzz target in tests/fuzz explores
-    /// this much further).
     #[test]
     fn seeded_round_trips_and_mutations() {
-        for seed in 0..300 {
-            let mut rng = SeededRng::new(seed);
-            let msgs: Vec<Message> = (0..5).map(|_| random_message(&mut rng)).collect();
-            let mut buf: Vec<u8> = msgs.iter().flat_map(Message::encode).collect();
-            let mut at = 0;
-            for m in &msgs {
-                let (back, used) = split(&buf[at..], MAX_FRAME).unwrap().unwrap();
-                assert_eq!(&back, m, "seed {seed}");
-                at += used;
-            }
-            assert_eq!(at, buf.len());
-            for _ in 0..20 {
-                let i = rng.below(buf.len() as u64) as usize;
-                match rng.below(3) {
-                    0 => buf[i] ^= 1 << rng.below(8),
-                    1 => buf.truncate(i.max(1)),
-                    _ => buf.insert(i, rng.next_u64() as u8),
-                }
-                let mut rest = &buf[..];
-                while let Ok(Some((_, used))) = split(rest, 64 << 10) {
-                    rest = &rest[used..];
-                }
-            }
-        }
+        checks::seeded_round_trips_and_mutations(random_message, Message::encode, split, MAX_FRAME);
     }
 }

@@ -8,6 +8,8 @@
 //! reach the node through the narrow `drivers::NodeCore` interface. See
 //! docs/design/peer-link.md.
 
+pub mod disk_frame;
+pub mod disk_repl;
 pub mod drivers;
 pub mod frame;
 pub mod imagecopy;
@@ -18,6 +20,8 @@ pub mod transport;
 
 // The peer link's default port lives with the other defaults.
 pub use crate::config::DEFAULT_LINK_PORT;
+/// A replica's consistency state (disk frames, the data plane, the API).
+pub use disk_frame::ReplicaState;
 
 use std::net::SocketAddr;
 use uuid::Uuid;

@@ -301,6 +301,35 @@ pub enum Handshake {
         nonce: String,
         proof: String,
     },
+    /// The paired node asks about or hands over VMs (the proof covers `op`).
+    Vm {
+        from: Uuid,
+        at_ms: u64,
+        nonce: String,
+        op: VmPeerOp,
+        proof: String,
+    },
+}
+
+/// What one paired node asks of the other about VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum VmPeerOp {
+    /// The owner and epoch of every VM as the answering node holds them:
+    /// asked before a node starts VMs the peer could have taken over.
+    Epochs,
+    /// A planned move: the asking node stopped `vm` and handed it to the
+    /// answering node at `epoch`; start it there.
+    Start { vm: Uuid, epoch: u64 },
+}
+
+/// A VM's owner and epoch, as one node holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmEpoch {
+    pub vm: Uuid,
+    pub owner: Uuid,
+    pub epoch: u64,
 }
 
 impl Handshake {
@@ -318,7 +347,9 @@ impl Handshake {
                 hex_field::<8>("invite", invite)?;
                 proof
             }
-            Handshake::Resolve { nonce, proof, .. } | Handshake::Unpair { nonce, proof, .. } => {
+            Handshake::Resolve { nonce, proof, .. }
+            | Handshake::Unpair { nonce, proof, .. }
+            | Handshake::Vm { nonce, proof, .. } => {
                 hex_field::<16>("nonce", nonce)?;
                 proof
             }
@@ -333,6 +364,16 @@ impl Handshake {
             Handshake::Abort { .. } => "abort",
             Handshake::Resolve { .. } => "resolve",
             Handshake::Unpair { .. } => "unpair",
+            Handshake::Vm { .. } => "vm",
+        }
+    }
+
+    /// What the proof signs as the step: the op's JSON for `vm`, so a
+    /// proof for one op does not pass for another.
+    fn signed_step(&self) -> String {
+        match self {
+            Handshake::Vm { op, .. } => format!("vm/{}", serde_json::to_string(op).expect("ops serialize")),
+            other => other.step().to_string(),
         }
     }
 }
@@ -348,6 +389,9 @@ pub struct HandshakeReply {
     pub inviter: Option<NodeInfo>,
     #[serde(default)]
     pub proof: Option<String>,
+    /// `vm` `epochs` only: the answering node's VMs.
+    #[serde(default)]
+    pub epochs: Option<Vec<VmEpoch>>,
 }
 
 /// A pairing both sides agree on: the peer and the key they share.
@@ -529,6 +573,7 @@ impl Inviter {
             paired: false,
             inviter: Some(self.me.clone()),
             proof: Some(hex::encode(t.mac(&inv.key, "accept"))),
+            epochs: None,
         };
         inv.state =
             InviteState::Prepared { joiner: joiner.clone(), nonce, deadline_ms: now_ms + COMMIT_WINDOW_MS };
@@ -708,7 +753,25 @@ pub fn peer_request(
     }
 }
 
-/// Checks a `resolve` or `unpair` from `peer` (our peer's id and pair key).
+/// A `vm` request to the paired node, authenticated with the pair key.
+pub fn peer_vm_request(
+    op: VmPeerOp,
+    pair_key: &[u8],
+    from: Uuid,
+    to: Uuid,
+    now_ms: u64,
+    nonce: [u8; 16],
+) -> Handshake {
+    let mut req = Handshake::Vm { from, at_ms: now_ms, nonce: hex::encode(nonce), op, proof: String::new() };
+    let k = hmac::Key::new(hmac::HMAC_SHA256, pair_key);
+    let signed = hex::encode(hmac::sign(&k, &peer_message(&req.signed_step(), from, to, now_ms, &nonce)));
+    if let Handshake::Vm { proof, .. } = &mut req {
+        *proof = signed;
+    }
+    req
+}
+
+/// Checks a `resolve`, `unpair` or `vm` from `peer` (our peer's id and pair key).
 pub fn verify_peer_request(
     req: &Handshake,
     me: Uuid,
@@ -716,8 +779,9 @@ pub fn verify_peer_request(
     pair_key: &[u8],
     now_ms: u64,
 ) -> Result<()> {
-    let (Handshake::Resolve { from, at_ms, nonce, proof } | Handshake::Unpair { from, at_ms, nonce, proof }) =
-        req
+    let (Handshake::Resolve { from, at_ms, nonce, proof }
+    | Handshake::Unpair { from, at_ms, nonce, proof }
+    | Handshake::Vm { from, at_ms, nonce, proof, .. }) = req
     else {
         return Err(PairError::Malformed("not a peer request".into()));
     };
@@ -727,7 +791,7 @@ pub fn verify_peer_request(
         return Err(PairError::NotPeer);
     }
     let k = hmac::Key::new(hmac::HMAC_SHA256, pair_key);
-    if hmac::verify(&k, &peer_message(req.step(), *from, me, *at_ms, &nonce), &given).is_err() {
+    if hmac::verify(&k, &peer_message(&req.signed_step(), *from, me, *at_ms, &nonce), &given).is_err() {
         return Err(PairError::NotPeer);
     }
     Ok(())

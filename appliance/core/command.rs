@@ -127,6 +127,10 @@ pub enum Command {
     PeerUnpair {
         force: bool,
     },
+    /// Take the (dead) peer's VMs over here.
+    PeerTakeover(crate::types::PeerTakeover),
+    /// Planned move of a VM to the peer.
+    VmMove(String),
     /// A host update bundle (`novacron update apply`).
     ApplyUpdate {
         checksum: Option<String>,
@@ -280,6 +284,7 @@ actions! {
     VmPause = "vm.pause", OPERATOR, true, POST "/v1/vms/{id}/pause";
     VmResume = "vm.resume", OPERATOR, true, POST "/v1/vms/{id}/resume";
     VmClone = "vm.clone", OPERATOR, true, POST "/v1/vms/{id}/clone";
+    VmMove = "vm.move", OPERATOR, true, POST "/v1/vms/{id}/move";
     VmDiskAttach = "vm.disk.attach", OPERATOR, true, POST "/v1/vms/{id}/disks";
     VmDiskDetach = "vm.disk.detach", OPERATOR, true, DELETE "/v1/vms/{id}/disks/{device}";
     VmDiskResize = "vm.disk.resize", OPERATOR, true, POST "/v1/vms/{id}/disks/{device}/resize";
@@ -306,6 +311,7 @@ actions! {
     HostUpdate = "host.update", ADMIN, true, POST "/v1/host/update";
     PeerGet = "peer.get", VIEWER, false, GET "/v1/peer";
     PeerUnpair = "peer.unpair", ADMIN, true, DELETE "/v1/peer";
+    PeerTakeover = "peer.takeover", ADMIN, true, POST "/v1/peer/takeover";
     PeerInvite = "peer.invite", ADMIN, true, POST "/v1/peer/invite";
     PeerJoin = "peer.join", ADMIN, true, POST "/v1/peer/join";
     // Not audited per request (anyone may send one); the steps that change
@@ -357,6 +363,8 @@ impl Command {
             Command::PeerHandshake(_) => Action::PeerHandshake,
             Command::PeerStatus => Action::PeerGet,
             Command::PeerUnpair { .. } => Action::PeerUnpair,
+            Command::PeerTakeover(_) => Action::PeerTakeover,
+            Command::VmMove(_) => Action::VmMove,
         }
     }
 
@@ -377,7 +385,8 @@ impl Command {
             Command::GetVm(vm)
             | Command::UpdateVm(vm, _)
             | Command::DeleteVm { vm, .. }
-            | Command::VmAction { vm, .. } => vm.clone(),
+            | Command::VmAction { vm, .. }
+            | Command::VmMove(vm) => vm.clone(),
             Command::CloneVm(vm, c) => format!("{vm} -> {}", c.name),
             Command::AttachDisk(vm, _)
             | Command::ListSnapshots(vm)
@@ -456,6 +465,8 @@ pub enum Reply {
     Peer(Box<crate::types::PeerView>),
     PeerHandshake(crate::cluster::pairing::HandshakeReply),
     PeerUnpaired(crate::types::PeerUnpaired),
+    Takeover(crate::types::TakeoverReport),
+    VmMoved(Box<crate::types::VmMoved>),
     /// An update was verified and handed to the installer.
     UpdateAccepted(Box<crate::types::UpdateView>),
 }

@@ -69,6 +69,17 @@ pub enum CoreError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
+    /// The data plane (the process serving replicated disks) failed or does
+    /// not answer.
+    #[error("data plane: {0}")]
+    Dataplane(String),
+    /// A replica may not be promoted or moved in its state; the message
+    /// says what it is and what would allow it.
+    #[error("{0}")]
+    ReplicaNotReady(String),
+    /// The operation is not available for this VM; the message says why.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -97,6 +108,9 @@ impl CoreError {
             CoreError::StaleEpoch { .. } => (Conflict, "stale_epoch"),
             CoreError::InsufficientMemory { .. } => (Conflict, "insufficient_memory"),
             CoreError::NotReady(_) => (Unavailable, "not_ready"),
+            CoreError::Dataplane(_) => (Unavailable, "dataplane_unavailable"),
+            CoreError::Unsupported(_) => (Conflict, "unsupported"),
+            CoreError::ReplicaNotReady(_) => (Conflict, "replica_not_ready"),
             CoreError::InUse { .. } => (Conflict, "in_use"),
             CoreError::LastAdmin(_) => (Conflict, "last_admin"),
             CoreError::Overlap(_) => (Conflict, "subnet_overlap"),

@@ -173,6 +173,127 @@ pub fn peer_check(
     }
 }
 
+/// How long a replicated disk's watched copy (the peer's on the owner, the
+/// replica on the peer) may stay outdated or inconsistent before its check
+/// is critical: long enough for a link flap or a restart of either node's
+/// data plane to heal on its own (ack timeout 2 s, redial within 5 s, then
+/// a delta resync), short enough that a node failure would not find a copy
+/// missing many minutes of writes. The `NovacronDiskReplicaNotUpToDate`
+/// alert uses the same duration.
+pub const REPLICA_GRACE: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn human_bytes(b: u64) -> String {
+    match b {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64),
+        b => format!("{} KiB", b.div_ceil(1024)),
+    }
+}
+
+fn human_duration(d: std::time::Duration) -> String {
+    match d.as_secs() {
+        s if s >= 3600 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        s if s >= 60 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
+/// The check of one replicated disk, named `replica:<vm>/<device>`: ok when
+/// the watched copy is up to date and connected; a warning while it syncs,
+/// while the link is down, while async lag exceeds max_lag_seconds, and for
+/// the first [`REPLICA_GRACE`] of an outdated or inconsistent copy;
+/// critical after that, or when the data plane does not say.
+pub fn replica_check(r: &super::disk_watch::ReplicatedDisk) -> HealthCheck {
+    let d = &r.disk;
+    let name = format!("replica:{}/{}", r.vm_name, d.device);
+    let mode = r.spec.mode.as_str();
+    // The copy that matters: the peer's for this node's VM, this node's
+    // for a replica it holds.
+    let (whose, state) = if r.primary {
+        ("the peer's copy", d.peer.as_deref().unwrap_or("unknown"))
+    } else {
+        ("this node's replica", d.local.as_str())
+    };
+    let detail = if d.detail.is_empty() { String::new() } else { format!(" ({})", d.detail) };
+    if d.local == "unknown" || state == "unknown" {
+        return check(&name, CheckStatus::Critical, format!("replication state unknown{detail}"));
+    }
+    let link = if d.connected { "link up" } else { "link to the peer down" };
+    match state {
+        "up_to_date" if !d.connected => check(
+            &name,
+            CheckStatus::Warning,
+            format!(
+                "{whose} is up to date as of the last write it got, but the link to the peer is down: \
+                 it falls behind with the next write ({mode}){detail}"
+            ),
+        ),
+        "up_to_date"
+            if r.spec.mode == crate::types::ReplicationMode::Async
+                && d.lag_seconds > r.spec.max_lag_seconds as f64 =>
+        {
+            check(
+                &name,
+                CheckStatus::Warning,
+                format!(
+                    "{whose} lags {:.0} s behind ({} unacknowledged), more than max_lag_seconds {}: \
+                     check the link's bandwidth and the peer's disk",
+                    d.lag_seconds,
+                    human_bytes(d.lag_bytes),
+                    r.spec.max_lag_seconds
+                ),
+            )
+        }
+        "up_to_date" => {
+            let lag = if r.spec.mode == crate::types::ReplicationMode::Async {
+                format!(", lag {:.1} s of {} s allowed", d.lag_seconds, r.spec.max_lag_seconds)
+            } else {
+                String::new()
+            };
+            check(&name, CheckStatus::Ok, format!("{whose} is up to date ({mode}, {link}{lag})"))
+        }
+        "syncing" => {
+            let progress = d.sync.as_ref().map_or(String::new(), |s| {
+                let pct = (s.bytes_done * 100).checked_div(s.bytes_total).unwrap_or(0);
+                let eta = s.eta_seconds.map_or(String::new(), |e| format!(", about {e:.0} s left"));
+                format!(": {} {pct}% of {}{eta}", s.kind, human_bytes(s.bytes_total))
+            });
+            check(
+                &name,
+                CheckStatus::Warning,
+                format!("{whose} is being synced{progress}; the VM is not protected until it is done"),
+            )
+        }
+        _ => {
+            let why = if state == "inconsistent" {
+                "a full sync has not completed, so it is no usable copy"
+            } else {
+                "it lacks the writes made since the link was lost"
+            };
+            let (status, is) = match r.not_current_for {
+                Some(t) if t >= REPLICA_GRACE => {
+                    (CheckStatus::Critical, format!("has been {state} for {}", human_duration(t)))
+                }
+                Some(t) => (CheckStatus::Warning, format!("has been {state} for {}", human_duration(t))),
+                None => (CheckStatus::Warning, format!("is {state}")),
+            };
+            let backlog = if d.dirty_bytes > 0 {
+                format!(", {} to resync", human_bytes(d.dirty_bytes))
+            } else {
+                String::new()
+            };
+            check(
+                &name,
+                status,
+                format!(
+                    "{whose} {is}: {why} ({link}{backlog}); a failover now would lose data: \
+                     check `novacron peer status` and the network to the peer{detail}"
+                ),
+            )
+        }
+    }
+}
+
 impl Core {
     /// Every file a managed VM or an image record refers to.
     fn needed_files(&self) -> Vec<NeededFile> {
@@ -281,6 +402,7 @@ impl Core {
             Ok(c) => conflicts_check(&c, crate::store::now_ms()),
             Err(e) => check("conflicts", CheckStatus::Warning, format!("cannot read: {e}")),
         });
+        checks.extend(self.replicated_disks().0.iter().map(replica_check));
 
         let status = checks.iter().map(|c| c.status).max().unwrap_or(CheckStatus::Ok);
         HealthReport { status, node: self.node.id, version: crate::VERSION.into(), checks }
@@ -405,5 +527,96 @@ mod tests {
         assert_eq!((c.status, c.message.as_str()), (CheckStatus::Warning, "missing: image deb (/i/deb)"));
         assert_eq!(files_check(&needed, |p| p != "/d/vda").status, CheckStatus::Critical);
         assert_eq!(files_check(&[], |_| false).status, CheckStatus::Ok);
+    }
+
+    #[test]
+    fn replicated_disks_map_to_ok_warning_critical() {
+        use super::super::disk_watch::ReplicatedDisk;
+        use crate::types::{DiskReplica, ReplicationMode, ReplicationSpec, SyncProgress};
+        use std::time::Duration;
+        let disk = |local: &str, peer: Option<&str>, connected| DiskReplica {
+            device: "vda".into(),
+            local: local.into(),
+            peer: peer.map(Into::into),
+            connected,
+            sync: None,
+            lag_bytes: 0,
+            lag_seconds: 0.0,
+            dirty_bytes: 0,
+            sync_bytes_total: 0,
+            detail: String::new(),
+        };
+        let r = |mode, d: DiskReplica, bad: Option<u64>| ReplicatedDisk {
+            vm_id: uuid::Uuid::from_u128(1),
+            vm_name: "web".into(),
+            primary: d.peer.is_some(),
+            spec: ReplicationSpec { mode, max_lag_seconds: 30 },
+            disk: d,
+            write_wait: None,
+            not_current_for: bad.map(Duration::from_secs),
+        };
+        let sync = ReplicationMode::Sync;
+        let ok = replica_check(&r(sync, disk("up_to_date", Some("up_to_date"), true), None));
+        assert_eq!(
+            (ok.name.as_str(), ok.status, ok.message.as_str()),
+            ("replica:web/vda", CheckStatus::Ok, "the peer's copy is up to date (sync, link up)")
+        );
+        // Cut: the link first, then the outdated mark; critical past the grace.
+        let c = replica_check(&r(sync, disk("up_to_date", Some("up_to_date"), false), None));
+        assert_eq!(c.status, CheckStatus::Warning, "{}", c.message);
+        let mut d = disk("up_to_date", Some("outdated"), false);
+        d.dirty_bytes = 3 << 20;
+        let c = replica_check(&r(sync, d.clone(), Some(40)));
+        assert_eq!(c.status, CheckStatus::Warning);
+        assert_eq!(
+            c.message,
+            "the peer's copy has been outdated for 40 s: it lacks the writes made since the link was lost \
+             (link to the peer down, 3.0 MiB to resync); a failover now would lose data: \
+             check `novacron peer status` and the network to the peer"
+        );
+        let c = replica_check(&r(sync, d, Some(REPLICA_GRACE.as_secs() + 60)));
+        assert_eq!(c.status, CheckStatus::Critical);
+        assert!(c.message.contains("for 6 min"), "{}", c.message);
+        // A resync is a warning however long the outage was.
+        let mut d = disk("up_to_date", Some("syncing"), true);
+        d.sync = Some(SyncProgress {
+            kind: "delta".into(),
+            bytes_done: 1 << 20,
+            bytes_total: 4 << 20,
+            rate_bytes_per_sec: 1e6,
+            eta_seconds: Some(3.2),
+        });
+        let c = replica_check(&r(sync, d, Some(3600)));
+        assert_eq!(c.status, CheckStatus::Warning);
+        assert!(c.message.contains("being synced: delta 25% of 4.0 MiB, about 3 s left"), "{}", c.message);
+        // Async: lag past max_lag_seconds warns.
+        let mut d = disk("up_to_date", Some("up_to_date"), true);
+        d.lag_seconds = 45.0;
+        let c = replica_check(&r(ReplicationMode::Async, d.clone(), None));
+        assert_eq!(c.status, CheckStatus::Warning);
+        assert!(c.message.contains("more than max_lag_seconds 30"), "{}", c.message);
+        d.lag_seconds = 2.0;
+        assert_eq!(replica_check(&r(ReplicationMode::Async, d, None)).status, CheckStatus::Ok);
+        // A replica held for the peer: its own copy counts.
+        let c = replica_check(&r(sync, disk("up_to_date", None, true), None));
+        assert_eq!(
+            (c.status, c.message.as_str()),
+            (CheckStatus::Ok, "this node's replica is up to date (sync, link up)")
+        );
+        let c = replica_check(&r(sync, disk("inconsistent", None, false), Some(600)));
+        assert_eq!(c.status, CheckStatus::Critical);
+        assert!(
+            c.message.starts_with("this node's replica has been inconsistent for 10 min: a full sync"),
+            "{}",
+            c.message
+        );
+        // The data plane does not answer.
+        let mut d = disk("unknown", None, false);
+        d.detail = "the data plane does not answer".into();
+        let c = replica_check(&r(sync, d, None));
+        assert_eq!(
+            (c.status, c.message.as_str()),
+            (CheckStatus::Critical, "replication state unknown (the data plane does not answer)")
+        );
     }
 }

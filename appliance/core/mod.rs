@@ -4,10 +4,14 @@
 //! start, updated after every commit), so reads never touch SQLite, and it
 //! serializes operations per VM with one async mutex each.
 
+mod autostart;
 mod command;
+mod dataplane;
+mod disk_watch;
 mod disks;
 mod error;
 pub mod events;
+mod failover;
 mod health;
 mod images;
 mod networks;
@@ -18,6 +22,7 @@ mod peer;
 mod peer_link;
 mod reconcile;
 pub mod replica;
+mod replica_files;
 #[cfg(test)]
 mod replica_tests;
 mod snapshots;
@@ -76,6 +81,8 @@ pub struct Core {
     state_lock: tokio::sync::Mutex<()>,
     /// VMs with an ACPI shutdown in flight: shown as shutting_down.
     shutting_down: Mutex<HashMap<Uuid, ()>>,
+    /// Wakes the reconciler at once (a VM was handed to the peer).
+    reconcile_now: tokio::sync::Notify,
     hv_info: Mutex<Option<HypervisorInfo>>,
     /// MAC -> address from the DHCP leases of NovaCron's NAT networks,
     /// refreshed by reconciliation.
@@ -102,6 +109,9 @@ pub struct Core {
     pub replication: crate::cluster::drivers::StatusCell,
     /// The image copy's progress (written by `image_copy`).
     pub image_files: crate::cluster::drivers::FilesCell,
+    /// The data plane's files, and its last status.
+    dataplane: dataplane::DataplanePaths,
+    dataplane_status: dataplane::DataplaneCache,
 }
 
 impl Core {
@@ -109,6 +119,7 @@ impl Core {
     /// to libvirt yet: the daemon must come up even when libvirt is down.
     pub fn open(cfg: Config, hv: Arc<dyn Hypervisor>, metrics: Arc<Metrics>) -> Result<Arc<Core>> {
         let paths = Paths::new(&cfg.data_dir);
+        let cfg_data_dir = cfg.data_dir.clone();
         paths
             .create()
             .map_err(|e| CoreError::Internal(format!("cannot create {}: {e}", paths.data_dir.display())))?;
@@ -156,6 +167,7 @@ impl Core {
             vm_locks: Mutex::new(HashMap::new()),
             create_lock: tokio::sync::Mutex::new(()),
             shutting_down: Mutex::new(HashMap::new()),
+            reconcile_now: tokio::sync::Notify::new(),
             hv_info: Mutex::new(None),
             leases: RwLock::new(HashMap::new()),
             tls_fingerprint: OnceLock::new(),
@@ -169,6 +181,8 @@ impl Core {
             peer: peer::PeerSide::load(peer_row),
             replication: Default::default(),
             image_files: Default::default(),
+            dataplane: dataplane::DataplanePaths::new(&cfg_data_dir),
+            dataplane_status: Default::default(),
         };
         Ok(Arc::new(core))
     }
@@ -323,6 +337,8 @@ impl Core {
             Command::PeerInvite(req) => self.peer_invite(req).await.map(Reply::PeerInvitation),
             Command::PeerJoin(req) => self.peer_join(req).await.map(|v| Reply::Peer(Box::new(v))),
             Command::PeerUnpair { force } => self.peer_unpair(force).await.map(Reply::PeerUnpaired),
+            Command::PeerTakeover(req) => self.peer_takeover(req).await.map(Reply::Takeover),
+            Command::VmMove(vm) => self.vm_move(&vm).await.map(|m| Reply::VmMoved(Box::new(m))),
             Command::UploadImage { name, checksum, length, body } => {
                 self.upload_image(&name, checksum, length, body).await.map(Reply::ImageCreated)
             }
@@ -412,7 +428,8 @@ impl Core {
         use serde_json::json;
         match change {
             Change::VmPut(vm) => {
-                self.vms.write().unwrap().insert(vm.id, vm.clone());
+                let old = self.vms.write().unwrap().insert(vm.id, vm.clone());
+                self.mark_removed_replicas(old.as_ref(), Some(vm));
             }
             Change::VmState { id, state, at } => {
                 let mut vms = self.vms.write().unwrap();
@@ -428,7 +445,8 @@ impl Core {
                 }
             }
             Change::VmDelete { id } => {
-                self.vms.write().unwrap().remove(id);
+                let old = self.vms.write().unwrap().remove(id);
+                self.mark_removed_replicas(old.as_ref(), None);
                 self.snapshots.write().unwrap().retain(|s| s.vm_id != *id);
             }
             Change::TokenPut(t) => {
@@ -543,7 +561,11 @@ impl Core {
             }
         }
         let facts = crate::host::facts().unwrap_or_default();
+        let (replicated, protection) = self.replicated_disks();
+        let (replica_disks, vm_protection) = disk_watch::samples(&replicated, &protection);
         let snap = crate::telemetry::metrics::Snapshot {
+            replica_disks: &replica_disks,
+            vm_protection: &vm_protection,
             vms_by_state: &counts,
             unmanaged_domains: self.unmanaged.read().unwrap().len() as u64,
             host_memory_total_bytes: facts.memory_total_mib * 1024 * 1024,

@@ -44,6 +44,8 @@ pub(super) fn replica(name: &str, owner: Uuid, state: VmState) -> VmRecord {
         state,
         created_at: now,
         updated_at: now,
+        replication: None,
+        autostart_priority: 0,
     }
 }
 
@@ -230,4 +232,36 @@ async fn a_closed_store_takes_no_more_changes() {
     let stored = Store::open(&core.paths.db).unwrap().vms().unwrap();
     assert_eq!(stored.iter().map(|v| v.id).collect::<Vec<_>>(), [id], "a change reached the store");
     cleanup(&core, &[id]).await;
+}
+
+#[tokio::test]
+async fn a_replicated_vm_the_peer_took_over_is_stopped_here_at_once() {
+    let peer = Uuid::new_v4();
+    let spec =
+        crate::types::ReplicationSpec { mode: crate::types::ReplicationMode::Sync, max_lag_seconds: 10 };
+    let mut taken = replica("taken", peer, VmState::Running);
+    taken.replication = Some(spec);
+    let mut theirs = replica("theirs", peer, VmState::Running);
+    theirs.replication = Some(spec);
+    let core = core_with("stale", &[taken.clone(), theirs.clone()]);
+    // `taken` still runs from this node's definition (it was cut off while
+    // the peer took it over); `theirs` is the peer's own domain (one libvirt
+    // shared by two daemons, as in the pair tests).
+    let mine = crate::hypervisor::xml::domain_xml(&core.domain_spec(&taken));
+    let mut other_spec = core.domain_spec(&theirs);
+    other_spec.node_id = peer;
+    let other = crate::hypervisor::xml::domain_xml(&other_spec);
+    let (a, b) = (taken.id, theirs.id);
+    core.hv_call(move |hv| {
+        hv.define(&mine)?;
+        hv.start(a)?;
+        hv.define(&other)?;
+        hv.start(b)
+    })
+    .await
+    .unwrap();
+    core.reconcile_all().await.unwrap();
+    assert_eq!(domain_state(&core, a).await, None, "the stale domain still exists");
+    assert_eq!(domain_state(&core, b).await, Some(DomainState::Running), "the peer's domain was touched");
+    cleanup(&core, &[a, b]).await;
 }

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Per attempt at one address of the other node.
@@ -106,7 +107,13 @@ fn is_pin_mismatch(e: &std::io::Error) -> bool {
 
 /// One handshake request to the other node, trying its addresses in order.
 /// Its answer is trusted only from the certificate with `fingerprint`.
-async fn call(
+/// What `GET /v1/peer` and `novacron status` say about failover until the
+/// witness (automatic failover) exists.
+pub(crate) const FAILOVER: &str = "manual: automatic failover is not configured (it needs a witness, \
+    not built yet). If the peer dies, confirm it is off, then run `novacron peer takeover --force` \
+    on this node";
+
+pub(super) async fn call(
     addrs: &[IpAddr],
     port: u16,
     fingerprint: &str,
@@ -337,7 +344,7 @@ impl Core {
 
     /// The inviter's side of a handshake step (no token: the proofs
     /// authenticate it).
-    pub(super) async fn peer_handshake(&self, req: Handshake) -> Result<HandshakeReply> {
+    pub(super) async fn peer_handshake(self: &Arc<Self>, req: Handshake) -> Result<HandshakeReply> {
         let step = req.step();
         let result = self.peer_handshake_step(req).await;
         if let Err(e) = &result {
@@ -346,7 +353,7 @@ impl Core {
         result
     }
 
-    async fn peer_handshake_step(&self, req: Handshake) -> Result<HandshakeReply> {
+    async fn peer_handshake_step(self: &Arc<Self>, req: Handshake) -> Result<HandshakeReply> {
         req.check()?;
         let current = self.peer_record();
         match &req {
@@ -372,7 +379,7 @@ impl Core {
                     "peer.paired",
                     serde_json::json!({"peer": {"id": peer.node_id, "name": peer.name}}),
                 );
-                Ok(HandshakeReply { paired: true, inviter: None, proof: None })
+                Ok(HandshakeReply { paired: true, inviter: None, proof: None, epochs: None })
             }
             Handshake::Abort { .. } => {
                 let _g = self.peer.lock.lock().await;
@@ -381,13 +388,20 @@ impl Core {
                     self.audit_peer(id, "abort").await;
                     tracing::info!(PEER_ID = %id, "pairing rolled back at the joiner's request");
                 }
-                Ok(HandshakeReply { paired: false, inviter: None, proof: None })
+                Ok(HandshakeReply { paired: false, inviter: None, proof: None, epochs: None })
+            }
+            Handshake::Vm { from, op, .. } => {
+                let Some(p) = self.peer_record().filter(|p| p.node.node_id == *from) else {
+                    return Err(PairError::NotPeer.into());
+                };
+                pairing::verify_peer_request(&req, self.node.id, p.node.node_id, &p.pair_key, now())?;
+                self.peer_vm_op(op.clone()).await
             }
             Handshake::Resolve { from, .. } | Handshake::Unpair { from, .. } => {
                 let _g = self.peer.lock.lock().await;
                 let Some(p) = self.peer_record().filter(|p| p.node.node_id == *from) else {
                     // Not our peer (any more): nothing to prove or undo.
-                    return Ok(HandshakeReply { paired: false, inviter: None, proof: None });
+                    return Ok(HandshakeReply { paired: false, inviter: None, proof: None, epochs: None });
                 };
                 pairing::verify_peer_request(&req, self.node.id, p.node.node_id, &p.pair_key, now())?;
                 if matches!(req, Handshake::Resolve { .. }) {
@@ -395,16 +409,18 @@ impl Core {
                         paired: p.state == PeerState::Paired,
                         inviter: None,
                         proof: None,
+                        epochs: None,
                     });
                 }
                 self.store_peer(move |s| s.peer_delete(p.node.node_id).map(drop)).await?;
+                self.forget_peer_vms(p.node.node_id).await;
                 self.audit_peer(p.node.node_id, "unpair").await;
                 tracing::info!(PEER_ID = %p.node.node_id, PEER_NAME = %p.node.name, "unpaired at the peer's request");
                 self.events.publish(
                     "peer.unpaired",
                     serde_json::json!({"peer": {"id": p.node.node_id, "name": p.node.name}, "by": "peer"}),
                 );
-                Ok(HandshakeReply { paired: false, inviter: None, proof: None })
+                Ok(HandshakeReply { paired: false, inviter: None, proof: None, epochs: None })
             }
         }
     }
@@ -493,6 +509,9 @@ impl Core {
         };
         let id = p.node.node_id;
         self.store_peer(move |s| s.peer_delete(id).map(drop)).await?;
+        if notified {
+            self.forget_peer_vms(id).await;
+        }
         tracing::info!(PEER_ID = %p.node.node_id, PEER_NAME = %p.node.name, peer_notified = notified, "unpaired");
         self.events.publish(
             "peer.unpaired",
@@ -521,6 +540,7 @@ impl Core {
             link,
             replication,
             disks: Vec::new(),
+            failover: FAILOVER.into(),
         }
     }
 }

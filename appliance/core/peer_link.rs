@@ -32,6 +32,11 @@ impl Core {
         self.peer.link.subscribe()
     }
 
+    /// The peer link is up now.
+    pub(super) fn peer_link_up(&self) -> bool {
+        self.peer_link_status().is_some_and(|s| s.link.state == LinkState::Up)
+    }
+
     /// The link's status now, or None when no link runs.
     pub fn peer_link_status(&self) -> Option<TransportStatus> {
         self.peer.link.borrow().as_ref().map(LinkHandle::status)

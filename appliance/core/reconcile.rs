@@ -32,6 +32,11 @@ impl Core {
             // A replica of the peer's VM: its state is the owner's to
             // report, and defining it here would run it twice.
             if !self.owns(vm) {
+                // Here with a stale epoch: the peer took it over or it
+                // moved while this node was cut off or frozen.
+                if vm.replication.is_some() && domains.iter().any(|d| d.uuid == vm.id) {
+                    self.stop_stale(vm).await;
+                }
                 continue;
             }
             match domains.iter().find(|d| d.uuid == vm.id) {
@@ -130,6 +135,11 @@ impl Core {
         loop {
             tokio::select! {
                 _ = stop.wait() => return Ok(()),
+                _ = self.reconcile_now.notified() => {
+                    if let Err(e) = self.reconcile_all().await {
+                        tracing::warn!(error = %e, "reconciliation failed");
+                    }
+                }
                 _ = tick.tick() => {
                     if !subscribed {
                         let tx = tx.clone();
@@ -158,38 +168,6 @@ impl Core {
                     }
                 }
             }
-        }
-    }
-}
-
-impl Core {
-    /// Starts the VMs marked autostart once per host boot. The boot is
-    /// identified by the kernel's boot id, remembered in the data dir, so a
-    /// daemon restart does not restart guests someone stopped on purpose.
-    pub async fn autostart_after_boot(self: &Arc<Self>) {
-        let Ok(boot_id) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else { return };
-        let marker = self.paths.data_dir.join("autostart-boot-id");
-        if std::fs::read_to_string(&marker).is_ok_and(|seen| seen.trim() == boot_id.trim()) {
-            return;
-        }
-        let due: Vec<_> = self
-            .vms
-            .read()
-            .unwrap()
-            .values()
-            .filter(|v| v.autostart && v.state == VmState::Stopped && self.owns(v))
-            .map(|v| v.id)
-            .collect();
-        let caller = Core::local_admin(0);
-        for id in due {
-            let cmd = super::Command::VmAction { vm: id.to_string(), action: super::VmAction::Start };
-            match self.execute(&caller, cmd).await {
-                Ok(_) => tracing::info!(VM_ID = %id, "autostarted"),
-                Err(e) => tracing::warn!(VM_ID = %id, error = %e, "autostart failed"),
-            }
-        }
-        if let Err(e) = std::fs::write(&marker, boot_id.trim()) {
-            tracing::warn!(error = %e, "cannot record the autostart boot id");
         }
     }
 }

@@ -181,6 +181,7 @@ impl Core {
         let change = Change::decode(&bytes)
             .map_err(|e| CoreError::invalid("change", format!("change {seq} of node {origin}: {e}")))?;
         let _order = self.commit_lock.lock().await;
+        self.premark_removed_replicas([&change]);
         let applied = self.store_call(move |s| s.apply_remote(origin, seq, &change)).await?;
         self.after_remote(&applied);
         Ok(applied)
@@ -198,6 +199,7 @@ impl Core {
                 CoreError::invalid("change", format!("change {seq} of node {origin}: {e}"))
             })?;
         let _order = self.commit_lock.lock().await;
+        self.premark_removed_replicas(decoded.iter().map(|(_, c)| c));
         let applied = self.store_call(move |s| s.apply_remote_batch(origin, &decoded)).await?;
         for a in &applied {
             self.after_remote(a);
@@ -228,10 +230,29 @@ impl Core {
         // file under another name.
         let mut gone = Vec::new();
         for effect in effects {
+            if let Change::VmPut(v) = effect {
+                // Handed to the peer (a takeover there): a domain still
+                // here must stop now, not at the next reconcile tick.
+                let was_ours = self.vms.read().unwrap().get(&v.id).is_some_and(|old| self.owns(old));
+                if was_ours && !self.owns(v) {
+                    self.reconcile_now.notify_one();
+                }
+            }
             if let Change::ImageDelete { name } = effect {
                 gone.extend(self.image_record(name).map(|r| self.local_image_path(&r)));
             }
             self.apply_to_cache(effect);
+        }
+        // A replicated VM of the peer's came, changed or went: the data
+        // plane holds its replicas as the record says, at once rather than
+        // at the keeper's next tick (the peer's primary is already
+        // attaching a new disk).
+        if effects.iter().any(|e| match e {
+            Change::VmPut(v) => v.replication.is_some(),
+            Change::VmDelete { .. } => true,
+            _ => false,
+        }) {
+            self.dataplane_status.kick.notify_one();
         }
         let kept: Vec<_> = self.image_records().iter().map(|r| self.local_image_path(r)).collect();
         for path in gone.into_iter().filter(|p| !kept.contains(p)) {

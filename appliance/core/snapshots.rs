@@ -36,6 +36,9 @@ impl Core {
     }
 
     pub(super) async fn create_snapshot(self: &Arc<Self>, r: &str, req: SnapshotCreate) -> Result<Snapshot> {
+        // QEMU does not hold these disks: a snapshot must be taken in the
+        // data plane (issue 11), never half-done by libvirt.
+        self.refuse_on_dataplane_disks(&self.find_owned(r)?, "a snapshot")?;
         valid_name(&req.name).map_err(|m| CoreError::invalid("name", m))?;
         // Characters, as the message (and the OpenAPI maxLength) say, not bytes.
         if req.description.chars().count() > 1024

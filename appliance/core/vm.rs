@@ -4,7 +4,7 @@ use super::{Core, CoreError, Reply, Result, VmAction};
 use crate::hypervisor::xml::{disk_target, DomainSpec};
 use crate::hypervisor::{disks, DomainState};
 use crate::store::{now_ms, Change, VmRecord};
-use crate::types::{valid_name, Disk, Nic, NicView, Vm, VmCreate, VmPatch, VmState};
+use crate::types::{valid_name, Disk, Nic, NicView, Vm, VmCreate, VmPatch, VmState, AUTOSTART_PRIORITIES};
 use crate::util::rfc3339;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -37,7 +37,12 @@ pub(super) struct PlannedDisk {
 }
 
 /// The limits shared by create and edit; `None` means "not given".
-fn check_limits(vcpus: Option<u32>, memory_mib: Option<u64>, shutdown_timeout: Option<u64>) -> Result<()> {
+fn check_limits(
+    vcpus: Option<u32>,
+    memory_mib: Option<u64>,
+    shutdown_timeout: Option<u64>,
+    autostart_priority: Option<i32>,
+) -> Result<()> {
     if vcpus.is_some_and(|v| v == 0 || v > MAX_VCPUS) {
         return Err(CoreError::invalid("vcpus", format!("must be between 1 and {MAX_VCPUS}")));
     }
@@ -51,6 +56,16 @@ fn check_limits(vcpus: Option<u32>, memory_mib: Option<u64>, shutdown_timeout: O
         return Err(CoreError::invalid(
             "shutdown_timeout_secs",
             format!("must be between 1 and {MAX_SHUTDOWN_TIMEOUT}"),
+        ));
+    }
+    if autostart_priority.is_some_and(|p| !AUTOSTART_PRIORITIES.contains(&p)) {
+        return Err(CoreError::invalid(
+            "autostart_priority",
+            format!(
+                "must be between {} and {} (higher starts first)",
+                AUTOSTART_PRIORITIES.start(),
+                AUTOSTART_PRIORITIES.end()
+            ),
         ));
     }
     Ok(())
@@ -104,10 +119,12 @@ impl Core {
                 .collect(),
             cloud_init: vm.cloud_init.is_some(),
             autostart: vm.autostart,
+            autostart_priority: vm.autostart_priority,
             shutdown_timeout_secs: self.shutdown_timeout(vm),
             managed: true,
             owner_node: Some(vm.owner_node),
             epoch: vm.epoch,
+            replication: vm.replication.map(|r| self.kept_replica_view(vm, self.replication_view(vm, r))),
             created_at: rfc3339(vm.created_at),
             updated_at: rfc3339(vm.updated_at),
         }
@@ -125,10 +142,12 @@ impl Core {
             nics: Vec::new(),
             cloud_init: false,
             autostart: false,
+            autostart_priority: 0,
             shutdown_timeout_secs: 0,
             managed: false,
             owner_node: None,
             epoch: 0,
+            replication: None,
             created_at: rfc3339(0),
             updated_at: rfc3339(0),
         }
@@ -255,8 +274,11 @@ impl Core {
                     crate::util::create_vm_dir(dir)
                         .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
                 }
-                crate::images::copy_to_qcow2(base, format, path)
-                    .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
+                let copied = match vm.replication {
+                    Some(_) => crate::images::copy_to_raw(base, format, path),
+                    None => crate::images::copy_to_qcow2(base, format, path),
+                };
+                copied.map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
             }
         }
         Core::ensure_disks(vm, seed)
@@ -281,7 +303,12 @@ impl Core {
     /// Checks a create request completely before anything is changed.
     fn validate_create(&self, spec: &VmCreate) -> Result<CreatePlan> {
         valid_name(&spec.name).map_err(|m| CoreError::invalid("name", m))?;
-        check_limits(Some(spec.vcpus), Some(spec.memory_mib), spec.shutdown_timeout_secs)?;
+        check_limits(
+            Some(spec.vcpus),
+            Some(spec.memory_mib),
+            spec.shutdown_timeout_secs,
+            Some(spec.autostart_priority),
+        )?;
         self.check_vcpus(Some(spec.vcpus))?;
         if spec.disks.len() > MAX_DISKS {
             return Err(CoreError::invalid("disks", format!("at most {MAX_DISKS} disks")));
@@ -341,7 +368,7 @@ impl Core {
             domain_type: self.cfg.hypervisor.domain_type.clone(),
             vcpus: vm.vcpus,
             memory_mib: vm.memory_mib,
-            disks: vm.disks.iter().map(|d| PathBuf::from(&d.path)).collect(),
+            disks: vm.disks.iter().map(|d| self.disk_source(vm, d)).collect(),
             nics: vm
                 .nics
                 .iter()
@@ -435,9 +462,10 @@ impl Core {
                 crate::util::create_vm_dir(dir)
                     .map_err(|e| crate::hypervisor::HypervisorError::Disk(e.to_string()))?;
             }
-            match &d.image {
-                Some(base) => disks::create_overlay(path, Path::new(base))?,
-                None => disks::create_blank(path, d.size_bytes)?,
+            match (&d.image, vm.replication) {
+                (Some(base), _) => disks::create_overlay(path, Path::new(base))?,
+                (None, Some(_)) => disks::create_blank_raw(path, d.size_bytes)?,
+                (None, None) => disks::create_blank(path, d.size_bytes)?,
             }
         }
         Ok(())
@@ -471,6 +499,13 @@ impl Core {
         let id = Uuid::new_v4();
         let _guard = self.lock_vm(id, &spec.name).await?;
         let dir = self.paths.disks.join(id.to_string());
+        let replication = self.plan_replication(spec.replication)?;
+        // Data-plane disks are raw files, always full copies of an image.
+        let ext = if replication.is_some() { "raw" } else { "qcow2" };
+        let disk_plan: Vec<PlannedDisk> = match replication {
+            Some(_) => disk_plan.into_iter().map(|p| PlannedDisk { copy: p.base.is_some(), ..p }).collect(),
+            None => disk_plan,
+        };
         let now = now_ms();
         let mut vm = VmRecord {
             id,
@@ -482,7 +517,7 @@ impl Core {
                 .enumerate()
                 .map(|(i, p)| Disk {
                     device: disk_target(i),
-                    path: dir.join(format!("{}.qcow2", disk_target(i))).display().to_string(),
+                    path: dir.join(format!("{}.{ext}", disk_target(i))).display().to_string(),
                     size_bytes: p.size,
                     // A copy does not depend on its image afterwards.
                     image: p.base.as_ref().filter(|_| !p.copy).map(|(b, _)| b.display().to_string()),
@@ -497,8 +532,10 @@ impl Core {
             cloud_init: spec.cloud_init.clone(),
             shutdown_timeout_secs: spec.shutdown_timeout_secs,
             autostart: spec.autostart,
+            autostart_priority: spec.autostart_priority,
             owner_node: self.node.id,
             epoch: 1,
+            replication,
             // Recorded first as an intent: if the daemon dies before libvirt
             // has the domain, reconciliation finishes the job.
             state: VmState::Missing,
@@ -536,7 +573,7 @@ impl Core {
     }
 
     pub(super) async fn update_vm(self: &Arc<Self>, r: &str, patch: VmPatch) -> Result<Vm> {
-        check_limits(patch.vcpus, patch.memory_mib, patch.shutdown_timeout_secs)?;
+        check_limits(patch.vcpus, patch.memory_mib, patch.shutdown_timeout_secs, patch.autostart_priority)?;
         self.check_vcpus(patch.vcpus)?;
         let (_guard, mut vm) = self.owned_vm(r).await?;
         let resizes = patch.vcpus.is_some_and(|v| v != vm.vcpus)
@@ -551,6 +588,7 @@ impl Core {
         vm.vcpus = patch.vcpus.unwrap_or(vm.vcpus);
         vm.memory_mib = patch.memory_mib.unwrap_or(vm.memory_mib);
         vm.autostart = patch.autostart.unwrap_or(vm.autostart);
+        vm.autostart_priority = patch.autostart_priority.unwrap_or(vm.autostart_priority);
         vm.shutdown_timeout_secs = patch.shutdown_timeout_secs.or(vm.shutdown_timeout_secs);
         vm.updated_at = now_ms();
         if resizes {
@@ -562,6 +600,10 @@ impl Core {
     }
 
     pub(super) async fn delete_vm(self: &Arc<Self>, r: &str, force: bool) -> Result<()> {
+        let found = self.find_record(r)?;
+        if self.is_kept_replica(&found) {
+            return self.delete_kept_replica(found, force).await;
+        }
         let (_guard, vm) = self.owned_vm(r).await?;
         let id = vm.id;
         let live = self.hv_call(move |hv| hv.state(id)).await?;
@@ -587,6 +629,14 @@ impl Core {
         })
         .await?;
         self.commit(Change::VmDelete { id }).await?;
+        if vm.replication.is_some() {
+            // The export goes before its file. A data plane that does not
+            // answer is reconciled later: the export of a missing file
+            // only reports an error.
+            if let Err(e) = self.sync_dataplane().await {
+                tracing::warn!(VM_ID = %id, error = %e, "the data plane did not drop the VM's disks");
+            }
+        }
         Self::remove_disks(&self.paths.disks.join(id.to_string()));
         self.collect_bases();
         let _ = std::fs::remove_file(self.console_log(&vm));
@@ -648,6 +698,25 @@ impl Core {
                 )?;
                 self.adopt_old_console_log(&found);
                 self.still_owned(&found)?;
+                if found.replication.is_some() && self.peer_link_up() {
+                    // The peer may hold it at a newer epoch that has not
+                    // reached this node yet (it took the VM over).
+                    match self.peer_allows_start(&found).await {
+                        Ok(false) => {
+                            let now = found.epoch + 1;
+                            return Err(CoreError::StaleEpoch { vm: name.clone(), had: found.epoch, now });
+                        }
+                        Ok(true) => {}
+                        Err(e) => {
+                            tracing::warn!(VM_ID = %id, error = %e, "the peer did not say whether it holds this VM; starting it")
+                        }
+                    }
+                }
+                if found.replication.is_some() {
+                    // Its disks must be served before QEMU opens them.
+                    Core::ensure_disks(&found, &self.seed_path(id))?;
+                    self.sync_dataplane().await?;
+                }
                 // Redefine first so the domain always matches the spec.
                 let xml = crate::hypervisor::xml::domain_xml(&self.domain_spec(&found));
                 let record = found.clone();

@@ -111,6 +111,14 @@ pub fn create_blank(path: &Path, size_bytes: u64) -> Result<()> {
     create_with(&path, &["-q".as_ref(), "-f".as_ref(), "qcow2".as_ref(), path.as_os_str(), size.as_ref()])
 }
 
+/// Creates a sparse raw file of `size_bytes` (a data-plane disk). Fails if
+/// `path` already exists.
+pub fn create_blank_raw(path: &Path, size_bytes: u64) -> Result<()> {
+    let path = absolute(path)?;
+    let size = size_bytes.to_string();
+    create_with(&path, &["-q".as_ref(), "-f".as_ref(), "raw".as_ref(), path.as_os_str(), size.as_ref()])
+}
+
 /// Creates a qcow2 overlay on top of `base`, with the same virtual size.
 /// The base's format is probed from its content, never guessed from its name.
 /// Fails if `path` already exists.

@@ -9,8 +9,6 @@ pub mod disks;
 pub mod libvirt;
 pub mod xml;
 
-use std::path::Path;
-
 use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
@@ -159,6 +157,9 @@ pub trait Hypervisor: Send + Sync {
     fn resume(&self, uuid: Uuid) -> Result<()>;
     /// State of one domain; `Ok(None)` when it is not defined.
     fn state(&self, uuid: Uuid) -> Result<Option<DomainState>>;
+    /// The node NovaCron's metadata in the domain names (the node that
+    /// defined it); `Ok(None)` when there is no such domain or metadata.
+    fn defined_by(&self, uuid: Uuid) -> Result<Option<Uuid>>;
     /// All domains libvirt knows, running or defined.
     fn list(&self) -> Result<Vec<DomainInfo>>;
     /// Registers for lifecycle events; each event is sent on `tx`. Survives
@@ -190,7 +191,7 @@ pub trait Hypervisor: Send + Sync {
     fn block_resize(&self, uuid: Uuid, target_dev: &str, bytes: u64) -> Result<()>;
     /// Adds a qcow2 disk to the persistent definition and, with `live`, to
     /// the running guest.
-    fn attach_disk(&self, uuid: Uuid, path: &Path, target_dev: &str, live: bool) -> Result<()>;
+    fn attach_disk(&self, uuid: Uuid, source: &xml::DiskSource, target_dev: &str, live: bool) -> Result<()>;
     /// Removes a disk from the definition and, with `live`, from the running
     /// guest (the guest finishes the unplug asynchronously).
     fn detach_disk(&self, uuid: Uuid, target_dev: &str, live: bool) -> Result<()>;

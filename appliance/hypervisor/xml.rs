@@ -8,6 +8,19 @@ use uuid::Uuid;
 /// XML namespace of the `<metadata>` element NovaCron writes into each domain.
 pub const METADATA_NS: &str = "https://novacron.dev/xmlns/vm/1";
 
+/// The `node` of NovaCron's `<metadata>` element in a domain's XML as
+/// libvirt gives it back (libvirt may pick its own prefix and quotes).
+pub fn metadata_node(xml: &str) -> Option<uuid::Uuid> {
+    let at = xml.find(METADATA_NS)?;
+    let start = xml[..at].rfind('<')?;
+    let end = at + xml[at..].find('>')?;
+    let tag = &xml[start..end];
+    let i = tag.find("node=")? + 5;
+    let quote = tag[i..].chars().next()?;
+    let rest = &tag[i + 1..];
+    uuid::Uuid::parse_str(&rest[..rest.find(quote)?]).ok()
+}
+
 /// One virtio NIC on a libvirt network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Nic {
@@ -27,8 +40,8 @@ pub struct DomainSpec {
     pub domain_type: String,
     pub vcpus: u32,
     pub memory_mib: u64,
-    /// qcow2 files, attached as virtio disks vda, vdb, ...
-    pub disks: Vec<PathBuf>,
+    /// Attached as virtio disks vda, vdb, ...
+    pub disks: Vec<DiskSource>,
     /// One virtio NIC each, in order.
     pub nics: Vec<Nic>,
     /// Read-only CD-ROM, e.g. a cloud-init `cidata` seed ISO.
@@ -42,6 +55,21 @@ pub struct DomainSpec {
     /// The owning node, recorded in the domain's metadata.
     pub node_id: Uuid,
 }
+
+/// Where a virtio disk's blocks come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskSource {
+    /// A qcow2 file QEMU opens itself.
+    File(PathBuf),
+    /// A vhost-user-blk socket of the data plane (a raw file it serves and
+    /// replicates). QEMU reconnects by itself after the data plane restarts,
+    /// and the guest's requests wait meanwhile instead of failing.
+    VhostUser(PathBuf),
+}
+
+/// Seconds between QEMU's attempts to reconnect a lost vhost-user socket:
+/// the guest's I/O waits about this long after the data plane comes back.
+pub const VHOST_RECONNECT_SECS: u32 = 1;
 
 /// Target of the CD-ROM: machine 'pc' (i440fx) has IDE but no AHCI, and
 /// hdc (secondary master) keeps hda/hdb free.
@@ -108,6 +136,13 @@ pub fn domain_xml(spec: &DomainSpec) -> String {
     let _ = writeln!(x, "  <memory unit='MiB'>{}</memory>", spec.memory_mib);
     let _ = writeln!(x, "  <currentMemory unit='MiB'>{}</currentMemory>", spec.memory_mib);
     let _ = writeln!(x, "  <vcpu placement='static'>{}</vcpu>", spec.vcpus);
+    if spec.disks.iter().any(|d| matches!(d, DiskSource::VhostUser(_))) {
+        // vhost-user backends map guest memory: it must be a shareable fd.
+        let _ = writeln!(
+            x,
+            "  <memoryBacking>\n    <source type='memfd'/>\n    <access mode='shared'/>\n  </memoryBacking>"
+        );
+    }
 
     let _ = writeln!(x, "  <os>");
     let _ = writeln!(x, "    <type arch='x86_64' machine='pc'>hvm</type>");
@@ -171,8 +206,12 @@ pub fn domain_xml(spec: &DomainSpec) -> String {
     x
 }
 
-/// One qcow2 virtio disk, as used both in [`domain_xml`] and for hotplug.
-pub fn disk_xml(path: &Path, target: &str) -> String {
+/// One virtio disk, as used both in [`domain_xml`] and for hotplug.
+pub fn disk_xml(source: &DiskSource, target: &str) -> String {
+    let path = match source {
+        DiskSource::File(p) => p,
+        DiskSource::VhostUser(sock) => return vhost_disk_xml(sock, target),
+    };
     let mut x = String::with_capacity(256);
     let _ = writeln!(x, "    <disk type='file' device='disk'>");
     // cache='none' (O_DIRECT) keeps guest writes out of the host page
@@ -180,6 +219,20 @@ pub fn disk_xml(path: &Path, target: &str) -> String {
     // work on the appliance's ext4 data dir.
     let _ = writeln!(x, "      <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>");
     let _ = writeln!(x, "      <source file='{}'/>", escape_path(path));
+    let _ = writeln!(x, "      <target dev='{}' bus='virtio'/>", escape(target));
+    let _ = writeln!(x, "    </disk>");
+    x
+}
+
+fn vhost_disk_xml(sock: &Path, target: &str) -> String {
+    let mut x = String::with_capacity(320);
+    // No cache or io attributes: the data plane opens the file (O_DIRECT)
+    // and honours flushes; QEMU only forwards the guest's requests.
+    let _ = writeln!(x, "    <disk type='vhostuser' device='disk' snapshot='no'>");
+    let _ = writeln!(x, "      <driver name='qemu' type='raw'/>");
+    let _ = writeln!(x, "      <source type='unix' path='{}'>", escape_path(sock));
+    let _ = writeln!(x, "        <reconnect enabled='yes' timeout='{VHOST_RECONNECT_SECS}'/>");
+    let _ = writeln!(x, "      </source>");
     let _ = writeln!(x, "      <target dev='{}' bus='virtio'/>", escape(target));
     let _ = writeln!(x, "    </disk>");
     x
@@ -281,7 +334,10 @@ mod tests {
             domain_type: "test".into(),
             vcpus: 2,
             memory_mib: 256,
-            disks: vec!["/var/lib/novacron/disks/a.qcow2".into(), "/var/lib/novacron/disks/b.qcow2".into()],
+            disks: vec![
+                DiskSource::File("/var/lib/novacron/disks/a.qcow2".into()),
+                DiskSource::File("/var/lib/novacron/disks/b.qcow2".into()),
+            ],
             nics: vec![Nic { network: "default".into(), mac: "52:54:00:12:34:56".into() }],
             cdrom: Some("/var/lib/novacron/seeds/seed.iso".into()),
             kernel: Some("/var/lib/novacron/images/vmlinuz".into()),
@@ -306,7 +362,7 @@ mod tests {
     fn hostile_values_are_escaped_everywhere() {
         let mut s = spec();
         s.name = HOSTILE.into();
-        s.disks = vec![format!("/d/{HOSTILE}.qcow2").into()];
+        s.disks = vec![DiskSource::File(format!("/d/{HOSTILE}.qcow2").into())];
         s.kernel = Some(format!("/k/{HOSTILE}").into());
         s.initrd = Some(format!("/i/{HOSTILE}").into());
         s.cmdline = Some(HOSTILE.into());
@@ -408,14 +464,27 @@ mod tests {
 
     #[test]
     fn shared_disk_xml() {
-        let d = disk_xml(Path::new("/d/x.qcow2"), "vdc");
+        let d = disk_xml(&DiskSource::File("/d/x.qcow2".into()), "vdc");
         assert_eq!(
             d,
             "    <disk type='file' device='disk'>\n      \
              <driver name='qemu' type='qcow2' cache='none' discard='unmap'/>\n      \
              <source file='/d/x.qcow2'/>\n      <target dev='vdc' bus='virtio'/>\n    </disk>\n"
         );
-        assert!(domain_xml(&spec()).contains(&disk_xml(Path::new("/var/lib/novacron/disks/b.qcow2"), "vdb")));
+        assert!(domain_xml(&spec())
+            .contains(&disk_xml(&DiskSource::File("/var/lib/novacron/disks/b.qcow2".into()), "vdb")));
+        assert!(!domain_xml(&spec()).contains("memoryBacking"));
+    }
+
+    #[test]
+    fn vhost_user_disks_share_guest_memory() {
+        let mut s = spec();
+        s.disks = vec![DiskSource::VhostUser(format!("/run/{HOSTILE}.sock").into())];
+        let x = domain_xml(&s);
+        assert!(x.contains("<source type='memfd'/>\n    <access mode='shared'/>"), "{x}");
+        assert!(x.contains("<disk type='vhostuser' device='disk' snapshot='no'>"), "{x}");
+        assert!(x.contains("<reconnect enabled='yes' timeout='1'/>"), "{x}");
+        assert!(!x.contains(HOSTILE), "user text must be escaped: {x}");
     }
 
     #[test]
@@ -499,6 +568,9 @@ mod tests {
         assert_eq!(dom.uuid().unwrap(), s.uuid);
         let back = dom.xml_desc(0).unwrap();
         assert!(back.contains(&s.node_id.to_string()), "metadata lost:\n{back}");
+        assert_eq!(metadata_node(&back), Some(s.node_id), "{back}");
+        assert_eq!(metadata_node(&xml), Some(s.node_id));
+        assert_eq!(metadata_node("<domain/>"), None);
         assert!(back.contains("<acpi/>"));
         assert!(back.contains("append='on'"));
         assert!(back.contains("<mac address='52:54:00:12:34:56'/>"), "{back}");

@@ -335,10 +335,20 @@ impl Drop for Upload {
 
 /// Makes `dest` an independent qcow2 copy of the image `base`.
 pub fn copy_to_qcow2(base: &Path, format: &str, dest: &Path) -> Result<()> {
+    convert(base, format, dest, "qcow2")
+}
+
+/// A full, sparse raw copy (zero runs are not written): the disk format the
+/// data plane serves.
+pub fn copy_to_raw(base: &Path, format: &str, dest: &Path) -> Result<()> {
+    convert(base, format, dest, "raw")
+}
+
+fn convert(base: &Path, format: &str, dest: &Path, out_format: &str) -> Result<()> {
     // qemu-img keeps the mode of the file it overwrites: never 0644.
     drop(reserve(dest)?);
     let out = Command::new("qemu-img")
-        .args(["convert", "-q", "-f", format, "-O", "qcow2"])
+        .args(["convert", "-q", "-f", format, "-O", out_format])
         .arg(std::path::absolute(base)?)
         .arg(std::path::absolute(dest)?)
         .env("LC_ALL", "C")

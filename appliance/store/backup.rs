@@ -583,6 +583,8 @@ mod tests {
             state: VmState::Stopped,
             created_at: 1,
             updated_at: 1,
+            replication: None,
+            autostart_priority: 0,
         };
         let image = super::super::ImageRecord {
             name: "base".into(),

@@ -8,7 +8,7 @@ use super::wire;
 use crate::types::{BootSpec, CloudInit, Disk, NetworkKind, Nic, Role, VmState};
 use uuid::Uuid;
 
-pub use wire::{CHANGE_FORMAT, CHANGE_FORMAT_V1};
+pub use wire::{CHANGE_FORMAT, CHANGE_FORMAT_V1, CHANGE_FORMAT_V2, CHANGE_FORMAT_V3};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmRecord {
@@ -30,6 +30,10 @@ pub struct VmRecord {
     /// Unix milliseconds.
     pub created_at: i64,
     pub updated_at: i64,
+    /// Some: the disks are raw files served by the data plane.
+    pub replication: Option<crate::types::ReplicationSpec>,
+    /// Start order at boot and in a takeover: higher first, then by name.
+    pub autostart_priority: i32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,17 +126,26 @@ impl Change {
         out
     }
 
-    /// Decodes either format: 1 (rows written by the first release) has
-    /// the same layout as 2 (see `wire.rs`). Trailing bytes are refused: a
+    /// Decodes any format: 4; 3 with the frozen `wire_v3` types; 1 and 2
+    /// (rows written by earlier releases, one layout) with the frozen
+    /// `wire_v2` types, through format 3's. Trailing bytes are refused: a
     /// record is exactly one change.
     pub fn decode(bytes: &[u8]) -> Result<Change, String> {
+        fn whole<'a, T: serde::Deserialize<'a>>(rest: &'a [u8]) -> Result<T, String> {
+            let (c, tail) = postcard::take_from_bytes::<T>(rest).map_err(|e| e.to_string())?;
+            if !tail.is_empty() {
+                return Err(format!("{} bytes after the change", tail.len()));
+            }
+            Ok(c)
+        }
         match bytes.split_first() {
-            Some((&(CHANGE_FORMAT | CHANGE_FORMAT_V1), rest)) => {
-                let (c, tail) = postcard::take_from_bytes::<wire::Change>(rest).map_err(|e| e.to_string())?;
-                if !tail.is_empty() {
-                    return Err(format!("{} bytes after the change", tail.len()));
-                }
-                Ok(c.into())
+            Some((&CHANGE_FORMAT, rest)) => Ok(whole::<wire::Change>(rest)?.into()),
+            Some((&CHANGE_FORMAT_V3, rest)) => {
+                Ok(wire::Change::from(whole::<super::wire_v3::Change>(rest)?).into())
+            }
+            Some((&(CHANGE_FORMAT_V2 | CHANGE_FORMAT_V1), rest)) => {
+                let v3 = super::wire_v3::Change::from(whole::<super::wire_v2::Change>(rest)?);
+                Ok(wire::Change::from(v3).into())
             }
             Some((v, _)) => Err(format!("unsupported change format version {v}")),
             None => Err("empty change record".into()),

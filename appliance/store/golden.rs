@@ -1,12 +1,13 @@
-//! Golden bytes of every [`Change`] variant in [`CHANGE_FORMAT`] 2.
+//! Golden bytes of every [`Change`] variant in [`CHANGE_FORMAT`] 4, and
+//! of formats 3 and 2, which must still decode.
 //!
 //! postcard encodes by field order and variant index: an edit to the wire
 //! types (or to a conversion) silently changes what the peer and the disk
 //! read. These fixed inputs must keep encoding to exactly these bytes; if
-//! one fails, the edit changed the format: revert it, or define format 3
-//! (new constant, a frozen decoder for 1 and 2, new golden bytes).
+//! one fails, the edit changed the format: revert it, or define format 5
+//! (new constant, a frozen decoder for 4, new golden bytes).
 
-use super::changes::{CHANGE_FORMAT, CHANGE_FORMAT_V1};
+use super::changes::{CHANGE_FORMAT, CHANGE_FORMAT_V1, CHANGE_FORMAT_V2, CHANGE_FORMAT_V3};
 use super::*;
 use crate::types::{BootSpec, CloudInit, Nic};
 
@@ -40,11 +41,44 @@ fn vm() -> VmRecord {
         state: VmState::Running,
         created_at: 1_700_000_000_000,
         updated_at: -1,
+        replication: None,
+        autostart_priority: 0,
     }
 }
 
-/// One fixed change per variant, in variant order, with its bytes.
-fn cases() -> Vec<(Change, &'static str)> {
+/// One fixed change per variant in format 4: format 3's cases with the
+/// version byte 4, and the VM carrying an `autostart_priority`.
+fn cases() -> Vec<(Change, String)> {
+    let mut cases: Vec<(Change, String)> =
+        cases_v3().into_iter().map(|(c, hex)| (c, format!("04{}", &hex[2..]))).collect();
+    let Change::VmPut(v3) = cases[0].0.clone() else { unreachable!() };
+    let vm = VmRecord { autostart_priority: -300, ..v3 };
+    // Format 3's VM bytes, then -300 (zigzag 599: d704).
+    cases[0] = (Change::VmPut(vm), format!("04{}d704", &cases_v3()[0].1[2..]));
+    cases
+}
+
+/// Format 3 (frozen): format 2's cases with the version byte 3, and the VM
+/// carrying a `replication`. VMs of format 3 decode with
+/// `autostart_priority: 0`.
+fn cases_v3() -> Vec<(Change, String)> {
+    let mut cases: Vec<(Change, String)> =
+        cases_v2().into_iter().map(|(c, hex)| (c, format!("03{}", &hex[2..]))).collect();
+    let vm = VmRecord {
+        replication: Some(crate::types::ReplicationSpec {
+            mode: crate::types::ReplicationMode::Async,
+            max_lag_seconds: 300,
+        }),
+        ..vm()
+    };
+    // Format 2's VM bytes, then Some (01), Async (01), 300 (ac02).
+    cases[0] = (Change::VmPut(vm), format!("03{}0101ac02", &cases_v2()[0].1[2..]));
+    cases
+}
+
+/// Format 2 (frozen): one fixed change per variant, in variant order, with
+/// its bytes. VMs of format 2 decode with `replication: None`.
+fn cases_v2() -> Vec<(Change, &'static str)> {
     vec![
         (Change::VmPut(vm()), "02001001010101010101010101010101010101037765620280040103766461042f642f61808080800401042f692f6201042f622f6b0001016301036c616e1135323a35343a30303a30303a30303a30310101750001016e011e011002020202020202020202020202020202030180a0abfef96201"),
         (Change::VmState { id: id(1), state: VmState::ShuttingDown, at: 7 }, "02011001010101010101010101010101010101030e"),
@@ -105,7 +139,7 @@ fn cases() -> Vec<(Change, &'static str)> {
 
 #[test]
 fn every_variant_encodes_to_its_golden_bytes() {
-    assert_eq!(CHANGE_FORMAT, 2);
+    assert_eq!(CHANGE_FORMAT, 4);
     let cases = cases();
     // A new variant needs a golden case too.
     assert_eq!(cases.len(), 11);
@@ -120,19 +154,38 @@ fn every_variant_encodes_to_its_golden_bytes() {
     assert!(wrong.is_empty(), "encoding changed:\n{}", wrong.join("\n"));
 }
 
-/// Format 1 rows (the first release) had the same layout: the same bytes
-/// after the version byte decode to the same change.
+/// Format 3 rows decode with the frozen `wire_v3` types, their VMs at
+/// priority 0.
 #[test]
-fn format_1_rows_still_decode() {
-    for (change, golden) in cases() {
-        let mut v1 = hex::decode(golden).unwrap();
-        v1[0] = CHANGE_FORMAT_V1;
-        assert_eq!(Change::decode(&v1), Ok(change));
+fn format_3_rows_still_decode() {
+    for (change, golden) in cases_v3() {
+        let old = hex::decode(&golden).unwrap();
+        assert_eq!(old[0], CHANGE_FORMAT_V3);
+        assert_eq!(Change::decode(&old), Ok(change));
     }
+    // Format 4's VM bytes are not format 3's.
+    let v4 = hex::decode(&cases()[0].1).unwrap();
+    assert!(Change::decode(&[&[CHANGE_FORMAT_V3], &v4[1..]].concat()).is_err());
+}
+
+/// Format 1 rows (the first release) had format 2's layout: both decode,
+/// with the frozen types, to the same change.
+#[test]
+fn format_1_and_2_rows_still_decode() {
+    for (change, golden) in cases_v2() {
+        let mut old = hex::decode(golden).unwrap();
+        assert_eq!(old[0], CHANGE_FORMAT_V2);
+        assert_eq!(Change::decode(&old).as_ref(), Ok(&change));
+        old[0] = CHANGE_FORMAT_V1;
+        assert_eq!(Change::decode(&old), Ok(change));
+    }
+    // Format 3's VM bytes are not format 2's.
+    let v3 = hex::decode(&cases_v3()[0].1).unwrap();
+    assert!(Change::decode(&[&[CHANGE_FORMAT_V2], &v3[1..]].concat()).is_err());
     // A record is exactly one change; other versions are refused.
     let mut long = Change::VmDelete { id: id(1) }.encode();
     long.push(0);
     assert!(Change::decode(&long).unwrap_err().contains("after the change"));
-    assert!(Change::decode(&[3, 2]).unwrap_err().contains("version 3"));
+    assert!(Change::decode(&[5, 2]).unwrap_err().contains("version 5"));
     assert!(Change::decode(&[]).is_err());
 }

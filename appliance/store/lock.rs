@@ -4,8 +4,7 @@
 //! file holds the holder's PID, so the one refused can say who has it.
 
 use super::{Result, StoreError};
-use nix::fcntl::{Flock, FlockArg};
-use std::io::{Read, Seek, Write};
+use nix::fcntl::Flock;
 use std::path::Path;
 
 pub const LOCK_FILE: &str = "novacron.lock";
@@ -18,33 +17,15 @@ pub struct DataDirLock {
 
 /// Takes the lock of `data_dir` (which must exist) or says which PID has it.
 pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join(LOCK_FILE);
-    let io = |e: std::io::Error| StoreError::Lock { path: path.clone(), message: e.to_string() };
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(io)?;
-    let mut file = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(f) => f,
-        Err((mut f, nix::errno::Errno::EWOULDBLOCK)) => {
-            let mut pid = String::new();
-            let _ = f.read_to_string(&mut pid);
-            return Err(StoreError::Locked {
-                dir: data_dir.into(),
-                pid: pid.trim().parse().ok().map_or("unknown".into(), |p: u32| p.to_string()),
-            });
-        }
-        Err((_, errno)) => return Err(io(errno.into())),
-    };
-    file.set_len(0).map_err(io)?;
-    file.rewind().map_err(io)?;
-    writeln!(file, "{}", std::process::id()).map_err(io)?;
-    Ok(DataDirLock { _file: file })
+    match crate::util::exclusive_lock(&path) {
+        Ok(Ok(file)) => Ok(DataDirLock { _file: file }),
+        Ok(Err(pid)) => Err(StoreError::Locked {
+            dir: data_dir.into(),
+            pid: pid.map_or("unknown".into(), |p| p.to_string()),
+        }),
+        Err(e) => Err(StoreError::Lock { path, message: e.to_string() }),
+    }
 }
 
 #[cfg(test)]

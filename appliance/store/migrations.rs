@@ -178,4 +178,22 @@ CREATE TABLE pending_shutdowns (
 );
 "#,
     ),
+    (
+        6,
+        r#"
+-- Disk replication of a VM (issue 10): postcard of `wire::Replication`
+-- (mode, max_lag_seconds). NULL: plain qcow2 disks, not served by the data
+-- plane. Replicated with the VM (change format 3).
+ALTER TABLE vms ADD COLUMN replication BLOB;
+"#,
+    ),
+    (
+        7,
+        r#"
+-- Start order of autostart VMs at boot and in a takeover: higher first,
+-- ties by name (-1000..=1000, checked by the core). Replicated with the VM
+-- (change format 4).
+ALTER TABLE vms ADD COLUMN autostart_priority INTEGER NOT NULL DEFAULT 0;
+"#,
+    ),
 ];

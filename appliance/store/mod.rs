@@ -14,6 +14,8 @@ mod paths;
 mod peer;
 mod replication;
 pub mod wire;
+mod wire_v2;
+mod wire_v3;
 
 pub use changes::{Change, ImageRecord, NetworkRecord, SnapshotRecord, TokenRecord, VmRecord};
 pub use peer::{PeerRecord, PeerState};
@@ -282,7 +284,8 @@ impl Store {
     fn read_vms(conn: &Connection) -> Result<Vec<VmRecord>> {
         let mut stmt = conn.prepare_cached(
             "SELECT id, name, vcpus, memory_mib, boot, nics, autostart, owner_node, epoch,
-                    state, created_at, updated_at, cloud_init, shutdown_timeout_secs
+                    state, created_at, updated_at, cloud_init, shutdown_timeout_secs, replication,
+                    autostart_priority
              FROM vms ORDER BY name",
         )?;
         let mut vms = stmt
@@ -302,10 +305,29 @@ impl Store {
                     r.get::<_, i64>(11)?,
                     r.get::<_, Option<Vec<u8>>>(12)?,
                     r.get::<_, Option<i64>>(13)?,
+                    r.get::<_, Option<Vec<u8>>>(14)?,
+                    r.get::<_, i32>(15)?,
                 ))
             })?
             .map(|row| {
-                let (id, name, vcpus, mem, boot, nics, autostart, owner, epoch, state, c, u, ci, sto) = row?;
+                let (
+                    id,
+                    name,
+                    vcpus,
+                    mem,
+                    boot,
+                    nics,
+                    autostart,
+                    owner,
+                    epoch,
+                    state,
+                    c,
+                    u,
+                    ci,
+                    sto,
+                    repl,
+                    prio,
+                ) = row?;
                 let corrupt = |what: &str| StoreError::Corrupt(format!("vm {id}: bad {what}"));
                 Ok(VmRecord {
                     id: Uuid::parse_str(&id).map_err(|_| corrupt("id"))?,
@@ -333,7 +355,16 @@ impl Store {
                         None => None,
                     },
                     shutdown_timeout_secs: sto.map(|v| v as u64),
+                    replication: match repl {
+                        Some(b) => Some(
+                            postcard::from_bytes::<wire::Replication>(&b)
+                                .map_err(|_| corrupt("replication"))?
+                                .into(),
+                        ),
+                        None => None,
+                    },
                     autostart,
+                    autostart_priority: prio,
                     owner_node: Uuid::parse_str(&owner).map_err(|_| corrupt("owner_node"))?,
                     epoch: epoch as u64,
                     state: VmState::parse(&state).ok_or_else(|| corrupt("state"))?,
@@ -618,18 +649,21 @@ fn apply(tx: &Transaction<'_>, origin: Uuid, change: &Change) -> Result<()> {
             let boot = vm.boot.clone().map(|b| wire::to_bytes(&wire::Boot::from(b)));
             let nics = wire::to_bytes(&vm.nics.iter().cloned().map(wire::Nic::from).collect::<Vec<_>>());
             let ci = vm.cloud_init.clone().map(|c| wire::to_bytes(&wire::CloudInit::from(c)));
+            let repl = vm.replication.map(|r| wire::to_bytes(&wire::Replication::from(r)));
             tx.execute(
                 "INSERT INTO vms (id, name, vcpus, memory_mib, boot, nics, autostart,
                                   owner_node, epoch, state, created_at, updated_at, cloud_init,
-                                  shutdown_timeout_secs)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                                  shutdown_timeout_secs, replication, autostart_priority)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
                  ON CONFLICT(id) DO UPDATE SET name=excluded.name, vcpus=excluded.vcpus,
                     memory_mib=excluded.memory_mib, boot=excluded.boot,
                     nics=excluded.nics, autostart=excluded.autostart,
                     owner_node=excluded.owner_node, epoch=excluded.epoch,
                     state=excluded.state, updated_at=excluded.updated_at,
                     cloud_init=excluded.cloud_init,
-                    shutdown_timeout_secs=excluded.shutdown_timeout_secs",
+                    shutdown_timeout_secs=excluded.shutdown_timeout_secs,
+                    replication=excluded.replication,
+                    autostart_priority=excluded.autostart_priority",
                 params![
                     vm.id.to_string(),
                     vm.name,
@@ -645,6 +679,8 @@ fn apply(tx: &Transaction<'_>, origin: Uuid, change: &Change) -> Result<()> {
                     vm.updated_at,
                     ci,
                     vm.shutdown_timeout_secs.map(|v| v as i64),
+                    repl,
+                    vm.autostart_priority,
                 ],
             )
             .map_err(|e| {

@@ -31,6 +31,8 @@ fn vm(name: &str, node: Uuid) -> VmRecord {
         state: VmState::Stopped,
         created_at: 1,
         updated_at: 1,
+        replication: None,
+        autostart_priority: 0,
     }
 }
 
@@ -262,9 +264,26 @@ fn first_release_store_migrates_and_keeps_working() {
         let tx = conn.unchecked_transaction().unwrap();
         for change in [Change::VmPut(v.clone()), Change::TokenPut(t.clone())] {
             // The state tables as release 1 wrote them (same SQL, same blobs).
+            // Release 1 had no `replication` (migration 6) nor
+            // `autostart_priority` (migration 7) column; the row is written
+            // with today's SQL and the columns dropped again.
+            tx.execute_batch(
+                "ALTER TABLE vms ADD COLUMN replication BLOB;
+                 ALTER TABLE vms ADD COLUMN autostart_priority INTEGER NOT NULL DEFAULT 0;",
+            )
+            .unwrap();
             apply(&tx, node, &change).unwrap();
+            tx.execute_batch(
+                "ALTER TABLE vms DROP COLUMN replication; ALTER TABLE vms DROP COLUMN autostart_priority;",
+            )
+            .unwrap();
             let mut v1 = change.encode();
             v1[0] = CHANGE_FORMAT_V1;
+            if matches!(change, Change::VmPut(_)) {
+                // Format 4 appended `autostart_priority` (here 0: one 0
+                // byte), format 3 `replication` (here None: one 0 byte).
+                assert_eq!((v1.pop(), v1.pop()), (Some(0), Some(0)));
+            }
             tx.execute("INSERT INTO changes (at, payload) VALUES (1, ?1)", [v1]).unwrap();
         }
         tx.commit().unwrap();
@@ -602,4 +621,24 @@ fn measure_apply_rate() {
     let Tail::Changes(t2) = a.changes_since(0, 10_000).unwrap() else { panic!() };
     let feed = t2.len() as f64 / t.elapsed().as_secs_f64();
     println!("apply_remote one per tx: {single:.0}/s; batches of 100: {batched:.0}/s; local commit: {local:.0}/s; changes_since read: {feed:.0} rows/s");
+}
+
+/// `autostart_priority` (migration 7, change format 4) survives a reopen
+/// and reaches the peer in the change feed and the snapshot.
+#[test]
+fn autostart_priority_is_stored_and_replicated() {
+    let path = tmp_db("prio");
+    let store = Store::open(&path).unwrap();
+    let v = VmRecord { autostart_priority: -300, ..vm("prio", store.node_id()) };
+    store.commit(&Change::VmPut(v.clone())).unwrap();
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.vms().unwrap(), vec![v.clone()]);
+    let Tail::Changes(feed) = store.changes_since(0, 10).unwrap() else { panic!() };
+    assert_eq!(Change::decode(&feed[0].bytes).unwrap(), Change::VmPut(v.clone()));
+    let peer = Store::open(&tmp_db("prio-peer")).unwrap();
+    let snap = store.snapshot().unwrap();
+    let decoded: Vec<Change> = snap.changes.iter().map(|c| Change::decode(c).unwrap()).collect();
+    assert!(matches!(peer.apply_snapshot(store.node_id(), snap.seq, &decoded).unwrap(), Applied::Applied(_)));
+    assert_eq!(peer.vms().unwrap(), vec![v]);
 }

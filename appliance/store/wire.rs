@@ -8,17 +8,21 @@
 //! tests in `store/golden.rs` fail, and the change needs a new
 //! [`CHANGE_FORMAT`] plus a frozen copy of these types to decode the old one.
 //!
-//! Format 1 (the first release) encoded the domain records directly; its
-//! layout is exactly the one below, so both formats decode with these
-//! types. Whoever defines format 3 freezes this module as the decoder of
-//! formats 1 and 2 first.
+//! Formats 1 (the first release) and 2 decode with the frozen copies in
+//! `wire_v2.rs`, format 3 with those in `wire_v3.rs`. Whoever defines
+//! format 5 freezes this module's types as the decoder of format 4 first.
 
 use crate::types;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Format version of an encoded change: its first byte.
-pub const CHANGE_FORMAT: u8 = 2;
+/// Format version of an encoded change: its first byte. 3: `Vm.replication`.
+/// 4: `Vm.autostart_priority`.
+pub const CHANGE_FORMAT: u8 = 4;
+/// Decoded with `wire_v3`.
+pub const CHANGE_FORMAT_V3: u8 = 3;
+/// Decoded with `wire_v2`.
+pub const CHANGE_FORMAT_V2: u8 = 2;
 /// The first release's format, still decoded (rows already on disk).
 pub const CHANGE_FORMAT_V1: u8 = 1;
 
@@ -92,6 +96,21 @@ pub struct Vm {
     pub state: VmState,
     pub created_at: i64,
     pub updated_at: i64,
+    pub replication: Option<Replication>,
+    pub autostart_priority: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationMode {
+    Sync,
+    Async,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    pub mode: ReplicationMode,
+    pub max_lag_seconds: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,14 +218,16 @@ both_ways!(types::Disk, Disk { device, path, size_bytes, image });
 both_ways!(types::BootSpec, Boot { kernel, initrd, cmdline });
 both_ways!(types::Nic, Nic { network, mac });
 both_ways!(types::CloudInit, CloudInit { user_data, meta_data, network_config });
+enum_both_ways!(types::ReplicationMode, ReplicationMode { Sync, Async, Off });
+both_ways!(types::ReplicationSpec, Replication { mode, max_lag_seconds });
 
 // `each`: Vecs and `opt`: Options, converted element by element.
 both_ways!(
     super::VmRecord,
     Vm {
         id, name, vcpus, memory_mib, shutdown_timeout_secs, autostart, owner_node, epoch, state, created_at,
-        updated_at
-    } each { disks, nics } opt { boot, cloud_init }
+        updated_at, autostart_priority
+    } each { disks, nics } opt { boot, cloud_init, replication }
 );
 both_ways!(super::TokenRecord, Token { id, name, role, hash, created_at });
 both_ways!(super::ImageRecord, Image { name, path, format, virtual_size, file_size, sha256, created_at });

@@ -65,6 +65,195 @@ pub struct Snapshot<'a> {
     pub replication_lag: (Option<u64>, Option<f64>),
     /// Bytes of image files copied from the peer and verified.
     pub image_bytes_copied: u64,
+    /// Replicated disks (this node's and the replicas it holds), as the
+    /// data plane reported them at its last status.
+    pub replica_disks: &'a [ReplicaDiskSample],
+    /// Protection of each replicated VM (mode sync or async).
+    pub vm_protection: &'a [VmProtectionSample],
+}
+
+/// States of a disk copy, exported as a state set (one series each, 1 for
+/// the current one). `unknown`: the data plane did not say.
+pub const REPLICA_STATES: [&str; 5] = ["up_to_date", "syncing", "outdated", "inconsistent", "unknown"];
+/// A replicated VM's protection, as `GET /v1/vms/{id}` shows it.
+pub const PROTECTION_STATES: [&str; 4] = ["protected", "degraded", "unprotected", "unknown"];
+
+/// One replicated disk at scrape time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaDiskSample {
+    pub vm_id: String,
+    pub vm_name: String,
+    pub device: String,
+    /// `primary` (this node's VM) or `secondary` (a replica of the peer's).
+    pub role: &'static str,
+    /// This node's copy (one of [`REPLICA_STATES`]).
+    pub local: String,
+    /// The peer's copy as a primary knows it; None on a secondary.
+    pub peer: Option<String>,
+    pub connected: bool,
+    /// The running sync: bytes done, bytes planned, bytes per second.
+    pub sync: Option<(u64, u64, f64)>,
+    pub lag_bytes: u64,
+    pub lag_seconds: f64,
+    pub dirty_bytes: u64,
+    pub synced_bytes: u64,
+    pub max_lag_seconds: u64,
+    pub write_wait: Option<crate::types::WaitHistogram>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmProtectionSample {
+    pub vm_id: String,
+    pub vm_name: String,
+    pub protection: String,
+}
+
+/// A label value in the text format: `\`, `"` and newlines escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The replicated disks' families, each with its HELP and TYPE once.
+fn render_replicas(out: &mut String, disks: &[ReplicaDiskSample], vms: &[VmProtectionSample]) {
+    let labels = |d: &ReplicaDiskSample| {
+        format!(
+            "vm_id=\"{}\",vm_name=\"{}\",device=\"{}\",role=\"{}\"",
+            label(&d.vm_id),
+            label(&d.vm_name),
+            label(&d.device),
+            d.role
+        )
+    };
+    let head = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    };
+    let state_set = |out: &mut String, name: &str, labels: &str, current: &str, states: &[&str]| {
+        for st in states {
+            let _ = writeln!(out, "{name}{{{labels},state=\"{st}\"}} {}", u8::from(*st == current));
+        }
+    };
+    // Declared even with no replicated disk, so rules and dashboards can
+    // be checked against any node's scrape.
+    head(
+        out,
+        "novacron_disk_replica_state",
+        "gauge",
+        "This node's copy of a replicated disk: 1 for its current state.",
+    );
+    for d in disks {
+        let current = if REPLICA_STATES.contains(&d.local.as_str()) { d.local.as_str() } else { "unknown" };
+        state_set(out, "novacron_disk_replica_state", &labels(d), current, &REPLICA_STATES);
+    }
+    head(
+        out,
+        "novacron_disk_replica_peer_state",
+        "gauge",
+        "The peer's copy of this node's replicated disk, as this node knows it: 1 for its current state.",
+    );
+    for d in disks {
+        if let Some(p) = &d.peer {
+            let current = if REPLICA_STATES.contains(&p.as_str()) { p.as_str() } else { "unknown" };
+            state_set(out, "novacron_disk_replica_peer_state", &labels(d), current, &REPLICA_STATES);
+        }
+    }
+    type Field = fn(&ReplicaDiskSample) -> String;
+    let gauges: [(&str, &str, &str, Field); 9] = [
+        (
+            "novacron_disk_replica_connected",
+            "gauge",
+            "1 when the data plane holds a connection to the peer's for this disk.",
+            |d| u8::from(d.connected).to_string(),
+        ),
+        (
+            "novacron_disk_replica_sync_done_bytes",
+            "gauge",
+            "Bytes the running initial sync or resync has sent (0: none runs).",
+            |d| d.sync.map_or(0, |s| s.0).to_string(),
+        ),
+        (
+            "novacron_disk_replica_sync_size_bytes",
+            "gauge",
+            "Bytes the running initial sync or resync sends in all (0: none runs).",
+            |d| d.sync.map_or(0, |s| s.1).to_string(),
+        ),
+        (
+            "novacron_disk_replica_sync_rate_bytes_per_second",
+            "gauge",
+            "Mean rate of the running sync since it began (0: none runs).",
+            |d| format!("{:.0}", d.sync.map_or(0.0, |s| s.2)),
+        ),
+        (
+            "novacron_disk_replica_synced_bytes_total",
+            "counter",
+            "Bytes sent by syncs (initial and delta) since the data plane started.",
+            |d| d.synced_bytes.to_string(),
+        ),
+        (
+            "novacron_disk_replica_lag_bytes",
+            "gauge",
+            "Bytes shipped to the peer and not yet acknowledged durable there.",
+            |d| d.lag_bytes.to_string(),
+        ),
+        (
+            "novacron_disk_replica_lag_seconds",
+            "gauge",
+            "Age of the oldest write the peer has not acknowledged durable.",
+            |d| format!("{:.3}", d.lag_seconds),
+        ),
+        (
+            "novacron_disk_replica_dirty_bytes",
+            "gauge",
+            "Bytes changed since the peer last held them (what a resync sends).",
+            |d| d.dirty_bytes.to_string(),
+        ),
+        (
+            "novacron_disk_replica_max_lag_seconds",
+            "gauge",
+            "The VM's replication.max_lag_seconds (the lag async mode allows).",
+            |d| d.max_lag_seconds.to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        head(out, name, kind, help);
+        for d in disks {
+            let _ = writeln!(out, "{name}{{{}}} {}", labels(d), value(d));
+        }
+    }
+    let name = "novacron_disk_replica_write_wait_seconds";
+    head(
+        out,
+        name,
+        "histogram",
+        "Sync mode: what waiting for the peer added to guest writes, from the local write's completion to the peer's acknowledgement.",
+    );
+    for d in disks {
+        let Some(h) = &d.write_wait else { continue };
+        let l = labels(d);
+        let mut cumulative = 0;
+        for (bound, n) in h.bounds.iter().zip(&h.counts) {
+            cumulative += n;
+            let _ = writeln!(out, "{name}_bucket{{{l},le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{l},le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "{name}_sum{{{l}}} {}", h.sum_seconds);
+        let _ = writeln!(out, "{name}_count{{{l}}} {}", h.count);
+    }
+    head(
+        out,
+        "novacron_vm_replication_protection",
+        "gauge",
+        "A replicated VM's protection (GET /v1/vms/{id} replication.protection): 1 for the current one.",
+    );
+    for v in vms {
+        let l = format!("vm_id=\"{}\",vm_name=\"{}\"", label(&v.vm_id), label(&v.vm_name));
+        let current = if PROTECTION_STATES.contains(&v.protection.as_str()) {
+            v.protection.as_str()
+        } else {
+            "unknown"
+        };
+        state_set(out, "novacron_vm_replication_protection", &l, current, &PROTECTION_STATES);
+    }
 }
 
 /// The peer link at scrape time.
@@ -352,6 +541,7 @@ impl Metrics {
             "gauge",
             snap.last_backup.unwrap_or(0).to_string(),
         );
+        render_replicas(&mut out, snap.replica_disks, snap.vm_protection);
         out
     }
 }
@@ -388,6 +578,8 @@ mod tests {
             }),
             replication_lag: (Some(12), Some(1.5)),
             image_bytes_copied: 3 << 20,
+            replica_disks: &[],
+            vm_protection: &[],
         };
         let text = m.render(&snap);
         assert!(text.contains(r#"novacron_http_requests_total{route="/v1/vms",method="GET",status="200"} 2"#));
@@ -414,5 +606,89 @@ mod tests {
         assert!(text.contains("novacron_peer_link_up 0\n"));
         assert!(!text.contains("novacron_peer_rtt_seconds"));
         assert!(!text.contains("novacron_peer_heartbeat_age_seconds"));
+    }
+
+    #[test]
+    fn replicated_disks_are_state_sets_and_a_histogram() {
+        let disk = ReplicaDiskSample {
+            vm_id: "6ba7b810-9dad-11d1-80b4-00c04fd430c8".into(),
+            vm_name: "we\"b".into(),
+            device: "vda".into(),
+            role: "primary",
+            local: "up_to_date".into(),
+            peer: Some("syncing".into()),
+            connected: true,
+            sync: Some((4096, 1 << 20, 2048.4)),
+            lag_bytes: 8192,
+            lag_seconds: 0.25,
+            dirty_bytes: 12288,
+            synced_bytes: 3 << 20,
+            max_lag_seconds: 30,
+            write_wait: Some(crate::types::WaitHistogram {
+                bounds: vec![0.001, 0.01],
+                counts: vec![3, 1],
+                count: 5,
+                sum_seconds: 2.5,
+            }),
+        };
+        let replica = ReplicaDiskSample {
+            vm_id: "11111111-2222-3333-4444-555555555555".into(),
+            vm_name: "db".into(),
+            role: "secondary",
+            local: "outdated".into(),
+            peer: None,
+            connected: false,
+            sync: None,
+            write_wait: None,
+            ..disk.clone()
+        };
+        let vms = [VmProtectionSample {
+            vm_id: disk.vm_id.clone(),
+            vm_name: disk.vm_name.clone(),
+            protection: "degraded".into(),
+        }];
+        let mut out = String::new();
+        render_replicas(&mut out, &[disk, replica], &vms);
+        let a = r#"vm_id="6ba7b810-9dad-11d1-80b4-00c04fd430c8",vm_name="we\"b",device="vda",role="primary""#;
+        let b = r#"vm_id="11111111-2222-3333-4444-555555555555",vm_name="db",device="vda",role="secondary""#;
+        let has = |line: String| assert!(out.lines().any(|l| l == line), "{line} missing:\n{out}");
+        for (st, v) in
+            [("up_to_date", 1), ("syncing", 0), ("outdated", 0), ("inconsistent", 0), ("unknown", 0)]
+        {
+            has(format!("novacron_disk_replica_state{{{a},state=\"{st}\"}} {v}"));
+        }
+        has(format!("novacron_disk_replica_state{{{b},state=\"outdated\"}} 1"));
+        has(format!("novacron_disk_replica_peer_state{{{a},state=\"syncing\"}} 1"));
+        has(format!("novacron_disk_replica_peer_state{{{a},state=\"up_to_date\"}} 0"));
+        // A secondary has no view of its peer's copy.
+        assert!(!out.contains(&format!("novacron_disk_replica_peer_state{{{b}")));
+        has(format!("novacron_disk_replica_connected{{{a}}} 1"));
+        has(format!("novacron_disk_replica_connected{{{b}}} 0"));
+        has(format!("novacron_disk_replica_sync_done_bytes{{{a}}} 4096"));
+        has(format!("novacron_disk_replica_sync_size_bytes{{{a}}} 1048576"));
+        has(format!("novacron_disk_replica_sync_size_bytes{{{b}}} 0"));
+        has(format!("novacron_disk_replica_sync_rate_bytes_per_second{{{a}}} 2048"));
+        has(format!("novacron_disk_replica_synced_bytes_total{{{a}}} 3145728"));
+        has(format!("novacron_disk_replica_lag_bytes{{{a}}} 8192"));
+        has(format!("novacron_disk_replica_lag_seconds{{{a}}} 0.250"));
+        has(format!("novacron_disk_replica_dirty_bytes{{{a}}} 12288"));
+        has(format!("novacron_disk_replica_max_lag_seconds{{{a}}} 30"));
+        // Cumulative buckets; one write took longer than the last bound.
+        has(format!("novacron_disk_replica_write_wait_seconds_bucket{{{a},le=\"0.001\"}} 3"));
+        has(format!("novacron_disk_replica_write_wait_seconds_bucket{{{a},le=\"0.01\"}} 4"));
+        has(format!("novacron_disk_replica_write_wait_seconds_bucket{{{a},le=\"+Inf\"}} 5"));
+        has(format!("novacron_disk_replica_write_wait_seconds_sum{{{a}}} 2.5"));
+        has(format!("novacron_disk_replica_write_wait_seconds_count{{{a}}} 5"));
+        assert!(!out.contains(&format!("novacron_disk_replica_write_wait_seconds_count{{{b}")));
+        has(r#"novacron_vm_replication_protection{vm_id="6ba7b810-9dad-11d1-80b4-00c04fd430c8",vm_name="we\"b",state="degraded"} 1"#.into());
+        has(r#"novacron_vm_replication_protection{vm_id="6ba7b810-9dad-11d1-80b4-00c04fd430c8",vm_name="we\"b",state="protected"} 0"#.into());
+        // One HELP and TYPE per family.
+        assert_eq!(out.matches("# TYPE novacron_disk_replica_state gauge").count(), 1);
+        assert_eq!(out.matches("# TYPE novacron_disk_replica_write_wait_seconds histogram").count(), 1);
+        // Nothing replicated: the families are declared, without a sample.
+        let mut none = String::new();
+        render_replicas(&mut none, &[], &[]);
+        assert!(none.contains("# TYPE novacron_disk_replica_connected gauge\n"), "{none}");
+        assert!(none.lines().all(|l| l.starts_with('#')), "{none}");
     }
 }

@@ -31,6 +31,12 @@ fn stderr_is_journal() -> bool {
 
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the level.
 pub fn init_logging(cfg: &LogConfig) -> Result<(), TelemetryError> {
+    init_logging_as(cfg, "novacron")
+}
+
+/// `init_logging` for another process of the binary (the data plane),
+/// with its own journal identifier.
+pub fn init_logging_as(cfg: &LogConfig, identifier: &str) -> Result<(), TelemetryError> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(f) => EnvFilter::try_new(&f).map_err(|_| TelemetryError::Filter(f))?,
         Err(_) => EnvFilter::try_new(&cfg.level).map_err(|_| TelemetryError::Filter(cfg.level.clone()))?,
@@ -46,7 +52,9 @@ pub fn init_logging(cfg: &LogConfig) -> Result<(), TelemetryError> {
     if journald {
         let layer = tracing_journald::layer()
             .map_err(TelemetryError::Journald)?
-            .with_syslog_identifier("novacron".into());
+            // Fields as named (`journalctl VM_ID=...`), not `F_VM_ID`.
+            .with_field_prefix(None)
+            .with_syslog_identifier(identifier.into());
         let _ = registry.with(layer).try_init();
     } else {
         let _ = registry

@@ -1,9 +1,11 @@
 //! Test driver: starts the real `novacron` binary (execve) with its own
 //! data dir and loopback address, and talks to it over HTTPS or the socket.
-//! `pair.rs`: two daemons in network namespaces joined by veth links.
+//! `pair.rs`: two daemons in network namespaces joined by veth links;
+//! `disk.rs`: helpers of the replicated-disk tests.
 
 #![allow(dead_code)]
 
+pub mod disk;
 pub mod pair;
 
 use hyper::{Method, StatusCode};
@@ -295,6 +297,8 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A data plane the daemon started outlives it by design: stop it.
+        kill_dataplane(&self.data());
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -355,6 +359,13 @@ pub fn which(cmd: &str) -> bool {
         .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Stops the data plane serving `data_dir` (started by its daemon, which
+/// never stops it); returns whether one was running.
+pub fn kill_dataplane(data_dir: &Path) -> bool {
+    let pattern = format!("dataplane --config {}", data_dir.join("dataplane.json").display());
+    Command::new("pkill").args(["-9", "-f", "--"]).arg(&pattern).status().is_ok_and(|s| s.success())
 }
 
 /// Removes the named domains (and their snapshots' metadata) from the

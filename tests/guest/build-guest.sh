@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the tiny real test guest used by NovaCron Edge's test suite.
 #
-#   tests/guest/build-guest.sh OUTDIR
+#   tests/guest/build-guest.sh [--bench] OUTDIR
 #
 # Produces OUTDIR/vmlinuz (Debian's linux-image-amd64 kernel) and
 # OUTDIR/initramfs.gz (busybox-static + the few modules the guest needs).
@@ -15,14 +15,53 @@
 #   NOVACRON-DISK=vda            if a virtio disk is attached
 #   NOVACRON-CIDATA=<line>       first line of user-data on a CD labelled cidata
 #   NOVACRON-IP=<addr>           when eth0 got a DHCP lease (in the background)
+#   NOVACRON-REC=<n>             with novacron.records=N: record n (0..N-1) is on
+#                                vda, written O_DIRECT + fsync (see below); then
+#                                NOVACRON-RECORDS-DONE, or NOVACRON-REC-FAILED=<n>
 # and powers off by itself on an ACPI power-button event (virsh shutdown).
 # Needs: busybox-static, linux-image-amd64, cpio, gzip (tests/setup-host.sh).
+#
+# --bench also writes OUTDIR/initramfs-bench.gz for tests/bench/disk.sh: the
+# same archive followed by a second one with Debian's fio (and every library
+# it loads, about 36 MB gzipped) and tests/guest/bench-init.sh as /init
+# (novacron.bench=... on the command line; see that file). Needs fio.
+# The default initramfs.gz is the same with or without --bench.
 set -euo pipefail
 
-usage() { echo "usage: $0 OUTDIR" >&2; exit 2; }
+usage() { echo "usage: $0 [--bench] OUTDIR" >&2; exit 2; }
+bench=0
+if [ "${1:-}" = --bench ]; then bench=1; shift; fi
 [ $# -eq 1 ] || usage
 outdir="$1"
 script="$(readlink -f "$0")"
+
+# bench_initramfs: OUTDIR/initramfs-bench.gz from OUTDIR/initramfs.gz.
+bench_initramfs() {
+    local init fio out="$outdir/initramfs-bench.gz" src lib w
+    init="$(dirname "$script")/bench-init.sh"
+    fio="$(command -v fio)" || { echo "build-guest: --bench needs fio (apt-get install fio)" >&2; exit 1; }
+    if [ "$out" -nt "$outdir/initramfs.gz" ] && [ "$out" -nt "$init" ] && [ "$out" -nt "$fio" ] \
+        && [ "$out" -nt "$script" ]; then
+        echo "build-guest: $out is up to date"
+        return 0
+    fi
+    w="$(mktemp -d)"
+    mkdir -p "$w/root/usr/bin"
+    cp "$init" "$w/root/init"
+    chmod 0755 "$w/root/init"
+    cp "$fio" "$w/root/usr/bin/fio"
+    # Each library at the path the loader looks it up by (ldd's), dereferenced.
+    while read -r lib; do
+        mkdir -p "$w/root$(dirname "$lib")"
+        cp -L "$lib" "$w/root$lib"
+    done < <(ldd "$fio" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\/.*ld-linux/ { print $1 }')
+    (cd "$w/root" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0) | gzip -6n > "$w/bench.gz"
+    cat "$outdir/initramfs.gz" "$w/bench.gz" > "$w/initramfs-bench.gz"
+    mv -f "$w/initramfs-bench.gz" "$out"
+    rm -rf "$w"
+    src=$(du -h "$out" | cut -f1)
+    echo "build-guest: built $out ($src, fio $("$fio" --version))"
+}
 
 # Newest installed Debian kernel (version-sorted, not mtime: upgrades keep old ones).
 kernel="$(find /boot -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -n1)"
@@ -41,6 +80,7 @@ for out in "$outdir/vmlinuz" "$outdir/initramfs.gz"; do
 done
 if [ "$up_to_date" = 1 ]; then
     echo "build-guest: $outdir is up to date ($kver)"
+    if [ "$bench" = 1 ]; then bench_initramfs; fi
     exit 0
 fi
 
@@ -155,6 +195,30 @@ wait_dev() { for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do [ -b "$1" ] && ret
 if ls /sys/bus/virtio/drivers/virtio_blk 2>/dev/null | grep -q '^virtio'; then wait_dev /dev/vda; fi
 [ -b /dev/vda ] && echo NOVACRON-DISK=vda
 
+# novacron.records=N: numbered 4 KiB records to vda from 1 MiB on, record n
+# at byte (256 + n) * 4096: "NCREC <n, 8 digits>\n" padded with zeros. Each
+# is written O_DIRECT and fsynced before its number is printed, so a printed
+# number is a write the disk acknowledged as durable (the disk tests check
+# every printed record on the host's copy).
+records=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in novacron.records=*) records="${arg#novacron.records=}" ;; esac
+done
+if [ -n "$records" ] && [ -b /dev/vda ]; then
+    (
+        i=0
+        while [ "$i" -lt "$records" ]; do
+            if printf 'NCREC %08d\n' "$i" | dd of=/dev/vda bs=4096 seek=$((256 + i)) conv=sync,fsync oflag=direct 2>/dev/null; then
+                echo "NOVACRON-REC=$i"
+            else
+                echo "NOVACRON-REC-FAILED=$i"
+            fi
+            i=$((i + 1))
+        done
+        echo NOVACRON-RECORDS-DONE
+    ) &
+fi
+
 if ls /sys/class/scsi_device 2>/dev/null | grep -q .; then
     wait_dev /dev/sr0
 fi
@@ -188,3 +252,4 @@ cp "$kernel" "$work/vmlinuz"
 mv -f "$work/vmlinuz" "$outdir/vmlinuz"
 mv -f "$work/initramfs.gz" "$outdir/initramfs.gz"
 echo "build-guest: built $outdir ($kver; modules: ${order[*]})"
+if [ "$bench" = 1 ]; then bench_initramfs; fi

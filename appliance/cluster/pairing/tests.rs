@@ -198,6 +198,25 @@ fn peer_requests_need_the_pair_key_and_a_close_clock() {
 }
 
 #[test]
+fn a_vm_request_proves_its_op() {
+    let (a, b, key) = (Uuid::from_bytes([1; 16]), Uuid::from_bytes([2; 16]), [3u8; 32]);
+    let vm = Uuid::from_bytes([9; 16]);
+    let req = peer_vm_request(VmPeerOp::Start { vm, epoch: 4 }, &key, a, b, T0, [5; 16]);
+    assert_eq!(req.check(), Ok(()));
+    assert_eq!(verify_peer_request(&req, b, a, &key, T0), Ok(()));
+    assert_eq!(verify_peer_request(&req, b, a, &[4; 32], T0), Err(PairError::NotPeer));
+    // Another epoch, another VM or another op under the same proof: refused.
+    for op in [VmPeerOp::Start { vm, epoch: 5 }, VmPeerOp::Start { vm: a, epoch: 4 }, VmPeerOp::Epochs] {
+        let Handshake::Vm { from, at_ms, nonce, proof, .. } = req.clone() else { panic!() };
+        let forged = Handshake::Vm { from, at_ms, nonce, op, proof };
+        assert_eq!(verify_peer_request(&forged, b, a, &key, T0), Err(PairError::NotPeer));
+    }
+    let v = serde_json::to_value(&req).unwrap();
+    assert_eq!((v["step"].as_str(), v["op"]["op"].as_str()), (Some("vm"), Some("start")), "{v}");
+    assert_eq!(serde_json::from_value::<Handshake>(v).unwrap(), req);
+}
+
+#[test]
 fn handshake_json_is_strict() {
     let (_, code) = setup();
     let mut v = serde_json::to_value(joiner(&code).prepare()).unwrap();

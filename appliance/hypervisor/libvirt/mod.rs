@@ -16,7 +16,6 @@ mod ffi;
 #[cfg(test)]
 mod tests;
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -30,7 +29,7 @@ use virt::network::Network;
 use virt::sys;
 
 use self::conn::{code_is, init_event_loop, lock, map_error, CallError, Inner, Owned, Subscribers};
-use super::xml::{disk_xml, snapshot_xml};
+use super::xml::{disk_xml, snapshot_xml, DiskSource};
 use super::{
     Console, DhcpLease, DomainInfo, DomainState, Hypervisor, HypervisorError, HypervisorInfo, LifecycleEvent,
     LifecycleKind, NetworkInfo, Result, SnapshotInfo,
@@ -286,6 +285,17 @@ impl Hypervisor for Libvirt {
         })
     }
 
+    fn defined_by(&self, uuid: Uuid) -> Result<Option<Uuid>> {
+        self.with_conn(Some(uuid), |c| match c.lookup_domain_by_uuid(uuid) {
+            Ok(d) => {
+                let dom = Owned::new(d);
+                Ok(crate::hypervisor::xml::metadata_node(&dom.xml_desc(0)?))
+            }
+            Err(e) if code_is(&e, ErrorNumber::NoDomain) => Ok(None),
+            Err(e) => Err(e),
+        })
+    }
+
     fn list(&self) -> Result<Vec<DomainInfo>> {
         self.with_conn(None, |c| {
             // flags 0 = active and inactive.
@@ -449,8 +459,8 @@ impl Hypervisor for Libvirt {
         self.with_domain(uuid, |dom| dom.block_resize(target_dev, bytes, sys::VIR_DOMAIN_BLOCK_RESIZE_BYTES))
     }
 
-    fn attach_disk(&self, uuid: Uuid, path: &Path, target_dev: &str, live: bool) -> Result<()> {
-        self.change_disk(uuid, &disk_xml(path, target_dev), live, true)
+    fn attach_disk(&self, uuid: Uuid, source: &DiskSource, target_dev: &str, live: bool) -> Result<()> {
+        self.change_disk(uuid, &disk_xml(source, target_dev), live, true)
     }
 
     fn detach_disk(&self, uuid: Uuid, target_dev: &str, live: bool) -> Result<()> {

@@ -10,6 +10,9 @@
 //! wire version it fuzzes instead of from nothing or an older corpus.
 #![no_main]
 
+#[path = "common.rs"]
+mod common;
+
 use libfuzzer_sys::fuzz_target;
 use novacron::cluster::frame::{split, Channel, Message, WIRE_VERSION};
 use uuid::Uuid;
@@ -63,29 +66,18 @@ const VARIANTS: usize = 15;
 
 fn write_seeds(dir: &std::path::Path) {
     let samples = samples();
-    let mut seen: Vec<usize> = samples.iter().map(variant).collect();
-    seen.sort_unstable();
-    assert_eq!(seen, (0..VARIANTS).collect::<Vec<_>>(), "samples() must hold one message of every variant");
-    std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let mut all = Vec::new();
-    for m in &samples {
-        let frame = m.encode();
-        std::fs::write(dir.join(format!("seed-v{WIRE_VERSION}-{}", m.kind())), &frame).unwrap();
-        all.extend(frame);
-    }
-    std::fs::write(dir.join(format!("seed-v{WIRE_VERSION}-all")), &all).unwrap();
+    let mut frames: Vec<(String, Vec<u8>)> =
+        samples.iter().map(|m| (format!("v{WIRE_VERSION}-{}", m.kind()), m.encode())).collect();
     let bulk = Message::Hello {
         protocol_version: 4,
         node_id: Uuid::nil(),
         name: "a".into(),
         channel: Channel::Bulk,
     };
-    std::fs::write(dir.join(format!("seed-v{WIRE_VERSION}-hello_bulk")), bulk.encode()).unwrap();
+    frames.push((format!("v{WIRE_VERSION}-hello_bulk"), bulk.encode()));
     // The frozen handshake as a node of another wire version sends it.
-    for m in &samples[..3] {
-        std::fs::write(dir.join(format!("seed-v2-{}", m.kind())), m.encode_as(2)).unwrap();
-    }
-    eprintln!("wrote {} seeds (wire version {WIRE_VERSION}) to {}", samples.len() + 5, dir.display());
+    frames.extend(samples[..3].iter().map(|m| (format!("v2-{}", m.kind()), m.encode_as(2))));
+    common::write_seeds(dir, samples.iter().map(variant).collect(), VARIANTS, &frames, WIRE_VERSION);
 }
 
 fuzz_target!(
@@ -95,13 +87,7 @@ fuzz_target!(
         }
     },
     |data: &[u8]| {
-        // A small limit, so that oversized frames are common inputs.
-        let mut rest = data;
-        while let Ok(Some((msg, used))) = split(rest, 64 << 10) {
-            let again = split(&msg.encode(), usize::MAX).expect("own encoding decodes");
-            assert_eq!(again.map(|(m, _)| m).as_ref(), Some(&msg), "round trip differs");
-            rest = &rest[used..];
-        }
+        common::split_all(data, split, Message::encode);
         let _ = Message::decode(data);
     }
 );
