@@ -509,9 +509,28 @@ async fn take_over_and_boot(pair: &Pair, ws: &[Writer]) {
         post(&pair.b, &format!("/v1/vms/{}/start", w.id), json!(null)).await;
     }
     let console = pair.b.daemon.data().join("logs").join(format!("{}.{}.console.log", w.name, w.id));
-    common::wait_for("the replica boots and writes on B", 240, || {
-        common::disk::printed(&console).0.len() >= 10
-    });
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while common::disk::printed(&console).0.len() < 10 {
+        if Instant::now() > deadline {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            let tail: String = text
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            panic!(
+                "{}: the replica did not boot and write on B within 240 s; VM: {}\nconsole tail:\n{tail}\nB's data plane log:\n{}",
+                w.name,
+                get(&pair.b, &format!("/v1/vms/{}", w.id)).await,
+                dataplane_log(&pair.b)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let disk =
         PathBuf::from(get(&pair.b, &format!("/v1/vms/{}", w.id)).await["disks"][0]["path"].as_str().unwrap());
     let (printed, k) = held[0];

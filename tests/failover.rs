@@ -179,7 +179,11 @@ async fn move_takeover_and_return_keep_every_acknowledged_write() {
     until_repl(&pair.a, &id, "up to date after stop", 60, |r| r["disks"][0]["peer"] == "up_to_date").await;
     let text = std::fs::read_to_string(&log_a).unwrap();
     let since_takeover = text.rsplit("NOVACRON-POWEROFF").next().unwrap();
-    assert!(!since_takeover.contains("I/O error"), "the replica's guest saw an I/O error:\n{since_takeover}");
+    assert!(
+        !since_takeover.contains("I/O error"),
+        "the replica's guest saw an I/O error:\n{since_takeover}\nA's data plane log:\n{}",
+        std::fs::read_to_string(pair.a.daemon.data().join("logs").join("dataplane.log")).unwrap_or_default()
+    );
     assert_eq!(sha256(&disk_a), sha256(&disk_b), "A's disk and B's replica differ after the failback resync");
 }
 
