@@ -468,6 +468,9 @@ fn kill_host_a(pair: &mut Pair, vms: &[&Writer]) {
                 .map_or(true, |s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
         })
     });
+    for w in vms {
+        common::wait_domain_gone(&w.name);
+    }
 }
 
 /// What B's replica holds of a writer's records: the length of the prefix
@@ -547,13 +550,19 @@ async fn take_over_and_boot(pair: &Pair, ws: &[Writer]) {
     );
 }
 
+/// Async mode's bound on the loss in the RPO rounds.
+const ASYNC_MAX_LAG: u64 = 5;
+
 /// RPO 0 in sync mode: at random moments (seeded) host A dies (its QEMU,
 /// data plane and API daemon killed together), in some runs just after
 /// both links were cut (before the ack timeout lets A go on degraded);
 /// every record the guest printed is on B's replica, which holds exactly a
-/// prefix of the sequence. Two VMs a round, so the guests' boots are
-/// shared; A restarts between rounds. After the last death the operator
-/// takes over on B and one of the replicas boots there.
+/// prefix of the sequence. Two sync VMs a round, and a third in async mode
+/// (the same deaths, the guests' boots shared): its replica also holds a
+/// prefix with no hole or torn record, and what it lacks was printed within
+/// its `max_lag_seconds` before the death. A restarts between rounds.
+/// After the last death the operator takes over on B and one of the
+/// replicas boots there.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "boots a real TCG guest: needs libvirtd and QEMU from tests/setup-host.sh"]
 async fn sync_mode_loses_no_acknowledged_write_when_the_primary_host_dies() {
@@ -563,20 +572,29 @@ async fn sync_mode_loses_no_acknowledged_write_when_the_primary_host_dies() {
     pair_up(&pair).await;
     let boot = common::install_guest(&pair.a.daemon.data().join("boot"));
     let rounds = 5;
-    let per_round = 2;
+    // Two sync writers and one async.
+    let per_round = 3;
     let names: Vec<String> =
         (0..rounds * per_round).map(|i| format!("dfrpo-{}-{i}", std::process::id())).collect();
     let _cleanup = common::DomainGuard(names.clone());
-    let mut runs = 0;
+    let (mut runs, mut async_runs) = (0, 0);
     for round in 0..rounds {
         let mut ws = Vec::new();
         for i in 0..per_round {
             let name = &names[round * per_round + i];
-            ws.push(start_writer(&pair, name, json!({"mode": "sync"}), &boot).await);
+            let repl = if i == 2 {
+                json!({"mode": "async", "max_lag_seconds": ASYNC_MAX_LAG})
+            } else {
+                json!({"mode": "sync"})
+            };
+            ws.push(start_writer(&pair, name, repl, &boot).await);
         }
-        // Each past its first records: streaming, protected.
+        // Each past its first records: streaming, protected. When and how
+        // many give the async guest's record rate.
+        let mut firsts = Vec::new();
         for w in &ws {
             common::wait_for("the guest's first records", 240, || w.printed().len() >= 20);
+            firsts.push((Instant::now(), w.printed().len()));
             until_repl(&pair.a, &w.id, "protected", 20, |r| r["protection"] == "protected").await;
         }
         let cut = rng.next_u64() % 2 == 1;
@@ -592,24 +610,37 @@ async fn sync_mode_loses_no_acknowledged_write_when_the_primary_host_dies() {
         } else {
             None
         };
+        let killed = Instant::now();
         kill_host_a(&mut pair, &ws.iter().collect::<Vec<_>>());
-        for w in &ws {
+        for (i, w) in ws.iter().enumerate() {
             let printed = w.printed();
             let last = printed.last().copied().unwrap_or(0);
             assert_eq!(printed, (0..printed.len() as u64).collect::<Vec<_>>(), "{}: console", w.name);
             let k = replica_prefix(w, last + 256);
+            let n = printed.len() as u64;
+            let how = after_cut.map_or(String::new(), |ms| format!(", links cut {ms} ms before"));
+            if i == 2 {
+                let (t, at) = firsts[i];
+                let rate = (n - at as u64) as f64 / killed.duration_since(t).as_secs_f64();
+                let lost = n.saturating_sub(k);
+                let lost_s = lost as f64 / rate;
+                eprintln!(
+                    "round {round} {} (async): A killed {wait} ms into the run{how}; {n} records printed at {rate:.0}/s, B holds records 0..{k}: {lost} lost, {lost_s:.2} s of writes",
+                    w.name
+                );
+                assert!(
+                    lost_s <= ASYNC_MAX_LAG as f64,
+                    "{}: async lost {lost} records ({lost_s:.2} s at {rate:.0}/s), more than max_lag_seconds {ASYNC_MAX_LAG}",
+                    w.name
+                );
+                async_runs += 1;
+                continue;
+            }
             eprintln!(
-                "round {round} {}: A killed {wait} ms into the run{}; {} records printed, B holds records 0..{k}",
-                w.name,
-                after_cut.map_or(String::new(), |ms| format!(", links cut {ms} ms before")),
-                printed.len()
+                "round {round} {}: A killed {wait} ms into the run{how}; {n} records printed, B holds records 0..{k}",
+                w.name
             );
-            assert!(
-                k >= printed.len() as u64,
-                "{}: the guest printed records 0..{} but B's replica holds only 0..{k}",
-                w.name,
-                printed.len()
-            );
+            assert!(k >= n, "{}: the guest printed records 0..{n} but B's replica holds only 0..{k}", w.name);
             runs += 1;
         }
         if round + 1 == rounds {
@@ -625,8 +656,8 @@ async fn sync_mode_loses_no_acknowledged_write_when_the_primary_host_dies() {
         pair.a.daemon.restart();
         common::disk::until_link_up(&pair.a).await;
     }
-    assert_eq!(runs, 10);
-    eprintln!("sync RPO: {runs} runs in {:.0} s", t0.elapsed().as_secs_f64());
+    assert_eq!((runs, async_runs), (10, 5));
+    eprintln!("sync RPO: {runs} sync and {async_runs} async runs in {:.0} s", t0.elapsed().as_secs_f64());
 }
 
 /// The 4 KiB blocks in which two files of the same size differ.

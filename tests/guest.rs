@@ -8,9 +8,14 @@ use hyper::{Method, StatusCode};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
+/// The first test stops the system libvirtd for a while; the others of
+/// this binary need it up, so they take turns.
+static LIBVIRTD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "boots a real TCG guest: needs libvirtd and QEMU from tests/setup-host.sh"]
 async fn real_guest_lifecycle_survives_kill9() {
+    let _turn = LIBVIRTD.lock().await;
     let mut opts = Opts::test_driver(31);
     opts.uri = "qemu:///system".into();
     let mut d = Daemon::start("guest", opts);
@@ -56,7 +61,7 @@ async fn real_guest_lifecycle_survives_kill9() {
 
     // libvirtd restarts under the daemon: readiness drops, then the daemon
     // reconnects by itself and still sees the guest running.
-    common::stop_libvirtd();
+    let down = common::stop_libvirtd();
     let deadline = Instant::now() + Duration::from_secs(20);
     while call(&c, Method::GET, "/v1/ready", None).await.0 == StatusCode::OK {
         assert!(Instant::now() < deadline, "/v1/ready stayed 200 with libvirtd down");
@@ -64,7 +69,7 @@ async fn real_guest_lifecycle_survives_kill9() {
     }
     let (s, v) = call(&c, Method::GET, "/v1/ready", None).await;
     assert_eq!((s, error_code(&v)), (StatusCode::SERVICE_UNAVAILABLE, "not_ready"), "{v}");
-    common::start_libvirtd();
+    common::start_libvirtd(down);
     let deadline = Instant::now() + Duration::from_secs(30);
     while call(&c, Method::GET, "/v1/ready", None).await.0 != StatusCode::OK {
         assert!(Instant::now() < deadline, "the daemon did not reconnect to libvirtd");
@@ -131,6 +136,7 @@ fn check_records(disk: &std::path::Path, recs: &[u64]) {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "boots a real TCG guest: needs libvirtd and QEMU from tests/setup-host.sh"]
 async fn dataplane_disk_outlives_the_api_daemon() {
+    let _turn = LIBVIRTD.lock().await;
     let mut opts = Opts::test_driver(32);
     opts.uri = "qemu:///system".into();
     let mut d = Daemon::start("dpguest", opts);

@@ -648,9 +648,13 @@ impl Core {
 
     /// Reads the domain's state from libvirt and records it if it changed.
     pub(super) async fn refresh_state(&self, id: Uuid) -> Result<VmState> {
+        // Asked under the lock too: a state read before an operation
+        // recorded a newer one must not be recorded after it (a late
+        // lifecycle event announced a start again after the stop).
+        let _serial = self.state_lock.lock().await;
         let live = self.hv_call(move |hv| hv.state(id)).await?;
         let state = live.map(vm_state).unwrap_or(VmState::Missing);
-        self.record_state(id, state).await?;
+        self.record_state_locked(id, state).await?;
         Ok(state)
     }
 
@@ -660,6 +664,10 @@ impl Core {
     /// and announced once.
     pub(super) async fn record_state(&self, id: Uuid, state: VmState) -> Result<()> {
         let _serial = self.state_lock.lock().await;
+        self.record_state_locked(id, state).await
+    }
+
+    async fn record_state_locked(&self, id: Uuid, state: VmState) -> Result<()> {
         if !state.is_active() {
             self.shutting_down.lock().unwrap().remove(&id);
         }

@@ -417,7 +417,11 @@ impl BlockDevice for Replicated {
                 // they can be on the disk.
                 self.meta.lock().unwrap().mark_dirty_durable(&plan.mark).map_err(io_err)?;
             }
-            self.local.write_at(data, off, fua)?;
+            // Shipped before the local write, as DRBD submits both at once:
+            // the peer's round trip overlaps the local write instead of
+            // following it (sync mode waits for both). A local write that
+            // then fails leaves the peer with a block the guest was told
+            // failed, whose content is undefined either way.
             let flush = match plan.seq {
                 Some(seq) => {
                     self.send(DiskMsg::Data {
@@ -435,6 +439,7 @@ impl BlockDevice for Replicated {
                 }
                 None => None,
             };
+            self.local.write_at(data, off, fua)?;
             (plan.seq, plan.wait, flush)
         };
         if let (Some(seq), true) = (seq, wait) {

@@ -357,15 +357,11 @@ impl Bench {
             .spawn()
             .expect("qemu-storage-daemon (nbd)");
         std::thread::sleep(Duration::from_millis(500));
-        let mut q = qemu(
-            &pair.a.ns.name,
-            &self.guest,
-            &cmdline("perf", self.reps),
-            &log,
-            &qmp,
-            &file_disk(&disk),
-            true,
-        );
+        // -no-shutdown: QEMU (and QMP) outlive the guest's power-off, so
+        // the job can be checked after the last fio run.
+        let mut args = file_disk(&disk);
+        args.push("-no-shutdown".into());
+        let mut q = qemu(&pair.a.ns.name, &self.guest, &cmdline("perf", self.reps), &log, &qmp, &args, true);
         let mut m = Qmp::connect(&qmp);
         m.cmd(
             "blockdev-add",
@@ -393,6 +389,7 @@ impl Bench {
         let jobs = m.cmd("query-block-jobs", json!({}));
         say(format!("mirror job at the end: {jobs}"));
         assert_eq!(jobs[0]["ready"], true, "{jobs}");
+        let _ = writeln!(m.w, "{}", json!({"execute": "quit"}));
         drop(m);
         wait_exit(&mut q, "qemu (mirror)", 30);
         kill(qsd);

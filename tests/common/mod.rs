@@ -413,22 +413,44 @@ pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     panic!("timed out after {secs}s waiting for {what}");
 }
 
-/// Stops the system libvirtd and waits until it is gone.
-pub fn stop_libvirtd() {
-    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
-    wait_for("libvirtd to exit", 30, || {
-        !Command::new("pgrep")
-            .args(["-x", "libvirtd"])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+/// Waits until libvirt has seen the end of domain `name`'s QEMU (killed by
+/// a test). The two test "hosts" share one libvirtd: until it reaps the
+/// process it still calls the domain running, which the survivor's daemon
+/// would take for its own start (a real peer's libvirtd never knew it).
+pub fn wait_domain_gone(name: &str) {
+    wait_for(&format!("libvirt to see {name}'s QEMU gone"), 30, || {
+        let out = Command::new("virsh").args(["-c", "qemu:///system", "domstate", name]).output().unwrap();
+        let state = String::from_utf8_lossy(&out.stdout);
+        !out.status.success() || !matches!(state.trim(), "running" | "paused" | "in shutdown")
     });
 }
 
-/// Starts libvirtd again (as tests/setup-host.sh does) and waits until it
-/// answers.
-pub fn start_libvirtd() {
-    assert!(Command::new("libvirtd").arg("-d").status().unwrap().success(), "libvirtd -d failed");
+fn libvirtd_running() -> bool {
+    Command::new("pgrep").args(["-x", "libvirtd"]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// libvirtd stopped by a test: started again when this goes, also when the
+/// test fails before it restarts it (the next tests need it).
+pub struct LibvirtdDown(());
+
+impl Drop for LibvirtdDown {
+    fn drop(&mut self) {
+        if !libvirtd_running() {
+            let _ = Command::new("libvirtd").arg("-d").status();
+            wait_libvirtd_answers();
+        }
+    }
+}
+
+/// Stops the system libvirtd and waits until it is gone.
+pub fn stop_libvirtd() -> LibvirtdDown {
+    let down = LibvirtdDown(());
+    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
+    wait_for("libvirtd to exit", 60, || !libvirtd_running());
+    down
+}
+
+fn wait_libvirtd_answers() {
     wait_for("libvirtd to answer", 30, || {
         Command::new("virsh")
             .args(["-c", "qemu:///system", "version"])
@@ -437,6 +459,14 @@ pub fn start_libvirtd() {
             .status()
             .is_ok_and(|s| s.success())
     });
+}
+
+/// Starts libvirtd again (as tests/setup-host.sh does) and waits until it
+/// answers.
+pub fn start_libvirtd(down: LibvirtdDown) {
+    assert!(Command::new("libvirtd").arg("-d").status().unwrap().success(), "libvirtd -d failed");
+    wait_libvirtd_answers();
+    drop(down);
 }
 
 /// What a CLI run printed and returned.
