@@ -176,26 +176,7 @@ async fn certificate_expiry_is_read_at_every_start() {
 
     // A configured certificate that runs out in 20 days: warned about.
     let (cert, key) = (d.dir.join("own-cert.pem"), d.dir.join("own-key.pem"));
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "20",
-        ])
-        .args(["-subj", "/CN=localhost", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    common::self_signed_cert(&cert, &key, "localhost", 20);
     let end =
         Command::new("openssl").args(["x509", "-noout", "-enddate", "-in"]).arg(&cert).output().unwrap();
     let end = String::from_utf8_lossy(&end.stdout).trim().trim_start_matches("notAfter=").to_string();

@@ -310,6 +310,25 @@ pub struct ReplicaView {
     pub write_wait: Option<WaitHistogram>,
 }
 
+impl ReplicaView {
+    /// A replica's view, not connected: only its own copy's state; the
+    /// rest is the primary's to report.
+    pub fn secondary(local: crate::cluster::ReplicaState) -> ReplicaView {
+        ReplicaView {
+            local,
+            peer: None,
+            connected: false,
+            pending_bytes: 0,
+            lag_bytes: 0,
+            lag_seconds: 0.0,
+            sync: None,
+            sync_bytes: 0,
+            detail: String::new(),
+            write_wait: None,
+        }
+    }
+}
+
 /// The histogram type is the API's own (types.rs): telemetry reads it too.
 pub use crate::types::WaitHistogram;
 

@@ -243,15 +243,7 @@ impl Links {
             }
             DiskRole::Secondary => Some(match self.secondaries.status(d) {
                 Ok(s) => ReplicaView {
-                    local: s.state,
-                    peer: None,
                     connected: s.connected,
-                    pending_bytes: 0,
-                    lag_bytes: 0,
-                    lag_seconds: 0.0,
-                    sync: None,
-                    sync_bytes: 0,
-                    write_wait: None,
                     detail: match (s.has_undo, s.connected, s.diverged_bytes) {
                         (true, true, _) => "a delta resync is running: until it ends this copy is not \
                                             consistent; the pre-resync copy is kept (restorable with force)"
@@ -268,18 +260,11 @@ impl Links {
                             n / 4096
                         ),
                     },
+                    ..ReplicaView::secondary(s.state)
                 },
                 Err(e) => ReplicaView {
-                    local: ReplicaState::Inconsistent,
-                    peer: None,
-                    connected: false,
-                    pending_bytes: 0,
-                    lag_bytes: 0,
-                    lag_seconds: 0.0,
-                    sync: None,
-                    sync_bytes: 0,
-                    write_wait: None,
                     detail: e.to_string(),
+                    ..ReplicaView::secondary(ReplicaState::Inconsistent)
                 },
             }),
         }

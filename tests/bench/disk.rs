@@ -511,27 +511,7 @@ async fn initial_sync(b: &mut Bench, pair: &Pair, mib: u64) {
     let certs = b.dir.join("ncb-tls");
     std::fs::create_dir_all(&certs).unwrap();
     let (cert, key) = (certs.join("cert.pem"), certs.join("key.pem"));
-    sh_ok(
-        Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=ncb",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(Stdio::null()),
-    );
+    common::self_signed_cert(&cert, &key, "ncb", 1);
     let host = pair.b.addrs[0].to_string();
     let port = common::api_port() + 8;
     let out = b.dir.join("ncb-tls.out");

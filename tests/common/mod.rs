@@ -425,6 +425,23 @@ pub fn wait_domain_gone(name: &str) {
     });
 }
 
+/// A self-signed P-256 certificate for `cn`, valid `days`, written by
+/// openssl to `cert` and `key`.
+pub fn self_signed_cert(cert: &Path, key: &Path, cn: &str, days: u32) {
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days"])
+        .arg(days.to_string())
+        .arg("-subj")
+        .arg(format!("/CN={cn}"))
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn libvirtd_running() -> bool {
     Command::new("pgrep").args(["-x", "libvirtd"]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
 }
