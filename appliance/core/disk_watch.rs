@@ -222,18 +222,7 @@ mod tests {
             errors: 0,
             per_queue: vec![0],
             last_error: None,
-            replica: Some(ReplicaView {
-                local,
-                peer,
-                connected,
-                pending_bytes: 0,
-                lag_bytes: 0,
-                lag_seconds: 0.0,
-                sync: None,
-                sync_bytes: 0,
-                detail: String::new(),
-                write_wait: None,
-            }),
+            replica: Some(ReplicaView { peer, connected, ..ReplicaView::secondary(local) }),
         }
     }
 
