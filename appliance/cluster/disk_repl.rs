@@ -423,6 +423,19 @@ impl Primary {
         self.flush(now)
     }
 
+    /// During a sync, frames count against the window until they are
+    /// durable on the peer, so waiting for the background flush would hold
+    /// the sync to a window per [`Primary::background_flush`] period. A
+    /// flush goes out once half the window is unflushed, so the peer's
+    /// fdatasync overlaps the sending of the other half. Returns its seq.
+    pub fn window_flush(&mut self, now: Instant, window: u64) -> Option<u64> {
+        let flushing = self.flights.iter().any(|f| f.range.1 == 0);
+        if !self.up || flushing || self.lag(now).0 < window / 2 {
+            return None;
+        }
+        self.flush(now)
+    }
+
     /// Everything of the sync is sent: the `SyncEnd` frame's seq (once).
     pub fn sync_end(&mut self, now: Instant) -> Option<u64> {
         if self.sync.is_none() || self.sync_end_sent.is_some() || !self.pending.is_empty() {
@@ -711,6 +724,27 @@ mod tests {
         assert!(p.done(w, false) && !p.done(f, true), "applied is not durable");
         p.ack(t, f, true);
         assert!(p.done(f, true));
+    }
+
+    #[test]
+    fn a_sync_flushes_once_half_its_window_is_unflushed() {
+        let (mut p, t) = synced(Mode::Sync);
+        p.down();
+        p.release();
+        for i in 0..8 {
+            p.write(t, i * MIB, MIB);
+        }
+        p.attached(t, ReplicaState::UpToDate, &[]);
+        let window = 4 * MIB;
+        let (_, _, s1) = p.sync_chunk(t, MIB).unwrap();
+        assert_eq!(p.window_flush(t, window), None, "1 MiB of 4 unflushed");
+        let (_, _, s2) = p.sync_chunk(t, MIB).unwrap();
+        let f = p.window_flush(t, window).expect("half the window unflushed");
+        assert!(f > s2 && s2 > s1);
+        p.sync_chunk(t, MIB).unwrap();
+        assert_eq!(p.window_flush(t, window), None, "one flush in flight at a time");
+        p.ack(t, f, true);
+        assert_eq!(p.lag(t).0, MIB, "the flush took the two chunks before it out of the window");
     }
 
     #[test]

@@ -269,6 +269,11 @@ impl Replicated {
         if sm.sync_progress().is_none() || !sm.is_up() {
             return Ok(None);
         }
+        if let Some(seq) = sm.window_flush(Instant::now(), SYNC_WINDOW) {
+            drop(sm);
+            self.send(DiskMsg::Flush { disk: self.disk.clone(), seq });
+            return Ok(Some(0));
+        }
         if sm.lag(Instant::now()).0 >= SYNC_WINDOW {
             return Ok(Some(0));
         }
