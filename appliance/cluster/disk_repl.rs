@@ -416,8 +416,7 @@ impl Primary {
     /// in flight. Returns the `Flush` frame's seq.
     pub fn background_flush(&mut self, now: Instant, after: Duration) -> Option<u64> {
         let oldest = self.flights.front()?;
-        let flushing = self.flights.iter().any(|f| f.range.1 == 0);
-        if !self.up || flushing || now.saturating_duration_since(oldest.sent) < after {
+        if !self.up || self.flush_in_flight() || now.saturating_duration_since(oldest.sent) < after {
             return None;
         }
         self.flush(now)
@@ -429,11 +428,16 @@ impl Primary {
     /// flush goes out once half the window is unflushed, so the peer's
     /// fdatasync overlaps the sending of the other half. Returns its seq.
     pub fn window_flush(&mut self, now: Instant, window: u64) -> Option<u64> {
-        let flushing = self.flights.iter().any(|f| f.range.1 == 0);
-        if !self.up || flushing || self.lag(now).0 < window / 2 {
+        if !self.up || self.flush_in_flight() || self.lag(now).0 < window / 2 {
             return None;
         }
         self.flush(now)
+    }
+
+    /// A `Flush` or `SyncEnd` frame is unacknowledged (the flights
+    /// without a block range): one at a time is enough.
+    fn flush_in_flight(&self) -> bool {
+        self.flights.iter().any(|f| f.range.1 == 0)
     }
 
     /// Everything of the sync is sent: the `SyncEnd` frame's seq (once).
