@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::disk::{get, missing_records, pair_up, post, printed, sha256, until_repl};
+use common::disk::{get, missing_records, pair_up, post, records_in, sha256, until_repl};
 use common::pair::{Node, Pair};
 use common::{call, error_code, Opts};
 use hyper::{Method, StatusCode};
@@ -34,14 +34,6 @@ fn kill_qemu(name: &str) {
 
 async fn vm(n: &Node, id: &str) -> Value {
     get(n, &format!("/v1/vms/{id}")).await
-}
-
-/// Records printed after the last boot's first record (the guest writes
-/// from 0 again at each boot).
-fn printed_since_boot(log: &Path) -> Vec<u64> {
-    let recs = printed(log).0;
-    let last_boot = recs.iter().rposition(|&n| n == 0).unwrap_or(0);
-    recs[last_boot..].to_vec()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -78,65 +70,43 @@ async fn move_takeover_and_return_keep_every_acknowledged_write() {
     let (s, v) = call(&pair.b.local(), Method::POST, &format!("/v1/vms/{id}/move"), None).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "not_owner"), "only the owner moves: {v}");
 
-    // -- planned move A -> B with the guest writing --
+    // -- planned move A -> B with the guest writing, then back B -> A --
+    // (the second move found a bug: the old primary's metadata, still open
+    // after the first move, clobbered its replica's `up_to_date`).
     post(&pair.a, &format!("/v1/vms/{id}/start"), json!(null)).await;
-    let log_a = console(&pair.a, &name, &id);
-    common::wait_for("the guest's first records on A", 180, || printed(&log_a).0.len() >= 60);
-    until_repl(&pair.a, &id, "protected", 30, |r| r["protection"] == "protected").await;
-    let t = Instant::now();
-    let moved = post(&pair.a, &format!("/v1/vms/{id}/move"), json!(null)).await;
-    let took = t.elapsed();
-    // Read at once: B's guest is still booting (TCG), it has written nothing.
-    let on_a = printed(&log_a).0;
-    // Until its ACPI power-off: the guest kernel's own shutdown may fail
-    // the write in flight (never printed, so never acknowledged).
-    let text = std::fs::read_to_string(&log_a).unwrap();
-    let before_off = text.split("NOVACRON-POWEROFF").next().unwrap();
-    assert!(
-        !before_off.contains("I/O error") && !before_off.contains("NOVACRON-REC-FAILED"),
-        "the guest saw an I/O error on A before its shutdown:\n{text}"
-    );
-    assert_eq!(missing_records(&disk_b, &on_a), Vec::<u64>::new(), "records acknowledged on A missing on B");
-    eprintln!(
-        "moved after {} records in {took:?}: shutdown {} ms, downtime {} ms ({})",
-        on_a.len(),
-        moved["shutdown_ms"],
-        moved["downtime_ms"],
-        moved["message"]
-    );
-    assert_eq!((moved["started"].as_bool(), moved["epoch"].as_u64()), (Some(true), Some(2)), "{moved}");
-    assert_eq!(moved["to"], node_b, "{moved}");
-    let on_b = vm(&pair.b, &id).await;
-    assert_eq!((on_b["owner_node"].clone(), on_b["epoch"].as_u64()), (node_b.clone(), Some(2)), "{on_b}");
-    assert_eq!(on_b["state"], "running", "{on_b}");
-    let (s, v) = call(&pair.a.local(), Method::POST, &format!("/v1/vms/{id}/start"), None).await;
-    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "not_owner"), "A gave it up: {v}");
-    // The replication turned around: A's old copy is B's replica now.
-    let log_b = console(&pair.b, &name, &id);
-    common::wait_for("records written on B", 180, || printed_since_boot(&log_b).len() >= 60);
-    until_repl(&pair.b, &id, "B protected by A", 60, |r| {
-        r["protection"] == "protected" && r["disks"][0]["peer"] == "up_to_date"
-    })
-    .await;
+    let (log_a, log_b) = (console(&pair.a, &name, &id), console(&pair.b, &name, &id));
+    let stint_a = Stint { node: &pair.a, log: &log_a, from: 0, disk: &disk_a };
+    let stint_b = Stint { node: &pair.b, log: &log_b, from: 0, disk: &disk_b };
+    let on_a = planned_move(&stint_a, &stint_b, &id, 60, 2, &node_b).await;
     let a_view =
         until_repl(&pair.a, &id, "A holds the replica", 30, |r| r["disks"][0]["local"] == "up_to_date").await;
     assert_eq!(a_view["owner_node"], node_b, "{a_view}");
+    // Records above A's last one are new bytes on the replica: the check
+    // of the move back cannot pass on what A's first stint left there.
+    let stint_a = Stint { from: log_len(&log_a), ..stint_a };
+    let on_b = planned_move(&stint_b, &stint_a, &id, on_a.len() + 30, 3, &node_a).await;
+    let b_view =
+        until_repl(&pair.b, &id, "B holds the replica", 30, |r| r["disks"][0]["local"] == "up_to_date").await;
+    assert_eq!(b_view["owner_node"], node_a, "{b_view}");
+    common::wait_for("records written on A again", 180, || {
+        printed_after(&log_a, stint_a.from).len() > on_b.len() + 30
+    });
 
-    // -- B's host dies under writes; the operator takes over on A --
+    // -- A's host dies under writes; the operator takes over on B --
     kill_qemu(&name);
-    let written_on_b = printed_since_boot(&log_b);
-    pair.b.daemon.kill9();
-    common::kill_dataplane(&pair.b.daemon.data());
+    let written_on_a = printed_after(&log_a, stint_a.from);
+    pair.a.daemon.kill9();
+    common::kill_dataplane(&pair.a.daemon.data());
     pair.cut(0);
     pair.cut(1);
     assert_eq!(
-        missing_records(&disk_a, &written_on_b),
+        missing_records(&disk_b, &written_on_a),
         Vec::<u64>::new(),
-        "records acknowledged on B missing on A's replica"
+        "records acknowledged on A missing on B's replica"
     );
-    eprintln!("B died after {} records; all on A", written_on_b.len());
+    eprintln!("A died after {} records; all on B", written_on_a.len());
     let (s, report) =
-        call(&pair.a.local(), Method::POST, "/v1/peer/takeover", Some(json!({"force": true}))).await;
+        call(&pair.b.local(), Method::POST, "/v1/peer/takeover", Some(json!({"force": true}))).await;
     assert_eq!(s, StatusCode::OK, "{report}");
     let mine = report["vms"].as_array().unwrap().iter().find(|v| v["id"] == json!(id)).cloned().unwrap();
     assert_eq!(
@@ -144,54 +114,147 @@ async fn move_takeover_and_return_keep_every_acknowledged_write() {
         (Some("taken_over"), Some("up_to_date")),
         "{report}"
     );
-    assert_eq!(mine["epoch"], 3, "{report}");
-    let taken = vm(&pair.a, &id).await;
-    assert_eq!((taken["owner_node"].clone(), taken["epoch"].as_u64()), (node_a.clone(), Some(3)), "{taken}");
+    assert_eq!(mine["epoch"], 4, "{report}");
+    let taken = vm(&pair.b, &id).await;
+    assert_eq!((taken["owner_node"].clone(), taken["epoch"].as_u64()), (node_b.clone(), Some(4)), "{taken}");
     // The replica boots and writes (degraded: the peer is gone).
-    post(&pair.a, &format!("/v1/vms/{id}/start"), json!(null)).await;
-    common::wait_for("the replica boots and writes on A", 180, || printed_since_boot(&log_a).len() >= 60);
-    until_repl(&pair.a, &id, "A degraded", 30, |r| r["protection"] == "degraded").await;
+    let takeover_from = log_len(&log_b);
+    post(&pair.b, &format!("/v1/vms/{id}/start"), json!(null)).await;
+    common::wait_for("the replica boots and writes on B", 180, || {
+        printed_after(&log_b, takeover_from).len() >= 60
+    });
+    until_repl(&pair.b, &id, "B degraded", 30, |r| r["protection"] == "degraded").await;
 
-    // -- B comes back: it learns epoch 3, starts nothing, becomes the standby --
+    // -- A comes back: it learns epoch 4, starts nothing, becomes the standby --
     pair.restore(0);
     pair.restore(1);
-    pair.b.daemon.restart();
-    let back = until_repl(&pair.b, &id, "B learns the takeover", 60, |_| true).await;
+    pair.a.daemon.restart();
+    let mut back = until_repl(&pair.a, &id, "A learns the takeover", 60, |_| true).await;
     let t0 = Instant::now();
-    let mut back = back;
-    while back["epoch"] != 3 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "B never learned epoch 3: {back}");
+    while back["epoch"] != 4 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "A never learned epoch 4: {back}");
         tokio::time::sleep(Duration::from_millis(200)).await;
-        back = vm(&pair.b, &id).await;
+        back = vm(&pair.a, &id).await;
     }
-    assert_eq!(back["owner_node"], node_a, "{back}");
-    let (s, v) = call(&pair.b.local(), Method::POST, &format!("/v1/vms/{id}/start"), None).await;
+    assert_eq!(back["owner_node"], node_b, "{back}");
+    let (s, v) = call(&pair.a.local(), Method::POST, &format!("/v1/vms/{id}/start"), None).await;
     assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "not_owner"), "{v}");
-    until_repl(&pair.a, &id, "B's copy resynced from A", 120, |r| {
+    until_repl(&pair.b, &id, "A's copy resynced from B", 120, |r| {
         r["disks"][0]["peer"] == "up_to_date" && r["protection"] == "protected"
     })
     .await;
     let dp_log =
-        std::fs::read_to_string(pair.b.daemon.data().join("logs").join("dataplane.log")).unwrap_or_default();
-    assert!(dp_log.contains("discarded"), "B's data plane did not say what it discards:\n{dp_log}");
+        std::fs::read_to_string(pair.a.daemon.data().join("logs").join("dataplane.log")).unwrap_or_default();
+    assert!(dp_log.contains("discarded"), "A's data plane did not say what it discards:\n{dp_log}");
     // Stopped: both copies are the same bytes.
-    let (s, v) = call(&pair.a.local(), Method::POST, &format!("/v1/vms/{id}/stop"), None).await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    until_repl(&pair.a, &id, "up to date after stop", 60, |r| r["disks"][0]["peer"] == "up_to_date").await;
+    // By ACPI, so that the console shows the guest's own power-off.
+    let (s, v) = call(&pair.b.local(), Method::POST, &format!("/v1/vms/{id}/shutdown?wait=60"), None).await;
+    assert_eq!((s, v["state"].as_str()), (StatusCode::OK, Some("stopped")), "{v}");
+    until_repl(&pair.b, &id, "up to date after stop", 60, |r| r["disks"][0]["peer"] == "up_to_date").await;
     // The takeover boot, from its start to its ACPI power-off: after that
-    // the guest kernel's `poweroff -f` may fail the write in flight (as on
-    // A before the move; never printed, never acknowledged).
-    let text = std::fs::read_to_string(&log_a).unwrap();
-    let last_boot = text.rsplit("NOVACRON-GUEST-UP").next().unwrap();
-    let Some((since_takeover, _)) = last_boot.split_once("NOVACRON-POWEROFF") else {
-        panic!("the stop did not power the guest off by ACPI:\n{last_boot}")
+    // the guest kernel's `poweroff -f` may fail the write in flight (as
+    // before a move; never printed, never acknowledged).
+    let since_takeover = log_since(&log_b, takeover_from);
+    let Some((until_off, _)) = since_takeover.split_once("NOVACRON-POWEROFF") else {
+        panic!("the stop did not power the guest off by ACPI:\n{since_takeover}")
     };
     assert!(
-        !since_takeover.contains("I/O error") && !since_takeover.contains("NOVACRON-REC-FAILED"),
-        "the replica's guest saw an I/O error:\n{since_takeover}\nA's data plane log:\n{}",
-        std::fs::read_to_string(pair.a.daemon.data().join("logs").join("dataplane.log")).unwrap_or_default()
+        !until_off.contains("I/O error") && !until_off.contains("NOVACRON-REC-FAILED"),
+        "the replica's guest saw an I/O error:\n{until_off}\nB's data plane log:\n{}",
+        std::fs::read_to_string(pair.b.daemon.data().join("logs").join("dataplane.log")).unwrap_or_default()
     );
-    assert_eq!(sha256(&disk_a), sha256(&disk_b), "A's disk and B's replica differ after the failback resync");
+    assert_eq!(sha256(&disk_a), sha256(&disk_b), "B's disk and A's replica differ after the failback resync");
+}
+
+/// One node's run of the guest: its console log (appended to at each
+/// boot) from byte `from` on, and its copy of the disk.
+#[derive(Clone, Copy)]
+struct Stint<'a> {
+    node: &'a Node,
+    log: &'a Path,
+    from: usize,
+    disk: &'a Path,
+}
+
+fn log_len(log: &Path) -> usize {
+    std::fs::metadata(log).map_or(0, |m| m.len() as usize)
+}
+
+/// Records in `log` from byte `from` on.
+fn printed_after(log: &Path, from: usize) -> Vec<u64> {
+    records_in(&log_since(log, from))
+}
+
+fn log_since(log: &Path, from: usize) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    String::from_utf8_lossy(text.get(from..).unwrap_or_default()).into_owned()
+}
+
+/// A planned move of the running VM from `from` to `to` once `from`'s
+/// guest printed `records` records: every record printed before the move
+/// is on `to`'s copy, the VM runs on `to` at `epoch` (and no longer may on
+/// `from`), and the replication turns around. Returns the records `from`
+/// printed.
+async fn planned_move(
+    from: &Stint<'_>,
+    to: &Stint<'_>,
+    id: &str,
+    records: usize,
+    epoch: u64,
+    to_node: &Value,
+) -> Vec<u64> {
+    common::wait_for("the guest's records before the move", 180, || {
+        printed_after(from.log, from.from).len() >= records
+    });
+    until_repl(from.node, id, "protected before the move", 60, |r| {
+        r["protection"] == "protected" && r["disks"][0]["peer"] == "up_to_date"
+    })
+    .await;
+    let to_from = log_len(to.log);
+    let t = Instant::now();
+    let moved = post(from.node, &format!("/v1/vms/{id}/move"), json!(null)).await;
+    let took = t.elapsed();
+    // Read at once: the guest on `to` is still booting (TCG), it has
+    // written nothing.
+    let done = printed_after(from.log, from.from);
+    // Until its ACPI power-off: the guest kernel's own shutdown may fail
+    // the write in flight (never printed, so never acknowledged).
+    let text = log_since(from.log, from.from);
+    let before_off = text.split("NOVACRON-POWEROFF").next().unwrap();
+    assert!(
+        !before_off.contains("I/O error") && !before_off.contains("NOVACRON-REC-FAILED"),
+        "the guest saw an I/O error before its shutdown:\n{text}"
+    );
+    assert_eq!(
+        missing_records(to.disk, &done),
+        Vec::<u64>::new(),
+        "records acknowledged before the move missing after it"
+    );
+    eprintln!(
+        "moved (epoch {epoch}) after {} records in {took:?}: shutdown {} ms, downtime {} ms ({})",
+        done.len(),
+        moved["shutdown_ms"],
+        moved["downtime_ms"],
+        moved["message"]
+    );
+    assert_eq!((moved["started"].as_bool(), moved["epoch"].as_u64()), (Some(true), Some(epoch)), "{moved}");
+    assert_eq!(moved["to"], *to_node, "{moved}");
+    let there = vm(to.node, id).await;
+    assert_eq!(
+        (there["owner_node"].clone(), there["epoch"].as_u64()),
+        (to_node.clone(), Some(epoch)),
+        "{there}"
+    );
+    assert_eq!(there["state"], "running", "{there}");
+    let (s, v) = call(&from.node.local(), Method::POST, &format!("/v1/vms/{id}/start"), None).await;
+    assert_eq!((s, error_code(&v)), (StatusCode::CONFLICT, "not_owner"), "the old owner gave it up: {v}");
+    // The replication turned around: the old copy is the new owner's replica.
+    common::wait_for("records written after the move", 180, || printed_after(to.log, to_from).len() >= 30);
+    until_repl(to.node, id, "protected by the old owner", 60, |r| {
+        r["protection"] == "protected" && r["disks"][0]["peer"] == "up_to_date"
+    })
+    .await;
+    done
 }
 
 /// The initial sync sends only the allocated extents of a disk made from a

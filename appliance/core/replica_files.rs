@@ -199,8 +199,8 @@ impl Core {
         for (d, r) in vm.disks.iter().zip(view.disks.iter_mut()) {
             let replica = self.replica_path(vm.id, d);
             let meta = crate::dataplane::meta::meta_path(&replica);
-            r.local = match crate::dataplane::meta::Meta::open(&meta) {
-                Ok(m) => m.header().state.as_str().into(),
+            r.local = match crate::dataplane::meta::peek(&meta) {
+                Ok(h) => h.state.as_str().into(),
                 Err(_) => "unknown".into(),
             };
             r.peer = None;

@@ -29,14 +29,17 @@ struct Started {
     sync_rate: u64,
 }
 
-/// The dialer's stop switch, the disks it serves and what it started from.
-type Dialer = (watch::Sender<bool>, Vec<Arc<Replicated>>, Started);
+/// The dialer's stop switch, the disks it serves, what it started from
+/// and its task.
+type Dialer = (watch::Sender<bool>, Vec<Arc<Replicated>>, Started, tokio::task::JoinHandle<()>);
 
 pub struct Links {
     rt: tokio::runtime::Runtime,
     pub secondaries: Arc<Secondaries>,
     primaries: Mutex<BTreeMap<Key, Arc<Replicated>>>,
     dialer: Mutex<Option<Dialer>>,
+    /// A stopped dialer's task, until the next one has waited for it.
+    draining: Mutex<Option<tokio::task::JoinHandle<()>>>,
     server: Mutex<Option<(watch::Sender<bool>, Started)>>,
 }
 
@@ -76,6 +79,7 @@ impl Links {
             secondaries: Arc::default(),
             primaries: Mutex::default(),
             dialer: Mutex::default(),
+            draining: Mutex::default(),
             server: Mutex::default(),
         })
     }
@@ -97,7 +101,12 @@ impl Links {
         let mp = meta_path(&d.path);
         let io = |e: std::io::Error| DataplaneError::OpenDisk(mp.clone(), e);
         let fresh = !mp.exists();
-        if !fresh && Meta::open(&mp).map_err(io)?.header().role == DiskRole::Secondary {
+        // An earlier export of this disk (restarted) lets go of its
+        // metadata first: one writer at a time.
+        if let Some(old) = self.primaries.lock().unwrap().remove(&key(d)) {
+            old.retire();
+        }
+        if !fresh && super::meta::peek(&mp).map_err(io)?.role == DiskRole::Secondary {
             // This node held the peer's primary copy; the record now names
             // this node at a newer epoch (a move or a takeover).
             let disk = DiskRef { vm: d.vm, device: d.device.clone() };
@@ -152,7 +161,14 @@ impl Links {
             .collect();
         let primaries: Vec<Arc<Replicated>> = {
             let mut p = self.primaries.lock().unwrap();
-            p.retain(|k, _| wanted.contains(k));
+            p.retain(|k, r| {
+                let keep = wanted.contains(k);
+                if !keep {
+                    // Before a replica of it may open here (a move away).
+                    r.retire();
+                }
+                keep
+            });
             p.values().cloned().collect()
         };
         let secondaries: Vec<DiskExport> =
@@ -173,19 +189,31 @@ impl Links {
         };
         // The dialer, for this node's replicating disks.
         let mut dialer = self.dialer.lock().unwrap();
-        let same = dialer.as_ref().is_some_and(|(_, d, s)| {
+        let same = dialer.as_ref().is_some_and(|(_, d, s, _)| {
             *s == started
                 && d.len() == primaries.len()
                 && d.iter().zip(&primaries).all(|(a, b)| Arc::ptr_eq(a, b))
         });
         if !same {
-            if let Some((stop, _, _)) = dialer.take() {
+            let mut draining = self.draining.lock().unwrap();
+            if let Some((stop, _, _, task)) = dialer.take() {
                 let _ = stop.send(true);
+                *draining = Some(task);
             }
             if let (Some(tls), false) = (&tls, primaries.is_empty()) {
                 let (tx, rx) = watch::channel(false);
-                self.rt.spawn(peer::run_primary(tls.clone(), primaries.clone(), rx));
-                *dialer = Some((tx, primaries, started.clone()));
+                // The old connection's teardown marks its disks down: it
+                // must end before the new one attaches the same disks, or it
+                // would undo that attach.
+                let old = draining.take();
+                let (tls, disks) = (tls.clone(), primaries.clone());
+                let task = self.rt.spawn(async move {
+                    if let Some(old) = old {
+                        let _ = old.await;
+                    }
+                    peer::run_primary(tls, disks, rx).await
+                });
+                *dialer = Some((tx, primaries, started.clone(), task));
             }
         }
         // The listener, for the replicas of the peer's disks.

@@ -16,6 +16,12 @@
 //!   next page write or [`Meta::persist_clears`].
 //! - The file is sparse: a 1 TiB disk's 32 MiB bitmap takes no blocks
 //!   until bits are set, and load reads only the allocated parts.
+//! - One writer at a time: a [`Meta`] holds an exclusive `flock` on the
+//!   file for its life, and a second `open` fails. Each writer counts slot
+//!   sequences from what it loaded, so a second, stale writer would put
+//!   its next header into the slot of a newer one and bring an older
+//!   header back (it happened: a retired primary's late write turned a
+//!   replica's `up_to_date` back into `syncing`). Readers use [`peek`].
 
 use super::config::DiskRole;
 use crate::cluster::ReplicaState;
@@ -78,6 +84,9 @@ pub fn meta_path(disk: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct Meta {
     file: File,
+    /// The writer's lock, held on a clone of `file` (same open file
+    /// description) for as long as this value lives; see the module's comment.
+    _lock: nix::fcntl::Flock<File>,
     path: PathBuf,
     header: MetaHeader,
     /// Sequence number of the slot holding `header`.
@@ -126,6 +135,49 @@ fn check_header(h: &MetaHeader) -> io::Result<()> {
 pub(crate) fn sync_parent(path: &Path) -> io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     File::open(dir)?.sync_all()
+}
+
+/// The header of `path` as it is on disk, for a reader (the API daemon,
+/// a check before a promotion) while a writer may hold it.
+pub fn peek(path: &Path) -> io::Result<MetaHeader> {
+    Ok(load_header(&File::open(path)?, path)?.0)
+}
+
+/// The valid slot with the highest sequence.
+fn load_header(file: &File, path: &Path) -> io::Result<(MetaHeader, u64)> {
+    let mut slots = vec![0u8; BITMAP_AT as usize];
+    let got = read_up_to(file, &mut slots, 0)?;
+    slots.truncate(got);
+    let a = decode_slot(slots.get(..SLOT as usize).unwrap_or(&[]));
+    let b = decode_slot(slots.get(SLOT as usize..).unwrap_or(&[]));
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok(if a.1 >= b.1 { a } else { b }),
+        (Ok(a), Err(_)) => Ok(a),
+        (Err(_), Ok(b)) => Ok(b),
+        (Err(ea), Err(eb)) => {
+            Err(invalid(format!("{}: no valid header (slot 0: {ea}; slot 1: {eb})", path.display())))
+        }
+    }
+}
+
+/// Takes the writer's lock of `path` (open as `file`), or says who may
+/// hold it.
+fn lock(file: &File, path: &Path) -> io::Result<nix::fcntl::Flock<File>> {
+    nix::fcntl::Flock::lock(file.try_clone()?, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, e)| {
+            if e == nix::errno::Errno::EWOULDBLOCK {
+                io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!(
+                        "{} is in use (the disk is still open as a primary or a replica)",
+                        path.display()
+                    ),
+                )
+            } else {
+                io::Error::from(e)
+            }
+        },
+    )
 }
 
 /// CRC-32 (IEEE, as zlib), table built at compile time.
@@ -205,6 +257,7 @@ impl Meta {
         let tmp = path.with_file_name(name);
         let _ = std::fs::remove_file(&tmp);
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&tmp)?;
+        let _lock = lock(&file, path)?;
         let len = bitmap_len(header.size_bytes);
         // Sparse: the bitmap area takes no blocks until bits are written.
         file.set_len(BITMAP_AT + len as u64)?;
@@ -214,6 +267,7 @@ impl Meta {
         sync_parent(path)?;
         Ok(Meta {
             file,
+            _lock,
             path: path.to_owned(),
             header,
             seq: 1,
@@ -228,28 +282,8 @@ impl Meta {
     /// bitmap (its allocated parts only).
     pub fn open(path: &Path) -> io::Result<Meta> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
-        let mut slots = vec![0u8; BITMAP_AT as usize];
-        let got = read_up_to(&file, &mut slots, 0)?;
-        slots.truncate(got);
-        let a = decode_slot(slots.get(..SLOT as usize).unwrap_or(&[]));
-        let b = decode_slot(slots.get(SLOT as usize..).unwrap_or(&[]));
-        let (header, seq) = match (a, b) {
-            (Ok(a), Ok(b)) => {
-                if a.1 >= b.1 {
-                    a
-                } else {
-                    b
-                }
-            }
-            (Ok(a), Err(_)) => a,
-            (Err(_), Ok(b)) => b,
-            (Err(ea), Err(eb)) => {
-                return Err(invalid(format!(
-                    "{}: no valid header (slot 0: {ea}; slot 1: {eb})",
-                    path.display()
-                )))
-            }
-        };
+        let _lock = lock(&file, path)?;
+        let (header, seq) = load_header(&file, path)?;
         let len = bitmap_len(header.size_bytes);
         let file_len = file.metadata()?.len();
         if file_len < BITMAP_AT + len as u64 {
@@ -264,6 +298,7 @@ impl Meta {
         read_allocated(&file, &mut bits, BITMAP_AT)?;
         let mut meta = Meta {
             file,
+            _lock,
             path: path.to_owned(),
             header,
             seq,
@@ -662,6 +697,27 @@ mod tests {
         assert!(e.to_string().contains("no valid header"), "{e}");
     }
 
+    /// Found by the second planned move of tests/failover.rs: the old
+    /// primary's still open value wrote its next header (seq n+1) over the
+    /// replica's newer one (n+3, `up_to_date`), which brought back n+2
+    /// (`syncing`). A second writer is refused now; readers peek.
+    #[test]
+    fn one_writer_at_a_time() {
+        let d = dir("writer");
+        let p = d.join("m");
+        let mut first = Meta::create(&p, header(1 << 20)).unwrap();
+        let e = Meta::open(&p).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        assert!(e.to_string().contains("in use"), "{e}");
+        first.set_header(|h| h.epoch = 7).unwrap();
+        assert_eq!(peek(&p).unwrap().epoch, 7, "a reader sees the writer's header");
+        drop(first);
+        let mut second = Meta::open(&p).unwrap();
+        second.set_header(|h| h.epoch = 8).unwrap();
+        drop(second);
+        assert_eq!(Meta::open(&p).unwrap().header().epoch, 8);
+    }
+
     #[test]
     fn a_crash_between_bitmap_and_header_keeps_the_bits_and_the_old_header() {
         let d = dir("crash");
@@ -682,6 +738,7 @@ mod tests {
         assert_eq!(m.header().epoch, 2);
         assert!(!m.header().peer_outdated);
         assert_eq!(ranges(&m), vec![(4 << 20, 8192)]);
+        drop(m);
         // The whole slot written: the new header wins.
         f.write_all_at(&slot, SLOT).unwrap();
         let m = Meta::open(&p).unwrap();
@@ -817,6 +874,7 @@ mod tests {
         drop(m);
         let m = Meta::open(&p).unwrap();
         assert_eq!(ranges(&m), vec![(0, 4096)]);
+        drop(m);
         assert!(Meta::open(&p).unwrap().resize(1000).is_err(), "not a multiple of 512");
     }
 

@@ -94,7 +94,6 @@ impl Secondaries {
                 diverged_bytes: r.meta().dirty_bytes(),
             });
         }
-        drop(open);
         if !super::meta::meta_path(&d.path).exists() {
             // Never attached: nothing on disk yet.
             return Ok(SecondaryStatus {
@@ -104,6 +103,8 @@ impl Secondaries {
                 diverged_bytes: 0,
             });
         }
+        // Opened under the map's lock: a second value of the same replica
+        // would be a second writer of its metadata.
         let r = open_replica(d)?;
         let st = SecondaryStatus {
             state: r.state(),
@@ -111,8 +112,7 @@ impl Secondaries {
             has_undo: r.has_undo(),
             diverged_bytes: r.meta().dirty_bytes(),
         };
-        open = self.open.lock().unwrap();
-        open.entry(k).or_insert(r);
+        open.insert(k, r);
         Ok(st)
     }
 

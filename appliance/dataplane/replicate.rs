@@ -71,7 +71,13 @@ pub struct Replicated {
     sm: Mutex<Primary>,
     /// Woken whenever the state machine lets requests complete.
     done: Condvar,
-    meta: Mutex<Meta>,
+    /// `None` once retired: the metadata's lock is released for the next
+    /// holder of the disk (see `meta`'s one-writer rule).
+    meta: Mutex<Option<Meta>>,
+    /// Set by `retire`: read by waiters without taking `meta`.
+    retired: AtomicBool,
+    /// The data generation, fixed for a primary.
+    generation: u64,
     /// Held from a write's local write until its frame is queued (and by
     /// the sync for a chunk's read and frame), so the peer gets blocks in
     /// the order the local file did.
@@ -119,6 +125,7 @@ impl Replicated {
         let size = local.size();
         let dirty: Vec<(u64, u64)> = meta.dirty_ranges().collect();
         let h = meta.header();
+        let generation = h.generation;
         // Until the peer answers, its copy is what the metadata says: never
         // synced for a new disk, else possibly behind.
         let synced_once = h.peer_outdated || !dirty.is_empty() || h.state == ReplicaState::UpToDate && !fresh;
@@ -131,7 +138,9 @@ impl Replicated {
             size,
             sm: Mutex::new(sm),
             done: Condvar::new(),
-            meta: Mutex::new(meta),
+            meta: Mutex::new(Some(meta)),
+            retired: AtomicBool::new(false),
+            generation,
             order: Mutex::new(()),
             out: Mutex::new(None),
             stats: ReplStats::default(),
@@ -154,29 +163,63 @@ impl Replicated {
         }
     }
 
-    /// Blocks until the state machine lets request `seq` complete.
-    fn wait(&self, seq: u64, durable: bool) {
+    /// Blocks until the state machine lets request `seq` complete; an
+    /// error if this value is retired first (the write is not known to be
+    /// on the peer, and no mark can say so any more).
+    fn wait(&self, seq: u64, durable: bool) -> io::Result<()> {
         let started = Instant::now();
         let mut sm = self.sm.lock().unwrap();
         while !sm.done(seq, durable) {
+            if self.retired.load(Relaxed) {
+                return Err(self.gone());
+            }
             sm = self.done.wait_timeout(sm, Duration::from_millis(200)).unwrap().0;
         }
         self.stats.wait_us.fetch_add(started.elapsed().as_micros() as u64, Relaxed);
         self.stats.waits.fetch_add(1, Relaxed);
+        Ok(())
+    }
+
+    fn gone(&self) -> io::Error {
+        io::Error::other(format!("{}: no longer served here", self.name))
+    }
+
+    /// Runs `f` on the metadata; an error once retired.
+    fn with_meta<T>(&self, f: impl FnOnce(&mut Meta) -> io::Result<T>) -> io::Result<T> {
+        match self.meta.lock().unwrap().as_mut() {
+            Some(m) => f(m),
+            None => Err(self.gone()),
+        }
+    }
+
+    /// This node stops being the disk's primary through this value (its
+    /// export stopped, or a new one replaces it): the metadata is closed
+    /// now, though a connection task may still hold the value for a while,
+    /// so that the disk's next holder (a replica after a move, a new
+    /// primary) can open it. Nothing of this value writes to it after.
+    pub fn retire(&self) {
+        *self.out.lock().unwrap() = None;
+        self.meta.lock().unwrap().take();
+        self.retired.store(true, Relaxed);
+        // Under `sm`, so that no waiter misses the wake-up between its
+        // check and its wait.
+        let _sm = self.sm.lock().unwrap();
+        self.done.notify_all();
     }
 
     fn apply_meta(&self, change: MetaChange) -> io::Result<()> {
-        let mut meta = self.meta.lock().unwrap();
-        for (o, l) in &change.clear {
-            meta.clear(*o, *l)?;
-        }
-        if !change.clear.is_empty() {
-            meta.persist_clears()?;
-        }
-        if let Some(out) = change.outdated {
-            meta.set_header(|h| h.peer_outdated = out)?;
-        }
-        Ok(())
+        self.with_meta(|meta| {
+            for (o, l) in &change.clear {
+                meta.clear(*o, *l)?;
+            }
+            if !change.clear.is_empty() {
+                meta.persist_clears()?;
+            }
+            if let Some(out) = change.outdated {
+                meta.set_header(|h| h.peer_outdated = out)?;
+            }
+            Ok(())
+        })
     }
 
     pub fn status(&self) -> ReplStatus {
@@ -212,8 +255,12 @@ impl Replicated {
     pub fn connect(&self, tx: UnboundedSender<DiskMsg>, peer: uuid::Uuid) -> DiskMsg {
         *self.out.lock().unwrap() = Some(tx);
         *self.peer.lock().unwrap() = Some(peer);
-        let generation = self.meta.lock().unwrap().header().generation;
-        DiskMsg::Attach { disk: self.disk.clone(), epoch: self.epoch, size_bytes: self.size, generation }
+        DiskMsg::Attach {
+            disk: self.disk.clone(),
+            epoch: self.epoch,
+            size_bytes: self.size,
+            generation: self.generation,
+        }
     }
 
     /// The peer's `Diverged` (it was this disk's primary before): its
@@ -227,7 +274,7 @@ impl Replicated {
     /// The peer's `Attached`: decides the sync and queues its `SyncBegin`.
     /// Returns whether a sync runs (then [`Replicated::pump`]).
     pub fn attached(&self, state: ReplicaState, generation: u64) -> io::Result<bool> {
-        let ours = self.meta.lock().unwrap().header().generation;
+        let ours = self.generation;
         // A replica of another data history (never synced from this one,
         // or of data this node has since replaced): its blocks mean nothing.
         let state = if generation != ours { ReplicaState::Inconsistent } else { state };
@@ -370,6 +417,9 @@ impl Replicated {
         loop {
             match self.apply_meta(change.clone()) {
                 Ok(()) => break,
+                // Retired: the waiters fail (`wait`); the disk's next
+                // holder reads the state from the metadata itself.
+                Err(_) if self.retired.load(Relaxed) => return,
                 Err(e) => {
                     tracing::error!(disk = %self.name, error = %e, "cannot record the peer outdated; retrying");
                     std::thread::sleep(backoff);
@@ -420,7 +470,7 @@ impl BlockDevice for Replicated {
             if !plan.mark.is_empty() {
                 // Write-ahead: the blocks are in the durable bitmap before
                 // they can be on the disk.
-                self.meta.lock().unwrap().mark_dirty_durable(&plan.mark).map_err(io_err)?;
+                self.with_meta(|m| m.mark_dirty_durable(&plan.mark).map_err(io_err))?;
             }
             // Shipped before the local write, as DRBD submits both at once:
             // the peer's round trip overlaps the local write instead of
@@ -449,9 +499,9 @@ impl BlockDevice for Replicated {
         };
         if let (Some(seq), true) = (seq, wait) {
             let started = Instant::now();
-            self.wait(seq, false);
+            self.wait(seq, false)?;
             if let Some(f) = flush {
-                self.wait(f, true);
+                self.wait(f, true)?;
             }
             self.stats.write_wait.observe(started.elapsed());
         }
@@ -472,7 +522,7 @@ impl BlockDevice for Replicated {
         // async flushes are local.
         let mode = self.sm.lock().unwrap().mode();
         if let (Some(seq), Mode::Sync) = (seq, mode) {
-            self.wait(seq, true);
+            self.wait(seq, true)?;
         }
         Ok(())
     }

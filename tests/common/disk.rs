@@ -60,17 +60,20 @@ pub async fn until_repl(n: &Node, id: &str, what: &str, secs: u64, f: impl Fn(&V
 /// and whether it printed that it is done.
 pub fn printed(log: &Path) -> (Vec<u64>, bool, bool) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    // The console's shell prompt can share a line with a record's number.
-    let recs = text
-        .split("NOVACRON-REC=")
-        .skip(1)
-        .filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-        .collect();
     (
-        recs,
+        records_in(&text),
         text.contains("NOVACRON-REC-FAILED") || text.contains("I/O error"),
         text.contains("NOVACRON-RECORDS-DONE"),
     )
+}
+
+/// The record numbers a console text printed.
+pub fn records_in(text: &str) -> Vec<u64> {
+    // The console's shell prompt can share a line with a record's number.
+    text.split("NOVACRON-REC=")
+        .skip(1)
+        .filter_map(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect()
 }
 
 /// Byte offset of record n: (256 + n) * 4096.
