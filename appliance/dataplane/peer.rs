@@ -185,10 +185,18 @@ async fn connect_and_serve(tls: &PeerTls, disks: &[Arc<Replicated>]) -> std::io:
                 }
                 DiskMsg::Ack { disk, seq, durable } => {
                     if let Some(d) = by_ref.get(&disk) {
-                        let d = d.clone();
-                        tokio::task::spawn_blocking(move || d.ack(seq, durable))
-                            .await
-                            .map_err(std::io::Error::other)??;
+                        if durable {
+                            // May write the bitmap's clears.
+                            let d = d.clone();
+                            tokio::task::spawn_blocking(move || d.ack(seq, durable))
+                                .await
+                                .map_err(std::io::Error::other)??;
+                        } else {
+                            // Only the state machine's lock, held briefly: the
+                            // waiting guest write is released without a
+                            // thread hop.
+                            d.ack(seq, false)?;
+                        }
                         pump_kick.notify_one();
                     }
                 }

@@ -208,6 +208,9 @@ impl Replicated {
     }
 
     fn apply_meta(&self, change: MetaChange) -> io::Result<()> {
+        if change.outdated.is_none() && change.clear.is_empty() {
+            return Ok(());
+        }
         self.with_meta(|meta| {
             for (o, l) in &change.clear {
                 meta.clear(*o, *l)?;
