@@ -700,6 +700,35 @@ fn stop_node(n: &mut Node) {
     }
 }
 
+/// Opens B's replica as its data plane does, once the killed data plane's
+/// threads have all exited and closed the metadata (its lock): a leader
+/// already a zombie may still have threads that hold the files. Names the
+/// holders if that takes long.
+fn open_when_free(replica: &Path, size: u64, id: &str) -> novacron::dataplane::replica::Replica {
+    use novacron::dataplane::replica::{Replica, ReplicaError};
+    let t0 = Instant::now();
+    loop {
+        match Replica::open(replica, size, id.parse().unwrap(), "vda") {
+            Err(ReplicaError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::WouldBlock
+                    && t0.elapsed() < Duration::from_secs(30) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                let holders = std::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("find /proc/[0-9]*/fd -lname '{}.meta' 2>/dev/null", replica.display()))
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                panic!("cannot open {}: {e}; open by: {holders}", replica.display())
+            }
+            Ok(r) => return r,
+        }
+    }
+}
+
 /// Host A dies in the middle of a delta resync (throttled with tbf so the
 /// kill lands inside it): B's replica says `syncing`, and that only the
 /// pre-resync copy can be had back, with force; the rollback without force
@@ -768,9 +797,9 @@ async fn primary_death_mid_resync_leaves_only_the_pre_resync_copy_with_force() {
     // the replica opened as its data plane opens it.
     stop_node(&mut pair.b);
     use novacron::cluster::ReplicaState;
-    use novacron::dataplane::replica::{Replica, ReplicaError};
+    use novacron::dataplane::replica::ReplicaError;
     let size = std::fs::metadata(&w.replica).unwrap().len();
-    let mut r = Replica::open(&w.replica, size, w.id.parse().unwrap(), "vda").unwrap();
+    let mut r = open_when_free(&w.replica, size, &w.id);
     assert_eq!(r.state(), ReplicaState::Syncing);
     assert!(r.has_undo());
     assert!(
@@ -788,7 +817,7 @@ async fn primary_death_mid_resync_leaves_only_the_pre_resync_copy_with_force() {
     assert!(k - k_pre <= 4, "B's replica holds 0..{k} after the rollback, 0..{k_pre} before the resync");
     assert_eq!(differ, late, "the rolled-back replica is not the pre-resync image (plus the late records)");
     let _ = std::fs::remove_file(&pre);
-    let r = Replica::open(&w.replica, size, w.id.parse().unwrap(), "vda").unwrap();
+    let r = open_when_free(&w.replica, size, &w.id);
     assert_eq!(r.state(), ReplicaState::Outdated);
     assert!(!r.has_undo());
     eprintln!("death mid-resync: {:.0} s", t0.elapsed().as_secs_f64());
