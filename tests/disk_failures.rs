@@ -690,8 +690,9 @@ fn stop_node(n: &mut Node) {
     n.daemon.kill9();
     if let Some(p) = dataplane_pid(&n.daemon.data()) {
         kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL).unwrap();
-        // Gone or a zombie: only then are its files (and the metadata's
-        // locks) closed; its command line empties earlier, with its memory.
+        // Gone or a zombie (its command line empties earlier, with its
+        // memory). A zombie leader may still have threads holding the
+        // files: `open_when_free` waits for those.
         common::wait_for("the data plane gone", 20, || {
             std::fs::read_to_string(format!("/proc/{p}/stat")).map_or(true, |st| {
                 st.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))

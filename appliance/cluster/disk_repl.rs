@@ -213,6 +213,13 @@ pub struct MetaChange {
     pub clear: Vec<(u64, u64)>,
 }
 
+impl MetaChange {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.outdated.is_none() && self.clear.is_empty()
+    }
+}
+
 impl Primary {
     /// A primary disk at start. `dirty` is the durable bitmap as loaded
     /// (every block the peer may lack after whatever happened before);

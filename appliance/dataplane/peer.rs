@@ -185,17 +185,17 @@ async fn connect_and_serve(tls: &PeerTls, disks: &[Arc<Replicated>]) -> std::io:
                 }
                 DiskMsg::Ack { disk, seq, durable } => {
                     if let Some(d) = by_ref.get(&disk) {
-                        if durable {
-                            // May write the bitmap's clears.
+                        // The state machine's lock only, held briefly: a
+                        // waiting guest request is released without a
+                        // thread hop. The end of a sync also changes the
+                        // metadata (fdatasync): that part goes off the
+                        // runtime.
+                        let change = d.ack_state(seq, durable);
+                        if !change.is_empty() {
                             let d = d.clone();
-                            tokio::task::spawn_blocking(move || d.ack(seq, durable))
+                            tokio::task::spawn_blocking(move || d.apply_ack_meta(change))
                                 .await
                                 .map_err(std::io::Error::other)??;
-                        } else {
-                            // Only the state machine's lock, held briefly: the
-                            // waiting guest write is released without a
-                            // thread hop.
-                            d.ack(seq, false)?;
                         }
                         pump_kick.notify_one();
                     }
@@ -403,10 +403,17 @@ where
             // More frames already buffered: acknowledge once after them.
             let batch_end = !matches!(split(&buf, MAX_DISK_FRAME), Ok(Some(_)));
             let event = replica_event(&msg);
-            let s = secondaries.clone();
-            let answers = tokio::task::spawn_blocking(move || s.handle(conn, msg, batch_end))
-                .await
-                .map_err(std::io::Error::other)?;
+            let answers = if matches!(msg, DiskMsg::Data { .. }) {
+                // A buffered write (no fdatasync outside a resync's undo
+                // log): applied here, as two thread hops per frame cost a
+                // sync-mode write more than the write itself.
+                secondaries.handle(conn, msg, batch_end)
+            } else {
+                let s = secondaries.clone();
+                tokio::task::spawn_blocking(move || s.handle(conn, msg, batch_end))
+                    .await
+                    .map_err(std::io::Error::other)?
+            };
             if let Some((disk, what)) = event {
                 let refused = answers.iter().any(|a| matches!(a, DiskMsg::Rejected { .. }));
                 if !refused {

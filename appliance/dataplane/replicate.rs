@@ -78,10 +78,20 @@ pub struct Replicated {
     retired: AtomicBool,
     /// The data generation, fixed for a primary.
     generation: u64,
-    /// Held from a write's local write until its frame is queued (and by
-    /// the sync for a chunk's read and frame), so the peer gets blocks in
-    /// the order the local file did.
+    /// Held from a write's sequence number until its frame is queued (and
+    /// by the sync from a chunk's number to its frame), so frames leave in
+    /// sequence order.
     order: Mutex<()>,
+    /// Ranges whose local write is under way. The local write runs outside
+    /// `order`, so that a queue's requests reach the disk together (under
+    /// `order` a QD32 guest wrote one block at a time), and this set keeps
+    /// the two copies equal instead: a write over a range still being
+    /// written waits for it (else the local file and the peer could end
+    /// with different winners), and so does a sync chunk's read (else it
+    /// could send the block's old content after the write's frame).
+    writing: Mutex<Vec<(u64, u64)>>,
+    /// Woken when a range leaves `writing`.
+    written: Condvar,
     /// The live connection's frame queue.
     out: Mutex<Option<UnboundedSender<DiskMsg>>>,
     pub stats: ReplStats,
@@ -142,6 +152,8 @@ impl Replicated {
             retired: AtomicBool::new(false),
             generation,
             order: Mutex::new(()),
+            writing: Mutex::new(Vec::new()),
+            written: Condvar::new(),
             out: Mutex::new(None),
             stats: ReplStats::default(),
             peer: Mutex::new(None),
@@ -184,6 +196,20 @@ impl Replicated {
         io::Error::other(format!("{}: no longer served here", self.name))
     }
 
+    /// Waits until no local write overlaps `[off, off + len)`.
+    fn settle(&self, off: u64, len: u64) -> std::sync::MutexGuard<'_, Vec<(u64, u64)>> {
+        let overlaps = |w: &Vec<(u64, u64)>| w.iter().any(|&(o, l)| o < off + len && off < o + l);
+        let writing = self.writing.lock().unwrap();
+        self.written.wait_while(writing, |w| overlaps(w)).unwrap()
+    }
+
+    /// Claims `[off, off + len)` for a local write (after any overlapping
+    /// one ends); the guard gives it back. Called under `order`.
+    fn claim(&self, off: u64, len: u64) -> Claim<'_> {
+        self.settle(off, len).push((off, len));
+        Claim { r: self, range: (off, len) }
+    }
+
     /// Runs `f` on the metadata; an error once retired.
     fn with_meta<T>(&self, f: impl FnOnce(&mut Meta) -> io::Result<T>) -> io::Result<T> {
         match self.meta.lock().unwrap().as_mut() {
@@ -208,7 +234,7 @@ impl Replicated {
     }
 
     fn apply_meta(&self, change: MetaChange) -> io::Result<()> {
-        if change.outdated.is_none() && change.clear.is_empty() {
+        if change.is_empty() {
             return Ok(());
         }
         self.with_meta(|meta| {
@@ -330,6 +356,10 @@ impl Replicated {
         match sm.sync_chunk(Instant::now(), MAX_CHUNK as u64) {
             Some((off, len, seq)) => {
                 drop(sm);
+                // A write that took its number before this chunk may still
+                // be writing the local file: read after it. (Later writes
+                // wait for `order`.)
+                drop(self.settle(off, len));
                 let mut data = vec![0u8; len as usize];
                 self.local.read_at(&mut data, off)?;
                 self.send(DiskMsg::Data { disk: self.disk.clone(), seq, offset: off, data });
@@ -345,7 +375,10 @@ impl Replicated {
         }
     }
 
-    pub fn ack(&self, seq: u64, durable: bool) -> io::Result<()> {
+    /// The peer's `Ack`, the state machine's part (waiters released): brief,
+    /// for the connection's task. The metadata change it returns (only at
+    /// the end of a sync) is for [`Replicated::apply_ack_meta`].
+    pub fn ack_state(&self, seq: u64, durable: bool) -> MetaChange {
         let (change, now_up) = {
             let mut sm = self.sm.lock().unwrap();
             let was = sm.peer();
@@ -367,6 +400,12 @@ impl Replicated {
                 ),
             }
         }
+        change
+    }
+
+    /// Writes what [`Replicated::ack_state`] returned (bitmap clears,
+    /// the outdated mark lifted): fdatasyncs, so off the runtime.
+    pub fn apply_ack_meta(&self, change: MetaChange) -> io::Result<()> {
         self.apply_meta(change)
     }
 
@@ -435,6 +474,23 @@ impl Replicated {
     }
 }
 
+/// A local write's range in `Replicated::writing`, until dropped.
+struct Claim<'a> {
+    r: &'a Replicated,
+    range: (u64, u64),
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut w = self.r.writing.lock().unwrap();
+        if let Some(i) = w.iter().position(|&r| r == self.range) {
+            w.swap_remove(i);
+        }
+        drop(w);
+        self.r.written.notify_all();
+    }
+}
+
 /// Status of one replicating primary disk.
 #[derive(Debug, Clone)]
 pub struct ReplStatus {
@@ -467,8 +523,9 @@ impl BlockDevice for Replicated {
     }
 
     fn write_at(&self, data: &[u8], off: u64, fua: bool) -> io::Result<()> {
-        let (seq, wait, flush) = {
+        let (seq, wait, flush, claim) = {
             let _order = self.order.lock().unwrap();
+            let claim = self.claim(off, data.len() as u64);
             let plan = self.sm.lock().unwrap().write(Instant::now(), off, data.len() as u64);
             if !plan.mark.is_empty() {
                 // Write-ahead: the blocks are in the durable bitmap before
@@ -497,9 +554,11 @@ impl BlockDevice for Replicated {
                 }
                 None => None,
             };
-            self.local.write_at(data, off, fua)?;
-            (plan.seq, plan.wait, flush)
+            (plan.seq, plan.wait, flush, claim)
         };
+        let local = self.local.write_at(data, off, fua);
+        drop(claim);
+        local?;
         if let (Some(seq), true) = (seq, wait) {
             let started = Instant::now();
             self.wait(seq, false)?;
@@ -570,11 +629,13 @@ mod tests {
     use crate::dataplane::config::DiskRole;
     use crate::dataplane::meta::MetaHeader;
 
-    /// A background flush never overtakes a guest write that took its seq
-    /// before it: the write holds `order` from its seq to its frame.
-    #[test]
-    fn a_background_flush_waits_for_the_write_that_took_an_earlier_seq() {
-        let dir = super::super::meta::scratch("replicate-order");
+    /// A primary disk of 1 MiB whose fresh peer has completed its (empty)
+    /// full sync: streaming, with the frame queue.
+    fn streaming(
+        tag: &str,
+        mode: Mode,
+    ) -> (std::sync::Arc<Replicated>, tokio::sync::mpsc::UnboundedReceiver<DiskMsg>, std::path::PathBuf) {
+        let dir = super::super::meta::scratch(tag);
         let path = dir.join("vda.raw");
         std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
         let disk = DiskRef { vm: uuid::Uuid::from_bytes([7; 16]), device: "vda".into() };
@@ -590,11 +651,9 @@ mod tests {
         };
         let meta = Meta::create(&super::super::meta::meta_path(&path), header).unwrap();
         let local = LocalFile::open(&path).unwrap();
-        let r =
-            std::sync::Arc::new(Replicated::new("t".into(), disk.clone(), 1, local, meta, true, Mode::Async));
+        let r = std::sync::Arc::new(Replicated::new("t".into(), disk, 1, local, meta, true, mode));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let _ = r.connect(tx, uuid::Uuid::from_bytes([8; 16]));
-        // A fresh disk: a full sync of nothing, then the peer is up to date.
         assert!(r.attached(ReplicaState::Inconsistent, 0).unwrap());
         while r.pump().unwrap().is_some() {}
         let mut end = None;
@@ -603,7 +662,74 @@ mod tests {
                 end = Some(seq);
             }
         }
-        r.ack(end.unwrap(), true).unwrap();
+        let change = r.ack_state(end.unwrap(), true);
+        r.apply_ack_meta(change).unwrap();
+        (r, rx, dir)
+    }
+
+    /// Writes to different blocks run their local writes together; a
+    /// write over a block whose local write is under way waits for it, so
+    /// that the local file and the peer end with the same winner.
+    #[test]
+    fn an_overlapping_write_waits_for_the_local_write_under_way() {
+        let (r, mut rx, dir) = streaming("replicate-claim", Mode::Async);
+        let held = r.claim(4096, 8192);
+        // Another block: not held up.
+        r.write_at(&[1; 4096], 0, false).unwrap();
+        let r2 = r.clone();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let overlapping = std::thread::spawn(move || {
+            r2.write_at(&[2; 4096], 8192, false).unwrap();
+            done_tx.send(()).unwrap();
+        });
+        assert!(done_rx.recv_timeout(Duration::from_millis(300)).is_err(), "went past a claimed block");
+        drop(held);
+        done_rx.recv_timeout(Duration::from_secs(10)).expect("released when the claim ended");
+        overlapping.join().unwrap();
+        let offsets: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|m| match m {
+                DiskMsg::Data { offset, .. } => Some(offset),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(offsets, [0, 8192]);
+        assert!(r.writing.lock().unwrap().is_empty(), "claims left behind");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A sync chunk is read only after the local writes that took a number
+    /// before it have finished: else it could carry a block's old content
+    /// after the write's own frame, and the peer would keep the old one.
+    #[test]
+    fn a_sync_chunk_reads_after_the_local_write_under_way() {
+        let (r, mut rx, dir) = streaming("replicate-settle", Mode::Async);
+        // An outage, writes, the link back: a delta resync of those blocks.
+        r.disconnected("test");
+        r.write_at(&[3; 4096], 4096, false).unwrap();
+        let (tx, rx2) = tokio::sync::mpsc::unbounded_channel();
+        drop(std::mem::replace(&mut rx, rx2));
+        let _ = r.connect(tx, uuid::Uuid::from_bytes([8; 16]));
+        assert!(r.attached(ReplicaState::UpToDate, 9).unwrap());
+        let held = r.claim(4096, 4096);
+        let r2 = r.clone();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let pumping = std::thread::spawn(move || {
+            let sent = r2.pump().unwrap();
+            done_tx.send(sent).unwrap();
+        });
+        assert!(done_rx.recv_timeout(Duration::from_millis(300)).is_err(), "read a block being written");
+        drop(held);
+        let sent = done_rx.recv_timeout(Duration::from_secs(10)).expect("read once the write ended");
+        pumping.join().unwrap();
+        assert_eq!(sent, Some(4096));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A background flush never overtakes a guest write that took its seq
+    /// before it: the write holds `order` from its seq to its frame.
+    #[test]
+    fn a_background_flush_waits_for_the_write_that_took_an_earlier_seq() {
+        let (r, mut rx, dir) = streaming("replicate-order", Mode::Async);
         r.write_at(&[1; 4096], 0, false).unwrap();
         std::thread::sleep(BACKGROUND_FLUSH + Duration::from_millis(100));
         // A second write between its seq and its frame, when the tick
@@ -613,11 +739,12 @@ mod tests {
         let r2 = r.clone();
         let ticking = std::thread::spawn(move || r2.tick().unwrap());
         std::thread::sleep(Duration::from_millis(200));
-        r.send(DiskMsg::Data { disk: disk.clone(), seq, offset: 4096, data: vec![2; 4096] });
+        r.send(DiskMsg::Data { disk: r.disk.clone(), seq, offset: 4096, data: vec![2; 4096] });
         drop(order);
         ticking.join().unwrap();
         let seqs: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok()).filter_map(|m| m.seq()).collect();
         assert!(seqs.len() >= 3, "{seqs:?}");
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "frames left out of order: {seqs:?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -117,6 +117,9 @@ fn collect(log: &Path) -> PathResult {
 
 struct Bench {
     dir: PathBuf,
+    /// Node B's files (its data dir, the mirror's target, the TLS copy's
+    /// output): on a file system of its own when disk.sh made one.
+    b_dir: PathBuf,
     guest: PathBuf,
     reps: u64,
     results: serde_json::Map<String, Value>,
@@ -332,7 +335,7 @@ impl Bench {
     fn qemu_mirror(&mut self, pair: &Pair) {
         let (disk, target, log, qmp) = (
             self.path_file("mirror-src.raw"),
-            self.path_file("mirror-dst.raw"),
+            self.b_dir.join("ncb-mirror-dst.raw"),
             self.path_file("mirror.log"),
             self.path_file("mirror.qmp"),
         );
@@ -514,7 +517,7 @@ async fn initial_sync(b: &mut Bench, pair: &Pair, mib: u64) {
     common::self_signed_cert(&cert, &key, "ncb", 1);
     let host = pair.b.addrs[0].to_string();
     let port = common::api_port() + 8;
-    let out = b.dir.join("ncb-tls.out");
+    let out = b.b_dir.join("ncb-tls.out");
     let mut tls = Vec::new();
     for round in 0..3 {
         let _ = std::fs::remove_file(&out);
@@ -801,14 +804,39 @@ async fn main() {
     );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/build-guest.sh");
     sh_ok(Command::new("bash").arg(&script).arg("--bench").arg(&guest));
-    let mut b = Bench { dir: dir.clone(), guest: guest.clone(), reps, results: serde_json::Map::new() };
+    // BENCH_B_DIR (disk.sh): B's own file system. Sharing one ext4 with A
+    // is not what two hosts do: A's metadata fdatasync then waited for B's
+    // buffered replica data in the same journal commit (50-156 ms a time).
+    let b_dir = match std::env::var_os("BENCH_B_DIR") {
+        Some(d) => PathBuf::from(d).join(format!("ncb-b-{}", std::process::id())),
+        None => dir.clone(),
+    };
+    std::fs::create_dir_all(&b_dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&b_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut b = Bench {
+        dir: dir.clone(),
+        b_dir: b_dir.clone(),
+        guest: guest.clone(),
+        reps,
+        results: serde_json::Map::new(),
+    };
     b.results.insert("started".into(), json!(chrono_now()));
     let uname = sh_ok(Command::new("uname").arg("-r"));
     let qv = sh_ok(Command::new("qemu-system-x86_64").arg("--version"));
     b.results.insert("host".into(), json!({"kernel": uname.trim(), "qemu": qv.lines().next(), "nproc": sh_ok(&mut Command::new("nproc")).trim()}));
 
-    let pair =
-        Pair::start("ncb", |_| Opts { extra: "[dataplane]\nsync_rate_mib = 0\n".into(), ..Opts::qemu(1) });
+    let separate = b_dir != dir;
+    if separate {
+        std::fs::create_dir_all(b_dir.join("node")).unwrap();
+        std::fs::set_permissions(b_dir.join("node"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    b.results.insert("b_own_fs".into(), json!(separate));
+    let pair = Pair::start("ncb", |node| Opts {
+        extra: "[dataplane]\nsync_rate_mib = 0\n".into(),
+        data_dir: (node == "b" && separate).then(|| b_dir.join("node")),
+        ..Opts::qemu(1)
+    });
     pair_up(&pair).await;
     for n in [&pair.a, &pair.b] {
         let boot = n.daemon.data().join("boot");
