@@ -193,7 +193,7 @@ async fn connect_and_serve(tls: &PeerTls, disks: &[Arc<Replicated>]) -> std::io:
                         let change = d.ack_state(seq, durable);
                         if !change.is_empty() {
                             let d = d.clone();
-                            tokio::task::spawn_blocking(move || d.apply_ack_meta(change))
+                            tokio::task::spawn_blocking(move || d.apply_meta(change))
                                 .await
                                 .map_err(std::io::Error::other)??;
                         }

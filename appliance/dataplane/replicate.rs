@@ -233,7 +233,9 @@ impl Replicated {
         self.done.notify_all();
     }
 
-    fn apply_meta(&self, change: MetaChange) -> io::Result<()> {
+    /// Writes a metadata change of the state machine (bitmap clears, the
+    /// outdated mark): fdatasyncs, so never on the runtime.
+    pub fn apply_meta(&self, change: MetaChange) -> io::Result<()> {
         if change.is_empty() {
             return Ok(());
         }
@@ -377,7 +379,7 @@ impl Replicated {
 
     /// The peer's `Ack`, the state machine's part (waiters released): brief,
     /// for the connection's task. The metadata change it returns (only at
-    /// the end of a sync) is for [`Replicated::apply_ack_meta`].
+    /// the end of a sync) is for [`Replicated::apply_meta`].
     pub fn ack_state(&self, seq: u64, durable: bool) -> MetaChange {
         let (change, now_up) = {
             let mut sm = self.sm.lock().unwrap();
@@ -401,12 +403,6 @@ impl Replicated {
             }
         }
         change
-    }
-
-    /// Writes what [`Replicated::ack_state`] returned (bitmap clears,
-    /// the outdated mark lifted): fdatasyncs, so off the runtime.
-    pub fn apply_ack_meta(&self, change: MetaChange) -> io::Result<()> {
-        self.apply_meta(change)
     }
 
     /// Periodic: the ack timeout and the lag limit, lazy bitmap clears and
@@ -629,11 +625,10 @@ mod tests {
     use crate::dataplane::config::DiskRole;
     use crate::dataplane::meta::MetaHeader;
 
-    /// A primary disk of 1 MiB whose fresh peer has completed its (empty)
-    /// full sync: streaming, with the frame queue.
+    /// A primary disk of 1 MiB (async) whose fresh peer has completed its
+    /// (empty) full sync: streaming, with the frame queue.
     fn streaming(
         tag: &str,
-        mode: Mode,
     ) -> (std::sync::Arc<Replicated>, tokio::sync::mpsc::UnboundedReceiver<DiskMsg>, std::path::PathBuf) {
         let dir = super::super::meta::scratch(tag);
         let path = dir.join("vda.raw");
@@ -651,7 +646,7 @@ mod tests {
         };
         let meta = Meta::create(&super::super::meta::meta_path(&path), header).unwrap();
         let local = LocalFile::open(&path).unwrap();
-        let r = std::sync::Arc::new(Replicated::new("t".into(), disk, 1, local, meta, true, mode));
+        let r = std::sync::Arc::new(Replicated::new("t".into(), disk, 1, local, meta, true, Mode::Async));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let _ = r.connect(tx, uuid::Uuid::from_bytes([8; 16]));
         assert!(r.attached(ReplicaState::Inconsistent, 0).unwrap());
@@ -663,7 +658,7 @@ mod tests {
             }
         }
         let change = r.ack_state(end.unwrap(), true);
-        r.apply_ack_meta(change).unwrap();
+        r.apply_meta(change).unwrap();
         (r, rx, dir)
     }
 
@@ -672,7 +667,7 @@ mod tests {
     /// that the local file and the peer end with the same winner.
     #[test]
     fn an_overlapping_write_waits_for_the_local_write_under_way() {
-        let (r, mut rx, dir) = streaming("replicate-claim", Mode::Async);
+        let (r, mut rx, dir) = streaming("replicate-claim");
         let held = r.claim(4096, 8192);
         // Another block: not held up.
         r.write_at(&[1; 4096], 0, false).unwrap();
@@ -702,12 +697,11 @@ mod tests {
     /// after the write's own frame, and the peer would keep the old one.
     #[test]
     fn a_sync_chunk_reads_after_the_local_write_under_way() {
-        let (r, mut rx, dir) = streaming("replicate-settle", Mode::Async);
+        let (r, _rx, dir) = streaming("replicate-settle");
         // An outage, writes, the link back: a delta resync of those blocks.
         r.disconnected("test");
         r.write_at(&[3; 4096], 4096, false).unwrap();
-        let (tx, rx2) = tokio::sync::mpsc::unbounded_channel();
-        drop(std::mem::replace(&mut rx, rx2));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let _ = r.connect(tx, uuid::Uuid::from_bytes([8; 16]));
         assert!(r.attached(ReplicaState::UpToDate, 9).unwrap());
         let held = r.claim(4096, 4096);
@@ -729,7 +723,7 @@ mod tests {
     /// before it: the write holds `order` from its seq to its frame.
     #[test]
     fn a_background_flush_waits_for_the_write_that_took_an_earlier_seq() {
-        let (r, mut rx, dir) = streaming("replicate-order", Mode::Async);
+        let (r, mut rx, dir) = streaming("replicate-order");
         r.write_at(&[1; 4096], 0, false).unwrap();
         std::thread::sleep(BACKGROUND_FLUSH + Duration::from_millis(100));
         // A second write between its seq and its frame, when the tick
